@@ -1,0 +1,148 @@
+use super::*;
+
+/// A valid three-region file; tests break one thing at a time.
+const GOOD: &str = r#"
+cluster = "orders"
+
+[etcd]
+endpoints = ["http://127.0.1.1:2379", "http://127.0.2.1:2379", "http://127.0.3.1:2379"]
+
+[failover]
+lease_ttl = "6s"
+max_lag_on_failover = "16MB"
+
+[postgres]
+secrets_file = "secrets.toml"
+
+[[region]]
+name = "ap-south-1"
+priority = 1
+etcd = "http://127.0.1.1:2379"
+gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:6432", reader = "127.0.1.2:6433" }
+
+  [[region.node]]
+  name = "ap-south-1a"
+  address = "127.0.1.11:5432"
+  api = "127.0.1.11:8008"
+  data_dir = "/var/lib/meridian/ap-south-1a"
+
+[[region]]
+name = "ap-northeast-1"
+priority = 2
+etcd = "http://127.0.2.1:2379"
+gateway = { api = "127.0.2.2:8080", dns = "127.0.2.2:5353", writer = "127.0.2.2:6432", reader = "127.0.2.2:6433" }
+
+  [[region.node]]
+  name = "ap-northeast-1a"
+  address = "127.0.2.11:5432"
+  api = "127.0.2.11:8008"
+  data_dir = "/var/lib/meridian/ap-northeast-1a"
+
+[[region]]
+name = "witness"
+etcd = "http://127.0.3.1:2379"
+gateway = { api = "127.0.3.2:8080", dns = "127.0.3.2:5353", writer = "127.0.3.2:6432", reader = "127.0.3.2:6433" }
+"#;
+
+fn problems(text: &str) -> Vec<String> {
+    Config::parse(text).problems.iter().map(|p| p.to_string()).collect()
+}
+
+#[test]
+fn good_file_has_no_problems_and_defaults_apply() {
+    let checked = Config::parse(GOOD);
+    assert_eq!(checked.problems, vec![]);
+    let c = checked.config.unwrap();
+    assert_eq!(c.failover.lease_ttl, Duration::from_secs(6));
+    assert_eq!(c.failover.max_lag_on_failover, LagBudget::Bytes(16 << 20));
+    assert_eq!(c.failover.cross_region, FailoverMode::Automatic);
+    assert_eq!(c.dns.ttl, Duration::from_secs(5));
+    assert_eq!(c.bootstrap_node().unwrap().name, "ap-south-1a");
+    assert_eq!(c.nodes().count(), 2);
+    assert_eq!(
+        c.regions[0].nodes[0].run_dir(),
+        PathBuf::from("/var/lib/meridian/ap-south-1a.run")
+    );
+}
+
+#[test]
+fn each_broken_file_reports_the_problem_where_it_is() {
+    // (what is changed, replacement, expected substring of some problem)
+    let cases: &[(&str, &str, &str)] = &[
+        ("lease_ttl = \"6s\"", "lease_tll = \"6s\"", "failover.lease_tll: unknown field"),
+        ("priority = 2", "priority = 2\ncolour = \"red\"", "region[1].colour: unknown field"),
+        ("name = \"ap-northeast-1a\"", "name = \"ap-south-1a\"", "region[1].node[0].name: duplicate node name \"ap-south-1a\" (also region[0].node[0])"),
+        ("name = \"ap-northeast-1\"\n", "name = \"ap-south-1\"\n", "region[1].name: duplicate region name"),
+        ("address = \"127.0.2.11:5432\"", "address = \"127.0.1.11:5432\"", "region[1].node[0].address: address 127.0.1.11:5432 is already used by region[0].node[0].address"),
+        ("api = \"127.0.2.11:8008\"", "api = \"127.0.1.2:8080\"", "is already used by region[0].gateway.api"),
+        ("etcd = \"http://127.0.3.1:2379\"\n", "", "2 region(s) have an etcd member; at least three are needed"),
+        ("priority = 1\n", "", "region[0].priority: missing"),
+        ("  data_dir = \"/var/lib/meridian/ap-northeast-1a\"\n", "", "missing field `data_dir`"),
+        ("max_lag_on_failover = \"16MB\"", "max_lag_on_failover = \"lots\"", "neither a size"),
+        ("lease_ttl = \"6s\"", "lease_ttl = \"1s\"", "failover.lease_ttl: must be at least 2s"),
+        ("cluster = \"orders\"", "cluster = \"Orders DB\"", "cluster: \"Orders DB\" must be lowercase"),
+        ("etcd = \"http://127.0.2.1:2379\"", "etcd = \"http://127.0.9.1:2379\"", "region[1].etcd: \"http://127.0.9.1:2379\" is not one of etcd.endpoints"),
+        ("[postgres]", "[postgres]\nsettings = { port = 1 }", "postgres.settings.port: is managed by meridian"),
+        ("cluster = \"orders\"", "cluster = \"orders", "line 2"),
+    ];
+    for (from, to, want) in cases {
+        assert!(GOOD.contains(from), "test case does not apply: {from}");
+        let text = GOOD.replacen(from, to, 1);
+        let got = problems(&text);
+        assert!(got.iter().any(|p| p.contains(want)), "changing {from:?} to {to:?}: want {want:?} in {got:#?}");
+    }
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let text = GOOD
+        .replacen("lease_ttl = \"6s\"", "lease_tll = \"6s\"", 1)
+        .replacen("priority = 2", "priority = 2\ncolour = \"red\"", 1)
+        .replacen("address = \"127.0.2.11:5432\"", "address = \"127.0.1.11:5432\"", 1)
+        .replacen("etcd = \"http://127.0.3.1:2379\"\n", "", 1);
+    let got = problems(&text);
+    assert_eq!(got.len(), 4, "{got:#?}");
+}
+
+#[test]
+fn sizes_and_budgets_parse() {
+    assert_eq!(parse_bytes("16MB"), Ok(16 << 20));
+    assert_eq!(parse_bytes("512kB"), Ok(512 << 10));
+    assert_eq!(parse_bytes("8192"), Ok(8192));
+    assert!(parse_bytes("12 parsecs").is_err());
+    assert_eq!("5s".parse::<LagBudget>(), Ok(LagBudget::Time(Duration::from_secs(5))));
+    assert_eq!("1GB".parse::<LagBudget>(), Ok(LagBudget::Bytes(1 << 30)));
+    assert_eq!(format_bytes(16 << 20), "16MB");
+    assert_eq!(format_bytes(1000), "1000B");
+}
+
+#[test]
+fn cidrs_parse() {
+    assert!(parse_cidr("10.0.0.0/8").is_some());
+    assert!(parse_cidr("127.0.0.1").is_some());
+    assert!(parse_cidr("10.0.0.0/33").is_none());
+    assert!(parse_cidr("ten/8").is_none());
+}
+
+#[test]
+fn the_file_round_trips_through_serialization() {
+    let c = Config::parse(GOOD).config.unwrap();
+    let text = toml::to_string(&c).unwrap();
+    let again = Config::parse(&text);
+    assert_eq!(again.problems, vec![], "{text}");
+}
+
+#[test]
+fn secrets_file_must_not_be_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secrets.toml");
+    std::fs::write(&path, "replication_password = \"a\"\nmonitor_password = \"b\"\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Secrets::load(&path).unwrap_err().to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = Secrets::load(&path).unwrap();
+    assert_eq!(s.replication_password, "a");
+    assert_eq!(format!("{s:?}"), "Secrets { .. }");
+}

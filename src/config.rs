@@ -136,9 +136,9 @@ impl std::str::FromStr for LagBudget {
         if let Ok(bytes) = parse_bytes(s) {
             return Ok(LagBudget::Bytes(bytes));
         }
-        humantime::parse_duration(s).map(LagBudget::Time).map_err(|_| {
-            format!("{s:?} is neither a size (16MB, 512kB) nor a duration (5s, 500ms)")
-        })
+        humantime::parse_duration(s)
+            .map(LagBudget::Time)
+            .map_err(|_| format!("{s:?} is neither a size (16MB, 512kB) nor a duration (5s, 500ms)"))
     }
 }
 
@@ -340,7 +340,12 @@ impl Config {
         let checked = Config::parse(&text);
         if !checked.problems.is_empty() {
             let list: Vec<String> = checked.problems.iter().map(|p| format!("  {p}")).collect();
-            bail!("{} has {} problem(s); run `meridian config check`:\n{}", path.display(), list.len(), list.join("\n"));
+            bail!(
+                "{} has {} problem(s); run `meridian config check`:\n{}",
+                path.display(),
+                list.len(),
+                list.join("\n")
+            );
         }
         let mut config = checked.config.expect("no problems means a config");
         config.source = Some(path.to_path_buf());
@@ -399,18 +404,30 @@ impl Config {
         for (ri, r) in self.regions.iter().enumerate() {
             let at = format!("region[{ri}]");
             if !is_dns_label(&r.name) {
-                p2.push(Problem { at: format!("{at}.name"), message: format!("{:?} must be lowercase letters, digits and '-'", r.name) });
+                p2.push(Problem {
+                    at: format!("{at}.name"),
+                    message: format!("{:?} must be lowercase letters, digits and '-'", r.name),
+                });
             }
             if let Some(prev) = region_names.insert(&r.name, ri) {
-                p2.push(Problem { at: format!("{at}.name"), message: format!("duplicate region name {:?} (also region[{prev}])", r.name) });
+                p2.push(Problem {
+                    at: format!("{at}.name"),
+                    message: format!("duplicate region name {:?} (also region[{prev}])", r.name),
+                });
             }
             if !r.nodes.is_empty() && r.priority.is_none() {
-                p2.push(Problem { at: format!("{at}.priority"), message: "missing: a region with nodes needs a priority (1 is preferred)".into() });
+                p2.push(Problem {
+                    at: format!("{at}.priority"),
+                    message: "missing: a region with nodes needs a priority (1 is preferred)".into(),
+                });
             }
             if let Some(url) = &r.etcd {
                 etcd_regions += 1;
                 if !self.etcd.endpoints.contains(url) {
-                    p2.push(Problem { at: format!("{at}.etcd"), message: format!("{url:?} is not one of etcd.endpoints") });
+                    p2.push(Problem {
+                        at: format!("{at}.etcd"),
+                        message: format!("{url:?} is not one of etcd.endpoints"),
+                    });
                 }
             }
             let g = &r.gateway;
@@ -421,22 +438,40 @@ impl Config {
             for (ni, n) in r.nodes.iter().enumerate() {
                 let at = format!("{at}.node[{ni}]");
                 if !is_dns_label(&n.name) {
-                    p2.push(Problem { at: format!("{at}.name"), message: format!("{:?} must be lowercase letters, digits and '-'", n.name) });
+                    p2.push(Problem {
+                        at: format!("{at}.name"),
+                        message: format!("{:?} must be lowercase letters, digits and '-'", n.name),
+                    });
                 }
                 if let Some(prev) = node_names.insert(&n.name, at.clone()) {
-                    p2.push(Problem { at: format!("{at}.name"), message: format!("duplicate node name {:?} (also {prev})", n.name) });
+                    p2.push(Problem {
+                        at: format!("{at}.name"),
+                        message: format!("duplicate node name {:?} (also {prev})", n.name),
+                    });
                 }
                 claim(n.address, format!("{at}.address"), &mut p2);
                 claim(n.api, format!("{at}.api"), &mut p2);
                 if n.address.ip().is_unspecified() {
-                    p2.push(Problem { at: format!("{at}.address"), message: "must be an address other nodes can reach, not 0.0.0.0".into() });
+                    p2.push(Problem {
+                        at: format!("{at}.address"),
+                        message: "must be an address other nodes can reach, not 0.0.0.0".into(),
+                    });
                 }
                 if let Some(prev) = data_dirs.insert(&n.data_dir, at.clone()) {
-                    p2.push(Problem { at: format!("{at}.data_dir"), message: format!("{} is already the data directory of {prev}", n.data_dir.display()) });
+                    p2.push(Problem {
+                        at: format!("{at}.data_dir"),
+                        message: format!("{} is already the data directory of {prev}", n.data_dir.display()),
+                    });
                 }
                 let socket = n.run_dir().join(format!(".s.PGSQL.{}", n.address.port()));
                 if socket.as_os_str().len() > 100 {
-                    p2.push(Problem { at: format!("{at}.run_dir"), message: format!("socket path {} is longer than the 100 bytes a unix socket allows; set a shorter run_dir", socket.display()) });
+                    p2.push(Problem {
+                        at: format!("{at}.run_dir"),
+                        message: format!(
+                            "socket path {} is longer than the 100 bytes a unix socket allows; set a shorter run_dir",
+                            socket.display()
+                        ),
+                    });
                 }
             }
         }
@@ -452,7 +487,10 @@ impl Config {
             });
         }
         if self.regions.iter().all(|r| r.nodes.is_empty()) && !self.regions.is_empty() {
-            p2.push(Problem { at: "region".into(), message: "no region has a [[region.node]]; the cluster needs at least one database node".into() });
+            p2.push(Problem {
+                at: "region".into(),
+                message: "no region has a [[region.node]]; the cluster needs at least one database node".into(),
+            });
         }
         p.extend(p2);
         p
@@ -467,10 +505,9 @@ impl Config {
     }
 
     pub fn node(&self, name: &str) -> Result<(&Region, &Node)> {
-        self.regions
-            .iter()
-            .find_map(|r| r.nodes.iter().find(|n| n.name == name).map(|n| (r, n)))
-            .with_context(|| format!("no node named {name:?} in the cluster file (nodes: {})", self.node_names().join(", ")))
+        self.regions.iter().find_map(|r| r.nodes.iter().find(|n| n.name == name).map(|n| (r, n))).with_context(|| {
+            format!("no node named {name:?} in the cluster file (nodes: {})", self.node_names().join(", "))
+        })
     }
 
     pub fn region(&self, name: &str) -> Result<&Region> {
@@ -543,7 +580,12 @@ impl Secrets {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).with_context(|| format!("read secrets file {}", path.display()))?;
         if meta.mode() & 0o077 != 0 {
-            bail!("secrets file {} is readable by others (mode {:o}); run `chmod 600 {}`", path.display(), meta.mode() & 0o777, path.display());
+            bail!(
+                "secrets file {} is readable by others (mode {:o}); run `chmod 600 {}`",
+                path.display(),
+                meta.mode() & 0o777,
+                path.display()
+            );
         }
         let text = std::fs::read_to_string(path).with_context(|| format!("read secrets file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("secrets file {}: {}", path.display(), e.message()))
@@ -610,7 +652,8 @@ mod humantime_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|_| serde::de::Error::custom(format!("{s:?} is not a duration (like 5s or 500ms)")))
+        humantime::parse_duration(&s)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a duration (like 5s or 500ms)")))
     }
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())

@@ -59,10 +59,7 @@ fn good_file_has_no_problems_and_defaults_apply() {
     assert_eq!(c.dns.ttl, Duration::from_secs(5));
     assert_eq!(c.bootstrap_node().unwrap().name, "ap-south-1a");
     assert_eq!(c.nodes().count(), 2);
-    assert_eq!(
-        c.regions[0].nodes[0].run_dir(),
-        PathBuf::from("/var/lib/meridian/ap-south-1a.run")
-    );
+    assert_eq!(c.regions[0].nodes[0].run_dir(), PathBuf::from("/var/lib/meridian/ap-south-1a.run"));
 }
 
 #[test]
@@ -71,9 +68,17 @@ fn each_broken_file_reports_the_problem_where_it_is() {
     let cases: &[(&str, &str, &str)] = &[
         ("lease_ttl = \"6s\"", "lease_tll = \"6s\"", "failover.lease_tll: unknown field"),
         ("priority = 2", "priority = 2\ncolour = \"red\"", "region[1].colour: unknown field"),
-        ("name = \"ap-northeast-1a\"", "name = \"ap-south-1a\"", "region[1].node[0].name: duplicate node name \"ap-south-1a\" (also region[0].node[0])"),
+        (
+            "name = \"ap-northeast-1a\"",
+            "name = \"ap-south-1a\"",
+            "region[1].node[0].name: duplicate node name \"ap-south-1a\" (also region[0].node[0])",
+        ),
         ("name = \"ap-northeast-1\"\n", "name = \"ap-south-1\"\n", "region[1].name: duplicate region name"),
-        ("address = \"127.0.2.11:5432\"", "address = \"127.0.1.11:5432\"", "region[1].node[0].address: address 127.0.1.11:5432 is already used by region[0].node[0].address"),
+        (
+            "address = \"127.0.2.11:5432\"",
+            "address = \"127.0.1.11:5432\"",
+            "region[1].node[0].address: address 127.0.1.11:5432 is already used by region[0].node[0].address",
+        ),
         ("api = \"127.0.2.11:8008\"", "api = \"127.0.1.2:8080\"", "is already used by region[0].gateway.api"),
         ("etcd = \"http://127.0.3.1:2379\"\n", "", "2 region(s) have an etcd member; at least three are needed"),
         ("priority = 1\n", "", "region[0].priority: missing"),
@@ -81,7 +86,11 @@ fn each_broken_file_reports_the_problem_where_it_is() {
         ("max_lag_on_failover = \"16MB\"", "max_lag_on_failover = \"lots\"", "neither a size"),
         ("lease_ttl = \"6s\"", "lease_ttl = \"1s\"", "failover.lease_ttl: must be at least 2s"),
         ("cluster = \"orders\"", "cluster = \"Orders DB\"", "cluster: \"Orders DB\" must be lowercase"),
-        ("etcd = \"http://127.0.2.1:2379\"", "etcd = \"http://127.0.9.1:2379\"", "region[1].etcd: \"http://127.0.9.1:2379\" is not one of etcd.endpoints"),
+        (
+            "etcd = \"http://127.0.2.1:2379\"",
+            "etcd = \"http://127.0.9.1:2379\"",
+            "region[1].etcd: \"http://127.0.9.1:2379\" is not one of etcd.endpoints",
+        ),
         ("[postgres]", "[postgres]\nsettings = { port = 1 }", "postgres.settings.port: is managed by meridian"),
         ("cluster = \"orders\"", "cluster = \"orders", "line 2"),
     ];

@@ -1,0 +1,86 @@
+//! Keeps this agent's etcd lease alive from its own task, so that long actions
+//! (a base backup, a crash recovery) never let it lapse by accident.
+//!
+//! Freshness is measured from when a renewal was *sent*: etcd restarts the TTL
+//! when it receives the request, which is after we sent it, so "sent + TTL -
+//! margin" is always before etcd can expire the lease. A primary whose lease is
+//! not fresh fences itself.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::coord::{Coord, LeaseId};
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    lease: LeaseId,
+    /// When the last successful renewal (or the grant) was sent.
+    renewed_at: Instant,
+}
+
+/// A shared view of the agent's lease.
+#[derive(Clone)]
+pub struct LeaseKeeper {
+    state: Arc<Mutex<State>>,
+    ttl: Duration,
+}
+
+impl LeaseKeeper {
+    /// Grants a lease (retrying until etcd answers or shutdown) and starts renewing it.
+    pub async fn start(coord: Coord, ttl: Duration, shutdown: CancellationToken) -> Option<LeaseKeeper> {
+        let (lease, renewed_at) = loop {
+            let sent = Instant::now();
+            match coord.grant_lease(ttl).await {
+                Ok(id) => break (id, sent),
+                Err(e) => tracing::warn!("failed to {e:#}; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        };
+        let keeper = LeaseKeeper { state: Arc::new(Mutex::new(State { lease, renewed_at })), ttl };
+        let k = keeper.clone();
+        tokio::spawn(async move { k.renew_loop(coord, shutdown).await });
+        Some(keeper)
+    }
+
+    pub fn id(&self) -> LeaseId {
+        self.state.lock().unwrap().lease
+    }
+
+    /// etcd cannot have expired the lease yet, with a third of the TTL to spare
+    /// for stopping PostgreSQL.
+    pub fn is_fresh(&self) -> bool {
+        self.state.lock().unwrap().renewed_at.elapsed() < self.ttl - self.ttl / 3
+    }
+
+    async fn renew_loop(self, coord: Coord, shutdown: CancellationToken) {
+        let period = self.ttl / 3;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period.min(Duration::from_secs(2))) => {}
+            }
+            let lease = self.id();
+            let sent = Instant::now();
+            match tokio::time::timeout(period, coord.renew_lease(lease)).await {
+                Ok(Ok(ttl)) if ttl > 0 => self.state.lock().unwrap().renewed_at = sent,
+                Ok(Ok(_)) => {
+                    // Expired on etcd's side: everything under it is gone. Start over
+                    // with a new lease; a leadership held under the old one is lost.
+                    tracing::warn!("etcd lease {lease:x} expired; granting a new one");
+                    let sent = Instant::now();
+                    match coord.grant_lease(self.ttl).await {
+                        Ok(id) => *self.state.lock().unwrap() = State { lease: id, renewed_at: sent },
+                        Err(e) => tracing::warn!("failed to {e:#}"),
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("failed to {e:#}"),
+                Err(_) => tracing::warn!("etcd did not answer a lease renewal within {period:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The cluster's observed state, as agents publish it to etcd and as the
+//! gateway API serves it: WAL positions, member status, the leader, the epoch,
+//! and the status table the CLI prints.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::config::Config;
+
+/// A WAL position. PostgreSQL prints it as `X/Y` (high and low 32 bits in hex);
+/// so do we, in JSON and tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Lsn, String> {
+        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("{s:?} is not an LSN (X/Y)"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("{s:?} is not an LSN"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("{s:?} is not an LSN"))?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return Err(format!("{s:?} is not an LSN"));
+        }
+        Ok(Lsn(hi << 32 | lo))
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lsn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Agents report every second; a report older than this is from an agent that
+/// stopped reporting (dead, or cut off from etcd).
+pub const STALE_REPORT_MS: u64 = 3000;
+
+/// The fencing number: +1 at every promotion. Only the leader of the current
+/// epoch may take writes.
+pub type Epoch = u64;
+
+/// What a node is doing, as far as meridian can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read-write, and holds `leader` for the current epoch.
+    Primary,
+    /// A standby streaming (or trying to stream) from the primary.
+    Replica,
+    /// A former primary that lost its lease and restarted itself read-only.
+    Fenced,
+    /// Initializing, copying a base backup, or starting PostgreSQL.
+    Starting,
+    /// The agent runs but PostgreSQL does not.
+    Stopped,
+    /// No agent has reported for this node (its lease expired or it never started).
+    Unknown,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Fenced => "fenced",
+            Role::Starting => "starting",
+            Role::Stopped => "stopped",
+            Role::Unknown => "unknown",
+        })
+    }
+}
+
+/// One agent's report about its node, stored at `members/<node>` under the agent's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node: String,
+    pub region: String,
+    pub role: Role,
+    pub timeline: Option<u32>,
+    /// Primary: current WAL insert position. Standby: last WAL received.
+    pub write_lsn: Option<Lsn>,
+    /// Primary: WAL flushed locally. Standby: same as received (flushed by the walreceiver).
+    pub flush_lsn: Option<Lsn>,
+    /// Primary: same as write. Standby: last WAL replayed (what readers see).
+    pub replay_lsn: Option<Lsn>,
+    /// How far replay is behind the leader's last published position.
+    pub lag_bytes: Option<u64>,
+    /// How long ago the last replayed transaction committed on the primary; 0 when caught up.
+    pub lag_seconds: Option<f64>,
+    /// The node this standby streams from, when streaming.
+    pub upstream: Option<String>,
+    /// The highest epoch this agent has seen; a primary with an old epoch is stale.
+    pub epoch_seen: Epoch,
+    /// PostgreSQL answers queries and, for a standby, its walreceiver is streaming.
+    pub healthy: bool,
+    /// Why the node is not healthy, or what it is doing, in a few words.
+    pub detail: Option<String>,
+    /// Milliseconds since the Unix epoch, when the agent wrote this.
+    pub updated_at_ms: u64,
+}
+
+/// The value of the `leader` key: who may take writes, and for which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leader {
+    pub node: String,
+    pub epoch: Epoch,
+}
+
+/// What `GET /v1/cluster` returns and `meridian status` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    /// The last epoch ever granted (the `epoch` key), 0 before bootstrap.
+    pub epoch: Epoch,
+    /// The node holding `leader` and running as primary, if any.
+    pub primary: Option<String>,
+    /// Why there is no primary, when there is none.
+    pub reason: Option<String>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub region: String,
+    pub role: Role,
+    pub timeline: Option<u32>,
+    /// Replay position (the primary: its current write position).
+    pub lsn: Option<Lsn>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub healthy: bool,
+    pub detail: Option<String>,
+}
+
+impl ClusterStatus {
+    /// Joins the configured nodes with what their agents published. A node with
+    /// no report, or only one older than `STALE_REPORT_MS`, is `unknown` (its agent
+    /// may have died: the report outlives it until its lease expires). A node
+    /// reporting `primary` without holding `leader` for the current epoch is
+    /// shown as it reports but is not named primary.
+    pub fn build(
+        config: &Config,
+        leader: Option<&Leader>,
+        epoch: Epoch,
+        members: &[MemberStatus],
+        now_ms: u64,
+    ) -> ClusterStatus {
+        let nodes: Vec<NodeStatus> = config
+            .nodes()
+            .map(|(region, node)| match members.iter().find(|m| m.node == node.name) {
+                Some(m) if now_ms.saturating_sub(m.updated_at_ms) > STALE_REPORT_MS => NodeStatus {
+                    name: node.name.clone(),
+                    region: region.name.clone(),
+                    role: Role::Unknown,
+                    timeline: m.timeline,
+                    lsn: m.replay_lsn.or(m.write_lsn),
+                    lag_bytes: None,
+                    lag_seconds: None,
+                    healthy: false,
+                    detail: Some(format!(
+                        "last report {:.1}s ago (was {})",
+                        now_ms.saturating_sub(m.updated_at_ms) as f64 / 1000.0,
+                        m.role
+                    )),
+                },
+                Some(m) => NodeStatus {
+                    name: node.name.clone(),
+                    region: region.name.clone(),
+                    role: m.role,
+                    timeline: m.timeline,
+                    lsn: m.replay_lsn.or(m.write_lsn),
+                    lag_bytes: m.lag_bytes,
+                    lag_seconds: m.lag_seconds,
+                    healthy: m.healthy,
+                    detail: m.detail.clone(),
+                },
+                None => NodeStatus {
+                    name: node.name.clone(),
+                    region: region.name.clone(),
+                    role: Role::Unknown,
+                    timeline: None,
+                    lsn: None,
+                    lag_bytes: None,
+                    lag_seconds: None,
+                    healthy: false,
+                    detail: Some("no report from its agent".into()),
+                },
+            })
+            .collect();
+        let primary = leader
+            .filter(|l| l.epoch == epoch)
+            .filter(|l| nodes.iter().any(|n| n.name == l.node && n.role == Role::Primary))
+            .map(|l| l.node.clone());
+        let reason = match (&primary, leader) {
+            (Some(_), _) => None,
+            (None, None) if epoch == 0 => Some("the cluster has not been bootstrapped yet".into()),
+            (None, None) => Some("no node holds the leader lease".into()),
+            (None, Some(l)) if l.epoch != epoch => {
+                Some(format!("leader {} holds stale epoch {} (current {epoch})", l.node, l.epoch))
+            }
+            (None, Some(l)) => Some(format!("leader {} is not running as primary yet", l.node)),
+        };
+        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes }
+    }
+
+    /// The status as a plain-text table, grouped by region.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "cluster {}  epoch {}  primary {}\n",
+            self.cluster,
+            self.epoch,
+            self.primary.as_deref().unwrap_or("-")
+        );
+        if let Some(reason) = &self.reason {
+            out.push_str(&format!("no primary: {reason}\n"));
+        }
+        let header = ["REGION", "NODE", "ROLE", "TL", "LSN", "LAG", "LAG TIME", "HEALTHY", "DETAIL"];
+        let rows: Vec<[String; 9]> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                [
+                    n.region.clone(),
+                    n.name.clone(),
+                    n.role.to_string(),
+                    opt(n.timeline),
+                    opt(n.lsn),
+                    n.lag_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                    n.lag_seconds.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into()),
+                    if n.healthy { "yes" } else { "no" }.into(),
+                    n.detail.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut s = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    s.push_str(cell);
+                } else {
+                    s.push_str(&format!("{cell:<w$}  "));
+                }
+            }
+            s.trim_end().to_string() + "\n"
+        };
+        out.push_str(&line(&header.map(String::from)));
+        for row in &rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
+fn opt<T: fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Bytes in the largest unit that keeps one decimal meaningful.
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b}B"),
+        1024..1_048_576 => format!("{:.1}kB", b as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}MB", b as f64 / 1_048_576.0),
+        _ => format!("{:.1}GB", b as f64 / 1_073_741_824.0),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+use super::*;
+use crate::lab::topology::{lab_config, LabShape};
+
+fn config() -> Config {
+    lab_config(&LabShape::default(), std::path::Path::new("/tmp/lab"))
+}
+
+fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberStatus {
+    MemberStatus {
+        node: node.into(),
+        region: region.into(),
+        role,
+        timeline: Some(1),
+        write_lsn: Some(Lsn(lsn)),
+        flush_lsn: Some(Lsn(lsn)),
+        replay_lsn: Some(Lsn(lsn)),
+        lag_bytes: Some(lag),
+        lag_seconds: Some(0.0),
+        upstream: None,
+        epoch_seen: 1,
+        healthy: true,
+        detail: None,
+        updated_at_ms: 0,
+    }
+}
+
+#[test]
+fn lsn_round_trips_in_postgres_notation() {
+    for (text, value) in [("0/0", 0u64), ("0/3000148", 0x3000148), ("16/B374D848", 0x16_B374_D848)] {
+        let lsn: Lsn = text.parse().unwrap();
+        assert_eq!(lsn, Lsn(value));
+        assert_eq!(lsn.to_string(), text);
+    }
+    assert!("3000148".parse::<Lsn>().is_err());
+    assert!("1FFFFFFFF/0".parse::<Lsn>().is_err());
+    assert_eq!(serde_json::to_string(&Lsn(0x3000148)).unwrap(), "\"0/3000148\"");
+}
+
+#[test]
+fn status_joins_config_with_reports_and_names_the_primary() {
+    let c = config();
+    let leader = Leader { node: "ap-south-1a".into(), epoch: 1 };
+    let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 0x3000148, 0)];
+    let s = ClusterStatus::build(&c, Some(&leader), 1, &members, 1000);
+    assert_eq!(s.primary.as_deref(), Some("ap-south-1a"));
+    assert_eq!(s.reason, None);
+    assert_eq!(s.nodes.len(), 2);
+    assert_eq!(s.nodes[1].name, "ap-northeast-1a");
+    assert_eq!(s.nodes[1].role, Role::Unknown, "a node with no report is unknown");
+    assert!(!s.nodes[1].healthy);
+}
+
+#[test]
+fn no_primary_says_why() {
+    let c = config();
+    let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
+    let cases: Vec<(Option<Leader>, Epoch, &str)> = vec![
+        (None, 0, "not been bootstrapped"),
+        (None, 3, "no node holds the leader lease"),
+        (Some(Leader { node: "ap-south-1a".into(), epoch: 2 }), 3, "stale epoch 2"),
+        (Some(Leader { node: "ap-northeast-1a".into(), epoch: 3 }), 3, "not running as primary"),
+    ];
+    for (leader, epoch, want) in cases {
+        let s = ClusterStatus::build(&c, leader.as_ref(), epoch, &members, 1000);
+        assert_eq!(s.primary, None);
+        let reason = s.reason.unwrap();
+        assert!(reason.contains(want), "{reason:?} should contain {want:?}");
+    }
+}
+
+#[test]
+fn table_has_a_row_per_node_and_aligned_columns() {
+    let c = config();
+    let leader = Leader { node: "ap-south-1a".into(), epoch: 1 };
+    let members = [
+        member("ap-south-1a", "ap-south-1", Role::Primary, 0x3000148, 0),
+        member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 0x3000000, 328),
+    ];
+    let text = ClusterStatus::build(&c, Some(&leader), 1, &members, 1000).render();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "cluster lab  epoch 1  primary ap-south-1a");
+    assert!(lines[1].starts_with("REGION"));
+    assert!(lines[2].starts_with("ap-south-1 ") && lines[2].contains("primary") && lines[2].contains("0/3000148"));
+    assert!(lines[3].contains("replica") && lines[3].contains("328B"));
+    let col = lines[1].find("ROLE").unwrap();
+    assert_eq!(&lines[2][col..col + 7], "primary");
+    assert_eq!(&lines[3][col..col + 7], "replica");
+}
+
+#[test]
+fn json_has_the_documented_fields() {
+    let c = config();
+    let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
+    let s = ClusterStatus::build(&c, Some(&Leader { node: "ap-south-1a".into(), epoch: 1 }), 1, &members, 1000);
+    let v = serde_json::to_value(&s).unwrap();
+    for k in ["cluster", "epoch", "primary", "nodes"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    for k in ["name", "region", "role", "timeline", "lsn", "lag_bytes", "lag_seconds", "healthy"] {
+        assert!(v["nodes"][0].get(k).is_some(), "missing nodes[].{k}");
+    }
+    assert_eq!(v["nodes"][0]["role"], "primary");
+    assert_eq!(v["nodes"][1]["role"], "unknown");
+}
+
+#[test]
+fn human_bytes_picks_units() {
+    assert_eq!(human_bytes(0), "0B");
+    assert_eq!(human_bytes(2048), "2.0kB");
+    assert_eq!(human_bytes(16 << 20), "16.0MB");
+}
+
+#[test]
+fn a_stale_report_is_unknown_and_not_primary() {
+    let c = config();
+    let leader = Leader { node: "ap-south-1a".into(), epoch: 1 };
+    let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
+    let fresh = ClusterStatus::build(&c, Some(&leader), 1, &members, STALE_REPORT_MS);
+    assert_eq!(fresh.nodes[0].role, Role::Primary);
+    let stale = ClusterStatus::build(&c, Some(&leader), 1, &members, STALE_REPORT_MS + 2500);
+    assert_eq!(stale.nodes[0].role, Role::Unknown);
+    assert!(!stale.nodes[0].healthy);
+    assert_eq!(stale.nodes[0].detail.as_deref(), Some("last report 5.5s ago (was primary)"));
+    assert_eq!(stale.primary, None);
+}

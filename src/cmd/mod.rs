@@ -1,0 +1,92 @@
+//! One thin file per subcommand: argument handling only, logic lives in the components.
+
+mod agent;
+mod config;
+mod gateway;
+mod lab;
+mod status;
+mod verify;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a command that ran but found problems (config check, verify).
+pub const EXIT_PROBLEMS: i32 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "One PostgreSQL database across regions: replicas, failover, traffic steering, drills"
+)]
+pub struct Cli {
+    /// The cluster file.
+    #[arg(long, global = true, env = "MERIDIAN_CONFIG", default_value = "meridian.toml")]
+    pub config: PathBuf,
+    /// More detailed logs.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Check a cluster file.
+    Config(config::Args),
+    /// Show every node's role, position and lag.
+    Status(status::Args),
+    /// Write a marker on the primary and time its arrival on every replica.
+    Verify(verify::Args),
+    /// Run the agent of one node (owns its PostgreSQL).
+    Agent(agent::Args),
+    /// Run the gateway of one region (API).
+    Gateway(gateway::Args),
+    /// A whole multi-region cluster on this machine.
+    Lab(lab::Args),
+}
+
+/// Runs a command and returns the process's exit status.
+pub async fn run(cli: Cli) -> i32 {
+    let config = cli.config.clone();
+    let result = match cli.command {
+        Command::Config(a) => config::run(a).await,
+        Command::Status(a) => status::run(&config, a).await,
+        Command::Verify(a) => verify::run(&config, a).await,
+        Command::Agent(a) => agent::run(&config, a).await,
+        Command::Gateway(a) => gateway::run(&config, a).await,
+        Command::Lab(a) => lab::run(a).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+pub fn load_config(path: &Path) -> anyhow::Result<meridian_config::Config> {
+    meridian_config::Config::load(path)
+}
+
+use crate::config as meridian_config;
+
+/// A token cancelled by SIGINT or SIGTERM, for long-running components.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}

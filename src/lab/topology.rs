@@ -1,0 +1,183 @@
+//! The lab's addressing plan (DESIGN.md "Lab"): region i owns `127.<net>.<i>.0/24`,
+//! with etcd at `.1`, the gateway at `.2` and node k at `.10 + k`. Pure: a shape
+//! in, a cluster file out.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use crate::config::*;
+
+pub const WITNESS: &str = "witness";
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
+
+/// What `lab up` was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabShape {
+    /// The second octet of every lab address, so parallel labs never collide.
+    pub net: u8,
+    /// Database regions, the first one preferred for the primary.
+    pub regions: Vec<String>,
+    pub nodes_per_region: usize,
+}
+
+impl Default for LabShape {
+    fn default() -> Self {
+        LabShape { net: 0, regions: vec!["ap-south-1".into(), "ap-northeast-1".into()], nodes_per_region: 1 }
+    }
+}
+
+impl LabShape {
+    /// Database regions, plus a witness when there are fewer than three, so that
+    /// etcd always has three members in three regions.
+    pub fn all_regions(&self) -> Vec<String> {
+        let mut all = self.regions.clone();
+        if all.len() < 3 {
+            all.push(WITNESS.into());
+        }
+        all
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.regions.is_empty(), "--regions needs at least one region");
+        anyhow::ensure!(self.regions.len() <= 9, "--regions: the lab has room for at most 9 regions");
+        anyhow::ensure!((1..=9).contains(&self.nodes_per_region), "--nodes-per-region must be between 1 and 9");
+        for r in &self.regions {
+            anyhow::ensure!(is_dns_label(r), "--regions: {r:?} must be lowercase letters, digits and '-'");
+            anyhow::ensure!(r != WITNESS, "--regions: {WITNESS:?} is reserved for the lab's witness region");
+        }
+        let mut sorted = self.regions.clone();
+        sorted.sort();
+        sorted.dedup();
+        anyhow::ensure!(sorted.len() == self.regions.len(), "--regions lists a region twice");
+        Ok(())
+    }
+}
+
+pub fn region_ip(net: u8, region_index: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, net, region_index as u8 + 1, host)
+}
+
+pub fn etcd_client_url(net: u8, region_index: usize) -> String {
+    format!("http://{}:{ETCD_CLIENT_PORT}", region_ip(net, region_index, 1))
+}
+
+pub fn etcd_peer_url(net: u8, region_index: usize) -> String {
+    format!("http://{}:{ETCD_PEER_PORT}", region_ip(net, region_index, 1))
+}
+
+/// Node k (0-based) of a region: the region name plus a letter, as cloud zones are named.
+pub fn node_name(region: &str, k: usize) -> String {
+    format!("{region}{}", (b'a' + k as u8) as char)
+}
+
+/// Where the lab keeps one node's PGDATA and run directory.
+pub fn node_dir(dir: &Path, node: &str) -> PathBuf {
+    dir.join("nodes").join(node)
+}
+
+/// The cluster file for a lab of this shape whose state lives in `dir`.
+pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
+    let net = shape.net;
+    let all = shape.all_regions();
+    let addr = |ri: usize, host: u8, port: u16| SocketAddr::new(region_ip(net, ri, host).into(), port);
+    let regions = all
+        .iter()
+        .enumerate()
+        .map(|(ri, name)| {
+            let is_db = ri < shape.regions.len();
+            let nodes = if is_db {
+                (0..shape.nodes_per_region)
+                    .map(|k| {
+                        let name = node_name(name, k);
+                        let nd = node_dir(dir, &name);
+                        Node {
+                            address: addr(ri, 11 + k as u8, 5432),
+                            api: addr(ri, 11 + k as u8, 8008),
+                            data_dir: nd.join("data"),
+                            run_dir: Some(nd.join("run")),
+                            name,
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Region {
+                name: name.clone(),
+                priority: is_db.then_some(ri as u32 + 1),
+                etcd: Some(etcd_client_url(net, ri)),
+                gateway: GatewayAddrs {
+                    api: addr(ri, 2, 8080),
+                    dns: addr(ri, 2, 5353),
+                    writer: addr(ri, 2, 6432),
+                    reader: addr(ri, 2, 6433),
+                },
+                nodes,
+            }
+        })
+        .collect();
+    let mut settings = BTreeMap::new();
+    // Small and quick: the lab runs many servers on two cores.
+    settings.insert("shared_buffers".to_string(), toml::Value::String("32MB".into()));
+    settings.insert("max_connections".to_string(), toml::Value::Integer(50));
+    Config {
+        cluster: "lab".into(),
+        etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(net, ri)).collect() },
+        dns: DnsConfig { zone: "lab.meridian.internal.".into(), ..DnsConfig::default() },
+        failover: FailoverConfig::default(),
+        postgres: PostgresConfig {
+            secrets_file: Some(PathBuf::from("secrets.toml")),
+            bootstrap_sql: Some(PathBuf::from("bootstrap.sql")),
+            // Loopback clients connect from 127.0.0.1 whatever address they target.
+            client_networks: vec!["127.0.0.1/32".into()],
+            settings,
+            ..PostgresConfig::default()
+        },
+        regions,
+        source: Some(dir.join("meridian.toml")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_lab_is_two_database_regions_and_a_witness() {
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        assert_eq!(c.validate(), vec![]);
+        let names: Vec<&str> = c.regions.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["ap-south-1", "ap-northeast-1", "witness"]);
+        assert_eq!(c.regions[0].nodes[0].address.to_string(), "127.0.1.11:5432");
+        assert_eq!(c.regions[1].nodes[0].name, "ap-northeast-1a");
+        assert_eq!(c.regions[2].gateway.api.to_string(), "127.0.3.2:8080");
+        assert_eq!(c.etcd.endpoints[2], "http://127.0.3.1:2379");
+        assert!(c.regions[2].nodes.is_empty());
+    }
+
+    #[test]
+    fn net_and_node_count_shape_the_addresses() {
+        let shape = LabShape { net: 42, regions: vec!["eu".into(), "us".into(), "ap".into()], nodes_per_region: 2 };
+        let c = lab_config(&shape, Path::new("/tmp/lab"));
+        assert_eq!(c.validate(), vec![]);
+        assert_eq!(c.regions.len(), 3, "three database regions need no witness");
+        assert_eq!(c.regions[2].nodes[1].address.to_string(), "127.42.3.12:5432");
+        assert_eq!(c.regions[2].nodes[1].name, "apb");
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let bad = [
+            LabShape { regions: vec![], ..LabShape::default() },
+            LabShape { regions: vec!["a".into(), "a".into()], ..LabShape::default() },
+            LabShape { regions: vec!["Upper".into()], ..LabShape::default() },
+            LabShape { regions: vec!["witness".into()], ..LabShape::default() },
+            LabShape { nodes_per_region: 0, ..LabShape::default() },
+        ];
+        for shape in bad {
+            assert!(shape.check().is_err(), "{shape:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The files meridian writes for a server before every start, and the SQL that
+//! creates its roles. Rendering is pure (tested below); `write` puts them on disk.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::{Server, SUPERUSER};
+use crate::config::{Config, Secrets};
+
+/// How a server should start: read-write, or as a standby of `upstream` (None:
+/// in recovery with nowhere to stream from yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAs {
+    Primary,
+    Standby { upstream: Option<(String, SocketAddr)> },
+}
+
+/// A libpq connection string for the replication role; the password is in the passfile.
+pub fn conninfo(host: SocketAddr, user: &str, passfile: &Path, application_name: &str) -> String {
+    format!(
+        "host={} port={} user={user} passfile={} application_name={application_name} connect_timeout=2 keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=2 sslmode=disable",
+        host.ip(),
+        host.port(),
+        passfile.display()
+    )
+}
+
+/// The physical replication slot the primary keeps for a node.
+pub fn slot_name(node: &str) -> String {
+    format!("meridian_{}", node.replace('-', "_"))
+}
+
+/// Addresses meridian's own roles connect from: every node and gateway, and
+/// 127.0.0.1 when any is on loopback (loopback clients come from 127.0.0.1
+/// whatever address they target).
+pub fn cluster_networks(config: &Config) -> Vec<String> {
+    let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
+    for r in &config.regions {
+        ips.insert(r.gateway.api.ip());
+        for n in &r.nodes {
+            ips.insert(n.address.ip());
+        }
+    }
+    if ips.iter().any(|ip| ip.is_loopback()) {
+        ips.insert(IpAddr::from([127, 0, 0, 1]));
+    }
+    ips.into_iter().map(|ip| if ip.is_ipv4() { format!("{ip}/32") } else { format!("{ip}/128") }).collect()
+}
+
+/// pg_hba.conf: the superuser only over the socket by peer; meridian's roles
+/// from cluster addresses; application roles from `client_networks`; all with SCRAM.
+pub fn render_hba(config: &Config) -> String {
+    let p = &config.postgres;
+    let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
+    let _ = writeln!(s, "local   all          {SUPERUSER:<12} peer map=meridian");
+    let _ = writeln!(s, "host    all          {SUPERUSER:<12} 0.0.0.0/0        reject");
+    let _ = writeln!(s, "host    all          {SUPERUSER:<12} ::/0             reject");
+    for net in cluster_networks(config) {
+        let _ = writeln!(s, "host    replication  {:<12} {net:<16} scram-sha-256", p.replication_user);
+        let _ = writeln!(s, "host    postgres     {:<12} {net:<16} scram-sha-256", p.monitor_user);
+    }
+    for net in &p.client_networks {
+        let _ = writeln!(s, "host    all          all          {net:<16} scram-sha-256");
+    }
+    s
+}
+
+/// pg_ident.conf: the agent's OS user (and the server's) may be `postgres` over the socket.
+pub fn render_ident(server: &Server, os_user: &str) -> String {
+    let mut users: BTreeSet<&str> = BTreeSet::new();
+    users.insert(&server.agent_os_user);
+    users.insert(os_user);
+    let mut s = String::from("# Written by meridian before every start.\n");
+    for u in users {
+        let _ = writeln!(s, "meridian  {u:<12} {SUPERUSER}");
+    }
+    s
+}
+
+/// postgresql.auto.conf: cluster-wide settings, then the user's, then where to stream from.
+pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs) -> String {
+    let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
+    let defaults = [
+        ("max_wal_senders", "10"),
+        ("max_replication_slots", "10"),
+        ("wal_keep_size", "'256MB'"),
+        // A replica down for long must not fill the primary's disk through its slot.
+        ("max_slot_wal_keep_size", "'2GB'"),
+        ("hot_standby_feedback", "on"),
+        ("wal_receiver_status_interval", "'1s'"),
+        ("wal_log_hints", "on"),
+        ("password_encryption", "'scram-sha-256'"),
+        ("recovery_target_timeline", "'latest'"),
+    ];
+    for (k, v) in defaults {
+        if !config.postgres.settings.contains_key(k) {
+            let _ = writeln!(s, "{k} = {v}");
+        }
+    }
+    for (k, v) in &config.postgres.settings {
+        let v = match v {
+            toml::Value::String(t) => quote(t),
+            toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(s, "{k} = {v}");
+    }
+    if let StartAs::Standby { upstream: Some((_, addr)) } = start {
+        let info = conninfo(*addr, &config.postgres.replication_user, &server.passfile(), &server.node);
+        let _ = writeln!(s, "primary_conninfo = {}", quote(&info));
+        let _ = writeln!(s, "primary_slot_name = {}", quote(&slot_name(&server.node)));
+    }
+    s
+}
+
+/// A single-quoted PostgreSQL configuration string.
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// One line of a libpq passfile, with `:` and `\` escaped.
+pub fn pgpass_line(user: &str, password: &str) -> String {
+    let esc = |t: &str| t.replace('\\', "\\\\").replace(':', "\\:");
+    format!("*:*:*:{}:{}\n", esc(user), esc(password))
+}
+
+impl Server {
+    /// Writes every file the server needs before a start, owned by its OS user.
+    pub fn write_files(&self, config: &Config, secrets: &Secrets, start: &StartAs) -> Result<()> {
+        self.write_private(&self.run_dir.join("pg_hba.conf"), &render_hba(config))?;
+        self.write_private(&self.run_dir.join("pg_ident.conf"), &render_ident(self, &config.postgres.os_user))?;
+        self.write_private(
+            &self.passfile(),
+            &pgpass_line(&config.postgres.replication_user, &secrets.replication_password),
+        )?;
+        if self.is_initialized() {
+            self.write_private(&self.data_dir.join("postgresql.auto.conf"), &render_auto_conf(config, self, start))?;
+            let signal = self.data_dir.join("standby.signal");
+            match start {
+                StartAs::Primary => match std::fs::remove_file(&signal) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("remove {}", signal.display()))
+                    }
+                    _ => {}
+                },
+                StartAs::Standby { .. } => self.write_private(&signal, "")?,
+            }
+        }
+        Ok(())
+    }
+
+    fn write_private(&self, path: &Path, text: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_extension("meridian-tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.write_all(text.as_bytes()).with_context(|| format!("write {}", tmp.display()))?;
+        self.chown(&tmp)?;
+        std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", path.display()))?;
+        Ok(())
+    }
+}
+
+/// SQL that creates meridian's roles on a new cluster. Passwords go in as SCRAM
+/// verifiers computed here, so no plaintext password reaches the server's logs.
+pub fn roles_sql(config: &Config, secrets: &Secrets) -> String {
+    let p = &config.postgres;
+    let repl = postgres_protocol::password::scram_sha_256(secrets.replication_password.as_bytes());
+    let mon = postgres_protocol::password::scram_sha_256(secrets.monitor_password.as_bytes());
+    format!(
+        "CREATE ROLE {repl_user} WITH LOGIN REPLICATION PASSWORD '{repl}';
+CREATE ROLE {mon_user} WITH LOGIN PASSWORD '{mon}';
+GRANT pg_monitor TO {mon_user};
+CREATE SCHEMA meridian AUTHORIZATION {mon_user};
+CREATE TABLE meridian.verify (id bigint PRIMARY KEY, written_at timestamptz NOT NULL DEFAULT now(), written_by text NOT NULL);
+ALTER TABLE meridian.verify OWNER TO {mon_user};
+REVOKE ALL ON SCHEMA public FROM PUBLIC;",
+        repl_user = ident(&p.replication_user),
+        mon_user = ident(&p.monitor_user),
+    )
+}
+
+/// A double-quoted SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::topology::{lab_config, LabShape};
+
+    fn server(config: &Config) -> Server {
+        let (_, node) = config.node("ap-northeast-1a").unwrap();
+        Server {
+            node: node.name.clone(),
+            bin_dir: "/usr/lib/postgresql/15/bin".into(),
+            data_dir: node.data_dir.clone(),
+            run_dir: node.run_dir(),
+            address: node.address,
+            os_ids: None,
+            agent_os_user: "root".into(),
+        }
+    }
+
+    #[test]
+    fn hba_never_trusts_and_keeps_the_superuser_local() {
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        let hba = render_hba(&c);
+        assert!(!hba.contains("trust"), "{hba}");
+        assert!(hba.contains("local   all          postgres     peer map=meridian"));
+        assert!(hba.contains("host    all          postgres     0.0.0.0/0        reject"));
+        assert!(hba.contains("host    replication  replicator   127.0.1.11/32    scram-sha-256"));
+        assert!(hba.contains("host    replication  replicator   127.0.0.1/32     scram-sha-256"));
+        let reject = hba.find("reject").unwrap();
+        let app = hba.find("host    all          all").unwrap();
+        assert!(reject < app, "the superuser reject comes before the application rule");
+        for line in hba.lines().filter(|l| l.starts_with("host")) {
+            assert!(line.ends_with("scram-sha-256") || line.ends_with("reject"), "{line}");
+        }
+    }
+
+    #[test]
+    fn standby_conf_streams_from_upstream_with_a_passfile_and_no_password() {
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        let s = server(&c);
+        let up = ("ap-south-1a".to_string(), "127.0.1.11:5432".parse().unwrap());
+        let conf = render_auto_conf(&c, &s, &StartAs::Standby { upstream: Some(up) });
+        assert!(conf.contains("primary_conninfo = 'host=127.0.1.11 port=5432 user=replicator passfile=/tmp/lab/nodes/ap-northeast-1a/run/pgpass application_name=ap-northeast-1a"), "{conf}");
+        assert!(conf.contains("primary_slot_name = 'meridian_ap_northeast_1a'"));
+        assert!(conf.contains("shared_buffers = '32MB'"));
+        assert!(conf.contains("max_connections = 50"));
+        assert!(!conf.contains("password="));
+        let primary = render_auto_conf(&c, &s, &StartAs::Primary);
+        assert!(!primary.contains("primary_conninfo"));
+    }
+
+    #[test]
+    fn passwords_are_escaped_and_roles_get_verifiers_not_plaintext() {
+        assert_eq!(pgpass_line("rep", "a:b\\c"), "*:*:*:rep:a\\:b\\\\c\n");
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        let secrets = Secrets { replication_password: "hunter2-repl".into(), monitor_password: "hunter2-mon".into() };
+        let sql = roles_sql(&c, &secrets);
+        assert!(!sql.contains("hunter2"), "{sql}");
+        assert!(sql.contains("PASSWORD 'SCRAM-SHA-256$4096:"));
+        assert!(sql.contains("WITH LOGIN REPLICATION"));
+        assert!(!sql.contains("SUPERUSER"));
+        assert_eq!(quote("it's"), "'it''s'");
+        assert_eq!(slot_name("ap-south-1a"), "meridian_ap_south_1a");
+    }
+}

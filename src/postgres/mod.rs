@@ -1,0 +1,325 @@
+//! One PostgreSQL server, owned by its node's agent: directories, initdb,
+//! base backup, the files meridian writes before every start, the command
+//! line, and the status queries.
+//!
+//! On-disk layout of a node (paths from `meridian.toml`):
+//!
+//! ```text
+//! <data_dir>/                 PGDATA (initdb or pg_basebackup); postgresql.auto.conf and
+//!                             standby.signal are rewritten by the agent before every start
+//! <run_dir>/.s.PGSQL.<port>   the unix socket the agent connects to as `postgres` (peer)
+//! <run_dir>/pg_hba.conf       written by the agent; outside PGDATA so base backups and
+//! <run_dir>/pg_ident.conf     pg_rewind never carry one node's rules to another
+//! <run_dir>/pgpass            the replication role's password for libpq (never on a command line)
+//! <run_dir>/postgresql.log    the server's stderr
+//! ```
+//!
+//! PostgreSQL refuses to run as root: when meridian runs as root, every
+//! PostgreSQL program runs as `postgres.os_user` with a cleared environment.
+
+pub mod files;
+pub mod spawner;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, Node};
+
+/// The superuser initdb creates; reachable only over the unix socket, by peer authentication.
+pub const SUPERUSER: &str = "postgres";
+
+/// One node's PostgreSQL server: where it lives and who it runs as.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub node: String,
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub address: SocketAddr,
+    /// uid and gid to switch to before exec; None when not running as root.
+    pub os_ids: Option<(u32, u32)>,
+    /// The OS user that runs the agent, for the pg_ident map to `postgres`.
+    pub agent_os_user: String,
+}
+
+impl Server {
+    pub fn new(config: &Config, node: &Node) -> Result<Server> {
+        let euid = unsafe { libc::geteuid() };
+        let os_ids = if euid == 0 { Some(lookup_user(&config.postgres.os_user)?) } else { None };
+        Ok(Server {
+            node: node.name.clone(),
+            bin_dir: config.postgres.bin_dir.clone(),
+            data_dir: config.resolve(&node.data_dir),
+            run_dir: config.resolve(&node.run_dir()),
+            address: node.address,
+            os_ids,
+            agent_os_user: user_name(euid).unwrap_or_else(|| "root".into()),
+        })
+    }
+
+    /// A PostgreSQL program with a cleared environment, as the server's OS user,
+    /// in a directory that user can read.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(program));
+        cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8").current_dir(&self.run_dir);
+        if let Some((uid, gid)) = self.os_ids {
+            // std drops supplementary groups (setgroups(0)) when switching from root.
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.data_dir.join("PG_VERSION").exists()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.run_dir.join("postgresql.log")
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Creates the run directory and an empty data directory owned by the server's user.
+    pub fn prepare_dirs(&self) -> Result<()> {
+        for dir in [&self.run_dir, &self.data_dir] {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod {}", dir.display()))?;
+            self.chown(dir)?;
+        }
+        self.check_reachable()
+    }
+
+    /// PostgreSQL's user must be able to walk to the data directory; a lab under
+    /// /root would fail later with a confusing error, so say it now.
+    fn check_reachable(&self) -> Result<()> {
+        if self.os_ids.is_none() {
+            return Ok(());
+        }
+        let mut dir = self.data_dir.parent();
+        while let Some(d) = dir {
+            let mode = std::fs::metadata(d).map(|m| m.permissions().mode()).unwrap_or(0o755);
+            if mode & 0o001 == 0 {
+                bail!(
+                    "the PostgreSQL user cannot reach {} because {} is mode {:o}; put the data under a directory others can traverse (for the lab: --dir /tmp/meridian-lab)",
+                    self.data_dir.display(),
+                    d.display(),
+                    mode & 0o777
+                );
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
+    pub fn chown(&self, path: &Path) -> Result<()> {
+        if let Some((uid, gid)) = self.os_ids {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A new, empty cluster with data checksums (pg_rewind needs them or wal_log_hints).
+    pub fn initdb(&self) -> Result<()> {
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(&self.data_dir).args([
+            "-U",
+            SUPERUSER,
+            "--auth-local=peer",
+            "--auth-host=scram-sha-256",
+            "--data-checksums",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]);
+        run_logged(cmd, "initdb", Duration::from_secs(120))
+    }
+
+    /// Copies the leader's data directory over the replication connection.
+    /// The password comes from the passfile, never the command line.
+    pub fn base_backup(&self, source: SocketAddr, replication_user: &str) -> Result<()> {
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-d")
+            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.node))
+            .args(["-X", "stream", "--checkpoint=fast", "--no-password"]);
+        run_logged(cmd, "pg_basebackup", Duration::from_secs(600))
+    }
+
+    /// Runs a SQL file with psql as the superuser, one statement at a time (so
+    /// CREATE DATABASE works). The file is read here and fed on stdin, so it
+    /// may stay readable only by the agent's user.
+    pub fn run_sql_file(&self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+        let mut cmd = self.command("psql");
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.run_dir)
+            .args(["-p", &self.address.port().to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            .stdin(file);
+        run_logged(cmd, &format!("psql -f {}", path.display()), Duration::from_secs(300))
+    }
+
+    pub fn passfile(&self) -> PathBuf {
+        self.run_dir.join("pgpass")
+    }
+
+    /// The postmaster's command line: per-node settings here, so that a copied
+    /// `postgresql.conf` (base backup, pg_rewind) can never carry another node's.
+    pub fn postmaster_command(&self) -> Result<Command> {
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D").arg(&self.data_dir);
+        let settings = [
+            ("listen_addresses", self.address.ip().to_string()),
+            ("port", self.address.port().to_string()),
+            ("unix_socket_directories", self.run_dir.display().to_string()),
+            ("hba_file", self.run_dir.join("pg_hba.conf").display().to_string()),
+            ("ident_file", self.run_dir.join("pg_ident.conf").display().to_string()),
+            ("cluster_name", self.node.clone()),
+            ("hot_standby", "on".into()),
+            ("wal_level", "replica".into()),
+        ];
+        for (k, v) in settings {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("open {}", self.log_path().display()))?;
+        self.chown(&self.log_path())?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        Ok(cmd)
+    }
+
+    /// Connection settings for the agent's own superuser connection over the socket.
+    pub fn local_pg_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&self.run_dir)
+            .port(self.address.port())
+            .user(SUPERUSER)
+            .dbname("postgres")
+            .application_name("meridian-agent")
+            .connect_timeout(Duration::from_secs(2));
+        c
+    }
+
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let (client, conn) = self
+            .local_pg_config()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connect to PostgreSQL over {}", self.run_dir.display()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Removes a `postmaster.pid` left by a server that is gone. PostgreSQL checks
+    /// the old pid with kill(pid, 0), which succeeds for a zombie not yet reaped
+    /// or a pid reused by another process, and then refuses to start.
+    pub fn clear_stale_lock(&self) -> Result<()> {
+        let lock = self.data_dir.join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(&lock) else { return Ok(()) };
+        let pid: Option<u32> = text.lines().next().and_then(|l| l.trim().parse().ok());
+        if let Some(pid) = pid {
+            if crate::process::is_ours(pid, &self.data_dir.display().to_string()) {
+                bail!("another postmaster (pid {pid}) already runs on {}; stop it first", self.data_dir.display());
+            }
+        }
+        tracing::warn!("removing stale {} (pid {pid:?} is not a running postmaster)", lock.display());
+        std::fs::remove_file(&lock).with_context(|| format!("remove {}", lock.display()))
+    }
+
+    /// Waits until the server accepts queries (a standby: once it is consistent).
+    pub async fn wait_ready(
+        &self,
+        mut child_alive: impl FnMut() -> bool,
+        timeout: Duration,
+    ) -> Result<tokio_postgres::Client> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.connect().await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "PostgreSQL did not accept connections within {timeout:?}; see {}",
+                        self.log_path().display()
+                    )))
+                }
+                Err(_) if !child_alive() => {
+                    bail!("PostgreSQL exited while starting; see {}", self.log_path().display())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+/// Runs a PostgreSQL utility to completion; on failure the error carries its output.
+fn run_logged(mut cmd: Command, what: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    // SAFETY: prctl is async-signal-safe. If the agent dies mid-way, the
+    // utility must not run on against the data directory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("start {what}"))?;
+    let pid = out.id();
+    let output = {
+        // wait_with_output blocks; a watchdog kills a utility that hangs (a dead source, say).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watchdog = std::thread::spawn(move || {
+            if rx.recv_timeout(timeout).is_err() {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+        let r = out.wait_with_output();
+        let _ = tx.send(());
+        let _ = watchdog.join();
+        r.with_context(|| format!("wait for {what}"))?
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        bail!("{what} failed ({}) after {:.1}s: {}", output.status, started.elapsed().as_secs_f64(), stderr.trim());
+    }
+    tracing::info!("{what} done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32)> {
+    let cname = std::ffi::CString::new(name)?;
+    // getpwnam is not thread-safe, but this runs once at startup before other threads read the passwd db.
+    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+    if pw.is_null() {
+        bail!("OS user {name:?} (postgres.os_user) does not exist; PostgreSQL refuses to run as root, so create it (apt-get install postgresql creates `postgres`)");
+    }
+    let pw = unsafe { &*pw };
+    Ok((pw.pw_uid, pw.pw_gid))
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let pw = unsafe { libc::getpwuid(uid) };
+    if pw.is_null() {
+        return None;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}

@@ -1,0 +1,149 @@
+//! Starting, finding and stopping the lab's long-lived processes by pid.
+//!
+//! Every process gets a log file and a pid file, a cleared environment with a
+//! short allowlist, and its own session (so a terminal's Ctrl-C does not reach
+//! it). A pid file alone is not trusted: the pid must still belong to a process
+//! whose command line contains the lab's own path (its "identity"), so a stale
+//! file after a crash or reboot never makes us signal a stranger.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// Variables a lab child may inherit; everything else is cleared.
+const ENV_ALLOWLIST: &[&str] = &["PATH", "RUST_LOG", "RUST_BACKTRACE", "MERIDIAN_LOG"];
+
+/// How to start one process and where its files go.
+#[derive(Debug, Clone)]
+pub struct ProcSpec {
+    /// Short unique name: `etcd-witness`, `agent-ap-south-1a`, `gateway-ap-south-1`.
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+    /// A string that must appear in the process's command line for its pid to count as ours.
+    pub identity: String,
+    /// A cgroup v2 directory to place the process in before exec, when partitions are possible.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Starts the process detached in its own session and records its pid.
+pub fn start(spec: &ProcSpec) -> Result<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("open {}", spec.log.display()))?;
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args).env_clear().stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    for key in ENV_ALLOWLIST {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    let procs = spec.cgroup.as_ref().map(|dir| {
+        let mut p = dir.join("cgroup.procs").into_os_string();
+        p.push("\0");
+        p.into_encoded_bytes()
+    });
+    // SAFETY: only async-signal-safe calls (setsid, open, write, close) in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(path) = &procs {
+                // Join the region's cgroup: writing "0" moves the writing process.
+                let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("start {} ({})", spec.name, spec.program.display()))?;
+    let pid = child.id();
+    std::fs::write(&spec.pid_file, format!("{pid}\n")).with_context(|| format!("write {}", spec.pid_file.display()))?;
+    // The child is detached; dropping the handle neither waits for nor kills it.
+    drop(child);
+    Ok(pid)
+}
+
+/// The pid in `pid_file`, if that process is alive and is ours.
+pub fn running_pid(pid_file: &Path, identity: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+    is_ours(pid, identity).then_some(pid)
+}
+
+/// Alive (not a zombie) and its command line contains `identity`.
+pub fn is_ours(pid: u32, identity: &str) -> bool {
+    if !is_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    cmdline.contains(identity)
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Waits until every pid is gone; returns the ones still alive at the deadline.
+pub async fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive: Vec<u32> = pids.iter().copied().filter(|p| is_alive(*p)).collect();
+        if alive.is_empty() || Instant::now() >= deadline {
+            return alive;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM, wait, then SIGKILL whatever is left.
+pub async fn stop_all(pids: &[u32], grace: Duration) {
+    for pid in pids {
+        signal(*pid, libc::SIGTERM);
+    }
+    let left = wait_gone(pids, grace).await;
+    for pid in &left {
+        tracing::warn!("pid {pid} did not stop within {grace:?} of SIGTERM; sending SIGKILL");
+        signal(*pid, libc::SIGKILL);
+    }
+    let stuck = wait_gone(&left, Duration::from_secs(5)).await;
+    for pid in stuck {
+        tracing::error!("pid {pid} is still alive after SIGKILL");
+    }
+}
+
+/// The postmaster's pid from `postmaster.pid`, if it is alive and serves `data_dir`.
+pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+    is_ours(pid, &data_dir.display().to_string()).then_some(pid)
+}

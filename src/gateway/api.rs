@@ -76,6 +76,9 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
     Ok(([("content-type", "text/plain; version=0.0.4")], body).into_response())
 }
 
+/// Reads one per-node value for a gauge.
+type NodeGauge = fn(&crate::cluster::NodeStatus) -> Option<f64>;
+
 /// Prometheus text format: per-node role, lag and health; the cluster's epoch.
 pub fn render_metrics(s: &ClusterStatus) -> String {
     let mut out = String::new();
@@ -99,7 +102,7 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             );
         }
     }
-    let gauges: [(&str, &str, fn(&crate::cluster::NodeStatus) -> Option<f64>); 3] = [
+    let gauges: [(&str, &str, NodeGauge); 3] = [
         ("meridian_node_lag_bytes", "WAL bytes the node has not replayed.", |n| n.lag_bytes.map(|b| b as f64)),
         ("meridian_node_lag_seconds", "Seconds since the last replayed commit, 0 when caught up.", |n| n.lag_seconds),
         ("meridian_node_healthy", "1 when the node is a serving primary or a streaming standby.", |n| {

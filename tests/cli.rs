@@ -1,0 +1,120 @@
+//! The CLI without a cluster: config check, config discovery, one-line errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::{text, BIN};
+
+const GOOD: &str = r#"
+cluster = "orders"
+[etcd]
+endpoints = ["http://127.0.1.1:2379", "http://127.0.2.1:2379", "http://127.0.3.1:2379"]
+[[region]]
+name = "a"
+priority = 1
+etcd = "http://127.0.1.1:2379"
+gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:6432", reader = "127.0.1.2:6433" }
+  [[region.node]]
+  name = "a1"
+  address = "127.0.1.11:5432"
+  api = "127.0.1.11:8008"
+  data_dir = "/var/lib/meridian/a1"
+[[region]]
+name = "b"
+priority = 2
+etcd = "http://127.0.2.1:2379"
+gateway = { api = "127.0.2.2:8080", dns = "127.0.2.2:5353", writer = "127.0.2.2:6432", reader = "127.0.2.2:6433" }
+[[region]]
+name = "c"
+etcd = "http://127.0.3.1:2379"
+gateway = { api = "127.0.3.2:8080", dns = "127.0.3.2:5353", writer = "127.0.3.2:6432", reader = "127.0.3.2:6433" }
+"#;
+
+#[test]
+fn config_check_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, GOOD).unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok (cluster \"orders\", 3 regions, 1 nodes)"),
+        "{}",
+        text(&out)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    let broken = GOOD
+        .replace("name = \"b\"", "name = \"a\"")
+        .replace("address = \"127.0.1.11:5432\"", "address = \"127.0.1.2:8080\"\ncolour = \"red\"")
+        .replace("etcd = \"http://127.0.3.1:2379\"\n", "");
+    std::fs::write(&bad, broken).unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "region[0].node[0].colour: unknown field",
+        "region[1].name: duplicate region name \"a\" (also region[0])",
+        "region[0].node[0].address: address 127.0.1.2:8080 is already used by region[0].gateway.api",
+        "2 region(s) have an etcd member",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    let json = Command::new(BIN).args(["config", "check", "--json"]).arg(&bad).output().unwrap();
+    assert_eq!(json.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 4, "{v}");
+}
+
+#[test]
+fn commands_find_the_config_and_fail_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // No --config, no MERIDIAN_CONFIG, no ./meridian.toml.
+    let out = Command::new(BIN).arg("status").current_dir(dir.path()).env_remove("MERIDIAN_CONFIG").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line, no backtrace: {stderr}");
+    assert!(
+        stderr.starts_with("error: read cluster file meridian.toml (pass --config or set MERIDIAN_CONFIG)"),
+        "{stderr}"
+    );
+
+    // ./meridian.toml is found; its gateways are not running, and the error names each one tried.
+    std::fs::write(dir.path().join("meridian.toml"), GOOD).unwrap();
+    let out = Command::new(BIN).arg("status").current_dir(dir.path()).env_remove("MERIDIAN_CONFIG").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no gateway could answer /v1/cluster")
+            && stderr.contains("a (127.0.1.2:8080)")
+            && stderr.contains("c (127.0.3.2:8080)"),
+        "{stderr}"
+    );
+
+    // $MERIDIAN_CONFIG wins over ./meridian.toml, and --config over both.
+    let other = dir.path().join("other.toml");
+    let out = Command::new(BIN).arg("status").current_dir(dir.path()).env("MERIDIAN_CONFIG", &other).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("other.toml"), "{}", text(&out));
+    let flag = dir.path().join("flag.toml");
+    let out =
+        Command::new(BIN).arg("status").arg("--config").arg(&flag).env("MERIDIAN_CONFIG", &other).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flag.toml"), "{}", text(&out));
+}
+
+#[test]
+fn lab_refuses_bad_shapes_and_unknown_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["lab", "up", "--regions", "a,a", "--dir"])
+        .arg(dir.path().join("lab"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--regions lists a region twice"), "{}", text(&out));
+    let out = Command::new(BIN).args(["lab", "kill", "x", "--dir"]).arg(dir.path().join("none")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no lab in"), "{}", text(&out));
+}

@@ -1,0 +1,308 @@
+//! A lab for one integration test, started and stopped through the same
+//! `meridian lab` commands users run. Each test picks its own `--net`, so tests
+//! run in parallel without colliding. Component logs are scanned for ERROR
+//! lines the test did not announce; the lab is always brought down, by pid.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+
+pub struct TestLab {
+    pub dir: tempfile::TempDir,
+    pub net: u8,
+    /// Substrings of ERROR lines this test causes on purpose.
+    expected_errors: Vec<String>,
+    finished: bool,
+}
+
+impl TestLab {
+    /// `lab up` with the given extra arguments; panics with the logs if it fails.
+    pub fn up(net: u8, extra: &[&str]) -> TestLab {
+        let dir = tempfile::Builder::new().prefix("meridian-test-").tempdir_in("/tmp").expect("create a temp dir");
+        let lab = TestLab { dir, net, expected_errors: Vec::new(), finished: false };
+        let net_arg = net.to_string();
+        let mut args = vec!["up", "--net", net_arg.as_str()];
+        args.extend_from_slice(extra);
+        let out = lab.run_lab(&args);
+        if !out.status.success() {
+            panic!("lab up failed: {}\n{}", text(&out), lab.log_tails());
+        }
+        lab
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("meridian.toml")
+    }
+
+    /// Runs `meridian lab ARGS --dir <this lab>`.
+    pub fn run_lab(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("lab").args(args).arg("--dir").arg(self.path()).env("CI", "true");
+        cmd.output().expect("run meridian lab")
+    }
+
+    /// Runs `meridian ARGS` against this lab's cluster file.
+    pub fn meridian(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).env("MERIDIAN_CONFIG", self.config()).output().expect("run meridian")
+    }
+
+    /// `meridian ARGS --json`, which must succeed, parsed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.meridian(&all);
+        assert!(out.status.success(), "meridian {args:?} failed: {}", text(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("meridian {args:?} printed no JSON ({e}): {}", text(&out)))
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status"])
+    }
+
+    /// The address `host:port` of a node's PostgreSQL.
+    pub fn node_addr(&self, node: &str) -> (String, u16) {
+        let config: toml::Value = toml::from_str(&std::fs::read_to_string(self.config()).unwrap()).unwrap();
+        for region in config["region"].as_array().unwrap() {
+            for n in region.get("node").and_then(|n| n.as_array()).into_iter().flatten() {
+                if n["name"].as_str() == Some(node) {
+                    let addr: std::net::SocketAddr = n["address"].as_str().unwrap().parse().unwrap();
+                    return (addr.ip().to_string(), addr.port());
+                }
+            }
+        }
+        panic!("no node {node} in the lab");
+    }
+
+    /// Runs SQL with the real psql as the lab's `app` role; returns its output or the error.
+    pub fn try_psql(&self, node: &str, sql: &str) -> Result<String, String> {
+        self.try_psql_as(node, "app", "app", &self.path().join("pgpass"), sql)
+    }
+
+    /// Runs SQL as meridian's monitoring role (pg_monitor), with its password from the lab's secrets.
+    pub fn psql_monitor(&self, node: &str, sql: &str) -> String {
+        let secrets: toml::Value =
+            toml::from_str(&std::fs::read_to_string(self.path().join("secrets.toml")).unwrap()).unwrap();
+        let passfile = self.path().join("test-monitor.pgpass");
+        let line = format!("*:*:*:meridian:{}\n", secrets["monitor_password"].as_str().unwrap());
+        std::fs::write(&passfile, line).unwrap();
+        std::fs::set_permissions(&passfile, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        self.try_psql_as(node, "meridian", "postgres", &passfile, sql)
+            .unwrap_or_else(|e| panic!("psql on {node}: {sql}: {e}"))
+    }
+
+    fn try_psql_as(&self, node: &str, user: &str, db: &str, passfile: &Path, sql: &str) -> Result<String, String> {
+        let (host, port) = self.node_addr(node);
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &host,
+                "-p",
+                &port.to_string(),
+                "-U",
+                user,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .env("PGPASSFILE", passfile)
+            .env("PGCONNECT_TIMEOUT", "3")
+            .output()
+            .expect("run psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    pub fn psql(&self, node: &str, sql: &str) -> String {
+        self.try_psql(node, sql).unwrap_or_else(|e| panic!("psql on {node}: {sql}: {e}"))
+    }
+
+    /// Announces an ERROR log line this test causes on purpose.
+    pub fn expect_error(&mut self, substring: &str) {
+        self.expected_errors.push(substring.to_string());
+    }
+
+    /// Component logs: agents, gateways and PostgreSQL servers (etcd's own
+    /// logs are left out: a killed peer makes it log errors by design).
+    pub fn component_logs(&self) -> Vec<PathBuf> {
+        let mut logs = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.path().join("logs")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("agent-") || name.starts_with("gateway-") {
+                    logs.push(e.path());
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.path().join("nodes")) {
+            for e in entries.flatten() {
+                logs.push(e.path().join("run").join("postgresql.log"));
+            }
+        }
+        logs
+    }
+
+    /// ERROR lines (meridian's `ERROR` level, PostgreSQL's `ERROR:`/`FATAL:`/`PANIC:`) not announced.
+    pub fn unexpected_errors(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for log in self.component_logs() {
+            let Ok(text) = std::fs::read_to_string(&log) else { continue };
+            for line in text.lines() {
+                let is_error = line.contains(" ERROR ")
+                    || line.contains("ERROR:")
+                    || line.contains("PANIC:")
+                    || is_unexpected_fatal(line);
+                if is_error && !self.expected_errors.iter().any(|e| line.contains(e.as_str())) {
+                    found.push(format!("{}: {line}", log.file_name().unwrap_or_default().to_string_lossy()));
+                }
+            }
+        }
+        found
+    }
+
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for log in self.component_logs() {
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(15)..];
+                out.push_str(&format!("--- {}\n{}\n", log.display(), tail.join("\n")));
+            }
+        }
+        out
+    }
+
+    /// Checks the logs, brings the lab down, and checks nothing of it is left.
+    pub fn finish(mut self) {
+        let errors = self.unexpected_errors();
+        self.finished = true;
+        let out = self.run_lab(&["down"]);
+        assert!(out.status.success(), "lab down failed: {}", text(&out));
+        assert!(!self.path().exists(), "lab down left {} behind", self.path().display());
+        let left = processes_mentioning(&self.path().display().to_string());
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+        assert!(errors.is_empty(), "unexpected ERROR lines in component logs:\n{}", errors.join("\n"));
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if !self.finished {
+            if std::thread::panicking() {
+                eprintln!("{}", self.log_tails());
+            }
+            let down = self.run_lab(&["down"]);
+            // Should `lab down` itself fail, stop what mentions this lab's unique
+            // directory by pid, so a broken teardown never leaks a lab.
+            let left = processes_mentioning(&self.path().display().to_string());
+            if !down.status.success() || !left.is_empty() {
+                eprintln!("lab down failed ({}); stopping leftovers by pid: {left:#?}", text(&down));
+                for p in &left {
+                    let pid: i32 = p.split(':').next().unwrap().parse().unwrap();
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// FATAL lines are normal while a server starts or a client is refused; others are not.
+fn is_unexpected_fatal(line: &str) -> bool {
+    const NORMAL: &[&str] = &[
+        "the database system is starting up",
+        "the database system is not yet accepting connections",
+        "the database system is shutting down",
+        "terminating connection due to administrator command",
+        "terminating walreceiver process due to administrator command",
+        "could not receive data from WAL stream",
+        "could not connect to the primary server",
+    ];
+    line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Pids of processes whose command line mentions `s`.
+pub fn processes_mentioning(s: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == std::process::id().to_string() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        if cmd.contains(s) && !zombie {
+            found.push(format!("{name}: {cmd}"));
+        }
+    }
+    found
+}
+
+/// Polls `check` until it returns Some or the deadline passes; the panic says what was awaited
+/// and what `check` last reported.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match check() {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+}
+
+/// The node entry of the status JSON.
+pub fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {status}"))
+}
+
+pub fn pid_of(lab: &TestLab, process: &str) -> u32 {
+    std::fs::read_to_string(lab.path().join("pids").join(format!("{process}.pid"))).unwrap().trim().parse().unwrap()
+}
+
+pub fn postmaster_pid(lab: &TestLab, node: &str) -> u32 {
+    let text =
+        std::fs::read_to_string(lab.path().join("nodes").join(node).join("data").join("postmaster.pid")).unwrap();
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+}

@@ -4,9 +4,12 @@
 
 pub mod keys;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::cluster::{Epoch, Leader, MemberStatus};
@@ -17,9 +20,17 @@ pub use keys::Keys;
 pub type LeaseId = i64;
 
 /// A connection to the cluster's etcd, with its key layout.
+///
+/// One client per member, and requests go to the member that answered last,
+/// rotating to the next on failure (what etcd's Go client does). etcd-client's
+/// own balanced channel keeps routing requests to a dead member
+/// (etcdv3/etcd-client#39), which would make losing one region's etcd member
+/// look like losing etcd.
 #[derive(Clone)]
 pub struct Coord {
-    client: Client,
+    members: Arc<Vec<(String, Client)>>,
+    /// Index of the member that answered last.
+    preferred: Arc<AtomicUsize>,
     pub keys: Keys,
 }
 
@@ -43,27 +54,63 @@ pub struct LeaderEntry {
 }
 
 impl Coord {
-    /// Connects to every endpoint; requests fail (rather than read stale data) when
-    /// the member answering cannot see an etcd leader.
+    /// Prepares a client per member (connections are made lazily, so a member
+    /// that is down now does not prevent starting). A member that cannot see an
+    /// etcd leader refuses requests rather than serve stale data.
     pub async fn connect(config: &Config) -> Result<Coord> {
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3))
+            .with_connect_timeout(Duration::from_millis(1000))
+            .with_timeout(Duration::from_millis(1500))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_require_leader(true);
-        let client = Client::connect(&config.etcd.endpoints, Some(options))
-            .await
-            .with_context(|| format!("connect to etcd at {}", config.etcd.endpoints.join(", ")))?;
-        Ok(Coord { client, keys: Keys::new(&config.cluster) })
+        let mut members = Vec::new();
+        for url in &config.etcd.endpoints {
+            let client = Client::connect([url], Some(options.clone()))
+                .await
+                .with_context(|| format!("prepare etcd client for {url}"))?;
+            members.push((url.clone(), client));
+        }
+        Ok(Coord {
+            members: Arc::new(members),
+            preferred: Arc::new(AtomicUsize::new(0)),
+            keys: Keys::new(&config.cluster),
+        })
+    }
+
+    /// Runs one request against the preferred member, then each other in turn.
+    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let (url, client) = &self.members[idx];
+            match op(client.clone()).await {
+                Ok(v) => {
+                    if i > 0 {
+                        self.preferred.store(idx, Ordering::Relaxed);
+                    }
+                    return Ok(v);
+                }
+                Err(e) => failures.push(format!("{url}: {}", short_error(&e))),
+            }
+        }
+        bail!("{what}: no etcd member answered ({})", failures.join("; "))
     }
 
     /// One consistent read of the whole cluster prefix.
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        let mut kv = self.client.kv_client();
-        let resp = kv
-            .get(self.keys.prefix(), Some(GetOptions::new().with_prefix()))
-            .await
-            .context("read cluster state from etcd")?;
+        let prefix = self.keys.prefix().to_string();
+        let resp = self
+            .call("read cluster state from etcd", |c| {
+                let prefix = prefix.clone();
+                async move { c.kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let mut snap = Snapshot { revision: resp.header().map(|h| h.revision()).unwrap_or(0), ..Snapshot::default() };
         for kv in resp.kvs() {
             let key = kv.key_str().unwrap_or_default();
@@ -89,33 +136,37 @@ impl Coord {
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
-        let resp =
-            self.client.lease_client().grant(ttl.as_secs().max(1) as i64, None).await.context("grant etcd lease")?;
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self.call("grant etcd lease", |c| async move { c.lease_client().grant(secs, None).await }).await?;
         Ok(resp.id())
     }
 
     /// Renews a lease once; returns the remaining TTL in seconds (0: it had expired).
     pub async fn renew_lease(&self, lease: LeaseId) -> Result<i64> {
-        let mut lc = self.client.lease_client();
-        let (mut keeper, mut stream) = lc.keep_alive(lease).await.context("renew etcd lease")?;
-        keeper.keep_alive().await.context("renew etcd lease")?;
-        let resp = stream.message().await.context("renew etcd lease")?.context("etcd closed the lease stream")?;
-        Ok(resp.ttl())
+        let resp = self
+            .call("renew etcd lease", |c| async move {
+                let (mut keeper, mut stream) = c.lease_client().keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await?;
+        Ok(resp.map(|r| r.ttl()).unwrap_or(0))
     }
 
     pub async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        self.client.lease_client().revoke(lease).await.context("revoke etcd lease")?;
+        self.call("revoke etcd lease", |c| async move { c.lease_client().revoke(lease).await }).await?;
         Ok(())
     }
 
     /// Publishes this agent's report under its lease.
     pub async fn put_member(&self, status: &MemberStatus, lease: LeaseId) -> Result<()> {
         let value = serde_json::to_vec(status)?;
-        self.client
-            .kv_client()
-            .put(self.keys.member(&status.node), value, Some(PutOptions::new().with_lease(lease)))
-            .await
-            .context("publish member status to etcd")?;
+        let key = self.keys.member(&status.node);
+        self.call("publish member status to etcd", |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.kv_client().put(key, value, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -128,7 +179,7 @@ impl Coord {
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), node, None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = self.client.kv_client().txn(txn).await.context("claim cluster initialization in etcd")?;
+        let resp = self.txn("claim cluster initialization in etcd", txn).await?;
         if resp.succeeded() {
             return Ok(node.to_string());
         }
@@ -150,7 +201,7 @@ impl Coord {
             TxnOp::put(self.keys.epoch(), epoch.to_string(), None),
             TxnOp::put(self.keys.leader(), leader, Some(PutOptions::new().with_lease(lease))),
         ]);
-        let resp = self.client.kv_client().txn(txn).await.context("acquire leader in etcd")?;
+        let resp = self.txn("acquire leader in etcd", txn).await?;
         Ok(resp.succeeded().then_some(epoch))
     }
 
@@ -160,14 +211,42 @@ impl Coord {
         let txn = Txn::new()
             .when([Compare::value(self.keys.leader(), CompareOp::Equal, ours)])
             .and_then([TxnOp::delete(self.keys.leader(), None)]);
-        let resp = self.client.kv_client().txn(txn).await.context("release leader in etcd")?;
+        let resp = self.txn("release leader in etcd", txn).await?;
         Ok(resp.succeeded())
     }
 
     /// Is etcd answering with a quorum right now?
     pub async fn ping(&self) -> Result<()> {
-        self.client.kv_client().get(self.keys.epoch(), None).await.context("read from etcd")?;
+        let key = self.keys.epoch();
+        self.call("read from etcd", |c| {
+            let key = key.clone();
+            async move { c.kv_client().get(key, None).await }
+        })
+        .await?;
         Ok(())
+    }
+
+    /// A transaction. Retried on another member only when the first did not
+    /// answer; a retried transaction whose first attempt did apply fails its
+    /// comparisons, and the callers' next pass reads what actually happened.
+    async fn txn(&self, what: &str, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.call(what, |c| {
+            let txn = txn.clone();
+            async move { c.kv_client().txn(txn).await }
+        })
+        .await
+    }
+}
+
+/// The gist of an etcd-client error: tonic's full chain repeats itself at length.
+fn short_error(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let msg = s.message();
+            let detail = std::error::Error::source(s).map(|src| format!(" ({src})")).unwrap_or_default();
+            format!("{:?}: {msg}{detail}", s.code())
+        }
+        other => other.to_string(),
     }
 }
 

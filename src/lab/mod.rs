@@ -446,9 +446,21 @@ async fn stop_processes(lab: &Lab) {
         process::signal(*pid, libc::SIGQUIT);
     }
     process::stop_all(&postmasters, Duration::from_secs(10)).await;
+    // Stopped together, etcd members each wait seconds for their peers (leader
+    // transfer). The lab's etcd data is thrown away, or restarted from disk
+    // (which etcd is built to survive), so a short grace before SIGKILL will do.
     let etcd: Vec<u32> =
         running.iter().filter(|(m, _, _)| matches!(m, Member::Etcd { .. })).map(|(_, _, p)| *p).collect();
-    process::stop_all(&etcd, Duration::from_secs(10)).await;
+    for pid in &etcd {
+        process::signal(*pid, libc::SIGTERM);
+    }
+    for pid in process::wait_gone(&etcd, Duration::from_secs(1)).await {
+        process::signal(pid, libc::SIGKILL);
+    }
+    let stuck = process::wait_gone(&etcd, Duration::from_secs(5)).await;
+    if !stuck.is_empty() {
+        tracing::error!("etcd pids {stuck:?} are still alive after SIGKILL");
+    }
 }
 
 /// `lab down`: stops everything and removes the lab directory. Safe to repeat.

@@ -136,6 +136,21 @@ impl TestLab {
         self.try_psql(node, sql).unwrap_or_else(|e| panic!("psql on {node}: {sql}: {e}"))
     }
 
+    /// Waits until `table` on `node` has exactly `rows` rows, without provoking
+    /// "relation does not exist" errors while the table has not replicated yet.
+    pub fn wait_rows(&self, node: &str, table: &str, rows: u64, timeout: Duration) {
+        wait_until(&format!("{rows} rows in {table} on {node}"), timeout, || {
+            match self.try_psql(node, &format!("SELECT to_regclass('{table}') IS NOT NULL")) {
+                Ok(t) if t == "t" => {}
+                other => return Err(format!("table not there yet: {other:?}")),
+            }
+            match self.try_psql(node, &format!("SELECT count(*) FROM {table}")) {
+                Ok(n) if n == rows.to_string() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+    }
+
     /// Announces an ERROR log line this test causes on purpose.
     pub fn expect_error(&mut self, substring: &str) {
         self.expected_errors.push(substring.to_string());
@@ -297,9 +312,13 @@ pub fn pid_of(lab: &TestLab, process: &str) -> u32 {
 }
 
 pub fn postmaster_pid(lab: &TestLab, node: &str) -> u32 {
-    let text =
-        std::fs::read_to_string(lab.path().join("nodes").join(node).join("data").join("postmaster.pid")).unwrap();
-    text.lines().next().unwrap().trim().parse().unwrap()
+    try_postmaster_pid(lab, node).unwrap_or_else(|| panic!("no postmaster.pid for {node}"))
+}
+
+/// The pid in a node's postmaster.pid, if the file exists (it does not while the server is down).
+pub fn try_postmaster_pid(lab: &TestLab, node: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(lab.path().join("nodes").join(node).join("data").join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
 }
 
 pub fn alive(pid: u32) -> bool {

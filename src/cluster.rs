@@ -120,6 +120,57 @@ pub struct Leader {
     pub epoch: Epoch,
 }
 
+/// The value of the `optime` key: the leader's position, written every second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Optime {
+    pub node: String,
+    pub region: String,
+    pub epoch: Epoch,
+    pub lsn: Lsn,
+    pub timeline: Option<u32>,
+    pub at_ms: u64,
+}
+
+/// How a node became primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromotionKind {
+    /// Automatic, after the leader was lost.
+    Failover,
+    /// Planned, with zero data loss.
+    Switchover,
+    /// Declared by an operator (`meridian failover --to-region`).
+    Dr,
+}
+
+impl fmt::Display for PromotionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PromotionKind::Failover => "failover",
+            PromotionKind::Switchover => "switchover",
+            PromotionKind::Dr => "dr",
+        })
+    }
+}
+
+/// One promotion, stored at `history/<epoch>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub epoch: Epoch,
+    pub kind: PromotionKind,
+    /// The previous primary, when known.
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    /// The new primary's WAL position when it was promoted.
+    pub lsn: Option<Lsn>,
+    /// WAL the new primary did not have of the old primary's last recorded position.
+    pub lost_bytes_estimate: Option<u64>,
+    /// Last sign of the old primary (failover) or when the operation began.
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
 /// What `GET /v1/cluster` returns and `meridian status` prints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {

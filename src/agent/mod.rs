@@ -21,10 +21,10 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Epoch, MemberStatus, Role};
+use crate::cluster::{Epoch, HistoryEntry, Lsn, MemberStatus, Optime, PromotionKind, Role};
 use crate::config::{Config, Secrets};
 use crate::coord::{Coord, Snapshot};
-use crate::failover::{self, Action, Local, NodeView, Shared};
+use crate::failover::{self, Action, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
 use crate::postgres::files::{self, StartAs};
 use crate::postgres::spawner::Spawner;
 use crate::postgres::Server;
@@ -32,9 +32,13 @@ use lease::LeaseKeeper;
 
 /// How often the HA loop runs.
 const TICK: Duration = Duration::from_secs(1);
+/// How often it runs while the cluster has no leader.
+const FAST_TICK: Duration = Duration::from_millis(200);
 /// A server that crashes more often than this within `CRASH_WINDOW` is left stopped.
 const MAX_CRASHES: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(300);
+/// A standby not streaming for this long, on a timeline behind the leader's, is rewound.
+const STALL_AFTER: Duration = Duration::from_secs(5);
 
 /// The running postmaster and how it was started.
 struct Running {
@@ -62,6 +66,12 @@ struct Agent {
     detail: Option<String>,
     /// The latest report, for the publisher and the API.
     latest: watch::Sender<Option<MemberStatus>>,
+    /// The last observation of the running server.
+    last_local: Option<crate::postgres::status::LocalStatus>,
+    /// Since when a running standby has not been streaming.
+    not_streaming_since: Option<Instant>,
+    /// When this agent first saw no leader (ms since the epoch); None while there is one.
+    leaderless_since_ms: Option<u64>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -80,7 +90,14 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         return Ok(());
     };
     let (latest, latest_rx) = watch::channel(None);
-    tokio::spawn(api::serve(api, latest_rx.clone(), shutdown.clone()));
+    // Peers take a refused connection on this API as proof that the agent (and
+    // so its PostgreSQL) is dead: if the API stops, the agent stops with it.
+    let api_shutdown = shutdown.clone();
+    let api_rx = latest_rx.clone();
+    tokio::spawn(async move {
+        api::serve(api, api_rx, api_shutdown.clone()).await;
+        api_shutdown.cancel();
+    });
     tokio::spawn(publish_loop(coord.clone(), lease.clone(), latest_rx, shutdown.clone()));
 
     let mut agent = Agent {
@@ -97,6 +114,9 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         epoch_seen: 0,
         detail: None,
         latest,
+        last_local: None,
+        not_streaming_since: None,
+        leaderless_since_ms: None,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -109,26 +129,30 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
             tracing::error!("failed to {e:#}");
             agent.detail = Some(format!("{e:#}"));
         }
+        // Without a leader every second counts: look (and report) five times as often.
+        let tick = if agent.leaderless_since_ms.is_some() { FAST_TICK } else { TICK };
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(tick) => {}
         }
     }
     agent.shutdown().await;
     Ok(())
 }
 
-/// Writes the latest report every second under the current lease.
+/// Writes each new report as soon as it is made, and the latest one again every
+/// second (so a long action does not make the node look dead), under the current lease.
 async fn publish_loop(
     coord: Coord,
     lease: LeaseKeeper,
-    latest: watch::Receiver<Option<MemberStatus>>,
+    mut latest: watch::Receiver<Option<MemberStatus>>,
     shutdown: CancellationToken,
 ) {
     let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            changed = latest.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(TICK) => {}
         }
         let Some(mut report) = latest.borrow().clone() else { continue };
@@ -160,9 +184,16 @@ impl Agent {
         };
         if let Some(s) = &snapshot {
             self.epoch_seen = self.epoch_seen.max(s.epoch);
+            self.leaderless_since_ms = match (&s.leader, self.leaderless_since_ms) {
+                (Some(_), _) => None,
+                (None, Some(t)) => Some(t),
+                (None, None) => Some(crate::cluster::now_ms()),
+            };
         }
         let view = self.view(snapshot.as_ref());
         let action = failover::decide(&view);
+        // A detail describes the current situation only; actions set it anew.
+        self.detail = None;
         if !matches!(action, Action::Keep | Action::Wait { .. }) {
             tracing::info!("{:?} -> {action:?}", view.local);
         }
@@ -180,35 +211,75 @@ impl Agent {
                 Local::Standby { upstream: upstream.as_ref().map(|(n, _)| n.clone()) }
             }
         };
+        let local_timeline = match local {
+            // The control file is only trustworthy for a stopped server.
+            Local::Stopped => self.server.control_timeline().ok(),
+            _ => self.last_local.as_ref().and_then(|l| l.timeline),
+        };
+        let now = crate::cluster::now_ms();
         let shared = snapshot.map(|s| {
-            let leader_ready = s.leader.as_ref().is_some_and(|l| {
-                s.members.iter().any(|m| m.node == l.leader.node && m.role == Role::Primary && m.healthy)
-            });
+            let leader_report = s.leader.as_ref().and_then(|l| s.members.iter().find(|m| m.node == l.leader.node));
+            let fresh = |m: &&MemberStatus| now.saturating_sub(m.updated_at_ms) <= crate::cluster::STALE_REPORT_MS;
+            let candidates = s
+                .members
+                .iter()
+                .filter(fresh)
+                .filter(|m| matches!(m.role, Role::Replica | Role::Fenced))
+                .filter_map(|m| {
+                    let (region, _) = self.config.node(&m.node).ok()?;
+                    Some(Candidate {
+                        node: m.node.clone(),
+                        region: region.name.clone(),
+                        priority: region.priority.unwrap_or(u32::MAX),
+                        lsn: m.write_lsn.or(m.replay_lsn)?,
+                        lag_seconds: m.lag_seconds,
+                        reported_at_ms: m.updated_at_ms,
+                    })
+                })
+                .collect();
+            let last_primary =
+                s.optime.as_ref().map(|o| LastPrimary { node: o.node.clone(), region: o.region.clone(), lsn: o.lsn });
             Shared {
                 leader: s.leader.as_ref().map(|l| l.leader.clone()),
                 leader_is_my_lease: s.leader.as_ref().is_some_and(|l| l.lease == self.lease.id()),
-                leader_ready,
+                leader_ready: leader_report.is_some_and(|m| m.role == Role::Primary && m.healthy),
+                leader_timeline: leader_report.and_then(|m| m.timeline),
                 epoch: s.epoch,
                 initialized_by: s.initialized_by.clone(),
+                candidates,
+                last_primary,
+                leaderless_since_ms: self.leaderless_since_ms,
             }
         });
+        let f = &self.config.failover;
         NodeView {
             me: self.server.node.clone(),
             bootstrap_node: self.config.bootstrap_node().is_some_and(|n| n.name == self.server.node),
             local,
+            local_timeline,
+            stalled: self.not_streaming_since.is_some_and(|t| t.elapsed() >= STALL_AFTER),
             shared,
             lease_fresh: self.lease.is_fresh(),
+            policy: Policy {
+                within_region: f.within_region,
+                cross_region: f.cross_region,
+                max_lag: f.max_lag_on_failover,
+            },
         }
     }
 
     async fn act(&mut self, action: Action, snapshot: Option<&Snapshot>) -> Result<()> {
         match action {
-            Action::Keep => {
-                if matches!(self.running, Some(Running { start: StartAs::Primary, .. })) {
+            Action::Keep => match &self.running {
+                Some(Running { start: StartAs::Primary, .. }) => {
                     self.ensure_slots().await?;
+                    self.record_optime(snapshot).await
                 }
-                Ok(())
-            }
+                Some(Running { start: StartAs::Standby { .. }, .. }) => self.depose_dead_leader(snapshot).await,
+                None => Ok(()),
+            },
+            Action::Promote { reason } => self.promote(&reason, snapshot).await,
+            Action::Rejoin { upstream } => self.rejoin(&upstream).await,
             Action::Wait { reason } => {
                 self.detail = Some(reason);
                 Ok(())
@@ -336,6 +407,122 @@ impl Agent {
         self.start(StartAs::Standby { upstream }).await
     }
 
+    /// Takes `leader` with the next epoch (unless this node already holds it),
+    /// promotes, and records the promotion in `history/<epoch>`.
+    async fn promote(&mut self, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(snap) = snapshot else { return Ok(()) };
+        let me = self.server.node.clone();
+        let held = snap.leader.as_ref().filter(|l| l.leader.node == me && l.lease == self.lease.id());
+        let epoch = match held {
+            Some(l) => l.leader.epoch,
+            None => match self.coord.acquire_leader(&me, snap.epoch, self.lease.id()).await? {
+                Some(e) => e,
+                None => return Ok(()), // another node won this epoch; the next pass follows it
+            },
+        };
+        self.epoch_seen = self.epoch_seen.max(epoch);
+        tracing::info!("promoting to primary of epoch {epoch}: {reason}");
+        let client = self.client().await?;
+        let lsn: Option<String> = client
+            .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+            .await
+            .context("read the received WAL position")?
+            .get(0);
+        let promoted: bool =
+            client.query_one("SELECT pg_promote(true, 60)", &[]).await.context("promote PostgreSQL")?.get(0);
+        if !promoted {
+            bail!("pg_promote did not finish within 60s; see {}", self.server.log_path().display());
+        }
+        // The new timeline reaches the control file only at the next checkpoint;
+        // until then pg_rewind on a former primary would see "same timeline" and
+        // do nothing. So checkpoint now.
+        client.batch_execute("CHECKPOINT").await.context("checkpoint after promotion")?;
+        if let Some(r) = self.running.as_mut() {
+            r.start = StartAs::Primary;
+        }
+        self.fenced = false;
+        let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
+        let last = snap.optime.as_ref();
+        let entry = HistoryEntry {
+            epoch,
+            kind: PromotionKind::Failover,
+            from: last.map(|o| o.node.clone()),
+            to: me.clone(),
+            reason: reason.to_string(),
+            lsn,
+            lost_bytes_estimate: match (last, lsn) {
+                (Some(o), Some(l)) => Some(o.lsn.0.saturating_sub(l.0)),
+                _ => None,
+            },
+            started_at_ms: last.map(|o| o.at_ms).unwrap_or_else(crate::cluster::now_ms),
+            finished_at_ms: crate::cluster::now_ms(),
+        };
+        tracing::info!("promoted: primary of epoch {epoch}");
+        self.coord.put_history(&entry).await
+    }
+
+    /// Rewinds a server whose history diverged from the leader's, then follows it.
+    /// If pg_rewind cannot (WAL gone, say), the node is copied afresh instead.
+    async fn rejoin(&mut self, upstream: &str) -> Result<()> {
+        let (name, addr) = self.upstream(upstream)?;
+        self.set_starting(&format!("rewinding to follow {name}"));
+        self.stop().await;
+        self.server.clear_stale_lock()?;
+        let server = self.server.clone();
+        let user = self.config.postgres.replication_user.clone();
+        match tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? {
+            Ok(()) => {
+                self.fenced = false;
+                self.start(StartAs::Standby { upstream: Some((name, addr)) }).await
+            }
+            Err(e) => {
+                tracing::error!("failed to rewind ({e:#}); copying a fresh base backup from {name} instead");
+                self.empty_data_dir()
+            }
+        }
+    }
+
+    /// The leader writes its position every pass, so that survivors can measure
+    /// their lag against it once it is gone.
+    async fn record_optime(&mut self, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(local) = &self.last_local else { return Ok(()) };
+        let (Some(lsn), Some(leader)) = (local.write_lsn, snapshot.and_then(|s| s.leader.as_ref())) else {
+            return Ok(());
+        };
+        let optime = Optime {
+            node: self.server.node.clone(),
+            region: self.region.clone(),
+            epoch: leader.leader.epoch,
+            lsn,
+            timeline: local.timeline,
+            at_ms: crate::cluster::now_ms(),
+        };
+        self.coord.put_optime(&optime).await?;
+        Ok(())
+    }
+
+    /// A leader whose agent API and PostgreSQL port both refuse connections has
+    /// no agent, hence no PostgreSQL (parent-death signal): remove it now rather
+    /// than wait for its lease to expire. A partition drops packets instead,
+    /// which times out and leaves the lease to expire as usual.
+    async fn depose_dead_leader(&mut self, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(entry) = snapshot.and_then(|s| s.leader.as_ref()) else { return Ok(()) };
+        if entry.leader.node == self.server.node {
+            return Ok(());
+        }
+        let (_, node) = self.config.node(&entry.leader.node)?;
+        if !(refuses(node.api).await && refuses(node.address).await) {
+            return Ok(());
+        }
+        if self.coord.depose(entry).await? {
+            tracing::warn!(
+                "leader {} refuses connections on its agent API and PostgreSQL port: removed it",
+                entry.leader.node
+            );
+        }
+        Ok(())
+    }
+
     /// The primary keeps a physical slot for every other node, so a replica that
     /// falls behind (up to `max_slot_wal_keep_size`) can still catch up.
     async fn ensure_slots(&mut self) -> Result<()> {
@@ -430,6 +617,15 @@ impl Agent {
             tracing::warn!("failed to {e:#}");
         }
     }
+}
+
+/// A TCP connection attempt is actively refused (nothing listens there), as
+/// opposed to accepted, or dropped by a partition.
+async fn refuses(addr: std::net::SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 fn describe(start: &StartAs) -> String {

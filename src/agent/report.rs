@@ -36,8 +36,21 @@ impl Agent {
                 r.detail = Some(format!("PostgreSQL does not answer: {e:#}"));
                 r
             }
-            Some(Ok(local)) => self.report_from(&local, snapshot),
+            Some(Ok(local)) => {
+                let streaming = local.receiver_status.as_deref() == Some("streaming");
+                if streaming || !local.in_recovery {
+                    self.not_streaming_since = None;
+                } else if self.not_streaming_since.is_none() {
+                    self.not_streaming_since = Some(std::time::Instant::now());
+                }
+                let r = self.report_from(&local, snapshot);
+                self.last_local = Some(local);
+                r
+            }
         };
+        if report.role == Role::Stopped || report.role == Role::Starting {
+            self.last_local = None;
+        }
         self.latest.send_replace(Some(report));
     }
 

@@ -30,6 +30,11 @@ impl Keys {
     pub fn initialize(&self) -> String {
         format!("{}initialize", self.prefix)
     }
+    /// The leader's last WAL position, permanent: after the leader is gone, the
+    /// survivors measure their lag against it.
+    pub fn optime(&self) -> String {
+        format!("{}optime", self.prefix)
+    }
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
-use crate::cluster::{Epoch, Leader, MemberStatus};
+use crate::cluster::{Epoch, HistoryEntry, Leader, MemberStatus, Optime};
 use crate::config::Config;
 pub use keys::Keys;
 
@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub members: Vec<MemberStatus>,
     /// The node that initialized the cluster, once one has.
     pub initialized_by: Option<String>,
+    /// The last leader's last recorded position.
+    pub optime: Option<Optime>,
 }
 
 /// The `leader` key with the lease that keeps it alive.
@@ -123,6 +125,8 @@ impl Coord {
                 }
             } else if rel == "epoch" {
                 snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            } else if rel == "optime" {
+                snap.optime = serde_json::from_slice(value).ok();
             } else if rel == "initialize" {
                 snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned());
             } else if rel.starts_with("members/") {
@@ -213,6 +217,58 @@ impl Coord {
             .and_then([TxnOp::delete(self.keys.leader(), None)]);
         let resp = self.txn("release leader in etcd", txn).await?;
         Ok(resp.succeeded())
+    }
+
+    /// Records the leader's position, only while `leader` is still ours.
+    pub async fn put_optime(&self, optime: &Optime) -> Result<bool> {
+        let ours = serde_json::to_vec(&Leader { node: optime.node.clone(), epoch: optime.epoch })?;
+        let txn = Txn::new().when([Compare::value(self.keys.leader(), CompareOp::Equal, ours)]).and_then([TxnOp::put(
+            self.keys.optime(),
+            serde_json::to_vec(optime)?,
+            None,
+        )]);
+        Ok(self.txn("record the leader's position in etcd", txn).await?.succeeded())
+    }
+
+    /// Removes `leader` if it is still exactly `entry`, and revokes its lease
+    /// (which also removes that agent's report). For a leader known to be dead.
+    pub async fn depose(&self, entry: &LeaderEntry) -> Result<bool> {
+        let value = serde_json::to_vec(&entry.leader)?;
+        let txn = Txn::new()
+            .when([
+                Compare::value(self.keys.leader(), CompareOp::Equal, value),
+                Compare::lease(self.keys.leader(), CompareOp::Equal, entry.lease),
+            ])
+            .and_then([TxnOp::delete(self.keys.leader(), None)]);
+        let deposed = self.txn("remove a dead leader from etcd", txn).await?.succeeded();
+        if deposed {
+            // Best effort: the lease would expire by itself anyway.
+            let _ = self.revoke_lease(entry.lease).await;
+        }
+        Ok(deposed)
+    }
+
+    pub async fn put_history(&self, entry: &HistoryEntry) -> Result<()> {
+        let key = self.keys.history(entry.epoch);
+        let value = serde_json::to_vec(entry)?;
+        self.call("record history in etcd", |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.kv_client().put(key, value, None).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Every promotion, oldest first.
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        let prefix = self.keys.history_prefix();
+        let resp = self
+            .call("read history from etcd", |c| {
+                let prefix = prefix.clone();
+                async move { c.kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
     }
 
     /// Is etcd answering with a quorum right now?

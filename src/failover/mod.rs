@@ -4,8 +4,16 @@
 //! The safety rule comes first and overrides everything: a server running
 //! read-write without holding `leader` (with a lease this agent has renewed
 //! recently enough) is fenced, i.e. restarted as a standby.
+//!
+//! When nobody holds `leader`, every standby ranks the same candidates with
+//! `choose`: eligible are standbys with a fresh report, allowed by the
+//! within/cross-region mode and within the lag budget of the last primary
+//! position recorded in etcd (`optime`); the best has the most WAL, then the
+//! preferred region, then the first name. Only the best tries to take
+//! `leader`; etcd's transaction makes sure at most one succeeds per epoch.
 
-use crate::cluster::{Epoch, Leader};
+use crate::cluster::{Epoch, Leader, Lsn};
+use crate::config::{FailoverMode, LagBudget};
 
 /// The local server, as the agent last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,29 +28,72 @@ pub enum Local {
     Standby { upstream: Option<String> },
 }
 
-/// What etcd says, when it answers.
+/// A standby that could be promoted, from its agent's fresh report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub node: String,
+    pub region: String,
+    /// Its region's priority (lower is preferred).
+    pub priority: u32,
+    /// WAL received and flushed: a promotion replays all of it.
+    pub lsn: Lsn,
+    pub lag_seconds: Option<f64>,
+    /// When its agent wrote the report (ms since the epoch).
+    pub reported_at_ms: u64,
+}
+
+/// The last primary position recorded in etcd (the `optime` key).
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastPrimary {
+    pub node: String,
+    pub region: String,
+    pub lsn: Lsn,
+}
+
+/// The failover settings of the cluster file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub within_region: FailoverMode,
+    pub cross_region: FailoverMode,
+    pub max_lag: LagBudget,
+}
+
+/// What etcd says, when it answers.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Shared {
     pub leader: Option<Leader>,
     /// `leader` is held by this agent's current lease (not a previous incarnation's).
     pub leader_is_my_lease: bool,
     /// The leader's agent reports a healthy primary, so it can serve a base backup.
     pub leader_ready: bool,
+    /// The leader's timeline, from its report.
+    pub leader_timeline: Option<u32>,
     pub epoch: Epoch,
     pub initialized_by: Option<String>,
+    /// Standbys with fresh reports, this node included when it is one.
+    pub candidates: Vec<Candidate>,
+    pub last_primary: Option<LastPrimary>,
+    /// When this agent first saw no leader. Positions reported before then may
+    /// have grown since, so candidates are compared only on later reports.
+    pub leaderless_since_ms: Option<u64>,
 }
 
 /// Everything `decide` looks at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
     pub me: String,
     /// The node the cluster file says creates a new cluster.
     pub bootstrap_node: bool,
     pub local: Local,
+    /// The local server's timeline (from its control file when stopped).
+    pub local_timeline: Option<u32>,
+    /// A running standby has not streamed from its upstream for a while.
+    pub stalled: bool,
     /// None when etcd cannot be read (no quorum, partitioned, down).
     pub shared: Option<Shared>,
     /// This agent renewed its lease recently enough that etcd cannot have expired it.
     pub lease_fresh: bool,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +104,7 @@ pub enum Action {
     Bootstrap,
     /// Copy the leader's data directory, then start as its standby.
     Clone { from: String },
-    /// Nothing can be done until a leader appears; the reason is shown in status.
+    /// Nothing can be done now; the reason is shown in status.
     Wait { reason: String },
     /// Start (or keep) the server read-write: this node holds `leader`.
     StartPrimary,
@@ -61,6 +112,10 @@ pub enum Action {
     StartStandby { upstream: Option<String> },
     /// Point a running standby at a new upstream.
     Follow { upstream: String },
+    /// Take `leader` with the next epoch (unless already held) and promote.
+    Promote { reason: String },
+    /// This node's history diverged from the leader's: rewind it, then follow.
+    Rejoin { upstream: String },
     /// Restart a read-write server as a standby: it must not take writes.
     Fence { reason: String },
 }
@@ -91,7 +146,19 @@ pub fn decide(v: &NodeView) -> Action {
         };
     };
 
+    if holds_leader {
+        return match &v.local {
+            Local::Stopped => Action::StartPrimary,
+            Local::Standby { .. } => Action::Promote { reason: "this node holds leader".into() },
+            Local::Primary | Local::Empty => Action::Keep,
+        };
+    }
+
     let other_leader = s.leader.as_ref().filter(|l| l.node != v.me);
+    let behind_leader = match (v.local_timeline, s.leader_timeline) {
+        (Some(mine), Some(theirs)) => mine < theirs,
+        _ => false,
+    };
     match (&v.local, other_leader) {
         (Local::Empty, Some(l)) if s.leader_ready => Action::Clone { from: l.node.clone() },
         (Local::Empty, Some(l)) => {
@@ -106,15 +173,89 @@ pub fn decide(v: &NodeView) -> Action {
                 Action::Wait { reason: "no data yet and no leader to copy from".into() }
             }
         }
-        (Local::Stopped, _) if holds_leader => Action::StartPrimary,
+        // A timeline behind the leader's may have diverged (a former primary):
+        // pg_rewind finds out, and is quick when nothing diverged.
+        (Local::Stopped, Some(l)) if behind_leader => Action::Rejoin { upstream: l.node.clone() },
         (Local::Stopped, Some(l)) => Action::StartStandby { upstream: Some(l.node.clone()) },
         (Local::Stopped, None) => Action::StartStandby { upstream: None },
         (Local::Primary, _) => Action::Keep,
         (Local::Standby { upstream }, Some(l)) if upstream.as_deref() != Some(l.node.as_str()) => {
             Action::Follow { upstream: l.node.clone() }
         }
-        (Local::Standby { .. }, _) => Action::Keep,
+        (Local::Standby { .. }, Some(l)) if v.stalled && behind_leader => Action::Rejoin { upstream: l.node.clone() },
+        (Local::Standby { .. }, Some(_)) => Action::Keep,
+        (Local::Standby { .. }, None) if s.epoch == 0 => Action::Keep,
+        (Local::Standby { .. }, None)
+            if s.candidates.iter().any(|c| s.leaderless_since_ms.is_none_or(|t| c.reported_at_ms < t)) =>
+        {
+            Action::Wait { reason: "no leader; waiting for every standby to report its final position".into() }
+        }
+        (Local::Standby { .. }, None) => match choose(&s.candidates, s.last_primary.as_ref(), &v.policy) {
+            Ok(best) if best.node == v.me => {
+                let last = s.last_primary.as_ref().expect("choose needs the last primary");
+                Action::Promote {
+                    reason: format!(
+                        "leader {} is gone; this node has the most WAL of the eligible standbys ({} behind its last position)",
+                        last.node,
+                        crate::cluster::human_bytes(last.lsn.0.saturating_sub(best.lsn.0))
+                    ),
+                }
+            }
+            Ok(best) => Action::Wait { reason: format!("no leader; {} should take over", best.node) },
+            Err(reason) => Action::Wait { reason: format!("no leader, and no automatic failover: {reason}") },
+        },
     }
+}
+
+/// The standby to promote when the leader is gone, or why there is none.
+pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Policy) -> Result<Candidate, String> {
+    let Some(last) = last else {
+        return Err("no record of the last primary's position, so no lag can be judged".into());
+    };
+    let mut refusals = Vec::new();
+    let mut eligible: Vec<&Candidate> = Vec::new();
+    for c in candidates {
+        let same_region = c.region == last.region;
+        let mode = if same_region { policy.within_region } else { policy.cross_region };
+        if mode == FailoverMode::Manual {
+            let kind = if same_region { "within-region" } else { "cross-region" };
+            refusals.push(format!("{}: {kind} failover is manual", c.node));
+            continue;
+        }
+        if let Err(why) = within_budget(c, last, policy.max_lag) {
+            refusals.push(format!("{}: {why}", c.node));
+            continue;
+        }
+        eligible.push(c);
+    }
+    eligible.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.priority.cmp(&b.priority)).then(a.node.cmp(&b.node)));
+    match eligible.first() {
+        Some(best) => Ok((*best).clone()),
+        None if refusals.is_empty() => Err("no healthy standby reports".into()),
+        None => Err(refusals.join("; ")),
+    }
+}
+
+/// Whether promoting `c` loses no more than the budget, by the last recorded primary position.
+pub fn within_budget(c: &Candidate, last: &LastPrimary, budget: LagBudget) -> Result<(), String> {
+    match budget {
+        LagBudget::Bytes(max) => {
+            let behind = last.lsn.0.saturating_sub(c.lsn.0);
+            if behind > max {
+                return Err(format!(
+                    "{} behind, beyond the {} budget",
+                    crate::cluster::human_bytes(behind),
+                    crate::config::format_bytes(max)
+                ));
+            }
+        }
+        LagBudget::Time(max) => match c.lag_seconds {
+            Some(s) if s <= max.as_secs_f64() => {}
+            Some(s) => return Err(format!("{s:.1}s behind, beyond the {max:?} budget")),
+            None => return Err("lag unknown".into()),
+        },
+    }
+    Ok(())
 }
 
 #[cfg(test)]

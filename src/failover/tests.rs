@@ -1,22 +1,87 @@
 use super::*;
 use proptest::prelude::*;
+use std::time::Duration;
+
+const POLICY: Policy = Policy {
+    within_region: FailoverMode::Automatic,
+    cross_region: FailoverMode::Automatic,
+    max_lag: LagBudget::Bytes(1000),
+};
 
 fn leader(node: &str, epoch: Epoch) -> Option<Leader> {
     Some(Leader { node: node.into(), epoch })
 }
 
 fn shared(leader: Option<Leader>, mine: bool, epoch: Epoch) -> Option<Shared> {
-    Some(Shared { leader, leader_is_my_lease: mine, leader_ready: true, epoch, initialized_by: Some("a".into()) })
+    Some(Shared {
+        leader,
+        leader_is_my_lease: mine,
+        leader_ready: true,
+        leader_timeline: Some(1),
+        epoch,
+        initialized_by: Some("a".into()),
+        candidates: vec![],
+        last_primary: None,
+        leaderless_since_ms: None,
+    })
 }
 
 fn view(me: &str, local: Local, shared: Option<Shared>) -> NodeView {
-    NodeView { me: me.into(), bootstrap_node: me == "a", local, shared, lease_fresh: true }
+    NodeView {
+        me: me.into(),
+        bootstrap_node: me == "a",
+        local,
+        local_timeline: Some(1),
+        stalled: false,
+        shared,
+        lease_fresh: true,
+        policy: POLICY,
+    }
+}
+
+fn cand(node: &str, region: &str, priority: u32, lsn: u64) -> Candidate {
+    Candidate {
+        node: node.into(),
+        region: region.into(),
+        priority,
+        lsn: Lsn(lsn),
+        lag_seconds: Some(0.5),
+        reported_at_ms: 2000,
+    }
+}
+
+/// No leader; `a` (region r1) was primary at LSN 10_000.
+fn leaderless(candidates: Vec<Candidate>) -> Option<Shared> {
+    Some(Shared {
+        leader: None,
+        leader_is_my_lease: false,
+        leader_ready: false,
+        leader_timeline: None,
+        epoch: 1,
+        initialized_by: Some("a".into()),
+        candidates,
+        last_primary: Some(LastPrimary { node: "a".into(), region: "r1".into(), lsn: Lsn(10_000) }),
+        leaderless_since_ms: Some(1000),
+    })
+}
+
+fn standby() -> Local {
+    Local::Standby { upstream: Some("a".into()) }
+}
+
+fn is_promote(a: &Action) -> bool {
+    matches!(a, Action::Promote { .. })
 }
 
 #[test]
 fn decisions_table() {
-    let fresh_cluster =
-        Some(Shared { leader: None, leader_is_my_lease: false, leader_ready: false, epoch: 0, initialized_by: None });
+    let fresh_cluster = Some(Shared {
+        leader_ready: false,
+        leader_timeline: None,
+        epoch: 0,
+        initialized_by: None,
+        ..shared(None, false, 0).unwrap()
+    });
     let standby_of = |n: &str| Local::Standby { upstream: Some(n.into()) };
     let cases: Vec<(&str, NodeView, Action)> = vec![
         ("the bootstrap node creates a new cluster", view("a", Local::Empty, fresh_cluster.clone()), Action::Bootstrap),
@@ -27,17 +92,7 @@ fn decisions_table() {
         ),
         (
             "a node that claimed initialization retries after a crash",
-            view(
-                "a",
-                Local::Empty,
-                Some(Shared {
-                    leader: None,
-                    leader_is_my_lease: false,
-                    leader_ready: false,
-                    epoch: 1,
-                    initialized_by: Some("a".into()),
-                }),
-            ),
+            view("a", Local::Empty, shared(None, false, 1)),
             Action::Bootstrap,
         ),
         (
@@ -66,7 +121,40 @@ fn decisions_table() {
             Action::StartStandby { upstream: Some("a".into()) },
         ),
         (
-            "without a leader a node starts read-only",
+            "a stopped node on an older timeline rejoins by rewind",
+            NodeView {
+                local_timeline: Some(1),
+                ..view(
+                    "a",
+                    Local::Stopped,
+                    Some(Shared { leader_timeline: Some(2), ..shared(leader("b", 2), false, 2).unwrap() }),
+                )
+            },
+            Action::Rejoin { upstream: "b".into() },
+        ),
+        (
+            "a stalled standby on an older timeline rejoins by rewind",
+            NodeView {
+                stalled: true,
+                ..view(
+                    "a",
+                    standby_of("b"),
+                    Some(Shared { leader_timeline: Some(2), ..shared(leader("b", 2), false, 2).unwrap() }),
+                )
+            },
+            Action::Rejoin { upstream: "b".into() },
+        ),
+        (
+            "a streaming standby on an older timeline is left to switch by itself",
+            view(
+                "a",
+                standby_of("b"),
+                Some(Shared { leader_timeline: Some(2), ..shared(leader("b", 2), false, 2).unwrap() }),
+            ),
+            Action::Keep,
+        ),
+        (
+            "without a leader a stopped node starts read-only",
             view("b", Local::Stopped, shared(None, false, 1)),
             Action::StartStandby { upstream: None },
         ),
@@ -87,6 +175,11 @@ fn decisions_table() {
         ),
         ("a standby of the leader stays", view("b", standby_of("a"), shared(leader("a", 1), false, 1)), Action::Keep),
         ("the leader stays primary", view("a", Local::Primary, shared(leader("a", 1), true, 1)), Action::Keep),
+        (
+            "a standby that won leader promotes",
+            view("b", standby_of("a"), shared(leader("b", 2), true, 2)),
+            Action::Promote { reason: "this node holds leader".into() },
+        ),
         (
             "a primary that lost etcd fences",
             view("a", Local::Primary, None),
@@ -113,6 +206,83 @@ fn decisions_table() {
     }
 }
 
+#[test]
+fn failover_picks_the_most_advanced_then_the_preferred_region_then_the_name() {
+    let cases: Vec<(&str, Vec<Candidate>, &str)> = vec![
+        ("most WAL wins", vec![cand("b", "r1", 1, 9_500), cand("c", "r2", 2, 9_900)], "c"),
+        ("equal WAL: the preferred region", vec![cand("c", "r2", 2, 9_900), cand("b", "r1", 1, 9_900)], "b"),
+        ("equal WAL and region: the first name", vec![cand("c", "r1", 1, 9_900), cand("b", "r1", 1, 9_900)], "b"),
+        ("beyond the budget is never chosen", vec![cand("b", "r1", 1, 8_000), cand("c", "r2", 2, 9_100)], "c"),
+    ];
+    for (what, candidates, want) in cases {
+        let shared = leaderless(candidates.clone());
+        for c in &candidates {
+            let action = decide(&view(&c.node, standby(), shared.clone()));
+            assert_eq!(is_promote(&action), c.node == want, "{what}: {} decided {action:?}", c.node);
+        }
+    }
+}
+
+#[test]
+fn no_automatic_failover_says_why() {
+    let cases: Vec<(&str, Policy, Vec<Candidate>, &str)> = vec![
+        ("lag beyond the budget", POLICY, vec![cand("b", "r2", 2, 5_000)], "b: 4.9kB behind, beyond the 1000B budget"),
+        (
+            "cross-region manual",
+            Policy { cross_region: FailoverMode::Manual, ..POLICY },
+            vec![cand("b", "r2", 2, 10_000)],
+            "b: cross-region failover is manual",
+        ),
+        (
+            "within-region manual",
+            Policy { within_region: FailoverMode::Manual, ..POLICY },
+            vec![cand("b", "r1", 1, 10_000)],
+            "b: within-region failover is manual",
+        ),
+        (
+            "time budget, lag unknown",
+            Policy { max_lag: LagBudget::Time(Duration::from_secs(5)), ..POLICY },
+            vec![Candidate { lag_seconds: None, ..cand("b", "r2", 2, 10_000) }],
+            "b: lag unknown",
+        ),
+    ];
+    for (what, policy, candidates, want) in cases {
+        let v = NodeView { policy, ..view("b", standby(), leaderless(candidates)) };
+        match decide(&v) {
+            Action::Wait { reason } => assert!(reason.contains(want), "{what}: {reason}"),
+            other => panic!("{what}: expected to wait, got {other:?}"),
+        }
+    }
+    // Positions reported before the leader vanished may have grown since: wait for newer ones.
+    let mut early = leaderless(vec![cand("b", "r1", 1, 10_000)]).unwrap();
+    early.leaderless_since_ms = Some(5000);
+    match decide(&view("b", standby(), Some(early))) {
+        Action::Wait { reason } => assert!(reason.contains("final position"), "{reason}"),
+        other => panic!("promoted on a stale position: {other:?}"),
+    }
+    let mut no_record = leaderless(vec![cand("b", "r2", 2, 10_000)]).unwrap();
+    no_record.last_primary = None;
+    assert!(matches!(decide(&view("b", standby(), Some(no_record))), Action::Wait { .. }));
+}
+
+// ---- properties over random views ----
+
+fn arb_policy() -> impl Strategy<Value = Policy> {
+    let mode = prop_oneof![Just(FailoverMode::Automatic), Just(FailoverMode::Manual)];
+    (mode.clone(), mode, 0u64..3000).prop_map(|(w, c, b)| Policy {
+        within_region: w,
+        cross_region: c,
+        max_lag: LagBudget::Bytes(b),
+    })
+}
+
+fn arb_candidates() -> impl Strategy<Value = Vec<Candidate>> {
+    let one = (prop::sample::select(vec!["r1", "r2", "r3"]), 8_000u64..10_500, 1u32..4);
+    prop::collection::vec(one, 0..5).prop_map(|v| {
+        v.into_iter().enumerate().map(|(i, (region, lsn, prio))| cand(&format!("n{i}"), region, prio, lsn)).collect()
+    })
+}
+
 fn arb_view() -> impl Strategy<Value = NodeView> {
     let node = prop::sample::select(vec!["a", "b", "c"]);
     let local = prop_oneof![
@@ -129,18 +299,27 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 leader,
                 leader_is_my_lease: mine,
                 leader_ready: ready,
+                leader_timeline: Some(1),
                 epoch,
                 initialized_by: init.map(String::from),
+                candidates: vec![],
+                last_primary: None,
+                leaderless_since_ms: None,
             },
         ),
     );
-    (node, any::<bool>(), local, shared, any::<bool>()).prop_map(|(me, boot, local, shared, fresh)| NodeView {
-        me: me.into(),
-        bootstrap_node: boot,
-        local,
-        shared,
-        lease_fresh: fresh,
-    })
+    (node, any::<bool>(), local, shared, any::<bool>(), arb_policy()).prop_map(
+        |(me, boot, local, shared, fresh, policy)| NodeView {
+            me: me.into(),
+            bootstrap_node: boot,
+            local,
+            local_timeline: Some(1),
+            stalled: false,
+            shared,
+            lease_fresh: fresh,
+            policy,
+        },
+    )
 }
 
 fn holds_leader(v: &NodeView) -> bool {
@@ -172,6 +351,31 @@ proptest! {
             let s = v.shared.as_ref().unwrap();
             prop_assert_eq!(&v.local, &Local::Empty);
             prop_assert!(s.leader.is_none() && s.epoch <= 1);
+        }
+    }
+
+    /// Every node deciding from the same etcd state: at most one tries to promote
+    /// (so at most one leader per epoch), never beyond the budget or against a
+    /// manual mode, and it is the eligible one with the most WAL.
+    #[test]
+    fn at_most_one_promotion_and_only_the_best_eligible(candidates in arb_candidates(), policy in arb_policy()) {
+        let shared = leaderless(candidates.clone());
+        let last = shared.as_ref().unwrap().last_primary.clone().unwrap();
+        let promoters: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| is_promote(&decide(&NodeView { policy, ..view(&c.node, standby(), shared.clone()) })))
+            .collect();
+        prop_assert!(promoters.len() <= 1, "{} nodes promote", promoters.len());
+        let eligible: Vec<&Candidate> = candidates.iter().filter(|c| {
+            let mode = if c.region == last.region { policy.within_region } else { policy.cross_region };
+            mode == FailoverMode::Automatic && within_budget(c, &last, policy.max_lag).is_ok()
+        }).collect();
+        match promoters.first() {
+            Some(p) => {
+                prop_assert!(eligible.iter().any(|e| e.node == p.node), "{} was not eligible", p.node);
+                prop_assert!(eligible.iter().all(|e| e.lsn <= p.lsn), "{} is not the most advanced", p.node);
+            }
+            None => prop_assert!(eligible.is_empty(), "nobody promoted although {} were eligible", eligible.len()),
         }
     }
 }

@@ -61,6 +61,8 @@ pub fn render_hba(config: &Config) -> String {
     let _ = writeln!(s, "host    all          {SUPERUSER:<12} ::/0             reject");
     for net in cluster_networks(config) {
         let _ = writeln!(s, "host    replication  {:<12} {net:<16} scram-sha-256", p.replication_user);
+        // pg_rewind reads files through SQL functions over a normal connection.
+        let _ = writeln!(s, "host    postgres     {:<12} {net:<16} scram-sha-256", p.replication_user);
         let _ = writeln!(s, "host    postgres     {:<12} {net:<16} scram-sha-256", p.monitor_user);
     }
     for net in &p.client_networks {
@@ -173,6 +175,9 @@ impl Server {
 
 /// SQL that creates meridian's roles on a new cluster. Passwords go in as SCRAM
 /// verifiers computed here, so no plaintext password reaches the server's logs.
+/// The replication role also gets the four file functions pg_rewind needs; it
+/// can already read every byte of the cluster through a base backup, so this
+/// adds no access to data, and spares a superuser login over the network.
 pub fn roles_sql(config: &Config, secrets: &Secrets) -> String {
     let p = &config.postgres;
     let repl = postgres_protocol::password::scram_sha_256(secrets.replication_password.as_bytes());
@@ -181,6 +186,10 @@ pub fn roles_sql(config: &Config, secrets: &Secrets) -> String {
         "CREATE ROLE {repl_user} WITH LOGIN REPLICATION PASSWORD '{repl}';
 CREATE ROLE {mon_user} WITH LOGIN PASSWORD '{mon}';
 GRANT pg_monitor TO {mon_user};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {repl_user};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {repl_user};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {repl_user};
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {repl_user};
 CREATE SCHEMA meridian AUTHORIZATION {mon_user};
 CREATE TABLE meridian.verify (id bigint PRIMARY KEY, written_at timestamptz NOT NULL DEFAULT now(), written_by text NOT NULL);
 ALTER TABLE meridian.verify OWNER TO {mon_user};

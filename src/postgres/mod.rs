@@ -171,6 +171,32 @@ impl Server {
         run_logged(cmd, &format!("psql -f {}", path.display()), Duration::from_secs(300))
     }
 
+    /// The timeline of the last checkpoint in the control file (the server must be stopped to trust it).
+    pub fn control_timeline(&self) -> Result<u32> {
+        let mut cmd = self.command("pg_controldata");
+        cmd.arg("-D").arg(&self.data_dir);
+        let out = cmd.output().context("run pg_controldata")?;
+        if !out.status.success() {
+            bail!("pg_controldata failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Latest checkpoint's TimeLineID:").map(|v| v.trim().parse::<u32>()))
+            .context("pg_controldata printed no timeline")?
+            .context("parse the timeline pg_controldata printed")
+    }
+
+    /// Rewinds this (stopped) server to where its history diverged from `source`,
+    /// so it can follow it. pg_rewind finishes a crash recovery first if needed,
+    /// and reports "no rewind required" when nothing diverged.
+    pub fn rewind(&self, source: SocketAddr, replication_user: &str) -> Result<()> {
+        let conninfo =
+            format!("{} dbname=postgres", files::conninfo(source, replication_user, &self.passfile(), &self.node));
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("--target-pgdata").arg(&self.data_dir).arg("--source-server").arg(conninfo);
+        run_logged(cmd, "pg_rewind", Duration::from_secs(600))
+    }
+
     pub fn passfile(&self) -> PathBuf {
         self.run_dir.join("pgpass")
     }
@@ -300,7 +326,13 @@ fn run_logged(mut cmd: Command, what: &str, timeout: Duration) -> Result<()> {
         let stderr = String::from_utf8_lossy(&output.stderr);
         bail!("{what} failed ({}) after {:.1}s: {}", output.status, started.elapsed().as_secs_f64(), stderr.trim());
     }
-    tracing::info!("{what} done in {:.1}s", started.elapsed().as_secs_f64());
+    let said = String::from_utf8_lossy(&output.stderr);
+    let said = said.lines().last().unwrap_or("").trim();
+    tracing::info!(
+        "{what} done in {:.1}s{}",
+        started.elapsed().as_secs_f64(),
+        if said.is_empty() { String::new() } else { format!(": {said}") }
+    );
     Ok(())
 }
 

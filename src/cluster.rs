@@ -260,7 +260,14 @@ impl ClusterStatus {
         let reason = match (&primary, leader) {
             (Some(_), _) => None,
             (None, None) if epoch == 0 => Some("the cluster has not been bootstrapped yet".into()),
-            (None, None) => Some("no node holds the leader lease".into()),
+            (None, None) => {
+                // The standbys' agents say why none of them takes over (lag budget, manual mode).
+                let why = nodes.iter().filter_map(|n| n.detail.as_deref()).find(|d| d.starts_with("no leader"));
+                Some(match why.and_then(|d| d.split_once(", and ").map(|(_, w)| w).or(d_strip(why))) {
+                    Some(w) => format!("no node holds the leader lease; {w}"),
+                    None => "no node holds the leader lease".into(),
+                })
+            }
             (None, Some(l)) if l.epoch != epoch => {
                 Some(format!("leader {} holds stale epoch {} (current {epoch})", l.node, l.epoch))
             }
@@ -321,6 +328,11 @@ impl ClusterStatus {
         }
         out
     }
+}
+
+/// "no leader; X" -> "X".
+fn d_strip(detail: Option<&str>) -> Option<&str> {
+    detail.and_then(|d| d.strip_prefix("no leader; "))
 }
 
 fn opt<T: fmt::Display>(v: Option<T>) -> String {

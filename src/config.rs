@@ -78,7 +78,7 @@ pub enum FailoverMode {
     Manual,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverConfig {
     /// TTL of the leader lease. The primary renews every third of it and fences
     /// itself when it could not renew for most of it.

@@ -232,6 +232,7 @@ impl Agent {
                         region: region.name.clone(),
                         priority: region.priority.unwrap_or(u32::MAX),
                         lsn: m.write_lsn.or(m.replay_lsn)?,
+                        replay_lsn: m.replay_lsn?,
                         lag_seconds: m.lag_seconds,
                         reported_at_ms: m.updated_at_ms,
                     })
@@ -437,6 +438,8 @@ impl Agent {
         // until then pg_rewind on a former primary would see "same timeline" and
         // do nothing. So checkpoint now.
         client.batch_execute("CHECKPOINT").await.context("checkpoint after promotion")?;
+        // Slots before the first report as primary: followers repoint only then.
+        self.ensure_slots().await?;
         if let Some(r) = self.running.as_mut() {
             r.start = StartAs::Primary;
         }

@@ -123,3 +123,16 @@ fn a_stale_report_is_unknown_and_not_primary() {
     assert_eq!(stale.nodes[0].detail.as_deref(), Some("last report 5.5s ago (was primary)"));
     assert_eq!(stale.primary, None);
 }
+
+#[test]
+fn no_primary_quotes_why_no_standby_takes_over() {
+    let c = config();
+    let mut m = member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 1, 0);
+    m.updated_at_ms = 1000;
+    m.detail = Some("no leader, and no automatic failover: ap-northeast-1a: cross-region failover is manual".into());
+    let s = ClusterStatus::build(&c, None, 1, &[m], 1000);
+    assert_eq!(
+        s.reason.as_deref(),
+        Some("no node holds the leader lease; no automatic failover: ap-northeast-1a: cross-region failover is manual")
+    );
+}

@@ -2,7 +2,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::config::{FailoverConfig, FailoverMode, LagBudget};
 use crate::lab::topology::LabShape;
+
+fn parse_mode(s: &str) -> Result<FailoverMode, String> {
+    match s {
+        "automatic" => Ok(FailoverMode::Automatic),
+        "manual" => Ok(FailoverMode::Manual),
+        _ => Err(format!("{s:?} is neither automatic nor manual")),
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +40,18 @@ enum Sub {
         regions: Vec<String>,
         #[arg(long, default_value_t = 1)]
         nodes_per_region: usize,
+        /// failover.within_region in the lab's cluster file.
+        #[arg(long, default_value = "automatic", value_parser = parse_mode)]
+        within_region: FailoverMode,
+        /// failover.cross_region in the lab's cluster file.
+        #[arg(long, default_value = "automatic", value_parser = parse_mode)]
+        cross_region: FailoverMode,
+        /// failover.max_lag_on_failover: a size (16MB) or a duration (5s).
+        #[arg(long, default_value = "16MB")]
+        max_lag_on_failover: LagBudget,
+        /// failover.lease_ttl.
+        #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+        lease_ttl: std::time::Duration,
     },
     /// Stop every process of the lab by pid and remove its directory.
     Down {
@@ -55,8 +76,18 @@ enum Sub {
 
 pub async fn run(args: Args) -> Result<i32> {
     match args.command {
-        Sub::Up { dir, net, regions, nodes_per_region } => {
-            crate::lab::up(&dir.dir, &LabShape { net, regions, nodes_per_region }).await?
+        Sub::Up {
+            dir,
+            net,
+            regions,
+            nodes_per_region,
+            within_region,
+            cross_region,
+            max_lag_on_failover,
+            lease_ttl,
+        } => {
+            let failover = FailoverConfig { lease_ttl, within_region, cross_region, max_lag_on_failover };
+            crate::lab::up(&dir.dir, &LabShape { net, regions, nodes_per_region, failover }).await?
         }
         Sub::Down { dir } => crate::lab::down(&dir.dir).await?,
         Sub::Kill { target, dir } => crate::lab::kill(&dir.dir, &target).await?,

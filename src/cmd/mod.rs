@@ -3,6 +3,7 @@
 mod agent;
 mod config;
 mod gateway;
+mod history;
 mod lab;
 mod status;
 mod verify;
@@ -40,6 +41,8 @@ pub enum Command {
     Status(status::Args),
     /// Write a marker on the primary and time its arrival on every replica.
     Verify(verify::Args),
+    /// Every promotion: kind, from, to, epoch, reason, duration, estimated loss.
+    History(history::Args),
     /// Run the agent of one node (owns its PostgreSQL).
     Agent(agent::Args),
     /// Run the gateway of one region (API).
@@ -55,6 +58,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Config(a) => config::run(a).await,
         Command::Status(a) => status::run(&config, a).await,
         Command::Verify(a) => verify::run(&config, a).await,
+        Command::History(a) => history::run(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a).await,

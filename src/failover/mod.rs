@@ -35,8 +35,11 @@ pub struct Candidate {
     pub region: String,
     /// Its region's priority (lower is preferred).
     pub priority: u32,
-    /// WAL received and flushed: a promotion replays all of it.
+    /// WAL received and flushed: a promotion replays all of it (ranks candidates).
     pub lsn: Lsn,
+    /// WAL replayed. The budget is measured on it: what is received but not yet
+    /// replayed must be replayed before a new primary accepts writes.
+    pub replay_lsn: Lsn,
     pub lag_seconds: Option<f64>,
     /// When its agent wrote the report (ms since the epoch).
     pub reported_at_ms: u64,
@@ -154,7 +157,17 @@ pub fn decide(v: &NodeView) -> Action {
         };
     }
 
+    // Follow, rewind against or start as a standby of a leader only once it reports
+    // a healthy primary: before that it may still be promoting and not yet keep
+    // slots for its followers.
     let other_leader = s.leader.as_ref().filter(|l| l.node != v.me);
+    if let (Some(l), false) = (other_leader, s.leader_ready) {
+        return match v.local {
+            Local::Empty => Action::Wait { reason: format!("waiting for leader {} to be ready to copy from", l.node) },
+            Local::Stopped => Action::StartStandby { upstream: None },
+            _ => Action::Wait { reason: format!("waiting for leader {} to be ready", l.node) },
+        };
+    }
     let behind_leader = match (v.local_timeline, s.leader_timeline) {
         (Some(mine), Some(theirs)) => mine < theirs,
         _ => false,
@@ -240,10 +253,10 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
 pub fn within_budget(c: &Candidate, last: &LastPrimary, budget: LagBudget) -> Result<(), String> {
     match budget {
         LagBudget::Bytes(max) => {
-            let behind = last.lsn.0.saturating_sub(c.lsn.0);
+            let behind = last.lsn.0.saturating_sub(c.replay_lsn.0);
             if behind > max {
                 return Err(format!(
-                    "{} behind, beyond the {} budget",
+                    "replay {} behind, beyond the {} budget",
                     crate::cluster::human_bytes(behind),
                     crate::config::format_bytes(max)
                 ));

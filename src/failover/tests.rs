@@ -45,6 +45,7 @@ fn cand(node: &str, region: &str, priority: u32, lsn: u64) -> Candidate {
         region: region.into(),
         priority,
         lsn: Lsn(lsn),
+        replay_lsn: Lsn(lsn),
         lag_seconds: Some(0.5),
         reported_at_ms: 2000,
     }
@@ -226,7 +227,12 @@ fn failover_picks_the_most_advanced_then_the_preferred_region_then_the_name() {
 #[test]
 fn no_automatic_failover_says_why() {
     let cases: Vec<(&str, Policy, Vec<Candidate>, &str)> = vec![
-        ("lag beyond the budget", POLICY, vec![cand("b", "r2", 2, 5_000)], "b: 4.9kB behind, beyond the 1000B budget"),
+        (
+            "lag beyond the budget",
+            POLICY,
+            vec![cand("b", "r2", 2, 5_000)],
+            "b: replay 4.9kB behind, beyond the 1000B budget",
+        ),
         (
             "cross-region manual",
             Policy { cross_region: FailoverMode::Manual, ..POLICY },

@@ -21,6 +21,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/cluster", get(cluster))
         .route("/v1/verify", post(verify))
+        .route("/v1/history", get(history))
         .route("/metrics", get(metrics))
         .with_state(gateway)
 }
@@ -54,6 +55,10 @@ async fn healthz(State(g): State<Gateway>) -> Response {
 
 async fn cluster(State(g): State<Gateway>) -> Result<Json<ClusterStatus>, ApiError> {
     g.status().await.map(Json).map_err(unavailable)
+}
+
+async fn history(State(g): State<Gateway>) -> Result<Json<Vec<crate::cluster::HistoryEntry>>, ApiError> {
+    g.coord.history().await.map(Json).map_err(unavailable)
 }
 
 #[derive(Deserialize)]

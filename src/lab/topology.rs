@@ -20,11 +20,18 @@ pub struct LabShape {
     /// Database regions, the first one preferred for the primary.
     pub regions: Vec<String>,
     pub nodes_per_region: usize,
+    /// Failover settings written into the lab's cluster file.
+    pub failover: FailoverConfig,
 }
 
 impl Default for LabShape {
     fn default() -> Self {
-        LabShape { net: 0, regions: vec!["ap-south-1".into(), "ap-northeast-1".into()], nodes_per_region: 1 }
+        LabShape {
+            net: 0,
+            regions: vec!["ap-south-1".into(), "ap-northeast-1".into()],
+            nodes_per_region: 1,
+            failover: FailoverConfig::default(),
+        }
     }
 }
 
@@ -126,7 +133,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         cluster: "lab".into(),
         etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(net, ri)).collect() },
         dns: DnsConfig { zone: "lab.meridian.internal.".into(), ..DnsConfig::default() },
-        failover: FailoverConfig::default(),
+        failover: shape.failover.clone(),
         postgres: PostgresConfig {
             secrets_file: Some(PathBuf::from("secrets.toml")),
             bootstrap_sql: Some(PathBuf::from("bootstrap.sql")),
@@ -159,7 +166,12 @@ mod tests {
 
     #[test]
     fn net_and_node_count_shape_the_addresses() {
-        let shape = LabShape { net: 42, regions: vec!["eu".into(), "us".into(), "ap".into()], nodes_per_region: 2 };
+        let shape = LabShape {
+            net: 42,
+            regions: vec!["eu".into(), "us".into(), "ap".into()],
+            nodes_per_region: 2,
+            ..LabShape::default()
+        };
         let c = lab_config(&shape, Path::new("/tmp/lab"));
         assert_eq!(c.validate(), vec![]);
         assert_eq!(c.regions.len(), 3, "three database regions need no witness");

@@ -131,6 +131,36 @@ pub struct Optime {
     pub at_ms: u64,
 }
 
+/// A planned switchover in progress, at `switchover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRequest {
+    pub from: String,
+    pub to: String,
+    pub requested_by: String,
+    pub requested_at_ms: u64,
+    /// The old primary gives up (and stays primary) if the target has not caught up by then.
+    pub deadline_ms: u64,
+    /// Set by the old primary once it stopped cleanly: its shutdown checkpoint.
+    pub final_lsn: Option<Lsn>,
+    /// Set by the old primary when it gave up; agents ignore an aborted request.
+    pub aborted: Option<String>,
+}
+
+/// The DR switch, at `dr`: the region an operator declared active, and the node
+/// to promote there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrSwitch {
+    pub active_region: String,
+    pub target: String,
+    pub allow_data_loss: bool,
+    pub set_by: String,
+    pub at_ms: u64,
+    /// WAL the target lacked of the last primary position when the switch was set.
+    pub lost_bytes_estimate: u64,
+    /// The epoch in which the target was promoted, once done.
+    pub done_epoch: Option<Epoch>,
+}
+
 /// How a node became primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Epoch, HistoryEntry, Lsn, MemberStatus, Optime, PromotionKind, Role};
+use crate::cluster::{Epoch, HistoryEntry, Lsn, MemberStatus, Optime, PromotionKind, Role, SwitchoverRequest};
 use crate::config::{Config, Secrets};
 use crate::coord::{Coord, Snapshot};
 use crate::failover::{self, Action, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
@@ -199,6 +199,10 @@ impl Agent {
         }
         self.act(action, snapshot.as_ref()).await?;
         self.report(snapshot.as_ref()).await;
+        // Right after observing, so the recorded position is as fresh as the report.
+        if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
+            self.record_optime(snapshot.as_ref()).await?;
+        }
         Ok(())
     }
 
@@ -250,6 +254,8 @@ impl Agent {
                 candidates,
                 last_primary,
                 leaderless_since_ms: self.leaderless_since_ms,
+                switchover: s.switchover.clone().filter(|sw| sw.aborted.is_none()),
+                dr: s.dr.clone().filter(|d| d.done_epoch.is_none()),
             }
         });
         let f = &self.config.failover;
@@ -272,14 +278,13 @@ impl Agent {
     async fn act(&mut self, action: Action, snapshot: Option<&Snapshot>) -> Result<()> {
         match action {
             Action::Keep => match &self.running {
-                Some(Running { start: StartAs::Primary, .. }) => {
-                    self.ensure_slots().await?;
-                    self.record_optime(snapshot).await
-                }
+                Some(Running { start: StartAs::Primary, .. }) => self.ensure_slots().await,
                 Some(Running { start: StartAs::Standby { .. }, .. }) => self.depose_dead_leader(snapshot).await,
                 None => Ok(()),
             },
-            Action::Promote { reason } => self.promote(&reason, snapshot).await,
+            Action::Promote { kind, reason } => self.promote(kind, &reason, snapshot).await,
+            Action::HandOver { to } => self.hand_over(&to, snapshot).await,
+            Action::StepDown { reason } => self.step_down(&reason, snapshot).await,
             Action::Rejoin { upstream } => self.rejoin(&upstream).await,
             Action::Wait { reason } => {
                 self.detail = Some(reason);
@@ -410,7 +415,7 @@ impl Agent {
 
     /// Takes `leader` with the next epoch (unless this node already holds it),
     /// promotes, and records the promotion in `history/<epoch>`.
-    async fn promote(&mut self, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+    async fn promote(&mut self, kind: PromotionKind, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
         let Some(snap) = snapshot else { return Ok(()) };
         let me = self.server.node.clone();
         let held = snap.leader.as_ref().filter(|l| l.leader.node == me && l.lease == self.lease.id());
@@ -446,22 +451,99 @@ impl Agent {
         self.fenced = false;
         let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
         let last = snap.optime.as_ref();
+        let lost = match (last, lsn) {
+            (Some(o), Some(l)) => Some(o.lsn.0.saturating_sub(l.0)),
+            _ => None,
+        };
+        // When it began: the request for operator actions, the old primary's last sign for a failover.
+        let (started_at_ms, lost) = match kind {
+            PromotionKind::Switchover => (snap.switchover.as_ref().map(|r| r.requested_at_ms), Some(0)),
+            PromotionKind::Dr => (snap.dr.as_ref().map(|d| d.at_ms), lost),
+            PromotionKind::Failover => (last.map(|o| o.at_ms), lost),
+        };
         let entry = HistoryEntry {
             epoch,
-            kind: PromotionKind::Failover,
+            kind,
             from: last.map(|o| o.node.clone()),
             to: me.clone(),
             reason: reason.to_string(),
             lsn,
-            lost_bytes_estimate: match (last, lsn) {
-                (Some(o), Some(l)) => Some(o.lsn.0.saturating_sub(l.0)),
-                _ => None,
-            },
-            started_at_ms: last.map(|o| o.at_ms).unwrap_or_else(crate::cluster::now_ms),
+            lost_bytes_estimate: lost,
+            started_at_ms: started_at_ms.unwrap_or_else(crate::cluster::now_ms),
             finished_at_ms: crate::cluster::now_ms(),
         };
-        tracing::info!("promoted: primary of epoch {epoch}");
-        self.coord.put_history(&entry).await
+        tracing::info!("promoted: primary of epoch {epoch} ({kind})");
+        self.coord.put_history(&entry).await?;
+        // The request is carried out: clear it so it cannot act again.
+        match kind {
+            PromotionKind::Switchover => {
+                if let Some(sw) = &snap.switchover {
+                    self.coord.update_switchover(sw, None).await?;
+                }
+            }
+            PromotionKind::Dr => {
+                if let Some(dr) = &snap.dr {
+                    self.coord.complete_dr(dr, epoch).await?;
+                }
+            }
+            PromotionKind::Failover => {}
+        }
+        Ok(())
+    }
+
+    /// Planned switchover on the old primary: stop cleanly (the shutdown
+    /// checkpoint streams to the standbys), record that checkpoint, wait until
+    /// the target has replayed it, and only then release `leader`. If the target
+    /// does not catch up by the deadline, start again as primary (this node never
+    /// gave up `leader`) and mark the request aborted.
+    async fn hand_over(&mut self, to: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(sw) = snapshot.and_then(|s| s.switchover.clone()) else { return Ok(()) };
+        let Some(leader) = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.clone()) else { return Ok(()) };
+        tracing::info!("switchover to {to}: stopping cleanly");
+        self.set_starting(&format!("handing over to {to}"));
+        self.stop().await;
+        let final_lsn = self.server.control_checkpoint()?;
+        let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
+        if !self.coord.update_switchover(&sw, Some(&recorded)).await? {
+            tracing::warn!("the switchover request changed under us; staying primary");
+            return self.start(StartAs::Primary).await;
+        }
+        let deadline = std::time::UNIX_EPOCH + Duration::from_millis(sw.deadline_ms);
+        loop {
+            let replayed = self
+                .coord
+                .snapshot()
+                .await
+                .ok()
+                .and_then(|s| s.members.into_iter().find(|m| m.node == to))
+                .and_then(|m| m.replay_lsn);
+            if replayed.is_some_and(|r| r >= final_lsn) {
+                break;
+            }
+            if std::time::SystemTime::now() >= deadline {
+                let why = format!("{to} had not replayed the old primary's final checkpoint {final_lsn} by the deadline (replayed {replayed:?})");
+                tracing::warn!("switchover aborted: {why}; starting again as primary");
+                self.start(StartAs::Primary).await?;
+                let aborted = SwitchoverRequest { aborted: Some(why), ..recorded.clone() };
+                self.coord.update_switchover(&recorded, Some(&aborted)).await?;
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.coord.release_leader(&self.server.node, leader.epoch).await?;
+        tracing::info!("switchover: {to} has replayed up to {final_lsn}; released leader");
+        Ok(())
+    }
+
+    /// A DR switch names another node: stop, release `leader`, and wait as a standby.
+    async fn step_down(&mut self, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+        tracing::warn!("stepping down: {reason}");
+        self.fenced = true;
+        self.stop().await;
+        if let Some(l) = snapshot.and_then(|s| s.leader.as_ref()) {
+            self.coord.release_leader(&self.server.node, l.leader.epoch).await?;
+        }
+        self.start(StartAs::Standby { upstream: None }).await
     }
 
     /// Rewinds a server whose history diverged from the leader's, then follows it.

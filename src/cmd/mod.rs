@@ -5,6 +5,7 @@ mod config;
 mod gateway;
 mod history;
 mod lab;
+mod operations;
 mod status;
 mod verify;
 
@@ -41,6 +42,10 @@ pub enum Command {
     Status(status::Args),
     /// Write a marker on the primary and time its arrival on every replica.
     Verify(verify::Args),
+    /// Planned switchover to a replica, with zero data loss.
+    Switchover(operations::SwitchoverArgs),
+    /// Declare a disaster: make a region active and promote its best node.
+    Failover(operations::FailoverArgs),
     /// Every promotion: kind, from, to, epoch, reason, duration, estimated loss.
     History(history::Args),
     /// Run the agent of one node (owns its PostgreSQL).
@@ -59,6 +64,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Status(a) => status::run(&config, a).await,
         Command::Verify(a) => verify::run(&config, a).await,
         Command::History(a) => history::run(&config, a).await,
+        Command::Switchover(a) => operations::switchover(&config, a).await,
+        Command::Failover(a) => operations::failover(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a).await,

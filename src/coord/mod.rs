@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
-use crate::cluster::{Epoch, HistoryEntry, Leader, MemberStatus, Optime};
+use crate::cluster::{DrSwitch, Epoch, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
 use crate::config::Config;
 pub use keys::Keys;
 
@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub initialized_by: Option<String>,
     /// The last leader's last recorded position.
     pub optime: Option<Optime>,
+    pub switchover: Option<SwitchoverRequest>,
+    pub dr: Option<DrSwitch>,
 }
 
 /// The `leader` key with the lease that keeps it alive.
@@ -125,6 +127,10 @@ impl Coord {
                 }
             } else if rel == "epoch" {
                 snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            } else if rel == "switchover" {
+                snap.switchover = serde_json::from_slice(value).ok();
+            } else if rel == "dr" {
+                snap.dr = serde_json::from_slice(value).ok();
             } else if rel == "optime" {
                 snap.optime = serde_json::from_slice(value).ok();
             } else if rel == "initialize" {
@@ -246,6 +252,53 @@ impl Coord {
             let _ = self.revoke_lease(entry.lease).await;
         }
         Ok(deposed)
+    }
+
+    /// Creates the `switchover` request unless one is pending (an aborted one may be replaced).
+    pub async fn request_switchover(
+        &self,
+        req: &SwitchoverRequest,
+        replace_aborted: Option<&SwitchoverRequest>,
+    ) -> Result<bool> {
+        let key = self.keys.switchover();
+        let cmp = match replace_aborted {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(old) => Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(old)?),
+        };
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, serde_json::to_vec(req)?, None)]);
+        Ok(self.txn("request a switchover in etcd", txn).await?.succeeded())
+    }
+
+    /// Replaces `old` with `new` (None: deletes it), only if it is still `old`.
+    pub async fn update_switchover(&self, old: &SwitchoverRequest, new: Option<&SwitchoverRequest>) -> Result<bool> {
+        let key = self.keys.switchover();
+        let op = match new {
+            Some(n) => TxnOp::put(key.clone(), serde_json::to_vec(n)?, None),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let txn = Txn::new().when([Compare::value(key, CompareOp::Equal, serde_json::to_vec(old)?)]).and_then([op]);
+        Ok(self.txn("update the switchover request in etcd", txn).await?.succeeded())
+    }
+
+    /// Sets the DR switch (replacing what it said before).
+    pub async fn put_dr(&self, dr: &DrSwitch) -> Result<()> {
+        let (key, value) = (self.keys.dr(), serde_json::to_vec(dr)?);
+        self.call("set the DR switch in etcd", |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.kv_client().put(key, value, None).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the DR switch done, only if it is still `old`.
+    pub async fn complete_dr(&self, old: &DrSwitch, epoch: Epoch) -> Result<bool> {
+        let key = self.keys.dr();
+        let done = DrSwitch { done_epoch: Some(epoch), ..old.clone() };
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(old)?)])
+            .and_then([TxnOp::put(key, serde_json::to_vec(&done)?, None)]);
+        Ok(self.txn("complete the DR switch in etcd", txn).await?.succeeded())
     }
 
     pub async fn put_history(&self, entry: &HistoryEntry) -> Result<()> {

@@ -12,7 +12,7 @@
 //! preferred region, then the first name. Only the best tries to take
 //! `leader`; etcd's transaction makes sure at most one succeeds per epoch.
 
-use crate::cluster::{Epoch, Leader, Lsn};
+use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, SwitchoverRequest};
 use crate::config::{FailoverMode, LagBudget};
 
 /// The local server, as the agent last saw it.
@@ -79,6 +79,10 @@ pub struct Shared {
     /// When this agent first saw no leader. Positions reported before then may
     /// have grown since, so candidates are compared only on later reports.
     pub leaderless_since_ms: Option<u64>,
+    /// A planned switchover in progress (aborted ones are left out).
+    pub switchover: Option<SwitchoverRequest>,
+    /// A DR switch not carried out yet.
+    pub dr: Option<DrSwitch>,
 }
 
 /// Everything `decide` looks at.
@@ -116,7 +120,12 @@ pub enum Action {
     /// Point a running standby at a new upstream.
     Follow { upstream: String },
     /// Take `leader` with the next epoch (unless already held) and promote.
-    Promote { reason: String },
+    Promote { kind: PromotionKind, reason: String },
+    /// Planned switchover, on the old primary: stop cleanly, wait until the
+    /// target replayed the shutdown checkpoint, then release `leader`.
+    HandOver { to: String },
+    /// Declared disaster elsewhere: stop, release `leader`, wait as a standby.
+    StepDown { reason: String },
     /// This node's history diverged from the leader's: rewind it, then follow.
     Rejoin { upstream: String },
     /// Restart a read-write server as a standby: it must not take writes.
@@ -150,11 +159,47 @@ pub fn decide(v: &NodeView) -> Action {
     };
 
     if holds_leader {
+        if let Some(dr) = s.dr.as_ref().filter(|d| d.target != v.me) {
+            return Action::StepDown {
+                reason: format!("the DR switch names {} in {} as the primary", dr.target, dr.active_region),
+            };
+        }
+        if let (Some(sw), Local::Primary) = (&s.switchover, &v.local) {
+            if sw.from == v.me && sw.to != v.me && sw.final_lsn.is_none() {
+                return Action::HandOver { to: sw.to.clone() };
+            }
+        }
         return match &v.local {
             Local::Stopped => Action::StartPrimary,
-            Local::Standby { .. } => Action::Promote { reason: "this node holds leader".into() },
+            Local::Standby { .. } => {
+                Action::Promote { kind: PromotionKind::Failover, reason: "this node holds leader".into() }
+            }
             Local::Primary | Local::Empty => Action::Keep,
         };
+    }
+
+    // Operator requests decide who takes an empty leader seat.
+    if s.leader.is_none() && matches!(v.local, Local::Standby { .. }) {
+        if let Some(sw) = s.switchover.as_ref().filter(|sw| sw.final_lsn.is_some()) {
+            return if sw.to == v.me {
+                Action::Promote {
+                    kind: PromotionKind::Switchover,
+                    reason: format!("planned switchover from {}", sw.from),
+                }
+            } else {
+                Action::Wait { reason: format!("switchover from {} to {} in progress", sw.from, sw.to) }
+            };
+        }
+        if let Some(dr) = &s.dr {
+            return if dr.target == v.me {
+                Action::Promote {
+                    kind: PromotionKind::Dr,
+                    reason: format!("{} declared {} the active region", dr.set_by, dr.active_region),
+                }
+            } else {
+                Action::Wait { reason: format!("DR failover to {} in progress", dr.target) }
+            };
+        }
     }
 
     // Follow, rewind against or start as a standby of a leader only once it reports
@@ -207,6 +252,7 @@ pub fn decide(v: &NodeView) -> Action {
             Ok(best) if best.node == v.me => {
                 let last = s.last_primary.as_ref().expect("choose needs the last primary");
                 Action::Promote {
+                    kind: PromotionKind::Failover,
                     reason: format!(
                         "leader {} is gone; this node has the most WAL of the eligible standbys ({} behind its last position)",
                         last.node,

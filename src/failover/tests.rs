@@ -1,4 +1,5 @@
 use super::*;
+use crate::cluster::{DrSwitch, PromotionKind, SwitchoverRequest};
 use proptest::prelude::*;
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ fn shared(leader: Option<Leader>, mine: bool, epoch: Epoch) -> Option<Shared> {
         candidates: vec![],
         last_primary: None,
         leaderless_since_ms: None,
+        switchover: None,
+        dr: None,
     })
 }
 
@@ -63,6 +66,8 @@ fn leaderless(candidates: Vec<Candidate>) -> Option<Shared> {
         candidates,
         last_primary: Some(LastPrimary { node: "a".into(), region: "r1".into(), lsn: Lsn(10_000) }),
         leaderless_since_ms: Some(1000),
+        switchover: None,
+        dr: None,
     })
 }
 
@@ -179,7 +184,7 @@ fn decisions_table() {
         (
             "a standby that won leader promotes",
             view("b", standby_of("a"), shared(leader("b", 2), true, 2)),
-            Action::Promote { reason: "this node holds leader".into() },
+            Action::Promote { kind: PromotionKind::Failover, reason: "this node holds leader".into() },
         ),
         (
             "a primary that lost etcd fences",
@@ -311,6 +316,8 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 candidates: vec![],
                 last_primary: None,
                 leaderless_since_ms: None,
+                switchover: None,
+                dr: None,
             },
         ),
     );
@@ -384,4 +391,66 @@ proptest! {
             None => prop_assert!(eligible.is_empty(), "nobody promoted although {} were eligible", eligible.len()),
         }
     }
+}
+
+fn switchover(final_lsn: Option<u64>) -> SwitchoverRequest {
+    SwitchoverRequest {
+        from: "a".into(),
+        to: "b".into(),
+        requested_by: "test".into(),
+        requested_at_ms: 0,
+        deadline_ms: 10_000,
+        final_lsn: final_lsn.map(Lsn),
+        aborted: None,
+    }
+}
+
+fn dr_to(target: &str) -> DrSwitch {
+    DrSwitch {
+        active_region: "r2".into(),
+        target: target.into(),
+        allow_data_loss: false,
+        set_by: "operator".into(),
+        at_ms: 0,
+        lost_bytes_estimate: 0,
+        done_epoch: None,
+    }
+}
+
+#[test]
+fn switchover_and_dr_requests() {
+    let with = |sw: Option<SwitchoverRequest>, dr: Option<DrSwitch>, leader_: Option<Leader>, mine: bool| {
+        let mut s = leaderless(vec![cand("b", "r2", 2, 10_000), cand("c", "r1", 1, 10_000)]).unwrap();
+        s.leader = leader_;
+        s.leader_is_my_lease = mine;
+        s.leader_ready = true;
+        s.switchover = sw;
+        s.dr = dr;
+        Some(s)
+    };
+    let promote = |kind| move |a: &Action| matches!(a, Action::Promote { kind: k, .. } if *k == kind);
+    // The old primary hands over; nobody else acts while it does.
+    assert_eq!(
+        decide(&view("a", Local::Primary, with(Some(switchover(None)), None, leader("a", 1), true))),
+        Action::HandOver { to: "b".into() }
+    );
+    // Once it stopped and released leader, only the target promotes, even if another has as much WAL and a better region.
+    let after = with(Some(switchover(Some(9_000))), None, None, false);
+    assert!(promote(PromotionKind::Switchover)(&decide(&view("b", standby(), after.clone()))));
+    assert!(matches!(decide(&view("c", standby(), after)), Action::Wait { .. }));
+    // A DR switch: the old primary steps down, then only the target promotes, whatever the modes.
+    assert!(matches!(
+        decide(&view("a", Local::Primary, with(None, Some(dr_to("b")), leader("a", 1), true))),
+        Action::StepDown { .. }
+    ));
+    let manual = Policy { cross_region: FailoverMode::Manual, within_region: FailoverMode::Manual, ..POLICY };
+    let gone = with(None, Some(dr_to("b")), None, false);
+    assert!(promote(PromotionKind::Dr)(&decide(&NodeView { policy: manual, ..view("b", standby(), gone.clone()) })));
+    assert!(matches!(decide(&view("c", standby(), gone)), Action::Wait { .. }));
+    // The safety rule still comes first: a primary without a fresh lease fences, request or not.
+    let stale = NodeView {
+        lease_fresh: false,
+        ..view("a", Local::Primary, with(Some(switchover(None)), None, leader("a", 1), true))
+    };
+    assert!(matches!(decide(&stale), Action::Fence { .. }));
 }

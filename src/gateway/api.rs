@@ -22,6 +22,8 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/verify", post(verify))
         .route("/v1/history", get(history))
+        .route("/v1/switchover", post(switchover))
+        .route("/v1/failover", post(failover))
         .route("/metrics", get(metrics))
         .with_state(gateway)
 }
@@ -42,6 +44,53 @@ impl IntoResponse for ApiError {
 
 fn unavailable(e: anyhow::Error) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+}
+
+/// A refusal is the operator's to read (409); anything else is an outage (503).
+fn refused_or_unavailable(e: anyhow::Error) -> ApiError {
+    match e.downcast_ref::<super::operations::Refused>() {
+        Some(r) => ApiError(StatusCode::CONFLICT, r.0.clone()),
+        None => unavailable(e),
+    }
+}
+
+fn timeout(ms: u64) -> Result<Duration, ApiError> {
+    if ms == 0 || ms > 3_600_000 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "timeout must be between 1ms and 1h".into()));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+#[derive(Deserialize)]
+struct SwitchoverRequest {
+    to: String,
+    timeout_ms: u64,
+}
+
+async fn switchover(
+    State(g): State<Gateway>,
+    Json(req): Json<SwitchoverRequest>,
+) -> Result<Json<super::operations::OperationReport>, ApiError> {
+    let t = timeout(req.timeout_ms)?;
+    super::operations::switchover(&g, &req.to, t).await.map(Json).map_err(refused_or_unavailable)
+}
+
+#[derive(Deserialize)]
+struct FailoverRequest {
+    region: String,
+    allow_data_loss: bool,
+    timeout_ms: u64,
+}
+
+async fn failover(
+    State(g): State<Gateway>,
+    Json(req): Json<FailoverRequest>,
+) -> Result<Json<super::operations::OperationReport>, ApiError> {
+    let t = timeout(req.timeout_ms)?;
+    super::operations::failover_to_region(&g, &req.region, req.allow_data_loss, t)
+        .await
+        .map(Json)
+        .map_err(refused_or_unavailable)
 }
 
 /// Healthy when this gateway can read etcd with a quorum.

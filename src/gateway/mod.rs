@@ -3,6 +3,7 @@
 //! loss of a region. Health checks, DNS and the SQL proxy come with issue 4.
 
 pub mod api;
+pub mod operations;
 pub mod verify;
 
 use anyhow::{Context, Result};

@@ -171,8 +171,8 @@ impl Server {
         run_logged(cmd, &format!("psql -f {}", path.display()), Duration::from_secs(300))
     }
 
-    /// The timeline of the last checkpoint in the control file (the server must be stopped to trust it).
-    pub fn control_timeline(&self) -> Result<u32> {
+    /// One field of `pg_controldata` (the server must be stopped to trust it).
+    fn control_field(&self, field: &str) -> Result<String> {
         let mut cmd = self.command("pg_controldata");
         cmd.arg("-D").arg(&self.data_dir);
         let out = cmd.output().context("run pg_controldata")?;
@@ -181,9 +181,20 @@ impl Server {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
-            .find_map(|l| l.strip_prefix("Latest checkpoint's TimeLineID:").map(|v| v.trim().parse::<u32>()))
-            .context("pg_controldata printed no timeline")?
+            .find_map(|l| l.strip_prefix(field).and_then(|v| v.strip_prefix(':')).map(|v| v.trim().to_string()))
+            .with_context(|| format!("pg_controldata printed no {field:?}"))
+    }
+
+    /// The timeline of the last checkpoint in the control file.
+    pub fn control_timeline(&self) -> Result<u32> {
+        self.control_field("Latest checkpoint's TimeLineID")?
+            .parse()
             .context("parse the timeline pg_controldata printed")
+    }
+
+    /// The last checkpoint's location: after a clean stop, the shutdown checkpoint.
+    pub fn control_checkpoint(&self) -> Result<crate::cluster::Lsn> {
+        self.control_field("Latest checkpoint location")?.parse().map_err(anyhow::Error::msg)
     }
 
     /// Rewinds this (stopped) server to where its history diverged from `source`,

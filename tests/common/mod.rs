@@ -70,6 +70,16 @@ impl TestLab {
         self.json(&["status"])
     }
 
+    /// Status for polling loops: right after a fault etcd may be electing a
+    /// leader and the API answers 503 for a moment, which is not a failure.
+    pub fn try_status(&self) -> Result<Value, String> {
+        let out = self.meridian(&["status", "--json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
     /// The address `host:port` of a node's PostgreSQL.
     pub fn node_addr(&self, node: &str) -> (String, u16) {
         let config: toml::Value = toml::from_str(&std::fs::read_to_string(self.config()).unwrap()).unwrap();
@@ -87,6 +97,35 @@ impl TestLab {
     /// Runs SQL with the real psql as the lab's `app` role; returns its output or the error.
     pub fn try_psql(&self, node: &str, sql: &str) -> Result<String, String> {
         self.try_psql_as(node, "app", "app", &self.path().join("pgpass"), sql)
+    }
+
+    /// Runs SQL as the superuser over the node's unix socket (peer authentication,
+    /// the way the agent connects), for things only a superuser may do.
+    pub fn psql_superuser(&self, node: &str, sql: &str) -> String {
+        let (_, port) = self.node_addr(node);
+        let socket_dir = self.path().join("nodes").join(node).join("run");
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .arg("-h")
+            .arg(&socket_dir)
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql as superuser on {node}: {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Runs SQL as meridian's monitoring role (pg_monitor), with its password from the lab's secrets.
@@ -250,6 +289,7 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "terminating walreceiver process due to administrator command",
         "could not receive data from WAL stream",
         "could not connect to the primary server",
+        "could not send end-of-streaming message to primary",
     ];
     line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
 }

@@ -46,6 +46,9 @@ pub fn start(spec: &ProcSpec) -> Result<u32> {
             cmd.env(key, v);
         }
     }
+    if let Some(dir) = &spec.cgroup {
+        std::fs::create_dir_all(dir).with_context(|| format!("create cgroup {}", dir.display()))?;
+    }
     let procs = spec.cgroup.as_ref().map(|dir| {
         let mut p = dir.join("cgroup.procs").into_os_string();
         p.push("\0");

@@ -233,8 +233,25 @@ fn failover_refused_for_lag_beyond_the_budget_and_taken_with_allow_data_loss() {
     lab.wait_rows("ap-northeast-1a", "big", 0, Duration::from_secs(10));
     // Build replay lag on the standby: about 40MB of WAL it receives but does not replay.
     lab.psql_superuser("ap-northeast-1a", "SELECT pg_wal_replay_pause()");
+    // The call only requests a pause; replay stops at its next check.
+    wait_until("replay to be paused", Duration::from_secs(10), || {
+        match lab.psql_superuser("ap-northeast-1a", "SELECT pg_get_wal_replay_pause_state()").as_str() {
+            "paused" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    });
     lab.psql("ap-south-1a", "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 150000) g");
-    wait_until("the standby to be more than 16MB behind", Duration::from_secs(20), || {
+    // Received (so nothing acknowledged is lost with the primary), but not replayed.
+    let written = lab.psql_superuser("ap-south-1a", "SELECT pg_current_wal_lsn()");
+    wait_until("the standby to receive all the WAL", Duration::from_secs(30), || {
+        let got = lab.psql_superuser("ap-northeast-1a", &format!("SELECT pg_last_wal_receive_lsn() >= '{written}'"));
+        if got == "t" {
+            Ok(())
+        } else {
+            Err(format!("received < {written}"))
+        }
+    });
+    wait_until("the standby to report more than 16MB of replay lag", Duration::from_secs(20), || {
         let s = lab.try_status()?;
         let lag = node(&s, "ap-northeast-1a")["lag_bytes"].as_u64().unwrap_or(0);
         if lag > 16 << 20 {
@@ -286,5 +303,47 @@ fn failover_refused_for_lag_beyond_the_budget_and_taken_with_allow_data_loss() {
     let h = last_history(&lab);
     assert_eq!(h["kind"], "dr");
     assert!(h["lost_bytes_estimate"].is_u64(), "{h}");
+    lab.finish();
+}
+
+#[test]
+fn region_partition() {
+    let mut lab = TestLab::up(77, &[]);
+    lab.expect_error("cannot execute INSERT in a read-only transaction");
+    lab.psql("ap-south-1a", "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 100)");
+    lab.wait_rows("ap-northeast-1a", "orders", 100, Duration::from_secs(10));
+    let out = lab.run_lab(&["partition", "ap-south-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Watched from outside the partition (this process is in no region's group):
+    // never two writable nodes; the isolated primary fences, the majority promotes.
+    let writable = |n: &str| lab.try_psql(n, "SELECT NOT pg_is_in_recovery()").is_ok_and(|r| r == "t");
+    let started = Instant::now();
+    let (mut old_fenced, mut new_writable) = (None, None);
+    while started.elapsed() < Duration::from_secs(30) && (old_fenced.is_none() || new_writable.is_none()) {
+        let (old, new) = (writable("ap-south-1a"), writable("ap-northeast-1a"));
+        assert!(!(old && new), "split brain: both nodes writable {:?} after the partition", started.elapsed());
+        if !old && old_fenced.is_none() {
+            old_fenced = Some(started.elapsed());
+        }
+        if new && new_writable.is_none() {
+            new_writable = Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (old_fenced, new_writable) =
+        (old_fenced.expect("the old primary fenced"), new_writable.expect("a new primary"));
+    assert!(old_fenced < new_writable, "fenced at {old_fenced:?}, new primary at {new_writable:?}");
+    eprintln!("partition: old primary read-only after {old_fenced:?}, new primary writable after {new_writable:?}");
+    let refused = lab.try_psql("ap-south-1a", "INSERT INTO orders VALUES (0)").unwrap_err();
+    assert!(refused.contains("read-only"), "the isolated node takes no writes: {refused}");
+    lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(101, 200)");
+
+    let out = lab.run_lab(&["heal"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_role(&lab, "ap-south-1a", "replica", Duration::from_secs(40));
+    lab.wait_rows("ap-south-1a", "orders", 200, Duration::from_secs(10));
+    let s = lab.status();
+    assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-northeast-1a"), Some(2)), "{s}");
     lab.finish();
 }

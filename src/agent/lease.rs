@@ -58,23 +58,34 @@ impl LeaseKeeper {
     }
 
     async fn renew_loop(self, coord: Coord, shutdown: CancellationToken) {
-        let period = self.ttl / 3;
+        // Renew four times per TTL; after a failure, retry quickly: one lost
+        // renewal (an etcd election, say) must not let the lease go stale.
+        let period = self.ttl / 4;
+        let retry = Duration::from_millis(250);
+        let mut wait = period;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(period.min(Duration::from_secs(2))) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let lease = self.id();
             let sent = Instant::now();
+            wait = retry;
             match tokio::time::timeout(period, coord.renew_lease(lease)).await {
-                Ok(Ok(ttl)) if ttl > 0 => self.state.lock().unwrap().renewed_at = sent,
+                Ok(Ok(ttl)) if ttl > 0 => {
+                    self.state.lock().unwrap().renewed_at = sent;
+                    wait = period;
+                }
                 Ok(Ok(_)) => {
                     // Expired on etcd's side: everything under it is gone. Start over
                     // with a new lease; a leadership held under the old one is lost.
                     tracing::warn!("etcd lease {lease:x} expired; granting a new one");
                     let sent = Instant::now();
                     match coord.grant_lease(self.ttl).await {
-                        Ok(id) => *self.state.lock().unwrap() = State { lease: id, renewed_at: sent },
+                        Ok(id) => {
+                            *self.state.lock().unwrap() = State { lease: id, renewed_at: sent };
+                            wait = period;
+                        }
                         Err(e) => tracing::warn!("failed to {e:#}"),
                     }
                 }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod lease;
 mod report;
+pub mod watchdog;
 
 use std::collections::VecDeque;
 use std::process::Child;
@@ -72,6 +73,8 @@ struct Agent {
     not_streaming_since: Option<Instant>,
     /// When this agent first saw no leader (ms since the epoch); None while there is one.
     leaderless_since_ms: Option<u64>,
+    /// Stops a read-write server the moment its lease goes stale.
+    watchdog: watchdog::Watchdog,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -107,7 +110,6 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         server,
         coord,
         spawner: Spawner::start(),
-        lease,
         running: None,
         crashes: VecDeque::new(),
         fenced: false,
@@ -117,6 +119,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         last_local: None,
         not_streaming_since: None,
         leaderless_since_ms: None,
+        watchdog: watchdog::Watchdog::start(lease.clone(), shutdown.clone()),
+        lease,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -386,6 +390,9 @@ impl Agent {
         let client =
             self.server.wait_ready(|| matches!(running.child.try_wait(), Ok(None)), Duration::from_secs(120)).await?;
         running.client = Some(client);
+        if start == StartAs::Primary {
+            self.watchdog.guard(pid);
+        }
         tracing::info!("PostgreSQL running as {} (pid {pid})", describe(&start));
         self.detail = None;
         Ok(())
@@ -447,6 +454,7 @@ impl Agent {
         self.ensure_slots().await?;
         if let Some(r) = self.running.as_mut() {
             r.start = StartAs::Primary;
+            self.watchdog.guard(r.child.id());
         }
         self.fenced = false;
         let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
@@ -650,8 +658,14 @@ impl Agent {
     fn reap(&mut self) {
         let Some(r) = self.running.as_mut() else { return };
         match r.child.try_wait() {
+            Ok(Some(status)) if self.watchdog.take_fired() => {
+                tracing::info!("PostgreSQL stopped by the fencing watchdog ({status})");
+                self.running = None;
+                self.fenced = true;
+            }
             Ok(Some(status)) => {
                 tracing::error!("PostgreSQL exited unexpectedly ({status}); see {}", self.server.log_path().display());
+                self.watchdog.release();
                 self.running = None;
                 let now = Instant::now();
                 self.crashes.push_back(now);
@@ -670,6 +684,7 @@ impl Agent {
 
     /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.
     async fn stop(&mut self) {
+        self.watchdog.release();
         let Some(mut r) = self.running.take() else { return };
         let pid = r.child.id() as i32;
         for (signal, wait) in [(libc::SIGINT, 30), (libc::SIGQUIT, 5), (libc::SIGKILL, 5)] {

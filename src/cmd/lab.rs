@@ -65,6 +65,17 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Cut a region off from every other region (root: cgroup v2 + nftables).
+    Partition {
+        region: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Remove every partition.
+    Heal {
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Start again what of a node or region is not running, and wait until it is back.
     Start {
         /// A node or region name.
@@ -92,6 +103,8 @@ pub async fn run(args: Args) -> Result<i32> {
         Sub::Down { dir } => crate::lab::down(&dir.dir).await?,
         Sub::Kill { target, dir } => crate::lab::kill(&dir.dir, &target).await?,
         Sub::Start { target, dir } => crate::lab::start(&dir.dir, &target).await?,
+        Sub::Partition { region, dir } => crate::lab::partition(&dir.dir, &region).await?,
+        Sub::Heal { dir } => crate::lab::heal(&dir.dir).await?,
     }
     Ok(0)
 }

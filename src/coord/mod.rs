@@ -155,9 +155,16 @@ impl Coord {
     pub async fn renew_lease(&self, lease: LeaseId) -> Result<i64> {
         let resp = self
             .call("renew etcd lease", |c| async move {
-                let (mut keeper, mut stream) = c.lease_client().keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                stream.message().await
+                let renewed = async {
+                    let (mut keeper, mut stream) = c.lease_client().keep_alive(lease).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                match renewed.await {
+                    // An expired lease is reported as an error by some paths and as TTL 0 by others.
+                    Err(e) if e.to_string().contains("lease not found") => Ok(None),
+                    other => other,
+                }
             })
             .await?;
         Ok(resp.map(|r| r.ttl()).unwrap_or(0))

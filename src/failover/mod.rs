@@ -250,7 +250,7 @@ pub fn decide(v: &NodeView) -> Action {
         }
         (Local::Standby { .. }, None) => match choose(&s.candidates, s.last_primary.as_ref(), &v.policy) {
             Ok(best) if best.node == v.me => {
-                let last = s.last_primary.as_ref().expect("choose needs the last primary");
+                let last = &furthest(s.last_primary.as_ref().expect("choose needs the last primary"), &s.candidates);
                 Action::Promote {
                     kind: PromotionKind::Failover,
                     reason: format!(
@@ -271,6 +271,7 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
     let Some(last) = last else {
         return Err("no record of the last primary's position, so no lag can be judged".into());
     };
+    let last = &furthest(last, candidates);
     let mut refusals = Vec::new();
     let mut eligible: Vec<&Candidate> = Vec::new();
     for c in candidates {
@@ -293,6 +294,15 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
         None if refusals.is_empty() => Err("no healthy standby reports".into()),
         None => Err(refusals.join("; ")),
     }
+}
+
+/// The furthest position the old primary is known to have reached: its last
+/// recorded position (written once a second), or what a standby received
+/// after that, whichever is further. Judging the budget against the recorded
+/// position alone would understate the lag right after a burst of writes.
+pub fn furthest(last: &LastPrimary, candidates: &[Candidate]) -> LastPrimary {
+    let received = candidates.iter().map(|c| c.lsn).max().unwrap_or_default();
+    LastPrimary { lsn: last.lsn.max(received), ..last.clone() }
 }
 
 /// Whether promoting `c` loses no more than the budget, by the last recorded primary position.

@@ -276,6 +276,20 @@ fn no_automatic_failover_says_why() {
     assert!(matches!(decide(&view("b", standby(), Some(no_record))), Action::Wait { .. }));
 }
 
+#[test]
+fn the_budget_counts_wal_a_standby_received_beyond_the_recorded_position() {
+    // The leader recorded 10_000, but a standby has received up to 50_000 since:
+    // the other standby, replayed to 10_000, is 40_000 behind, not 0.
+    let mut ahead = cand("b", "r2", 2, 50_000);
+    ahead.replay_lsn = Lsn(1_000); // received much, replayed little: beyond the budget itself
+    let c = cand("c", "r2", 2, 10_000);
+    let v = view("c", standby(), leaderless(vec![ahead, c]));
+    match decide(&v) {
+        Action::Wait { reason } => assert!(reason.contains("c: replay 39.1kB behind"), "{reason}"),
+        other => panic!("promoted beyond the budget: {other:?}"),
+    }
+}
+
 // ---- properties over random views ----
 
 fn arb_policy() -> impl Strategy<Value = Policy> {
@@ -381,7 +395,7 @@ proptest! {
         prop_assert!(promoters.len() <= 1, "{} nodes promote", promoters.len());
         let eligible: Vec<&Candidate> = candidates.iter().filter(|c| {
             let mode = if c.region == last.region { policy.within_region } else { policy.cross_region };
-            mode == FailoverMode::Automatic && within_budget(c, &last, policy.max_lag).is_ok()
+            mode == FailoverMode::Automatic && within_budget(c, &furthest(&last, &candidates), policy.max_lag).is_ok()
         }).collect();
         match promoters.first() {
             Some(p) => {

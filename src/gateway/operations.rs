@@ -232,6 +232,14 @@ pub async fn failover_to_region(
         .and_then(|m| m.write_lsn)
         .or(s.optime.as_ref().map(|o| o.lsn));
     let received = best.write_lsn.or(best.replay_lsn).unwrap_or_default();
+    // A standby may have received more than the primary last recorded.
+    let furthest_received = s
+        .members
+        .iter()
+        .filter(|m| fresh(m) && matches!(m.role, Role::Replica | Role::Fenced))
+        .filter_map(|m| m.write_lsn)
+        .max();
+    let reference = reference.max(furthest_received);
     let lost = reference.map(|r| r.0.saturating_sub(received.0)).unwrap_or(0);
     // The same budget rule as automatic failover (on replayed WAL); the loss
     // estimate is on received WAL, which the promotion replays.

@@ -18,6 +18,7 @@
 //! D/pids/<process>.pid
 //! ```
 
+pub mod partition;
 pub mod topology;
 
 use std::collections::BTreeSet;
@@ -75,10 +76,28 @@ impl Lab {
         self.dir.join("meridian.toml")
     }
 
+    /// The lab's `--net`: the second octet of its addresses.
+    pub fn net(&self) -> u8 {
+        self.config
+            .regions
+            .first()
+            .map(|r| r.gateway.api.ip())
+            .and_then(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(v4.octets()[1]),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    fn region_names(&self) -> Vec<String> {
+        self.config.regions.iter().map(|r| r.name.clone()).collect()
+    }
+
     /// Every process of the lab, in start order: etcd, agents, gateways.
     pub fn processes(&self) -> Vec<(Member, ProcSpec)> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("meridian"));
         let config = self.config_path().display().to_string();
+        let groups = partition::Groups::detect(self.net());
         let spec = |name: String, program: PathBuf, args: Vec<OsString>, identity: String| ProcSpec {
             log: self.dir.join("logs").join(format!("{name}.log")),
             pid_file: self.dir.join("pids").join(format!("{name}.pid")),
@@ -88,6 +107,7 @@ impl Lab {
             identity,
             cgroup: None,
         };
+
         let mut out = Vec::new();
         let etcd_regions: Vec<(&str, &str)> =
             self.config.regions.iter().filter_map(|r| r.etcd.as_deref().map(|u| (r.name.as_str(), u))).collect();
@@ -114,6 +134,8 @@ impl Lab {
                 &format!("meridian-{}", self.dir.display()),
                 "--initial-cluster-state",
                 "new",
+                // A member that rejoins after a partition must not depose a healthy leader.
+                "--pre-vote",
                 "--logger",
                 "zap",
                 "--log-outputs",
@@ -141,6 +163,10 @@ impl Lab {
                 Member::Gateway { region: region.name.clone() },
                 spec(format!("gateway-{}", region.name), exe.clone(), args, identity),
             ));
+        }
+        // Each region's processes in the region's group, so partitions can tell them apart.
+        for (member, spec) in &mut out {
+            spec.cgroup = groups.as_ref().map(|g| g.region_dir(member.region()));
         }
         out
     }
@@ -461,6 +487,12 @@ async fn stop_processes(lab: &Lab) {
     if !stuck.is_empty() {
         tracing::error!("etcd pids {stuck:?} are still alive after SIGKILL");
     }
+    if let Some(groups) = partition::Groups::detect(lab.net()) {
+        if let Err(e) = groups.heal() {
+            tracing::error!("failed to remove the lab's partition rules: {e:#}");
+        }
+        groups.remove(&lab.region_names());
+    }
 }
 
 /// `lab down`: stops everything and removes the lab directory. Safe to repeat.
@@ -599,4 +631,51 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// `lab partition REGION`: cut a region off from every other region.
+pub async fn partition(dir: &Path, region: &str) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    let regions = lab.region_names();
+    let Some(ri) = regions.iter().position(|r| r == region) else {
+        bail!("no region named {region:?} in the lab (regions: {})", regions.join(", "));
+    };
+    let Some(groups) = partition::Groups::detect(lab.net()) else {
+        bail!("lab partition needs root and cgroup v2 (it places each region in its own cgroup and drops its traffic with nftables); nothing was changed");
+    };
+    let outside: Vec<String> = lab
+        .running()
+        .into_iter()
+        .filter(|(m, _, pid)| m.region() == region && !in_group(*pid, &groups.region_dir(region)))
+        .map(|(_, s, _)| s.name)
+        .collect();
+    if !outside.is_empty() {
+        bail!(
+            "{} started outside the region's cgroup (the lab was started without root?); restart the lab as root",
+            outside.join(", ")
+        );
+    }
+    groups.partition(&regions, ri)?;
+    println!(
+        "partitioned {region}: its processes cannot reach other regions, nor they it (`meridian lab heal` to undo)"
+    );
+    Ok(())
+}
+
+/// `lab heal`: remove every partition.
+pub async fn heal(dir: &Path) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    match partition::Groups::detect(lab.net()) {
+        Some(groups) if groups.has_rules() => {
+            groups.heal()?;
+            println!("healed: every region reaches every other again");
+        }
+        _ => println!("no partition to heal"),
+    }
+    Ok(())
+}
+
+/// Whether `pid` runs in the cgroup `dir`.
+fn in_group(pid: u32, dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()))
 }

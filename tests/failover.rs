@@ -341,9 +341,44 @@ fn region_partition() {
 
     let out = lab.run_lab(&["heal"]);
     assert!(out.status.success(), "{}", text(&out));
+    let tables = std::process::Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("meridian_lab_77"), "heal left rules behind");
     wait_for_role(&lab, "ap-south-1a", "replica", Duration::from_secs(40));
     lab.wait_rows("ap-south-1a", "orders", 200, Duration::from_secs(10));
     let s = lab.status();
     assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-northeast-1a"), Some(2)), "{s}");
+    lab.finish();
+}
+
+#[test]
+fn switchover_that_cannot_complete_leaves_the_old_primary_as_it_was() {
+    let lab = TestLab::up(78, &[]);
+    lab.psql("ap-south-1a", "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 100)");
+    lab.wait_rows("ap-northeast-1a", "orders", 100, Duration::from_secs(10));
+    // The target cannot replay the old primary's final checkpoint while replay is paused.
+    lab.psql_superuser("ap-northeast-1a", "SELECT pg_wal_replay_pause()");
+    wait_until("replay to be paused", Duration::from_secs(10), || {
+        match lab.psql_superuser("ap-northeast-1a", "SELECT pg_get_wal_replay_pause_state()").as_str() {
+            "paused" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    });
+    let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a", "--timeout", "3s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("switchover aborted; ap-south-1a stays primary"), "{stderr}");
+    wait_until("the old primary to take writes again", Duration::from_secs(20), || {
+        lab.try_psql("ap-south-1a", "INSERT INTO orders VALUES (101)").map(|_| ())
+    });
+    let s = lab.status();
+    assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-south-1a"), Some(1)), "{s}");
+    assert_eq!(lab.json(&["history"]), serde_json::json!([]));
+    lab.psql_superuser("ap-northeast-1a", "SELECT pg_wal_replay_resume()");
+    lab.wait_rows("ap-northeast-1a", "orders", 101, Duration::from_secs(20));
+    // A new switchover may replace the aborted one, and now it completes.
+    wait_for_role(&lab, "ap-northeast-1a", "replica", Duration::from_secs(20));
+    let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(lab.status()["primary"], "ap-northeast-1a");
     lab.finish();
 }

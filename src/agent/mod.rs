@@ -525,7 +525,9 @@ impl Agent {
                 .ok()
                 .and_then(|s| s.members.into_iter().find(|m| m.node == to))
                 .and_then(|m| m.replay_lsn);
-            if replayed.is_some_and(|r| r >= final_lsn) {
+            // final_lsn is where the checkpoint record starts; replay has passed it
+            // only when the end of the last replayed record lies beyond.
+            if replayed.is_some_and(|r| r > final_lsn) {
                 break;
             }
             if std::time::SystemTime::now() >= deadline {

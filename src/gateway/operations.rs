@@ -13,6 +13,9 @@ use crate::cluster::{human_bytes, now_ms, DrSwitch, Epoch, MemberStatus, Role, S
 use crate::coord::Snapshot;
 use crate::failover;
 
+/// How long past an agent's deadline the gateway keeps watching for its outcome.
+const OBSERVE_GRACE: Duration = Duration::from_secs(10);
+
 /// A refusal the operator should read (HTTP 409), as opposed to an outage (503).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -110,7 +113,9 @@ pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<Oper
         other => other.clone(),
     };
     let mut clock = Clock::new();
-    let deadline = Instant::now() + timeout;
+    // The old primary gives up at the request's deadline; watch a little longer
+    // so that its decision, not our own timeout, is what gets reported.
+    let deadline = Instant::now() + timeout + OBSERVE_GRACE;
     let request = SwitchoverRequest {
         from: leader.node.clone(),
         to: to.to_string(),

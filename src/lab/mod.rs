@@ -273,7 +273,8 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
     for (_, spec) in &agents {
         process::start(spec)?;
     }
-    wait_for(&coord, Duration::from_secs(60), "a primary", |s| {
+    let agent_specs: Vec<&ProcSpec> = agents.iter().map(|(_, s)| s).collect();
+    wait_for(&coord, Duration::from_secs(60), "a primary", &agent_specs, |s| {
         let leader = s.leader.as_ref()?;
         s.members.iter().any(|m| m.node == leader.leader.node && m.role == Role::Primary && m.healthy).then_some(())
     })
@@ -281,7 +282,7 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
 
     progress.step("copying base backups; waiting for every replica to stream");
     let nodes = lab.config.node_names();
-    wait_for(&coord, Duration::from_secs(90), "every node to be healthy", |s| {
+    wait_for(&coord, Duration::from_secs(90), "every node to be healthy", &agent_specs, |s| {
         nodes.iter().all(|n| s.members.iter().any(|m| &m.node == n && m.healthy)).then_some(())
     })
     .await?;
@@ -316,16 +317,33 @@ pub async fn wait_for_etcd(config: &Config, timeout: Duration) -> Result<Coord> 
     bail!("etcd did not reach a quorum within {timeout:?}: {last}")
 }
 
-/// Polls the cluster state until `ready` returns Some, or fails naming what it awaited.
+/// Fails, quoting its log, if one of `started` is no longer running: waiting
+/// on would only end in a timeout that hides the cause.
+fn check_alive(started: &[&ProcSpec]) -> Result<()> {
+    for spec in started {
+        if process::running_pid(&spec.pid_file, &spec.identity).is_none() {
+            let log = std::fs::read_to_string(&spec.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(5)..].join("\n    ");
+            bail!("{} exited; the end of {}:\n    {tail}", spec.name, spec.log.display());
+        }
+    }
+    Ok(())
+}
+
+/// Polls the cluster state until `ready` returns Some, or fails naming what it
+/// awaited; fails at once if one of `started` dies meanwhile.
 pub async fn wait_for<T>(
     coord: &Coord,
     timeout: Duration,
     what: &str,
+    started: &[&ProcSpec],
     ready: impl Fn(&crate::coord::Snapshot) -> Option<T>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     while Instant::now() < deadline {
+        check_alive(started)?;
         if let Ok(s) = coord.snapshot().await {
             if let Some(v) = ready(&s) {
                 return Ok(v);
@@ -583,11 +601,13 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
     let chosen = lab.select(target)?;
     let mut progress = Progress::new();
     let mut started = Vec::new();
+    let mut started_specs: Vec<&ProcSpec> = Vec::new();
     for (member, spec) in &chosen {
         if process::running_pid(&spec.pid_file, &spec.identity).is_none() {
             progress.step(format!("starting {}", spec.name));
             process::start(spec)?;
             started.push(member.clone());
+            started_specs.push(spec);
         }
     }
     if started.is_empty() {
@@ -604,7 +624,7 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
             match member {
                 Member::Etcd { .. } => {}
                 Member::Agent { node, .. } => {
-                    wait_for(&coord, Duration::from_secs(90), &format!("{node} to be healthy"), |s| {
+                    wait_for(&coord, Duration::from_secs(90), &format!("{node} to be healthy"), &started_specs, |s| {
                         s.members
                             .iter()
                             .any(|m| &m.node == node && m.healthy && m.updated_at_ms >= since_ms)

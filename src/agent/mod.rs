@@ -38,6 +38,8 @@ const FAST_TICK: Duration = Duration::from_millis(200);
 /// A server that crashes more often than this within `CRASH_WINDOW` is left stopped.
 const MAX_CRASHES: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(300);
+/// How often the primary checks that etcd's leader is outside its region.
+const ETCD_LEADER_CHECK: Duration = Duration::from_secs(5);
 /// A standby not streaming for this long, on a timeline behind the leader's, is rewound.
 const STALL_AFTER: Duration = Duration::from_secs(5);
 
@@ -75,6 +77,8 @@ struct Agent {
     leaderless_since_ms: Option<u64>,
     /// Stops a read-write server the moment its lease goes stale.
     watchdog: watchdog::Watchdog,
+    /// When the primary last checked where etcd's leader is.
+    etcd_leader_checked: Option<Instant>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -119,6 +123,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         last_local: None,
         not_streaming_since: None,
         leaderless_since_ms: None,
+        etcd_leader_checked: None,
         watchdog: watchdog::Watchdog::start(lease.clone(), shutdown.clone()),
         lease,
     };
@@ -206,6 +211,7 @@ impl Agent {
         // Right after observing, so the recorded position is as fresh as the report.
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
             self.record_optime(snapshot.as_ref()).await?;
+            self.place_etcd_leader().await;
         }
         Ok(())
     }
@@ -574,6 +580,26 @@ impl Agent {
                 tracing::error!("failed to rewind ({e:#}); copying a fresh base backup from {name} instead");
                 self.empty_data_dir()
             }
+        }
+    }
+
+    /// Every few seconds, the primary makes sure etcd's leader is not in its own
+    /// region (see `Coord::keep_etcd_leader_away`). Best effort: a failure only
+    /// makes a region loss slower to recover from, never unsafe.
+    async fn place_etcd_leader(&mut self) {
+        if self.etcd_leader_checked.is_some_and(|t| t.elapsed() < ETCD_LEADER_CHECK) {
+            return;
+        }
+        self.etcd_leader_checked = Some(Instant::now());
+        let avoid: Vec<String> =
+            self.config.region(&self.region).ok().and_then(|r| r.etcd.clone()).into_iter().collect();
+        if avoid.is_empty() {
+            return;
+        }
+        match self.coord.keep_etcd_leader_away(&avoid).await {
+            Ok(Some(to)) => tracing::info!("moved etcd leadership out of {} to {to}", self.region),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("failed to {e:#}"),
         }
     }
 

@@ -331,6 +331,28 @@ impl Coord {
         Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
     }
 
+    /// Moves etcd's leadership away from the members in `avoid` (the primary's
+    /// region), to the first member outside it. Losing a region that holds both
+    /// the primary and the etcd leader costs an etcd election first, and etcd
+    /// restarts every lease's TTL when a new leader takes over: the failover
+    /// would wait a whole TTL longer. Returns the new leader's name if it moved.
+    pub async fn keep_etcd_leader_away(&self, avoid: &[String]) -> Result<Option<String>> {
+        let status = self.call("read etcd status", |mut c| async move { c.status().await }).await?;
+        let members = self.call("list etcd members", |mut c| async move { c.member_list().await }).await?;
+        let in_avoided = |m: &etcd_client::Member| m.client_urls().iter().any(|u| avoid.contains(u));
+        let Some(leader) = members.members().iter().find(|m| m.id() == status.leader()) else { return Ok(None) };
+        if !in_avoided(leader) {
+            return Ok(None);
+        }
+        let Some(target) = members.members().iter().find(|m| !in_avoided(m)) else { return Ok(None) };
+        // MoveLeader must be sent to the current leader.
+        let Some((_, client)) = self.members.iter().find(|(url, _)| leader.client_urls().contains(url)) else {
+            return Ok(None);
+        };
+        client.clone().move_leader(target.id()).await.context("move etcd leadership")?;
+        Ok(Some(target.name().to_string()))
+    }
+
     /// Is etcd answering with a quorum right now?
     pub async fn ping(&self) -> Result<()> {
         let key = self.keys.epoch();

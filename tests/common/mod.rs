@@ -104,28 +104,8 @@ impl TestLab {
     pub fn psql_superuser(&self, node: &str, sql: &str) -> String {
         let (_, port) = self.node_addr(node);
         let socket_dir = self.path().join("nodes").join(node).join("run");
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ])
-            .arg("-h")
-            .arg(&socket_dir)
-            .output()
-            .expect("run psql");
-        assert!(out.status.success(), "psql as superuser on {node}: {sql}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        run_psql(&socket_dir.display().to_string(), port, "postgres", "postgres", None, sql)
+            .unwrap_or_else(|e| panic!("psql as superuser on {node}: {sql}: {e}"))
     }
 
     /// Runs SQL as meridian's monitoring role (pg_monitor), with its password from the lab's secrets.
@@ -142,33 +122,7 @@ impl TestLab {
 
     fn try_psql_as(&self, node: &str, user: &str, db: &str, passfile: &Path, sql: &str) -> Result<String, String> {
         let (host, port) = self.node_addr(node);
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                &host,
-                "-p",
-                &port.to_string(),
-                "-U",
-                user,
-                "-d",
-                db,
-                "-c",
-                sql,
-            ])
-            .env("PGPASSFILE", passfile)
-            .env("PGCONNECT_TIMEOUT", "3")
-            .output()
-            .expect("run psql");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+        run_psql(&host, port, user, db, Some(passfile), sql)
     }
 
     pub fn psql(&self, node: &str, sql: &str) -> String {
@@ -276,6 +230,38 @@ impl Drop for TestLab {
                 }
             }
         }
+    }
+}
+
+/// The real psql, one command, unaligned tuples only; stdout or stderr.
+fn run_psql(host: &str, port: u16, user: &str, db: &str, passfile: Option<&Path>, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        host,
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+        "-d",
+        db,
+        "-c",
+        sql,
+    ])
+    .env("PGCONNECT_TIMEOUT", "3");
+    if let Some(p) = passfile {
+        cmd.env("PGPASSFILE", p);
+    }
+    let out = cmd.output().expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 

@@ -31,6 +31,18 @@ fn wait_for_role(lab: &TestLab, node_name: &str, role: &str, timeout: Duration) 
     });
 }
 
+/// Pauses WAL replay on a standby and waits until it is really paused: the call
+/// only requests a pause, and replay stops at its next check.
+fn pause_replay(lab: &TestLab, node: &str) {
+    lab.psql_superuser(node, "SELECT pg_wal_replay_pause()");
+    wait_until(&format!("replay to be paused on {node}"), Duration::from_secs(10), || {
+        match lab.psql_superuser(node, "SELECT pg_get_wal_replay_pause_state()").as_str() {
+            "paused" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    });
+}
+
 fn last_history(lab: &TestLab) -> Value {
     let h = lab.json(&["history"]);
     h.as_array().and_then(|a| a.last().cloned()).unwrap_or(Value::Null)
@@ -232,14 +244,7 @@ fn failover_refused_for_lag_beyond_the_budget_and_taken_with_allow_data_loss() {
     lab.psql("ap-south-1a", "CREATE TABLE big (id int, pad text)");
     lab.wait_rows("ap-northeast-1a", "big", 0, Duration::from_secs(10));
     // Build replay lag on the standby: about 40MB of WAL it receives but does not replay.
-    lab.psql_superuser("ap-northeast-1a", "SELECT pg_wal_replay_pause()");
-    // The call only requests a pause; replay stops at its next check.
-    wait_until("replay to be paused", Duration::from_secs(10), || {
-        match lab.psql_superuser("ap-northeast-1a", "SELECT pg_get_wal_replay_pause_state()").as_str() {
-            "paused" => Ok(()),
-            other => Err(other.to_string()),
-        }
-    });
+    pause_replay(&lab, "ap-northeast-1a");
     lab.psql("ap-south-1a", "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 150000) g");
     // Received (so nothing acknowledged is lost with the primary), but not replayed.
     let written = lab.psql_superuser("ap-south-1a", "SELECT pg_current_wal_lsn()");
@@ -356,13 +361,7 @@ fn switchover_that_cannot_complete_leaves_the_old_primary_as_it_was() {
     lab.psql("ap-south-1a", "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 100)");
     lab.wait_rows("ap-northeast-1a", "orders", 100, Duration::from_secs(10));
     // The target cannot replay the old primary's final checkpoint while replay is paused.
-    lab.psql_superuser("ap-northeast-1a", "SELECT pg_wal_replay_pause()");
-    wait_until("replay to be paused", Duration::from_secs(10), || {
-        match lab.psql_superuser("ap-northeast-1a", "SELECT pg_get_wal_replay_pause_state()").as_str() {
-            "paused" => Ok(()),
-            other => Err(other.to_string()),
-        }
-    });
+    pause_replay(&lab, "ap-northeast-1a");
     let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a", "--timeout", "3s"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -109,12 +109,28 @@ impl Groups {
             .is_ok_and(|s| s.success())
     }
 
-    /// Removes the lab's (empty) groups; call after its processes are gone.
+    /// Removes the lab's groups; call after its processes are gone. A group
+    /// stays busy until the kernel has reaped its last process (a killed etcd,
+    /// say), so removal is retried for a moment.
     pub fn remove(&self, regions: &[String]) {
-        for r in regions {
-            let _ = std::fs::remove_dir(self.region_dir(r));
+        let mut dirs: Vec<PathBuf> = regions.iter().map(|r| self.region_dir(r)).collect();
+        dirs.push(self.mount.join(self.base()));
+        for dir in dirs {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(50))
+                    }
+                    Err(e) => {
+                        tracing::warn!("failed to remove cgroup {}: {e}", dir.display());
+                        break;
+                    }
+                }
+            }
         }
-        let _ = std::fs::remove_dir(self.mount.join(self.base()));
     }
 }
 

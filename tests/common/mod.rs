@@ -208,6 +208,9 @@ impl TestLab {
         assert!(!self.path().exists(), "lab down left {} behind", self.path().display());
         let left = processes_mentioning(&self.path().display().to_string());
         assert!(left.is_empty(), "processes left behind: {left:#?}");
+        if let Some(group) = lab_cgroup(self.net) {
+            assert!(!group.exists(), "lab down left its cgroup {} behind", group.display());
+        }
         assert!(errors.is_empty(), "unexpected ERROR lines in component logs:\n{}", errors.join("\n"));
     }
 }
@@ -231,6 +234,16 @@ impl Drop for TestLab {
             }
         }
     }
+}
+
+/// Where `lab up` (as root) puts this lab's cgroups: under the cgroup2 mount.
+fn lab_cgroup(net: u8) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })?;
+    Some(mount.join(format!("meridian-lab-{net}")))
 }
 
 /// The real psql, one command, unaligned tuples only; stdout or stderr.

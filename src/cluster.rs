@@ -159,6 +159,23 @@ pub struct DrSwitch {
     pub lost_bytes_estimate: u64,
     /// The epoch in which the target was promoted, once done.
     pub done_epoch: Option<Epoch>,
+    /// The trigger object (URL and version) that set this switch, when one did:
+    /// the same object never switches twice.
+    #[serde(default)]
+    pub trigger: Option<String>,
+}
+
+/// One gateway's latest verdict on one health check, at `health/<check>/<observer>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub check: String,
+    /// The region whose gateway ran the check.
+    pub observer: String,
+    /// After `invert` and the failure threshold.
+    pub healthy: bool,
+    /// What the last probe saw, in a few words.
+    pub detail: String,
+    pub at_ms: u64,
 }
 
 /// How a node became primary.

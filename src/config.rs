@@ -17,6 +17,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod routing;
+pub use routing::*;
+
 /// The environment variable naming the cluster file when `--config` is absent.
 pub const CONFIG_ENV: &str = "MERIDIAN_CONFIG";
 /// Route 53's default share of observers that must see a check healthy.
@@ -34,6 +37,12 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default)]
     pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub object_store: ObjectStoreConfig,
     #[serde(rename = "region", default)]
     pub regions: Vec<Region>,
     /// Where the file was read from; relative paths in it resolve against its directory.
@@ -55,11 +64,14 @@ pub struct DnsConfig {
     /// TTL of every answer; low so clients follow a failover quickly.
     #[serde(default = "default_dns_ttl", with = "humantime_serde")]
     pub ttl: Duration,
+    /// User-defined failover records (`[[dns.record]]`).
+    #[serde(rename = "record", default)]
+    pub records: Vec<DnsRecord>,
 }
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig { zone: default_zone(), ttl: default_dns_ttl() }
+        DnsConfig { zone: default_zone(), ttl: default_dns_ttl(), records: Vec::new() }
     }
 }
 
@@ -91,6 +103,8 @@ pub struct FailoverConfig {
     /// The data-loss budget: a standby further behind is never promoted automatically.
     #[serde(default = "default_lag_budget")]
     pub max_lag_on_failover: LagBudget,
+    /// The trigger object of the manual DR switch, if used.
+    pub dr_trigger: Option<DrTrigger>,
 }
 
 impl Default for FailoverConfig {
@@ -100,6 +114,7 @@ impl Default for FailoverConfig {
             within_region: FailoverMode::Automatic,
             cross_region: FailoverMode::Automatic,
             max_lag_on_failover: default_lag_budget(),
+            dr_trigger: None,
         }
     }
 }
@@ -493,6 +508,7 @@ impl Config {
             });
         }
         p.extend(p2);
+        routing::validate(self, &mut p);
         p
     }
 
@@ -657,6 +673,26 @@ mod humantime_serde {
     }
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| {
+                    humantime::parse_duration(&s)
+                        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a duration (like 5s or 500ms)")))
+                })
+                .transpose()
+        }
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
 

@@ -35,6 +35,7 @@ pub mod failover;
 pub mod gateway;
 pub mod lab;
 pub mod logging;
+pub mod objects;
 pub mod postgres;
 pub mod process;
 pub mod progress;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
-use crate::cluster::{DrSwitch, Epoch, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
+use crate::cluster::{DrSwitch, Epoch, HealthReport, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
 use crate::config::Config;
 pub use keys::Keys;
 
@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub optime: Option<Optime>,
     pub switchover: Option<SwitchoverRequest>,
     pub dr: Option<DrSwitch>,
+    /// Every gateway's live health verdicts.
+    pub health: Vec<HealthReport>,
 }
 
 /// The `leader` key with the lease that keeps it alive.
@@ -135,6 +137,11 @@ impl Coord {
                 snap.optime = serde_json::from_slice(value).ok();
             } else if rel == "initialize" {
                 snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned());
+            } else if rel.starts_with("health/") {
+                match serde_json::from_slice::<HealthReport>(value) {
+                    Ok(h) => snap.health.push(h),
+                    Err(e) => tracing::warn!("ignoring malformed health report {key}: {e}"),
+                }
             } else if rel.starts_with("members/") {
                 match serde_json::from_slice::<MemberStatus>(value) {
                     Ok(m) => snap.members.push(m),
@@ -185,6 +192,32 @@ impl Coord {
         })
         .await?;
         Ok(())
+    }
+
+    /// Publishes a gateway's verdict on one check under the gateway's lease.
+    pub async fn put_health(&self, report: &HealthReport, lease: LeaseId) -> Result<()> {
+        let value = serde_json::to_vec(report)?;
+        let key = self.keys.health(&report.check, &report.observer);
+        self.call("publish a health verdict to etcd", |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.kv_client().put(key, value, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Watches the whole cluster prefix from `revision` on. The stream ends or
+    /// fails when the member loses its etcd leader (the watch requires one).
+    pub async fn watch(&self, revision: i64) -> Result<etcd_client::WatchStream> {
+        let prefix = self.keys.prefix().to_string();
+        self.call("watch cluster state in etcd", |c| {
+            let prefix = prefix.clone();
+            async move {
+                let options = WatchOptions::new().with_prefix().with_start_revision(revision);
+                c.watch_client().watch(prefix, Some(options)).await
+            }
+        })
+        .await
     }
 
     /// Records which node creates the cluster. Only the first caller wins; the
@@ -296,6 +329,16 @@ impl Coord {
         })
         .await?;
         Ok(())
+    }
+
+    /// Sets the DR switch only if nobody changed it after `revision` (a
+    /// snapshot's): of several gateways acting on the same trigger, one wins.
+    pub async fn put_dr_unchanged_since(&self, dr: &DrSwitch, revision: i64) -> Result<bool> {
+        let key = self.keys.dr();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Less, revision + 1)])
+            .and_then([TxnOp::put(key, serde_json::to_vec(dr)?, None)]);
+        Ok(self.txn("set the DR switch in etcd", txn).await?.succeeded())
     }
 
     /// Marks the DR switch done, only if it is still `old`.

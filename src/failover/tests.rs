@@ -428,6 +428,7 @@ fn dr_to(target: &str) -> DrSwitch {
         at_ms: 0,
         lost_bytes_estimate: 0,
         done_epoch: None,
+        trigger: None,
     }
 }
 

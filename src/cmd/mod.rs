@@ -3,6 +3,7 @@
 mod agent;
 mod config;
 mod gateway;
+mod health;
 mod history;
 mod lab;
 mod operations;
@@ -48,9 +49,11 @@ pub enum Command {
     Failover(operations::FailoverArgs),
     /// Every promotion: kind, from, to, epoch, reason, duration, estimated loss.
     History(history::Args),
+    /// Every health check: the aggregate and each gateway's verdict.
+    Health(health::Args),
     /// Run the agent of one node (owns its PostgreSQL).
     Agent(agent::Args),
-    /// Run the gateway of one region (API).
+    /// Run the gateway of one region (API, health checks, DNS, SQL proxy).
     Gateway(gateway::Args),
     /// A whole multi-region cluster on this machine.
     Lab(lab::Args),
@@ -64,6 +67,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Status(a) => status::run(&config, a).await,
         Command::Verify(a) => verify::run(&config, a).await,
         Command::History(a) => history::run(&config, a).await,
+        Command::Health(a) => health::run(&config, a).await,
         Command::Switchover(a) => operations::switchover(&config, a).await,
         Command::Failover(a) => operations::failover(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,

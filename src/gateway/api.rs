@@ -2,6 +2,7 @@
 //! Errors are JSON `{"error": "..."}` with a status code, so the CLI can show them as one line.
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -22,6 +23,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/verify", post(verify))
         .route("/v1/history", get(history))
+        .route("/v1/health", get(health))
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
         .route("/metrics", get(metrics))
@@ -87,7 +89,7 @@ async fn failover(
     Json(req): Json<FailoverRequest>,
 ) -> Result<Json<super::operations::OperationReport>, ApiError> {
     let t = timeout(req.timeout_ms)?;
-    super::operations::failover_to_region(&g, &req.region, req.allow_data_loss, t)
+    super::operations::failover_to_region(&g, &req.region, req.allow_data_loss, t, None)
         .await
         .map(Json)
         .map_err(refused_or_unavailable)
@@ -110,6 +112,19 @@ async fn history(State(g): State<Gateway>) -> Result<Json<Vec<crate::cluster::Hi
     g.coord.history().await.map(Json).map_err(unavailable)
 }
 
+/// Every health check's aggregate and each observer's verdict, from one etcd read.
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct HealthStatus {
+    pub healthy_share: f64,
+    pub checks: Vec<super::health::aggregate::CheckStatus>,
+}
+
+async fn health(State(g): State<Gateway>) -> Result<Json<HealthStatus>, ApiError> {
+    let snap = g.coord.snapshot().await.map_err(unavailable)?;
+    let checks = super::health::aggregate::aggregate(&g.config.health, &snap.health).into_values().collect();
+    Ok(Json(HealthStatus { healthy_share: g.config.health.healthy_share, checks }))
+}
+
 #[derive(Deserialize)]
 struct VerifyRequest {
     /// How long to wait for every replica, in milliseconds.
@@ -126,9 +141,30 @@ async fn verify(State(g): State<Gateway>, Json(req): Json<VerifyRequest>) -> Res
 
 async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
     let status = g.status().await.map_err(unavailable)?;
-    let body = render_metrics(&status);
+    let mut body = render_metrics(&status);
+    let counters: [(&str, &str, ProxyCounter); 4] = [
+        ("meridian_proxy_connections_total", "Connections relayed to a backend.", |s| s.relayed.load(Relaxed)),
+        ("meridian_proxy_refused_total", "Connections refused (no backend, no view of etcd).", |s| {
+            s.refused.load(Relaxed)
+        }),
+        ("meridian_proxy_cut_total", "Writer relays cut because the backend lost the leadership.", |s| {
+            s.cut.load(Relaxed)
+        }),
+        ("meridian_proxy_active", "Connections open now.", |s| s.active.load(Relaxed)),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(body, "# HELP {name} {help}");
+        let _ = writeln!(body, "# TYPE {name} {}", if name.ends_with("_total") { "counter" } else { "gauge" });
+        for (port, stats) in &g.proxy_stats {
+            let port = if *port == super::proxy::Port::Writer { "writer" } else { "reader" };
+            let _ = writeln!(body, "{name}{{region=\"{}\",port=\"{port}\"}} {}", g.region, value(stats));
+        }
+    }
     Ok(([("content-type", "text/plain; version=0.0.4")], body).into_response())
 }
+
+/// Reads one proxy counter.
+type ProxyCounter = fn(&super::proxy::ProxyStats) -> u64;
 
 /// Reads one per-node value for a gauge.
 type NodeGauge = fn(&crate::cluster::NodeStatus) -> Option<f64>;

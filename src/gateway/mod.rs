@@ -1,26 +1,44 @@
-//! The gateway of one region: the HTTP API the CLI talks to (status, verify,
-//! metrics). Any region's gateway serves any request, so the API survives the
-//! loss of a region. Health checks, DNS and the SQL proxy come with issue 4.
+//! The gateway of one region: the HTTP API the CLI talks to, the health
+//! checker, the authoritative DNS server and the SQL proxy (writer and reader
+//! ports), plus the watcher of the DR trigger object. Any region's gateway
+//! serves any request, so the API survives the loss of a region.
+//!
+//! DNS and the proxy route from one shared view of etcd (`view`), kept current
+//! by a watch; the routing rules themselves are pure (`routing`).
 
 pub mod api;
+pub mod dns;
+pub mod health;
 pub mod operations;
+pub mod proxy;
+pub mod routing;
+pub mod trigger;
 pub mod verify;
+pub mod view;
+
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterStatus;
 use crate::config::{Config, Secrets};
 use crate::coord::Coord;
+use proxy::{Port, Proxy, ProxyStats};
 
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct Gateway {
-    pub config: std::sync::Arc<Config>,
-    pub secrets: std::sync::Arc<Secrets>,
+    pub config: Arc<Config>,
+    pub secrets: Arc<Secrets>,
     pub region: String,
     pub coord: Coord,
+    /// The live view of etcd that DNS, the proxy and the trigger watcher route from.
+    pub view: watch::Receiver<view::View>,
+    /// The writer and reader ports' counters, for `/metrics`.
+    pub proxy_stats: [(Port, Arc<ProxyStats>); 2],
 }
 
 impl Gateway {
@@ -37,19 +55,53 @@ impl Gateway {
     }
 }
 
-/// Runs the gateway of `region` until `shutdown`.
+/// Runs the gateway of `region` until `shutdown`. Every listener is bound
+/// before anything is served, so a port clash fails the start at once.
 pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> Result<()> {
     let addrs = config.region(region)?.gateway;
-    let secrets = config.secrets()?;
-    let listener =
-        TcpListener::bind(addrs.api).await.with_context(|| format!("bind the gateway API on {}", addrs.api))?;
-    let coord = Coord::connect(&config).await?;
-    let gateway = Gateway {
-        config: std::sync::Arc::new(config),
-        secrets: std::sync::Arc::new(secrets),
-        region: region.to_string(),
-        coord,
+    let secrets = Arc::new(config.secrets()?);
+    let config = Arc::new(config);
+    let bind = |what: &'static str, addr| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("bind the gateway's {what} on {addr}"))
     };
-    tracing::info!("gateway for {region} serving the API on {}", addrs.api);
-    api::serve(listener, gateway, shutdown).await
+    let api_listener = bind("API", addrs.api).await?;
+    let writer_listener = bind("writer port", addrs.writer).await?;
+    let reader_listener = bind("reader port", addrs.reader).await?;
+    let coord = Coord::connect(&config).await?;
+    let view = view::spawn(coord.clone(), shutdown.clone());
+
+    let writer = Arc::new(Proxy::new(config.clone(), region.to_string(), Port::Writer, view.clone()));
+    let reader = Arc::new(Proxy::new(config.clone(), region.to_string(), Port::Reader, view.clone()));
+    let gateway = Gateway {
+        config: config.clone(),
+        secrets: secrets.clone(),
+        region: region.to_string(),
+        coord: coord.clone(),
+        view: view.clone(),
+        proxy_stats: [(Port::Writer, writer.stats.clone()), (Port::Reader, reader.stats.clone())],
+    };
+    let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
+    health::start(config.clone(), secrets, region.to_string(), coord, view.clone(), shutdown.clone()).await;
+    if let Some(t) = config.failover.dr_trigger.clone() {
+        tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));
+    }
+    let writer = tokio::spawn(writer.serve(writer_listener, shutdown.clone()));
+    let reader = tokio::spawn(reader.serve(reader_listener, shutdown.clone()));
+    tracing::info!(
+        "gateway for {region}: API {}, DNS {}, writer {}, reader {}",
+        addrs.api,
+        addrs.dns,
+        addrs.writer,
+        addrs.reader
+    );
+    // Any part that stops on its own (a DNS bind failure) stops the gateway.
+    let api = api::serve(api_listener, gateway, shutdown.clone());
+    tokio::select! {
+        r = api => r?,
+        r = dns => { r.context("DNS server task")?.context("DNS server")?; }
+        r = writer => { r.context("writer proxy task")??; }
+        r = reader => { r.context("reader proxy task")??; }
+    }
+    shutdown.cancel();
+    Ok(())
 }

@@ -208,6 +208,7 @@ pub async fn failover_to_region(
     region: &str,
     allow_data_loss: bool,
     timeout: Duration,
+    trigger: Option<String>,
 ) -> Result<OperationReport> {
     let r = g.config.region(region).map_err(|e| Refused(format!("{e:#}")))?;
     if r.nodes.is_empty() {
@@ -281,8 +282,15 @@ pub async fn failover_to_region(
         at_ms: now_ms(),
         lost_bytes_estimate: lost,
         done_epoch: None,
+        trigger: trigger.clone(),
     };
-    g.coord.put_dr(&dr).await?;
+    if trigger.is_some() {
+        if !g.coord.put_dr_unchanged_since(&dr, s.revision).await? {
+            return Err(Refused("the DR switch changed meanwhile (another gateway acted on the trigger)".into()).into());
+        }
+    } else {
+        g.coord.put_dr(&dr).await?;
+    }
     clock.step(format!("DR switch set to {region}; promoting {target} (estimated loss {})", human_bytes(lost)));
     if let Some(old) = &current {
         let old = old.node.clone();

@@ -1,0 +1,195 @@
+//! Health checks with Route 53's semantics. Every gateway probes every leaf
+//! check on its interval and publishes its verdict to `health/<check>/<region>`
+//! under its own lease (so a dead gateway's verdicts vanish); `aggregate`
+//! combines the verdicts of all observers. An observer's verdict changes only
+//! after `failure_threshold` consecutive probes disagree with it, and `invert`
+//! turns the probe's result around (the trigger-object pattern).
+
+pub mod aggregate;
+pub mod probe;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::lease::LeaseKeeper;
+use crate::cluster::{now_ms, HealthReport};
+use crate::config::{CheckKind, Config, HealthCheck, Secrets};
+use crate::coord::Coord;
+use crate::objects::ObjectRef;
+use probe::ProbeContext;
+
+use super::view::View;
+
+/// Verdicts are written again this often even when unchanged, so `at_ms` shows the observer is alive.
+const REPUBLISH: Duration = Duration::from_secs(5);
+
+/// One observer's running verdict on one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    healthy: Option<bool>,
+    /// The latest probe results' direction and how many in a row.
+    streak: (bool, u32),
+}
+
+impl Verdict {
+    pub fn new() -> Verdict {
+        Verdict { healthy: None, streak: (false, 0) }
+    }
+
+    /// Takes one probe result (already inverted if the check says so); returns the verdict.
+    /// The first result decides at once; after that, `threshold` in a row change it.
+    pub fn observe(&mut self, ok: bool, threshold: u32) -> bool {
+        self.streak = if self.streak.0 == ok { (ok, self.streak.1.saturating_add(1)) } else { (ok, 1) };
+        let healthy = match self.healthy {
+            None => ok,
+            Some(h) if h != ok && self.streak.1 >= threshold => ok,
+            Some(h) => h,
+        };
+        self.healthy = Some(healthy);
+        healthy
+    }
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Verdict::new()
+    }
+}
+
+/// Starts a prober per leaf check and the publisher. Returns at once.
+pub async fn start(
+    config: Arc<Config>,
+    secrets: Arc<Secrets>,
+    region: String,
+    coord: Coord,
+    view: watch::Receiver<View>,
+    shutdown: CancellationToken,
+) {
+    let leaves: Vec<HealthCheck> =
+        config.health.checks.iter().filter(|c| c.kind != CheckKind::Calculated).cloned().collect();
+    if leaves.is_empty() {
+        return;
+    }
+    let (tx, rx) = mpsc::channel::<HealthReport>(leaves.len() * 4);
+    for check in leaves {
+        let object = match (check.kind, &check.target) {
+            (CheckKind::ObjectExists, Some(url)) => match ObjectRef::open(url, &config.object_store) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::error!("failed to {e:#}; check {} will report unhealthy", check.name);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let ctx = ProbeContext {
+            monitor_user: config.postgres.monitor_user.clone(),
+            monitor_password: secrets.monitor_password.clone(),
+            object,
+        };
+        tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
+    }
+    let ttl = config.failover.lease_ttl;
+    tokio::spawn(async move {
+        let Some(lease) = LeaseKeeper::start(coord.clone(), ttl, shutdown.clone()).await else { return };
+        publish(coord, lease, rx, shutdown).await;
+    });
+}
+
+async fn run_check(
+    check: HealthCheck,
+    ctx: ProbeContext,
+    observer: String,
+    view: watch::Receiver<View>,
+    tx: mpsc::Sender<HealthReport>,
+    shutdown: CancellationToken,
+) {
+    let mut verdict = Verdict::new();
+    let mut ticker = tokio::time::interval(check.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let snapshot = view.borrow().snapshot.clone();
+        let result = match tokio::time::timeout(check.timeout, probe::probe(&check, &ctx, Some(&snapshot))).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {}", humantime::format_duration(check.timeout))),
+        };
+        let (passed, detail) = match result {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        let healthy = verdict.observe(passed != check.invert, check.failure_threshold);
+        let detail = if check.invert { format!("{detail} (inverted)") } else { detail };
+        let report =
+            HealthReport { check: check.name.clone(), observer: observer.clone(), healthy, detail, at_ms: now_ms() };
+        if tx.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes a verdict when it changes, and every verdict again every few seconds and whenever the lease changed.
+async fn publish(coord: Coord, lease: LeaseKeeper, mut rx: mpsc::Receiver<HealthReport>, shutdown: CancellationToken) {
+    let mut published: BTreeMap<String, (HealthReport, i64, u64)> = BTreeMap::new();
+    let mut last_error: Option<String> = None;
+    loop {
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = rx.recv() => match r { Some(r) => r, None => return },
+        };
+        let lease_id = lease.id();
+        let due = match published.get(&report.check) {
+            None => true,
+            Some((old, id, at)) => {
+                old.healthy != report.healthy
+                    || *id != lease_id
+                    || report.at_ms.saturating_sub(*at) >= REPUBLISH.as_millis() as u64
+            }
+        };
+        if !due {
+            continue;
+        }
+        match coord.put_health(&report, lease_id).await {
+            Ok(()) => {
+                last_error = None;
+                let at = report.at_ms;
+                published.insert(report.check.clone(), (report, lease_id, at));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!("failed to {msg}");
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn the_first_result_decides_then_the_threshold_in_a_row() {
+        let mut v = Verdict::new();
+        assert!(v.observe(true, 3));
+        assert!(v.observe(false, 3));
+        assert!(v.observe(false, 3));
+        assert!(v.observe(true, 3), "a success breaks the streak");
+        assert!(v.observe(false, 3));
+        assert!(v.observe(false, 3));
+        assert!(!v.observe(false, 3), "three failures in a row");
+        assert!(!v.observe(true, 3));
+        let mut once = Verdict::new();
+        assert!(!once.observe(false, 1));
+        assert!(once.observe(true, 1), "threshold 1 follows every result");
+    }
+}

@@ -1,0 +1,317 @@
+//! The SQL proxy: a writer port that relays to the current leader and a reader
+//! port that relays to a usable standby of the gateway's region (else to the
+//! leader). It reads the client's startup packet (answering SSLRequest and
+//! GSSENCRequest with 'N': no TLS yet), picks the backend from the gateway's
+//! view of etcd, sends the startup packet on and then relays bytes both ways;
+//! authentication happens between the client and PostgreSQL, untouched.
+//!
+//! Fencing rules: writes go only to the leader of the current epoch once it
+//! runs as primary; while there is none (a switchover or a failover in
+//! progress) new connections wait, up to `proxy.leader_wait`; a gateway whose
+//! view of etcd is older than half the lease TTL refuses writer connections
+//! rather than guess; and a relay to a node that lost the leadership is cut.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::routing::{self, Backend, NoWriter};
+use super::view::View;
+use crate::cluster::now_ms;
+use crate::config::Config;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+const PROTOCOL_3: i32 = 196608;
+/// PostgreSQL's own bound on a startup packet.
+const MAX_STARTUP_PACKET: usize = 10_000;
+/// A client must get through SSL negotiation and its startup packet in this time.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Relay buffers: large enough that bulk results move in few system calls.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Writer,
+    Reader,
+}
+
+impl Port {
+    fn name(self) -> &'static str {
+        match self {
+            Port::Writer => "writer",
+            Port::Reader => "reader",
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct ProxyStats {
+    pub relayed: AtomicU64,
+    pub refused: AtomicU64,
+    pub active: AtomicU64,
+    pub cut: AtomicU64,
+}
+
+/// What every connection of one port shares.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub region: String,
+    pub port: Port,
+    pub view: watch::Receiver<View>,
+    pub stats: Arc<ProxyStats>,
+    /// Spreads reader connections over the usable standbys.
+    next_reader: AtomicUsize,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, region: String, port: Port, view: watch::Receiver<View>) -> Proxy {
+        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0) }
+    }
+
+    /// Older than this, the view no longer proves who the leader is.
+    fn stale_after(&self) -> Duration {
+        self.config.failover.lease_ttl / 2
+    }
+
+    /// Accepts connections until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+        loop {
+            let (client, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!("failed to accept a {} connection: {e}", self.port.name());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                proxy.stats.active.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = proxy.handle(client, shutdown).await {
+                    tracing::debug!("{} connection from {peer}: {e:#}", proxy.port.name());
+                }
+                proxy.stats.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    async fn handle(&self, mut client: TcpStream, shutdown: CancellationToken) -> Result<()> {
+        client.set_nodelay(true)?;
+        let startup = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client)).await {
+            Ok(Ok(Some(packet))) => packet,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
+        };
+        if startup.is_cancel {
+            self.forward_cancel(&startup.bytes).await;
+            return Ok(());
+        }
+        let backend = match self.pick().await {
+            Ok(b) => b,
+            Err(why) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("refused a {} connection: {why}", self.port.name());
+                client.write_all(&error_response("57P03", &format!("meridian {}: {why}", self.port.name()))).await?;
+                return Ok(());
+            }
+        };
+        let mut server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.address)).await {
+            Ok(Ok(s)) => s,
+            failed => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {CONNECT_TIMEOUT:?}"),
+                };
+                let msg = format!(
+                    "meridian {}: cannot reach {} ({}): {why}",
+                    self.port.name(),
+                    backend.node,
+                    backend.address
+                );
+                client.write_all(&error_response("08006", &msg)).await?;
+                return Ok(());
+            }
+        };
+        server.set_nodelay(true)?;
+        server.write_all(&startup.bytes).await.context("send the startup packet")?;
+        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+        let relay = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, RELAY_BUFFER, RELAY_BUFFER);
+        tokio::select! {
+            r = relay => { r.context("relay")?; }
+            _ = self.until_not_leader(&backend) => {
+                self.stats.cut.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("cut a writer connection to {}: it no longer holds the leadership", backend.node);
+            }
+            _ = shutdown.cancelled() => {}
+        }
+        Ok(())
+    }
+
+    /// The backend for a new connection, waiting (bounded) while there is no writer.
+    async fn pick(&self) -> Result<Backend, String> {
+        let deadline = tokio::time::Instant::now() + self.config.proxy.leader_wait;
+        let mut view = self.view.clone();
+        loop {
+            let current = view.borrow_and_update().clone();
+            let why =
+                match current.fresh(self.stale_after()) {
+                    Some(snap) => {
+                        if self.port == Port::Reader {
+                            let max_lag = self.config.proxy.max_reader_lag;
+                            let readers = routing::readers(&self.config, snap, &self.region, max_lag, now_ms());
+                            if !readers.is_empty() {
+                                let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
+                                return Ok(readers[i].clone());
+                            }
+                        }
+                        match routing::writer(&self.config, snap, now_ms()) {
+                            Ok(b) => return Ok(b),
+                            Err(NoWriter(why)) => why,
+                        }
+                    }
+                    None if self.port == Port::Reader => {
+                        // Reads are safe on any standby: use the last known ones.
+                        let readers = routing::readers(
+                            &self.config,
+                            &current.snapshot,
+                            &self.region,
+                            self.config.proxy.max_reader_lag,
+                            current.snapshot.members.iter().map(|m| m.updated_at_ms).max().unwrap_or(0),
+                        );
+                        match readers.first() {
+                            Some(b) => return Ok(b.clone()),
+                            None => return Err("this gateway cannot see etcd and knows no standby".into()),
+                        }
+                    }
+                    None => return Err(
+                        "this gateway cannot see etcd, so it cannot know the primary; refusing rather than guessing"
+                            .into(),
+                    ),
+                };
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(format!("no primary to route to within {}: {why}", humantime::format_duration(self.config.proxy.leader_wait)));
+                }
+                changed = view.changed() => if changed.is_err() { return Err("the gateway is stopping".into()) },
+                // Staleness changes without a view change.
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Resolves when `backend`, a leader, is no longer the leader of the current
+    /// epoch in a fresh view. Never resolves for standbys.
+    async fn until_not_leader(&self, backend: &Backend) {
+        if backend.epoch.is_none() {
+            return std::future::pending().await;
+        }
+        let mut view = self.view.clone();
+        loop {
+            if view.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let current = view.borrow_and_update().clone();
+            if let Some(snap) = current.fresh(self.stale_after()) {
+                let leader = routing::leader_node(&self.config, snap);
+                if leader.as_ref().map(|l| (&l.node, l.epoch)) != Some((&backend.node, backend.epoch)) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A cancel request carries only a backend pid and key; the proxy does not
+    /// know which node issued them, so it passes it to every node (a node that
+    /// did not issue the key ignores it).
+    async fn forward_cancel(&self, packet: &[u8]) {
+        let nodes: Vec<SocketAddr> = self.config.nodes().map(|(_, n)| n.address).collect();
+        let sends = nodes.into_iter().map(|addr| async move {
+            if let Ok(Ok(mut s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                let _ = s.write_all(packet).await;
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+}
+
+/// The client's startup packet, after any SSL/GSSAPI negotiation.
+struct Startup {
+    bytes: Vec<u8>,
+    is_cancel: bool,
+}
+
+/// Reads packets until a startup or cancel packet; `None` if the client left.
+async fn read_startup(client: &mut TcpStream) -> Result<Option<Startup>> {
+    loop {
+        let mut len = [0u8; 4];
+        if client.read_exact(&mut len).await.is_err() {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes(len);
+        if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
+            bail!("invalid startup packet length {len}");
+        }
+        let mut bytes = vec![0u8; len as usize];
+        bytes[..4].copy_from_slice(&len.to_be_bytes());
+        client.read_exact(&mut bytes[4..]).await.context("read the startup packet")?;
+        let code = i32::from_be_bytes(bytes[4..8].try_into().expect("4 bytes"));
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => client.write_all(b"N").await?,
+            CANCEL_REQUEST => return Ok(Some(Startup { bytes, is_cancel: true })),
+            PROTOCOL_3 => return Ok(Some(Startup { bytes, is_cancel: false })),
+            other => {
+                let msg = format!("meridian: unsupported frontend protocol {}.{}", other >> 16, other & 0xffff);
+                client.write_all(&error_response("08P01", &msg)).await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// A FATAL ErrorResponse, which libpq shows as the connection error.
+pub fn error_response(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+        body.push(field);
+        body.extend_from_slice(value.replace('\0', " ").as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_is_a_well_formed_message() {
+        let e = error_response("57P03", "no primary");
+        assert_eq!(e[0], b'E');
+        let len = i32::from_be_bytes(e[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, e.len() - 1, "length counts itself but not the type byte");
+        assert!(e.ends_with(b"no primary\0\0"));
+        assert!(e.windows(7).any(|w| w == b"C57P03\0"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Where a connection or a name goes, from one snapshot: pure functions shared
+//! by the proxy and DNS, so that both always agree.
+
+use std::net::SocketAddr;
+
+use crate::cluster::{Epoch, MemberStatus, Role, STALE_REPORT_MS};
+use crate::config::{Config, LagBudget};
+use crate::coord::Snapshot;
+
+/// A backend to relay to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub node: String,
+    pub address: SocketAddr,
+    /// The leader's epoch when the backend is the leader; `None` for a standby.
+    pub epoch: Option<Epoch>,
+}
+
+/// Why there is no writer right now; the proxy waits for it to pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoWriter(pub String);
+
+fn fresh(m: &MemberStatus, now_ms: u64) -> bool {
+    now_ms.saturating_sub(m.updated_at_ms) <= STALE_REPORT_MS
+}
+
+/// The node writes may go to: the holder of `leader` for the current epoch,
+/// once its agent reports it running as primary of that epoch (a promotion in
+/// progress is not yet writable), and not while a switchover is under way.
+pub fn writer(config: &Config, snap: &Snapshot, now_ms: u64) -> Result<Backend, NoWriter> {
+    if let Some(sw) = snap.switchover.as_ref().filter(|s| s.aborted.is_none()) {
+        return Err(NoWriter(format!("a switchover from {} to {} is in progress", sw.from, sw.to)));
+    }
+    let leader = leader_node(config, snap).ok_or_else(|| NoWriter("the cluster has no leader".into()))?;
+    let ready = snap.members.iter().any(|m| {
+        m.node == leader.node
+            && m.role == Role::Primary
+            && m.healthy
+            && m.epoch_seen >= leader.epoch.unwrap_or(0)
+            && fresh(m, now_ms)
+    });
+    if !ready {
+        return Err(NoWriter(format!("{} holds leader but does not run as primary yet", leader.node)));
+    }
+    Ok(leader)
+}
+
+/// The holder of `leader`, if it is of the current epoch; what DNS answers for `writer`.
+pub fn leader_node(config: &Config, snap: &Snapshot) -> Option<Backend> {
+    let l = &snap.leader.as_ref()?.leader;
+    if l.epoch != snap.epoch {
+        return None;
+    }
+    let (_, node) = config.node(&l.node).ok()?;
+    Some(Backend { node: l.node.clone(), address: node.address, epoch: Some(l.epoch) })
+}
+
+/// Standbys of `region` that readers may use: streaming, healthy, reporting,
+/// and within `max_lag`. Sorted by name so that callers can spread load.
+pub fn readers(config: &Config, snap: &Snapshot, region: &str, max_lag: LagBudget, now_ms: u64) -> Vec<Backend> {
+    let mut out: Vec<Backend> = snap
+        .members
+        .iter()
+        .filter(|m| m.region == region && m.role == Role::Replica && m.healthy && fresh(m, now_ms))
+        .filter(|m| match max_lag {
+            LagBudget::Bytes(b) => m.lag_bytes.is_some_and(|l| l <= b),
+            LagBudget::Time(t) => m.lag_seconds.is_some_and(|l| l <= t.as_secs_f64()),
+        })
+        .filter_map(|m| {
+            let (_, node) = config.node(&m.node).ok()?;
+            Some(Backend { node: m.node.clone(), address: node.address, epoch: None })
+        })
+        .collect();
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
+
+/// Aggregated verdicts, as `health::aggregate` computes them.
+pub type Verdicts = std::collections::BTreeMap<String, bool>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Leader, Lsn, SwitchoverRequest};
+    use crate::coord::LeaderEntry;
+    use crate::lab::topology::{lab_config, LabShape};
+
+    const NOW: u64 = 1_000_000;
+
+    fn member(node: &str, region: &str, role: Role, lag: u64) -> MemberStatus {
+        MemberStatus {
+            node: node.into(),
+            region: region.into(),
+            role,
+            timeline: Some(1),
+            write_lsn: Some(Lsn(100)),
+            flush_lsn: Some(Lsn(100)),
+            replay_lsn: Some(Lsn(100)),
+            lag_bytes: Some(lag),
+            lag_seconds: Some(0.0),
+            upstream: None,
+            epoch_seen: 2,
+            healthy: true,
+            detail: None,
+            updated_at_ms: NOW,
+        }
+    }
+
+    fn cluster() -> (Config, Snapshot) {
+        let shape = LabShape { nodes_per_region: 2, ..LabShape::default() };
+        let config = lab_config(&shape, std::path::Path::new("/tmp/lab"));
+        let snap = Snapshot {
+            epoch: 2,
+            leader: Some(LeaderEntry { leader: Leader { node: "ap-south-1a".into(), epoch: 2 }, lease: 1 }),
+            members: vec![
+                member("ap-south-1a", "ap-south-1", Role::Primary, 0),
+                member("ap-south-1b", "ap-south-1", Role::Replica, 10),
+                member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 64 << 20),
+                member("ap-northeast-1b", "ap-northeast-1", Role::Replica, 0),
+            ],
+            ..Snapshot::default()
+        };
+        (config, snap)
+    }
+
+    #[test]
+    fn the_writer_is_the_leader_of_the_current_epoch_running_as_primary() {
+        let (config, mut snap) = cluster();
+        assert_eq!(writer(&config, &snap, NOW).unwrap().node, "ap-south-1a");
+        // A promotion in progress: leader taken, PostgreSQL still in recovery.
+        snap.members[0].role = Role::Replica;
+        assert!(writer(&config, &snap, NOW).is_err());
+        snap.members[0].role = Role::Primary;
+        // A report from before the epoch it leads.
+        snap.members[0].epoch_seen = 1;
+        assert!(writer(&config, &snap, NOW).is_err());
+        snap.members[0].epoch_seen = 2;
+        // A stale report.
+        assert!(writer(&config, &snap, NOW + STALE_REPORT_MS + 1).is_err());
+        // An epoch granted since: the leader key is from the past.
+        snap.epoch = 3;
+        assert!(writer(&config, &snap, NOW).is_err());
+        assert_eq!(leader_node(&config, &snap), None);
+    }
+
+    #[test]
+    fn no_writer_during_a_switchover_unless_it_was_aborted() {
+        let (config, mut snap) = cluster();
+        let mut sw = SwitchoverRequest {
+            from: "ap-south-1a".into(),
+            to: "ap-south-1b".into(),
+            requested_by: "test".into(),
+            requested_at_ms: NOW,
+            deadline_ms: NOW + 10_000,
+            final_lsn: None,
+            aborted: None,
+        };
+        snap.switchover = Some(sw.clone());
+        assert!(writer(&config, &snap, NOW).unwrap_err().0.contains("switchover"));
+        sw.aborted = Some("timeout".into());
+        snap.switchover = Some(sw);
+        assert!(writer(&config, &snap, NOW).is_ok());
+        snap.leader = None;
+        assert!(writer(&config, &snap, NOW).is_err());
+    }
+
+    #[test]
+    fn readers_are_local_streaming_standbys_within_the_lag_bound() {
+        let (config, mut snap) = cluster();
+        let names = |v: Vec<Backend>| v.into_iter().map(|b| b.node).collect::<Vec<_>>();
+        let budget = LagBudget::Bytes(16 << 20);
+        assert_eq!(names(readers(&config, &snap, "ap-south-1", budget, NOW)), ["ap-south-1b"]);
+        assert_eq!(names(readers(&config, &snap, "ap-northeast-1", budget, NOW)), ["ap-northeast-1b"]);
+        assert!(readers(&config, &snap, "witness", budget, NOW).is_empty());
+        snap.members[1].healthy = false;
+        assert!(readers(&config, &snap, "ap-south-1", budget, NOW).is_empty());
+    }
+}

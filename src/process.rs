@@ -15,7 +15,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 /// Variables a lab child may inherit; everything else is cleared.
-const ENV_ALLOWLIST: &[&str] = &["PATH", "RUST_LOG", "RUST_BACKTRACE", "MERIDIAN_LOG"];
+/// S3 credentials reach gateways (object-exists checks, the DR trigger) through
+/// the environment, never through the command line.
+const ENV_ALLOWLIST: &[&str] = &[
+    "PATH",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "MERIDIAN_LOG",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+];
 
 /// How to start one process and where its files go.
 #[derive(Debug, Clone)]

@@ -52,6 +52,15 @@ enum Sub {
         /// failover.lease_ttl.
         #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
         lease_ttl: std::time::Duration,
+        /// The DR trigger object (file:///path or s3://bucket/key); default <dir>/dr/trigger.
+        #[arg(long)]
+        trigger_object: Option<String>,
+        /// Also fail over to this region when the trigger object appears (failover.dr_trigger).
+        #[arg(long)]
+        dr_trigger_region: Option<String>,
+        /// An S3-compatible endpoint for s3:// objects (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
     },
     /// Stop every process of the lab by pid and remove its directory.
     Down {
@@ -60,7 +69,7 @@ enum Sub {
     },
     /// SIGKILL the processes of a node (agent and PostgreSQL) or of a whole region.
     Kill {
-        /// A node or region name.
+        /// A node or region name, or etcd:REGION / gateway:REGION for just that process.
         target: String,
         #[command(flatten)]
         dir: DirArg,
@@ -78,7 +87,7 @@ enum Sub {
     },
     /// Start again what of a node or region is not running, and wait until it is back.
     Start {
-        /// A node or region name.
+        /// A node or region name, or etcd:REGION / gateway:REGION.
         target: String,
         #[command(flatten)]
         dir: DirArg,
@@ -96,9 +105,15 @@ pub async fn run(args: Args) -> Result<i32> {
             cross_region,
             max_lag_on_failover,
             lease_ttl,
+            trigger_object,
+            dr_trigger_region,
+            s3_endpoint,
         } => {
-            let failover = FailoverConfig { lease_ttl, within_region, cross_region, max_lag_on_failover };
-            crate::lab::up(&dir.dir, &LabShape { net, regions, nodes_per_region, failover }).await?
+            let failover =
+                FailoverConfig { lease_ttl, within_region, cross_region, max_lag_on_failover, dr_trigger: None };
+            let shape =
+                LabShape { net, regions, nodes_per_region, failover, trigger_object, dr_trigger_region, s3_endpoint };
+            crate::lab::up(&dir.dir, &shape).await?
         }
         Sub::Down { dir } => crate::lab::down(&dir.dir).await?,
         Sub::Kill { target, dir } => crate::lab::kill(&dir.dir, &target).await?,

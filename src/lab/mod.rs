@@ -184,15 +184,18 @@ impl Lab {
         let all = self.processes();
         let chosen: Vec<_> = all
             .into_iter()
-            .filter(|(m, _)| match m {
-                Member::Agent { node, region } => node == target || region == target,
-                other => other.region() == target,
+            .filter(|(m, _)| match (m, target.split_once(':')) {
+                (Member::Etcd { region }, Some(("etcd", r))) => region == r,
+                (Member::Gateway { region }, Some(("gateway", r))) => region == r,
+                (_, Some(_)) => false,
+                (Member::Agent { node, region }, None) => node == target || region == target,
+                (other, None) => other.region() == target,
             })
             .collect();
         if chosen.is_empty() {
             let regions: Vec<&str> = self.config.regions.iter().map(|r| r.name.as_str()).collect();
             bail!(
-                "{target:?} is neither a node ({}) nor a region ({})",
+                "{target:?} is neither a node ({}) nor a region ({}), nor etcd:REGION or gateway:REGION",
                 self.config.node_names().join(", "),
                 regions.join(", ")
             );
@@ -400,7 +403,7 @@ fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
 }
 
 fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
-    for sub in ["etcd", "nodes", "logs", "pids"] {
+    for sub in ["etcd", "nodes", "logs", "pids", "dr"] {
         std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("create {}", dir.join(sub).display()))?;
     }
     // PostgreSQL runs as its own user and must traverse to its node directory.
@@ -456,8 +459,8 @@ fn print_summary(lab: &Lab, took: Duration) {
     );
     for r in &c.regions {
         println!(
-            "  region {:<16} gateway http://{}  writer {}  reader {}",
-            r.name, r.gateway.api, r.gateway.writer, r.gateway.reader
+            "  region {:<16} gateway http://{}  dns {}  writer {}  reader {}",
+            r.name, r.gateway.api, r.gateway.dns, r.gateway.writer, r.gateway.reader
         );
         for n in &r.nodes {
             println!("    node {:<18} postgres {}", n.name, n.address);
@@ -469,6 +472,23 @@ fn print_summary(lab: &Lab, took: Duration) {
     println!("  {exe} status");
     println!("  {exe} verify");
     println!("  PGPASSFILE={} psql -h {} -p {} -U app app", lab.dir.join("pgpass").display(), first.ip(), first.port());
+    let gw = c.regions[0].gateway;
+    println!(
+        "  PGPASSFILE={} psql -h {} -p {} -U app app    (through the proxy: always the primary)",
+        lab.dir.join("pgpass").display(),
+        gw.writer.ip(),
+        gw.writer.port()
+    );
+    println!("  dig @{} -p {} +short writer.{}", gw.dns.ip(), gw.dns.port(), c.dns.zone);
+    println!("  {exe} health");
+    if let Some(t) = c.health.checks.iter().find(|k| k.name == "dr-trigger").and_then(|k| k.target.as_deref()) {
+        let action =
+            if c.failover.dr_trigger.is_some() { "moves app.<zone> and the primary" } else { "moves app.<zone>" };
+        match t.strip_prefix("file://") {
+            Some(path) => println!("  touch {path}    (the DR trigger: {action} to the second region)"),
+            None => println!("  upload {t}    (the DR trigger: {action} to the second region)"),
+        }
+    }
     println!("  {exe} lab kill NODE|REGION --dir {0}    {exe} lab start NODE|REGION --dir {0}", lab.dir.display());
     println!("  {exe} lab down --dir {}", lab.dir.display());
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config::*;
 
@@ -22,6 +23,12 @@ pub struct LabShape {
     pub nodes_per_region: usize,
     /// Failover settings written into the lab's cluster file.
     pub failover: FailoverConfig,
+    /// The DR trigger object: `file://<dir>/dr/trigger` when not set.
+    pub trigger_object: Option<String>,
+    /// When set, the trigger object's appearance also fails over to this region.
+    pub dr_trigger_region: Option<String>,
+    /// An S3-compatible endpoint for `s3://` trigger objects.
+    pub s3_endpoint: Option<String>,
 }
 
 impl Default for LabShape {
@@ -31,6 +38,9 @@ impl Default for LabShape {
             regions: vec!["ap-south-1".into(), "ap-northeast-1".into()],
             nodes_per_region: 1,
             failover: FailoverConfig::default(),
+            trigger_object: None,
+            dr_trigger_region: None,
+            s3_endpoint: None,
         }
     }
 }
@@ -58,6 +68,12 @@ impl LabShape {
         sorted.sort();
         sorted.dedup();
         anyhow::ensure!(sorted.len() == self.regions.len(), "--regions lists a region twice");
+        if let Some(t) = &self.trigger_object {
+            t.parse::<ObjectUrl>().map_err(|e| anyhow::anyhow!("--trigger-object: {e}"))?;
+        }
+        if let Some(r) = &self.dr_trigger_region {
+            anyhow::ensure!(self.regions.contains(r), "--dr-trigger-region: {r:?} is not one of --regions");
+        }
         Ok(())
     }
 }
@@ -89,7 +105,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
     let net = shape.net;
     let all = shape.all_regions();
     let addr = |ri: usize, host: u8, port: u16| SocketAddr::new(region_ip(net, ri, host).into(), port);
-    let regions = all
+    let regions: Vec<Region> = all
         .iter()
         .enumerate()
         .map(|(ri, name)| {
@@ -129,11 +145,20 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
     // Small and quick: the lab runs many servers on two cores.
     settings.insert("shared_buffers".to_string(), toml::Value::String("32MB".into()));
     settings.insert("max_connections".to_string(), toml::Value::Integer(50));
+    let trigger =
+        shape.trigger_object.clone().unwrap_or_else(|| format!("file://{}", dir.join("dr/trigger").display()));
+    let mut failover = shape.failover.clone();
+    failover.dr_trigger =
+        shape.dr_trigger_region.as_ref().map(|region| DrTrigger { object: trigger.clone(), region: region.clone() });
+    let (health, records) = lab_routing(shape, &regions, &trigger);
     Config {
         cluster: "lab".into(),
         etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(net, ri)).collect() },
-        dns: DnsConfig { zone: "lab.meridian.internal.".into(), ..DnsConfig::default() },
-        failover: shape.failover.clone(),
+        dns: DnsConfig { zone: "lab.meridian.internal.".into(), records, ..DnsConfig::default() },
+        health,
+        proxy: ProxyConfig::default(),
+        object_store: ObjectStoreConfig { s3_endpoint: shape.s3_endpoint.clone(), s3_region: None },
+        failover,
         postgres: PostgresConfig {
             secrets_file: Some(PathBuf::from("secrets.toml")),
             bootstrap_sql: Some(PathBuf::from("bootstrap.sql")),
@@ -145,6 +170,53 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         regions,
         source: Some(dir.join("meridian.toml")),
     }
+}
+
+/// The lab's health checks and DNS records, the reference architecture in
+/// miniature: every node has a `postgres` check, and `app.<zone>` is a failover
+/// record whose primary (the first region's proxy) is guarded by an inverted
+/// `object-exists` check on the trigger object, so that uploading it switches
+/// `app` to the second region.
+fn lab_routing(shape: &LabShape, regions: &[Region], trigger: &str) -> (HealthConfig, Vec<DnsRecord>) {
+    let mut checks = vec![HealthCheck {
+        name: "dr-trigger".into(),
+        kind: CheckKind::ObjectExists,
+        target: Some(trigger.to_string()),
+        interval: Duration::from_millis(500),
+        timeout: Duration::from_secs(1),
+        failure_threshold: 2,
+        invert: true,
+        expect_status: None,
+        body_contains: None,
+        query: None,
+        max_lag: None,
+        children: Vec::new(),
+        min_healthy: None,
+    }];
+    for n in regions.iter().flat_map(|r| &r.nodes) {
+        checks.push(HealthCheck {
+            name: format!("node-{}", n.name),
+            kind: CheckKind::Postgres,
+            target: Some(n.address.to_string()),
+            interval: Duration::from_secs(2),
+            failure_threshold: 3,
+            invert: false,
+            max_lag: Some(LagBudget::Bytes(16 << 20)),
+            ..checks[0].clone()
+        });
+    }
+    let mut records = Vec::new();
+    if shape.regions.len() >= 2 {
+        let value = |ri: usize| regions[ri].gateway.writer.ip().to_string();
+        records.push(DnsRecord {
+            name: "app".into(),
+            record_type: RecordType::A,
+            ttl: None,
+            primary: RecordTarget { value: value(0), health_check: Some("dr-trigger".into()) },
+            secondary: Some(RecordTarget { value: value(1), health_check: None }),
+        });
+    }
+    (HealthConfig { healthy_share: crate::config::DEFAULT_HEALTHY_SHARE, checks }, records)
 }
 
 #[cfg(test)]

@@ -24,12 +24,22 @@ pub struct TestLab {
 impl TestLab {
     /// `lab up` with the given extra arguments; panics with the logs if it fails.
     pub fn up(net: u8, extra: &[&str]) -> TestLab {
+        TestLab::up_with_env(net, extra, &[])
+    }
+
+    /// `lab up` with extra arguments and environment (passed on to the lab's processes).
+    pub fn up_with_env(net: u8, extra: &[&str], env: &[(&str, &str)]) -> TestLab {
         let dir = tempfile::Builder::new().prefix("meridian-test-").tempdir_in("/tmp").expect("create a temp dir");
         let lab = TestLab { dir, net, expected_errors: Vec::new(), finished: false };
         let net_arg = net.to_string();
         let mut args = vec!["up", "--net", net_arg.as_str()];
         args.extend_from_slice(extra);
-        let out = lab.run_lab(&args);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("lab").args(&args).arg("--dir").arg(lab.path()).env("CI", "true");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run meridian lab");
         if !out.status.success() {
             panic!("lab up failed: {}\n{}", text(&out), lab.log_tails());
         }
@@ -92,6 +102,48 @@ impl TestLab {
             }
         }
         panic!("no node {node} in the lab");
+    }
+
+    /// A gateway address of `region`: `which` is api, dns, writer or reader.
+    pub fn gateway_addr(&self, region: &str, which: &str) -> (String, u16) {
+        let config: toml::Value = toml::from_str(&std::fs::read_to_string(self.config()).unwrap()).unwrap();
+        for r in config["region"].as_array().unwrap() {
+            if r["name"].as_str() == Some(region) {
+                let addr: std::net::SocketAddr = r["gateway"][which].as_str().unwrap().parse().unwrap();
+                return (addr.ip().to_string(), addr.port());
+            }
+        }
+        panic!("no region {region} in the lab");
+    }
+
+    /// Runs SQL as `app` through a region's proxy port (`writer` or `reader`).
+    pub fn try_psql_via(&self, region: &str, port: &str, sql: &str) -> Result<String, String> {
+        let (host, port) = self.gateway_addr(region, port);
+        run_psql(&host, port, "app", "app", Some(&self.path().join("pgpass")), sql)
+    }
+
+    /// `dig +short NAME` against a region's gateway, with the real dig; one line per answer.
+    pub fn dig(&self, region: &str, name: &str) -> Vec<String> {
+        let out = self.dig_raw(region, name, &["+short"]);
+        out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+    }
+
+    /// `dig NAME` against a region's gateway with extra options; the whole output.
+    pub fn dig_raw(&self, region: &str, name: &str, options: &[&str]) -> String {
+        let (ip, port) = self.gateway_addr(region, "dns");
+        let fqdn = if name.is_empty() {
+            "lab.meridian.internal.".to_string()
+        } else {
+            format!("{name}.lab.meridian.internal.")
+        };
+        let out = Command::new("dig")
+            .arg(format!("@{ip}"))
+            .args(["-p", &port.to_string(), "+time=1", "+tries=1"])
+            .args(options)
+            .arg(&fqdn)
+            .output()
+            .expect("run dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs SQL with the real psql as the lab's `app` role; returns its output or the error.
@@ -284,6 +336,8 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "the database system is starting up",
         "the database system is not yet accepting connections",
         "the database system is shutting down",
+        // What PostgreSQL says when a shutdown's SIGTERM meets a client still authenticating.
+        "canceling authentication due to timeout",
         "terminating connection due to administrator command",
         "terminating walreceiver process due to administrator command",
         "could not receive data from WAL stream",

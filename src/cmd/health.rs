@@ -33,7 +33,7 @@ pub fn render(s: &HealthStatus) -> String {
     }
     let _ = writeln!(out, "{:<24} {:<14} {:<10} WHY", "CHECK", "KIND", "STATUS");
     for c in &s.checks {
-        let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let kind = c.kind.to_string();
         let status = if c.healthy { "healthy" } else { "UNHEALTHY" };
         let _ = writeln!(out, "{:<24} {:<14} {:<10} {}", c.name, kind, status, c.reason);
         for o in &c.observers {

@@ -48,6 +48,18 @@ pub enum CheckKind {
     Calculated,
 }
 
+impl std::fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Postgres => "postgres",
+            CheckKind::ObjectExists => "object-exists",
+            CheckKind::Calculated => "calculated",
+        })
+    }
+}
+
 /// One `[[health.check]]`. Fields apply per kind; `validate` says which are missing or stray.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthCheck {
@@ -265,7 +277,7 @@ pub(super) fn validate(c: &Config, p: &mut Vec<Problem>) {
         }
         let calculated = k.kind == CheckKind::Calculated;
         match (&k.target, calculated) {
-            (None, false) => push(format!("{at}.target"), format!("missing: a {:?} check needs a target", k.kind)),
+            (None, false) => push(format!("{at}.target"), format!("missing: a {} check needs a target", k.kind)),
             (Some(_), true) => push(format!("{at}.target"), "a calculated check has children, not a target".into()),
             (Some(t), false) => {
                 if let Err(m) = check_target(k.kind, t) {
@@ -276,7 +288,7 @@ pub(super) fn validate(c: &Config, p: &mut Vec<Problem>) {
         }
         let stray = |field: &str, set: bool, allowed: &[CheckKind]| {
             (set && !allowed.contains(&k.kind))
-                .then(|| (format!("{at}.{field}"), format!("does not apply to a {:?} check", k.kind)))
+                .then(|| (format!("{at}.{field}"), format!("does not apply to a {} check", k.kind)))
         };
         let strays = [
             stray("expect_status", k.expect_status.is_some(), &[CheckKind::Http]),

@@ -155,3 +155,108 @@ fn secrets_file_must_not_be_readable_by_others() {
     assert_eq!(s.replication_password, "a");
     assert_eq!(format!("{s:?}"), "Secrets { .. }");
 }
+
+const ROUTING: &str = r#"
+[health]
+healthy_share = 0.18
+
+[[health.check]]
+name = "dr-trigger"
+kind = "object-exists"
+target = "s3://orders-dr/trigger"
+invert = true
+
+[[health.check]]
+name = "pg"
+kind = "postgres"
+target = "127.0.1.11:5432"
+max_lag = "16MB"
+
+[[health.check]]
+name = "either"
+kind = "calculated"
+children = ["dr-trigger", "pg"]
+min_healthy = "any"
+
+[[dns.record]]
+name = "app"
+primary = { value = "127.0.1.2", health_check = "dr-trigger" }
+secondary = { value = "127.0.2.2" }
+
+[failover.dr_trigger]
+object = "s3://orders-dr/trigger"
+region = "ap-northeast-1"
+"#;
+
+#[test]
+fn routing_sections_parse_with_defaults() {
+    let checked = Config::parse(&format!("{GOOD}{ROUTING}"));
+    assert_eq!(checked.problems, vec![]);
+    let c = checked.config.unwrap();
+    assert_eq!(c.health.checks.len(), 3);
+    assert_eq!(c.health.checks[0].failure_threshold, 3);
+    assert_eq!(c.health.checks[0].interval, Duration::from_secs(1));
+    assert_eq!(c.health.checks[2].min_healthy, Some(MinHealthy::Any));
+    assert_eq!(c.dns.records[0].record_type, RecordType::A);
+    assert_eq!(c.proxy.leader_wait, Duration::from_secs(15));
+    assert_eq!(c.failover.dr_trigger.as_ref().unwrap().region, "ap-northeast-1");
+}
+
+#[test]
+fn routing_mistakes_are_all_reported_with_their_paths() {
+    let bad = r#"
+[health]
+healthy_share = 1.5
+
+[[health.check]]
+name = "loop"
+kind = "calculated"
+children = ["loop", "missing"]
+min_healthy = 3
+
+[[health.check]]
+name = "t"
+kind = "tcp"
+target = "no-port"
+query = "SELECT 1"
+failure_threshold = 0
+
+[[health.check]]
+name = "t"
+kind = "http"
+target = "ftp://x"
+
+[[health.check]]
+name = "o"
+kind = "object-exists"
+
+[[dns.record]]
+name = "writer"
+primary = { value = "not-an-ip", health_check = "nope" }
+
+[failover.dr_trigger]
+object = "gs://bucket/key"
+region = "witness"
+"#;
+    let p = problems(&format!("{GOOD}{bad}"));
+    let expect = [
+        "health.healthy_share: must be at least 0 and below 1",
+        "health.check[0].children[1]: no check is named \"missing\"",
+        "health.check[0].min_healthy: must be between 1 and 2",
+        "health.check[0].children: \"loop\" depends on itself",
+        "health.check[1].target: \"no-port\" must be host:port",
+        "health.check[1].query: does not apply to a tcp check",
+        "health.check[1].failure_threshold: must be between 1 and 10",
+        "health.check[2].name: duplicate check name \"t\"",
+        "health.check[2].target: \"ftp://x\" must be an http:// URL",
+        "health.check[3].target: missing",
+        "dns.record[0].name: \"writer\" is answered by meridian itself",
+        "dns.record[0].primary.value: \"not-an-ip\" is not an IPv4 address",
+        "dns.record[0].primary.health_check: no check is named \"nope\"",
+        "failover.dr_trigger.object: \"gs://bucket/key\" is neither",
+        "failover.dr_trigger.region: \"witness\" has no database nodes",
+    ];
+    for e in expect {
+        assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+    }
+}

@@ -43,6 +43,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub object_store: ObjectStoreConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
     #[serde(rename = "region", default)]
     pub regions: Vec<Region>,
     /// Where the file was read from; relative paths in it resolve against its directory.
@@ -575,6 +577,8 @@ pub const MANAGED_SETTINGS: &[&str] = &[
     "hot_standby",
     "wal_level",
     "recovery_target_timeline",
+    // Set from [replication] synchronous.
+    "synchronous_standby_names",
 ];
 
 /// Passwords, kept out of the cluster file so it can be shared and committed.

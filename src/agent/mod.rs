@@ -212,6 +212,35 @@ impl Agent {
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
             self.record_optime(snapshot.as_ref()).await?;
             self.place_etcd_leader().await;
+            if let Some(s) = &snapshot {
+                self.apply_synchronous_standbys(s).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// On the primary: names the standbys commits wait for (`[replication]
+    /// synchronous`), among those that stream from it now, and reloads when
+    /// that changed. Without a view of etcd the set is left as it is: a
+    /// partitioned primary keeps waiting for its synchronous standby, so it
+    /// acknowledges nothing that a failover elsewhere would lose.
+    async fn apply_synchronous_standbys(&mut self, s: &Snapshot) -> Result<()> {
+        let me = self.server.node.clone();
+        let streaming: Vec<&str> = s
+            .members
+            .iter()
+            .filter(|m| {
+                m.role == Role::Replica
+                    && m.healthy
+                    && m.upstream.as_deref() == Some(me.as_str())
+                    && crate::cluster::now_ms().saturating_sub(m.updated_at_ms) <= crate::cluster::STALE_REPORT_MS
+            })
+            .map(|m| m.node.as_str())
+            .collect();
+        let names = crate::config::synchronous_standby_names(&self.config, &me, &streaming);
+        if self.server.set_synchronous_standby_names(names.as_deref())? {
+            tracing::info!("synchronous standbys: {}", names.as_deref().unwrap_or("none (asynchronous)"));
+            self.client().await?.batch_execute("SELECT pg_reload_conf()").await.context("reload the configuration")?;
         }
         Ok(())
     }
@@ -334,7 +363,8 @@ impl Agent {
         let server = self.server.clone();
         tokio::task::spawn_blocking(move || server.initdb()).await??;
         self.start(StartAs::Primary).await?;
-        let roles = files::roles_sql(&self.config, &self.secrets);
+        // No standby exists yet: commits must not wait for a synchronous one.
+        let roles = format!("SET synchronous_commit = local;\n{}", files::roles_sql(&self.config, &self.secrets));
         self.client().await?.batch_execute(&roles).await.context("create meridian's roles")?;
         if let Some(path) = &self.config.postgres.bootstrap_sql {
             let path = self.config.resolve(path);

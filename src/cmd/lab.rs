@@ -61,6 +61,9 @@ enum Sub {
         /// An S3-compatible endpoint for s3:// objects (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
         #[arg(long)]
         s3_endpoint: Option<String>,
+        /// [replication] synchronous: off, region or remote.
+        #[arg(long, default_value = "off")]
+        synchronous: crate::config::Synchronous,
     },
     /// Stop every process of the lab by pid and remove its directory.
     Down {
@@ -108,11 +111,20 @@ pub async fn run(args: Args) -> Result<i32> {
             trigger_object,
             dr_trigger_region,
             s3_endpoint,
+            synchronous,
         } => {
             let failover =
                 FailoverConfig { lease_ttl, within_region, cross_region, max_lag_on_failover, dr_trigger: None };
-            let shape =
-                LabShape { net, regions, nodes_per_region, failover, trigger_object, dr_trigger_region, s3_endpoint };
+            let shape = LabShape {
+                net,
+                regions,
+                nodes_per_region,
+                failover,
+                trigger_object,
+                dr_trigger_region,
+                s3_endpoint,
+                synchronous,
+            };
             crate::lab::up(&dir.dir, &shape).await?
         }
         Sub::Down { dir } => crate::lab::down(&dir.dir).await?,

@@ -209,6 +209,72 @@ pub struct ObjectStoreConfig {
     pub s3_region: Option<String>,
 }
 
+/// `[replication]`: how commits wait for standbys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplicationConfig {
+    #[serde(default)]
+    pub synchronous: Synchronous,
+}
+
+/// Which standbys a commit waits for: none, any one standby of the primary's
+/// own region, or any one standby in another region (zero loss when a whole
+/// region is lost, at the cost of a cross-region round trip per commit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Off,
+    Region,
+    Remote,
+}
+
+impl std::str::FromStr for Synchronous {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Synchronous::Off),
+            "region" => Ok(Synchronous::Region),
+            "remote" => Ok(Synchronous::Remote),
+            _ => Err(format!("{s:?} is not off, region or remote")),
+        }
+    }
+}
+
+impl std::fmt::Display for Synchronous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Synchronous::Off => "off",
+            Synchronous::Region => "region",
+            Synchronous::Remote => "remote",
+        })
+    }
+}
+
+/// `synchronous_standby_names` for `primary`: `ANY 1 (...)` over the
+/// standbys among `streaming` that the mode names (by application_name, which
+/// is the node name), or `None` when the mode is off or none of them streams.
+/// Only streaming standbys are named, so that a lost region makes the primary
+/// asynchronous instead of unavailable (Patroni's non-strict synchronous mode);
+/// while one is named, no commit is acknowledged before it has the WAL.
+pub fn synchronous_standby_names(config: &Config, primary: &str, streaming: &[&str]) -> Option<String> {
+    let (own, _) = config.node(primary).ok()?;
+    let mut names: Vec<String> = config
+        .nodes()
+        .filter(|(r, n)| {
+            n.name != primary
+                && streaming.contains(&n.name.as_str())
+                && match config.replication.synchronous {
+                    Synchronous::Off => false,
+                    Synchronous::Region => r.name == own.name,
+                    Synchronous::Remote => r.name != own.name,
+                }
+        })
+        .map(|(_, n)| format!("\"{}\"", n.name))
+        .collect();
+    names.sort();
+    (!names.is_empty()).then(|| format!("ANY 1 ({})", names.join(", ")))
+}
+
 /// `failover.dr_trigger`: the reference architecture's manual DR switch. When
 /// `object` appears, the gateways fail over to `region` (within the lag budget).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,6 +29,8 @@ pub struct LabShape {
     pub dr_trigger_region: Option<String>,
     /// An S3-compatible endpoint for `s3://` trigger objects.
     pub s3_endpoint: Option<String>,
+    /// `[replication] synchronous`.
+    pub synchronous: Synchronous,
 }
 
 impl Default for LabShape {
@@ -41,6 +43,7 @@ impl Default for LabShape {
             trigger_object: None,
             dr_trigger_region: None,
             s3_endpoint: None,
+            synchronous: Synchronous::Off,
         }
     }
 }
@@ -158,6 +161,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         health,
         proxy: ProxyConfig::default(),
         object_store: ObjectStoreConfig { s3_endpoint: shape.s3_endpoint.clone(), s3_region: None },
+        replication: ReplicationConfig { synchronous: shape.synchronous },
         failover,
         postgres: PostgresConfig {
             secrets_file: Some(PathBuf::from("secrets.toml")),

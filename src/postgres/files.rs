@@ -155,6 +155,23 @@ impl Server {
         Ok(())
     }
 
+    /// Sets `synchronous_standby_names` in postgresql.auto.conf (removes it
+    /// for `None`); returns whether the file changed. The caller reloads.
+    pub fn set_synchronous_standby_names(&self, names: Option<&str>) -> Result<bool> {
+        let path = self.data_dir.join("postgresql.auto.conf");
+        let old = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let mut new: String =
+            old.lines().filter(|l| !l.starts_with("synchronous_standby_names")).map(|l| format!("{l}\n")).collect();
+        if let Some(n) = names {
+            let _ = writeln!(new, "synchronous_standby_names = {}", quote(n));
+        }
+        if new == old {
+            return Ok(false);
+        }
+        self.write_private(&path, &new)?;
+        Ok(true)
+    }
+
     fn write_private(&self, path: &Path, text: &str) -> Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;

@@ -167,6 +167,9 @@ impl Server {
         cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.run_dir)
             .args(["-p", &self.address.port().to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            // Run at bootstrap, before any standby exists: with synchronous
+            // replication configured, a commit would wait for one forever.
+            .env("PGOPTIONS", "-c synchronous_commit=local")
             .stdin(file);
         run_logged(cmd, &format!("psql -f {}", path.display()), Duration::from_secs(300))
     }

@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod coord;
+pub mod drill;
 pub mod failover;
 pub mod gateway;
 pub mod lab;

@@ -2,6 +2,7 @@
 
 mod agent;
 mod config;
+mod drill;
 mod gateway;
 mod health;
 mod history;
@@ -51,6 +52,8 @@ pub enum Command {
     History(history::Args),
     /// Every health check: the aggregate and each gateway's verdict.
     Health(health::Args),
+    /// Run a workload, inject a fault, measure RTO and RPO, check consistency; write a report.
+    Drill(drill::Args),
     /// Run the agent of one node (owns its PostgreSQL).
     Agent(agent::Args),
     /// Run the gateway of one region (API, health checks, DNS, SQL proxy).
@@ -68,6 +71,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Verify(a) => verify::run(&config, a).await,
         Command::History(a) => history::run(&config, a).await,
         Command::Health(a) => health::run(&config, a).await,
+        Command::Drill(a) => drill::run(&config, a).await,
         Command::Switchover(a) => operations::switchover(&config, a).await,
         Command::Failover(a) => operations::failover(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,

@@ -1,0 +1,73 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::drill::scenario::Plan;
+use crate::drill::workload::Credentials;
+use crate::drill::DrillOptions;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// primary-node-kill, primary-region-kill, primary-region-partition, switchover,
+    /// dr-failover, replica-region-partition, etcd-member-loss, or random.
+    #[arg(long)]
+    scenario: Plan,
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Seed of `random`; the same seed gives the same sequence.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Concurrent writers (through every region's writer endpoint in turn).
+    #[arg(long, default_value_t = 4)]
+    writers: u32,
+    /// Inserts per second per writer; 0 for as fast as they are acknowledged.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Where drill.json and drill.html go (default: drill-report next to the cluster file).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The application role the workload logs in as (default: the lab's `app`);
+    /// its password comes from MERIDIAN_DRILL_PASSWORD, never the command line.
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long, default_value = "postgres")]
+    dbname: String,
+    /// The report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status when a round failed a check.
+const EXIT_FAILED: i32 = 3;
+
+pub async fn run(config_path: &Path, args: Args) -> Result<i32> {
+    let config = super::load_config(config_path)?;
+    anyhow::ensure!(args.rounds >= 1 && args.rounds <= 1000, "--rounds must be between 1 and 1000");
+    anyhow::ensure!((1..=64).contains(&args.writers), "--writers must be between 1 and 64");
+    anyhow::ensure!(args.rate >= 0.0 && args.rate <= 10_000.0, "--rate must be between 0 and 10000");
+    let credentials = match args.user {
+        Some(user) => {
+            let password = std::env::var("MERIDIAN_DRILL_PASSWORD")
+                .map_err(|_| anyhow::anyhow!("--user needs the password in MERIDIAN_DRILL_PASSWORD"))?;
+            Some(Credentials { user, password, dbname: args.dbname })
+        }
+        None => None,
+    };
+    let options = DrillOptions {
+        plan: args.scenario,
+        rounds: args.rounds,
+        seed: args.seed,
+        writers: args.writers,
+        rate: args.rate,
+        report_dir: Some(args.report.unwrap_or_else(|| crate::drill::default_report_dir(config_path))),
+        credentials,
+        progress: true,
+    };
+    let report = crate::drill::run(config, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(if report.passed() { 0 } else { EXIT_FAILED })
+}

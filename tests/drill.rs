@@ -1,0 +1,90 @@
+//! Short drills against real labs, as CI runs them: one round of a few
+//! scenarios, checking the report a person and a machine would read.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// `meridian drill ARGS --json` against the lab; returns (exit status, report).
+fn drill(lab: &TestLab, args: &[&str]) -> (i32, Value) {
+    let report_dir = lab.path().join("drill-report");
+    let mut all = vec!["drill", "--json", "--report", report_dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = lab.meridian(&all);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("drill printed no JSON ({e}): {}", text(&out)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn check<'a>(round: &'a Value, name: &str) -> &'a Value {
+    round["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no check {name:?} in {round}"))
+}
+
+#[test]
+fn switchover_and_node_kill_drills_pass_and_report() {
+    let mut lab = TestLab::up(86, &["--nodes-per-region", "2"]);
+    lab.expect_error("terminating connection due to unexpected postmaster exit");
+    let (code, report) = drill(&lab, &["--scenario", "switchover", "--writers", "3", "--rate", "40"]);
+    let round = &report["rounds"][0];
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(round["scenario"], "switchover");
+    assert_ne!(round["new_primary"], round["old_primary"]);
+    assert_eq!(round["missing_acknowledged"], 0, "a switchover loses nothing");
+    assert!(round["acknowledged"].as_u64().unwrap() > 100, "the workload wrote: {round}");
+    assert!(round["rto_ms"].as_u64().unwrap() < 10_000, "{round}");
+    for name in ["no split brain", "table checksums equal on every node", "one timeline everywhere", "replication reaches every node"] {
+        assert_eq!(check(round, name)["passed"], true, "{name}: {}", check(round, name));
+    }
+    let html = std::fs::read_to_string(lab.path().join("drill-report/drill.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("Round 1: switchover"), "the page has a timeline");
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(lab.path().join("drill-report/drill.json")).unwrap()).unwrap();
+    assert_eq!(json["summary"]["rounds"], 1);
+
+    let (code, report) = drill(&lab, &["--scenario", "primary-node-kill"]);
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
+    let round = &report["rounds"][0];
+    assert!(round["redundancy_ms"].as_u64().is_some(), "the killed node came back: {round}");
+    assert_eq!(report["summary"]["split_brain_rounds"], 0);
+    lab.finish();
+}
+
+#[test]
+fn synchronous_remote_loses_nothing_when_the_primary_region_is_cut_off() {
+    let mut lab = TestLab::up(87, &["--synchronous", "remote"]);
+    lab.expect_error("failed to");
+    let (code, report) = drill(&lab, &["--scenario", "primary-region-partition", "--writers", "3", "--rate", "40"]);
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
+    let round = &report["rounds"][0];
+    assert_eq!(report["synchronous"], "remote");
+    assert_eq!(round["missing_acknowledged"], 0, "synchronous = remote promises no loss here: {round}");
+    assert_eq!(round["wal_lost_bytes"], 0, "{round}");
+    assert_eq!(check(round, "no acknowledged write lost")["passed"], true);
+    lab.finish();
+}
+
+#[test]
+fn fault_scenarios_are_refused_outside_the_lab() {
+    // A copy of a lab's cluster file in a directory that is not a lab.
+    let lab = TestLab::up(88, &[]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = elsewhere.path().join("meridian.toml");
+    std::fs::copy(lab.config(), &config).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["drill", "--scenario", "primary-node-kill", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text_of(&out).contains("runs only against `meridian lab`"), "{}", text_of(&out));
+    let out = std::process::Command::new(BIN)
+        .args(["drill", "--scenario", "meteor", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(text_of(&out).contains("unknown scenario"), "{}", text_of(&out));
+    lab.finish();
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}

@@ -12,13 +12,18 @@ fn drill(lab: &TestLab, args: &[&str]) -> (i32, Value) {
     let mut all = vec!["drill", "--json", "--report", report_dir.to_str().unwrap()];
     all.extend_from_slice(args);
     let out = lab.meridian(&all);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("drill printed no JSON ({e}): {}", text(&out)));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drill printed no JSON ({e}): {}", text(&out)));
     (out.status.code().unwrap_or(-1), report)
 }
 
 fn check<'a>(round: &'a Value, name: &str) -> &'a Value {
-    round["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no check {name:?} in {round}"))
+    round["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name:?} in {round}"))
 }
 
 #[test]
@@ -33,7 +38,12 @@ fn switchover_and_node_kill_drills_pass_and_report() {
     assert_eq!(round["missing_acknowledged"], 0, "a switchover loses nothing");
     assert!(round["acknowledged"].as_u64().unwrap() > 100, "the workload wrote: {round}");
     assert!(round["rto_ms"].as_u64().unwrap() < 10_000, "{round}");
-    for name in ["no split brain", "table checksums equal on every node", "one timeline everywhere", "replication reaches every node"] {
+    for name in [
+        "no split brain",
+        "table checksums equal on every node",
+        "one timeline everywhere",
+        "replication reaches every node",
+    ] {
         assert_eq!(check(round, name)["passed"], true, "{name}: {}", check(round, name));
     }
     let html = std::fs::read_to_string(lab.path().join("drill-report/drill.html")).unwrap();

@@ -307,7 +307,15 @@ fn a_gateway_without_etcd_refuses_writer_connections() {
         }
     });
     assert!(refusal.contains("refusing rather than guessing"), "{refusal}");
-    assert!(lab.dig_raw("ap-south-1", "writer", &[]).contains("status: SERVFAIL"), "DNS cannot tell either");
+    // DNS re-judges staleness every 250 ms.
+    wait_until("DNS to answer SERVFAIL for writer", Duration::from_secs(2), || {
+        let out = lab.dig_raw("ap-south-1", "writer", &[]);
+        if out.contains("status: SERVFAIL") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
     // Reads still work on a known standby.
     let (recovery, addr) = landing(&lab, "ap-northeast-1", "reader").unwrap();
     assert!(recovery && addr == ip_of(&lab, "ap-northeast-1a"), "reader landed on {addr}");

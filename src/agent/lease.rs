@@ -71,7 +71,8 @@ impl LeaseKeeper {
             let lease = self.id();
             let sent = Instant::now();
             wait = retry;
-            match tokio::time::timeout(period, coord.renew_lease(lease)).await {
+            // Long enough for a cut-off member's timeout and a try on the next.
+            match tokio::time::timeout(self.ttl / 3, coord.renew_lease(lease)).await {
                 Ok(Ok(ttl)) if ttl > 0 => {
                     self.state.lock().unwrap().renewed_at = sent;
                     wait = period;
@@ -90,7 +91,7 @@ impl LeaseKeeper {
                     }
                 }
                 Ok(Err(e)) => tracing::warn!("failed to {e:#}"),
-                Err(_) => tracing::warn!("etcd did not answer a lease renewal within {period:?}"),
+                Err(_) => tracing::warn!("etcd did not answer a lease renewal within {:?}", self.ttl / 3),
             }
         }
     }

@@ -623,11 +623,13 @@ impl Agent {
         self.etcd_leader_checked = Some(Instant::now());
         let avoid: Vec<String> =
             self.config.region(&self.region).ok().and_then(|r| r.etcd.clone()).into_iter().collect();
-        if avoid.is_empty() {
-            return;
-        }
-        match self.coord.keep_etcd_leader_away(&avoid).await {
-            Ok(Some(to)) => tracing::info!("moved etcd leadership out of {} to {to}", self.region),
+        // Best of all in a witness region: then losing any database region,
+        // not only the primary's, costs no etcd election (which could delay
+        // the primary's lease renewals long enough to fence it).
+        let prefer: Vec<String> =
+            self.config.regions.iter().filter(|r| r.nodes.is_empty()).filter_map(|r| r.etcd.clone()).collect();
+        match self.coord.keep_etcd_leader_away(&avoid, &prefer).await {
+            Ok(Some(to)) => tracing::info!("moved etcd leadership to {to}, away from {}", self.region),
             Ok(None) => {}
             Err(e) => tracing::warn!("failed to {e:#}"),
         }

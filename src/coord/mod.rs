@@ -66,7 +66,10 @@ impl Coord {
     pub async fn connect(config: &Config) -> Result<Coord> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(1000))
-            .with_timeout(Duration::from_millis(1500))
+            // Short, so that a blackholed member costs one second before the
+            // next is tried: a primary's lease renewal must get through well
+            // within the fencing margin even when its preferred member is cut off.
+            .with_timeout(Duration::from_millis(1000))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_require_leader(true);
         let mut members = Vec::new();
@@ -375,19 +378,27 @@ impl Coord {
     }
 
     /// Moves etcd's leadership away from the members in `avoid` (the primary's
-    /// region), to the first member outside it. Losing a region that holds both
-    /// the primary and the etcd leader costs an etcd election first, and etcd
-    /// restarts every lease's TTL when a new leader takes over: the failover
-    /// would wait a whole TTL longer. Returns the new leader's name if it moved.
-    pub async fn keep_etcd_leader_away(&self, avoid: &[String]) -> Result<Option<String>> {
+    /// region), preferring the members in `prefer` (witness regions). Losing a
+    /// region that holds both the primary and the etcd leader costs an etcd
+    /// election first, and etcd restarts every lease's TTL when a new leader
+    /// takes over: the failover would wait a whole TTL longer. Returns the new
+    /// leader's name if it moved.
+    pub async fn keep_etcd_leader_away(&self, avoid: &[String], prefer: &[String]) -> Result<Option<String>> {
         let status = self.call("read etcd status", |mut c| async move { c.status().await }).await?;
         let members = self.call("list etcd members", |mut c| async move { c.member_list().await }).await?;
-        let in_avoided = |m: &etcd_client::Member| m.client_urls().iter().any(|u| avoid.contains(u));
+        let in_list = |m: &etcd_client::Member, list: &[String]| m.client_urls().iter().any(|u| list.contains(u));
         let Some(leader) = members.members().iter().find(|m| m.id() == status.leader()) else { return Ok(None) };
-        if !in_avoided(leader) {
-            return Ok(None);
-        }
-        let Some(target) = members.members().iter().find(|m| !in_avoided(m)) else { return Ok(None) };
+        let candidates: Vec<&etcd_client::Member> = members.members().iter().filter(|m| !in_list(m, avoid)).collect();
+        let preferred = candidates.iter().find(|m| in_list(m, prefer));
+        let target = match preferred {
+            Some(p) if p.id() != leader.id() => *p,
+            Some(_) => return Ok(None),
+            None if in_list(leader, avoid) => match candidates.first() {
+                Some(c) => *c,
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
         // MoveLeader must be sent to the current leader.
         let Some((_, client)) = self.members.iter().find(|(url, _)| leader.client_urls().contains(url)) else {
             return Ok(None);

@@ -63,7 +63,17 @@ pub async fn run(config_path: &Path, args: Args) -> Result<i32> {
         credentials,
         progress: true,
     };
-    let report = crate::drill::run(config, options).await?;
+    // Interrupted mid-round, the drill undoes its fault before it exits:
+    // a lab must not be left partitioned or with a region down.
+    let shutdown = super::shutdown_on_signal();
+    let report = tokio::select! {
+        r = crate::drill::run(config.clone(), options) => r?,
+        _ = shutdown.cancelled() => {
+            eprintln!("interrupted: undoing the fault (lab heal, lab start of every region)");
+            crate::drill::undo_faults(&config).await?;
+            return Ok(130);
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -16,11 +16,11 @@
 //! (`switchover`, `dr-failover`) run, through the gateways' API.
 
 pub mod analysis;
+mod checks;
 pub mod report;
 pub mod scenario;
 pub mod workload;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,31 @@ struct Drill {
     /// Rows of round n carry ids in `[(first_key + n - 1) * 10^12, ...)`, past
     /// every earlier drill's, so drills can run again on the same table.
     first_key: u32,
+}
+
+/// Undoes whatever fault an interrupted drill may have left in a lab: heals
+/// partitions and starts again what is not running, region by region.
+pub async fn undo_faults(config: &Config) -> Result<()> {
+    let Some(dir) = lab_dir(config) else { return Ok(()) };
+    let exe = std::env::current_exe().context("find the meridian binary")?;
+    let lab = |args: Vec<String>| {
+        let (exe, dir) = (exe.clone(), dir.clone());
+        async move {
+            let out = tokio::process::Command::new(exe).arg("lab").args(&args).arg("--dir").arg(dir).output().await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "lab {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            anyhow::Ok(())
+        }
+    };
+    lab(vec!["heal".into()]).await?;
+    for r in &config.regions {
+        lab(vec!["start".into(), r.name.clone()]).await?;
+    }
+    Ok(())
 }
 
 /// Runs the drill and returns its report; the caller decides the exit status.
@@ -513,82 +538,6 @@ impl Drill {
         candidates.sort_by_key(|r| !r.nodes.is_empty());
         candidates.first().map(|r| r.name.clone()).context("no etcd member outside the primary's region")
     }
-
-    async fn present_ids(&self, node: &str, round: u32) -> Result<BTreeSet<i64>> {
-        let (_, n) = self.config.node(node)?;
-        let client =
-            workload::connect(n.address, &self.credentials).await.map_err(|e| anyhow::anyhow!("{node}: {e}"))?;
-        let (lo, hi) = id_range(round);
-        let rows = client
-            .query("SELECT id FROM meridian_drill WHERE id >= $1 AND id < $2", &[&lo, &hi])
-            .await
-            .with_context(|| format!("read the drill's rows on {node}"))?;
-        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
-    }
-
-    /// Replication reaches every node (verify), every node holds the same rows,
-    /// and every node is on the primary's timeline.
-    async fn consistency(&self, round: u32) -> Vec<Check> {
-        let mut checks = Vec::new();
-        let verify: Result<crate::gateway::verify::VerifyReport> =
-            self.api.post("/v1/verify", &serde_json::json!({ "timeout_ms": 30_000 }), Duration::from_secs(40)).await;
-        match verify {
-            Ok(v) => checks.push(Check::new(
-                "replication reaches every node",
-                v.ok,
-                v.replicas
-                    .iter()
-                    .map(|r| match r.catch_up_ms {
-                        Some(ms) => format!("{} {ms:.0}ms", r.name),
-                        None => format!("{} {}", r.name, r.error.clone().unwrap_or_default()),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )),
-            Err(e) => checks.push(Check::new("replication reaches every node", false, format!("{e:#}"))),
-        }
-        let (lo, hi) = id_range(round);
-        let mut sums = Vec::new();
-        for (_, node) in self.config.nodes() {
-            let sum = async {
-                let c = workload::connect(node.address, &self.credentials).await.map_err(|e| anyhow::anyhow!(e))?;
-                let row = c
-                    .query_one(
-                        "SELECT count(*), coalesce(md5(string_agg(id::text, ',' ORDER BY id)), '') FROM meridian_drill WHERE id >= $1 AND id < $2",
-                        &[&lo, &hi],
-                    )
-                    .await?;
-                anyhow::Ok(format!("{} rows {}", row.get::<_, i64>(0), &row.get::<_, String>(1)))
-            }
-            .await
-            .unwrap_or_else(|e| format!("unreadable: {e:#}"));
-            sums.push((node.name.clone(), sum));
-        }
-        let equal = sums.windows(2).all(|w| w[0].1 == w[1].1) && !sums.iter().any(|(_, s)| s.starts_with("unreadable"));
-        checks.push(Check::new(
-            "table checksums equal on every node",
-            equal,
-            sums.iter().map(|(n, s)| format!("{n}: {s}")).collect::<Vec<_>>().join("; "),
-        ));
-        match self.status().await {
-            Ok(s) => {
-                let primary_tl = s.nodes.iter().find(|n| Some(&n.name) == s.primary.as_ref()).and_then(|n| n.timeline);
-                let same = s.nodes.iter().all(|n| n.timeline == primary_tl);
-                checks.push(Check::new(
-                    "one timeline everywhere",
-                    same,
-                    s.nodes.iter().map(|n| format!("{} {:?}", n.name, n.timeline)).collect::<Vec<_>>().join(", "),
-                ));
-            }
-            Err(e) => checks.push(Check::new("one timeline everywhere", false, format!("{e:#}"))),
-        }
-        checks
-    }
-}
-
-fn id_range(round: u32) -> (i64, i64) {
-    let lo = round as i64 * 1_000_000_000_000;
-    (lo, lo + 1_000_000_000_000)
 }
 
 /// The default report directory.

@@ -358,12 +358,13 @@ fn timeline_svg(r: &RoundReport) -> String {
         write!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"#8250df\" stroke-width=\"1.5\"/>", points.join(" "));
     for (k, e) in r.events.iter().enumerate() {
         let x = x_of(e.at_ms);
+        // Labels near the right edge run leftwards, so they are not cut off.
+        let (tx, anchor) = if x > w - 220.0 { (x - 3.0, "end") } else { (x + 3.0, "start") };
         let _ = write!(
             s,
             "<line x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#444\" stroke-dasharray=\"3,3\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#444\">{}</text>",
+             <text x=\"{tx:.1}\" y=\"{:.1}\" fill=\"#444\" text-anchor=\"{anchor}\">{}</text>",
             top + plot_h,
-            x + 3.0,
             top + 12.0 + (k % 4) as f64 * 12.0,
             esc(&e.what)
         );

@@ -31,6 +31,18 @@ fn landing(lab: &TestLab, region: &str, port: &str) -> Result<(bool, String), St
     Ok((recovery == "t", addr.to_string()))
 }
 
+/// Waits until `region`'s gateway answers `name` with exactly `want`.
+fn wait_for_answer(lab: &TestLab, region: &str, name: &str, want: &str, timeout: Duration) {
+    wait_until(&format!("{name}.<zone> from {region}'s gateway to answer {want}"), timeout, || {
+        let a = lab.dig(region, name);
+        if a == [want.to_string()] {
+            Ok(())
+        } else {
+            Err(format!("{a:?}"))
+        }
+    });
+}
+
 const REGIONS: [&str; 3] = ["ap-south-1", "ap-northeast-1", "witness"];
 
 #[test]
@@ -39,14 +51,7 @@ fn dns_and_proxy_follow_a_failover() {
     lab.expect_error("terminating connection due to unexpected postmaster exit");
     let primary = ip_of(&lab, PRIMARY);
     for region in REGIONS {
-        wait_until(&format!("writer.<zone> from {region}'s gateway"), Duration::from_secs(10), || {
-            let a = lab.dig(region, "writer");
-            if a == [primary.clone()] {
-                Ok(())
-            } else {
-                Err(format!("{a:?}"))
-            }
-        });
+        wait_for_answer(&lab, region, "writer", &primary, Duration::from_secs(10));
         assert_eq!(lab.dig(region, "reader.ap-south-1"), [ip_of(&lab, "ap-south-1b")]);
         assert_eq!(lab.dig(region, "reader.ap-northeast-1").len(), 2, "both standbys of the region");
         assert_eq!(lab.dig(region, "reader.witness"), std::slice::from_ref(&primary), "no standby there: the primary");
@@ -97,14 +102,7 @@ fn dns_and_proxy_follow_a_failover() {
     // (which needs its first report as primary), every gateway answers it.
     let since = Instant::now();
     for region in REGIONS {
-        wait_until(&format!("{region}'s gateway to answer the new primary"), Duration::from_secs(2), || {
-            let a = lab.dig(region, "writer");
-            if a == [new_primary.clone()] {
-                Ok(())
-            } else {
-                Err(format!("{a:?}"))
-            }
-        });
+        wait_for_answer(&lab, region, "writer", &new_primary, Duration::from_secs(2));
     }
     eprintln!("DNS caught up {:?} after status showed the new primary", since.elapsed());
     assert!(soa_serial(&lab, "witness") > serial_before, "the SOA serial must grow when an answer changes");
@@ -174,23 +172,9 @@ fn trigger_file_switches_dns_and_the_primary() {
     let lab = TestLab::up(82, &["--dr-trigger-region", "ap-northeast-1"]);
     let (first, _) = lab.gateway_addr("ap-south-1", "writer");
     let (second, _) = lab.gateway_addr("ap-northeast-1", "writer");
-    wait_until("app.<zone> to answer the first region", Duration::from_secs(15), || {
-        let a = lab.dig("witness", "app");
-        if a == [first.clone()] {
-            Ok(())
-        } else {
-            Err(format!("{a:?}"))
-        }
-    });
+    wait_for_answer(&lab, "witness", "app", &first, Duration::from_secs(15));
     std::fs::write(lab.path().join("dr/trigger"), "disaster declared by the test\n").unwrap();
-    wait_until("app.<zone> to answer the second region", Duration::from_secs(15), || {
-        let a = lab.dig("witness", "app");
-        if a == [second.clone()] {
-            Ok(())
-        } else {
-            Err(format!("{a:?}"))
-        }
-    });
+    wait_for_answer(&lab, "witness", "app", &second, Duration::from_secs(15));
     wait_until("ap-northeast-1a to be primary", Duration::from_secs(30), || {
         let s = lab.try_status()?;
         if s["primary"] == "ap-northeast-1a" {
@@ -265,16 +249,7 @@ fn trigger_object_on_s3_switches_dns_both_ways() {
     );
     let (first, _) = lab.gateway_addr("ap-south-1", "writer");
     let (second, _) = lab.gateway_addr("ap-northeast-1", "writer");
-    let answers = |want: &str| {
-        wait_until(&format!("app.<zone> to answer {want}"), Duration::from_secs(15), || {
-            let a = lab.dig("ap-northeast-1", "app");
-            if a == [want.to_string()] {
-                Ok(())
-            } else {
-                Err(format!("{a:?}"))
-            }
-        })
-    };
+    let answers = |want: &str| wait_for_answer(&lab, "ap-northeast-1", "app", want, Duration::from_secs(15));
     answers(&first);
     moto.s3("s3.put_object(Bucket='meridian-dr', Key='trigger', Body=b'failover')");
     answers(&second);

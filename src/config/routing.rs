@@ -87,6 +87,27 @@ pub struct HealthCheck {
     pub min_healthy: Option<MinHealthy>,
 }
 
+impl HealthCheck {
+    /// A check with every optional field at its default.
+    pub fn new(name: &str, kind: CheckKind, target: Option<String>) -> HealthCheck {
+        HealthCheck {
+            name: name.to_string(),
+            kind,
+            target,
+            interval: default_interval(),
+            timeout: default_timeout(),
+            failure_threshold: default_failure_threshold(),
+            invert: false,
+            expect_status: None,
+            body_contains: None,
+            query: None,
+            max_lag: None,
+            children: Vec::new(),
+            min_healthy: None,
+        }
+    }
+}
+
 fn default_interval() -> Duration {
     Duration::from_secs(1)
 }

@@ -79,15 +79,16 @@ pub fn readers(config: &Config, snap: &Snapshot, region: &str, max_lag: LagBudge
 pub type Verdicts = std::collections::BTreeMap<String, bool>;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::{Leader, Lsn, SwitchoverRequest};
     use crate::coord::LeaderEntry;
     use crate::lab::topology::{lab_config, LabShape};
 
-    const NOW: u64 = 1_000_000;
+    pub(crate) const NOW: u64 = 1_000_000;
 
-    fn member(node: &str, region: &str, role: Role, lag: u64) -> MemberStatus {
+    /// A fresh, healthy report at `NOW` (shared with the zone's tests).
+    pub(crate) fn member(node: &str, region: &str, role: Role, lag: u64) -> MemberStatus {
         MemberStatus {
             node: node.into(),
             region: region.into(),

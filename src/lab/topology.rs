@@ -183,30 +183,16 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
 /// `app` to the second region.
 fn lab_routing(shape: &LabShape, regions: &[Region], trigger: &str) -> (HealthConfig, Vec<DnsRecord>) {
     let mut checks = vec![HealthCheck {
-        name: "dr-trigger".into(),
-        kind: CheckKind::ObjectExists,
-        target: Some(trigger.to_string()),
         interval: Duration::from_millis(500),
-        timeout: Duration::from_secs(1),
         failure_threshold: 2,
         invert: true,
-        expect_status: None,
-        body_contains: None,
-        query: None,
-        max_lag: None,
-        children: Vec::new(),
-        min_healthy: None,
+        ..HealthCheck::new("dr-trigger", CheckKind::ObjectExists, Some(trigger.to_string()))
     }];
     for n in regions.iter().flat_map(|r| &r.nodes) {
         checks.push(HealthCheck {
-            name: format!("node-{}", n.name),
-            kind: CheckKind::Postgres,
-            target: Some(n.address.to_string()),
             interval: Duration::from_secs(2),
-            failure_threshold: 3,
-            invert: false,
             max_lag: Some(LagBudget::Bytes(16 << 20)),
-            ..checks[0].clone()
+            ..HealthCheck::new(&format!("node-{}", n.name), CheckKind::Postgres, Some(n.address.to_string()))
         });
     }
     let mut records = Vec::new();

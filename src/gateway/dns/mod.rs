@@ -49,7 +49,7 @@ pub async fn serve(
 ) -> Result<()> {
     let udp = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("bind DNS (UDP) on {addr}"))?;
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind DNS (TCP) on {addr}"))?;
-    let first = Arc::new(build(&config, &region, &View::default(), 0).1);
+    let first = Arc::new(served_zone(&config, &region, &current_names(&config, &View::default()), 0));
     let (tx, rx) = watch::channel(first);
     tokio::spawn(update(config, region, view, tx, shutdown.clone()));
     let mut server = hickory_server::Server::new(Handler { zone: rx });
@@ -71,15 +71,14 @@ async fn update(
     let mut serial = initial_serial();
     let mut last: Option<Names> = None;
     loop {
-        let current = view.borrow_and_update().clone();
-        let (names, _) = build(&config, &region, &current, serial);
+        let names = current_names(&config, &view.borrow_and_update());
+        // Records are built only when an answer changed.
         if last.as_ref() != Some(&names) {
             if last.is_some() {
                 serial = serial.wrapping_add(1);
             }
-            let (names, zone) = build(&config, &region, &current, serial);
             tracing::debug!("DNS zone serial {serial}");
-            tx.send_replace(Arc::new(zone));
+            tx.send_replace(Arc::new(served_zone(&config, &region, &names, serial)));
             last = Some(names);
         }
         tokio::select! {
@@ -95,13 +94,17 @@ fn initial_serial() -> u32 {
     (crate::cluster::now_ms() / 1000) as u32
 }
 
-fn build(config: &Config, region: &str, view: &View, serial: u32) -> (Names, ServedZone) {
-    let stale_after = config.failover.lease_ttl / 2;
-    let snap = view.fresh(stale_after);
+/// What every name answers now; a view older than half the lease TTL counts as none.
+fn current_names(config: &Config, view: &View) -> Names {
+    let snap = view.fresh(config.failover.lease_ttl / 2);
     let verdicts = snap
         .map(|s| aggregate(&config.health, &s.health).into_iter().map(|(k, v)| (k, v.healthy)).collect())
         .unwrap_or_default();
-    let names = zone::names(config, snap, &verdicts, crate::cluster::now_ms());
+    zone::names(config, snap, &verdicts, crate::cluster::now_ms())
+}
+
+/// The records to serve for `names`, with the SOA and NS set.
+fn served_zone(config: &Config, region: &str, names: &Names, serial: u32) -> ServedZone {
     let origin = Name::from_ascii(&config.dns.zone).expect("validated zone name");
     let ttl = config.dns.ttl.as_secs() as u32;
     let name = |n: &str| Name::from_ascii(n).expect("zone names are valid");
@@ -117,7 +120,7 @@ fn build(config: &Config, region: &str, view: &View, serial: u32) -> (Names, Ser
         .collect();
     let mut records = HashMap::new();
     let mut unknown = Vec::new();
-    for (n, answer) in &names {
+    for (n, answer) in names {
         let owner = name(n);
         let rdata: Vec<RData> = match &answer.entry {
             Entry::A(ips) => ips.iter().map(|ip| RData::A(A(*ip))).collect(),
@@ -131,7 +134,7 @@ fn build(config: &Config, region: &str, view: &View, serial: u32) -> (Names, Ser
         let recs = rdata.into_iter().map(|d| Record::from_rdata(owner.clone(), answer.ttl, d)).collect();
         records.insert(LowerName::from(owner), recs);
     }
-    (names, ServedZone { origin: LowerName::from(origin), soa, ns, records, unknown })
+    ServedZone { origin: LowerName::from(origin), soa, ns, records, unknown }
 }
 
 struct Handler {

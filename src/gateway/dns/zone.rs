@@ -109,31 +109,11 @@ fn fqdn(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{Leader, Lsn, MemberStatus, Role};
+    use crate::cluster::{Leader, Role};
     use crate::config::{DnsRecord, RecordTarget};
     use crate::coord::LeaderEntry;
+    use crate::gateway::routing::tests::{member, NOW};
     use crate::lab::topology::{lab_config, LabShape};
-
-    const NOW: u64 = 5_000_000;
-
-    fn member(node: &str, region: &str, role: Role) -> MemberStatus {
-        MemberStatus {
-            node: node.into(),
-            region: region.into(),
-            role,
-            timeline: Some(1),
-            write_lsn: Some(Lsn(1)),
-            flush_lsn: Some(Lsn(1)),
-            replay_lsn: Some(Lsn(1)),
-            lag_bytes: Some(0),
-            lag_seconds: Some(0.0),
-            upstream: None,
-            epoch_seen: 1,
-            healthy: true,
-            detail: None,
-            updated_at_ms: NOW,
-        }
-    }
 
     fn setup() -> (Config, Snapshot) {
         let config = lab_config(&LabShape::default(), std::path::Path::new("/tmp/lab"));
@@ -141,8 +121,8 @@ mod tests {
             epoch: 1,
             leader: Some(LeaderEntry { leader: Leader { node: "ap-south-1a".into(), epoch: 1 }, lease: 7 }),
             members: vec![
-                member("ap-south-1a", "ap-south-1", Role::Primary),
-                member("ap-northeast-1a", "ap-northeast-1", Role::Replica),
+                member("ap-south-1a", "ap-south-1", Role::Primary, 0),
+                member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 0),
             ],
             ..Snapshot::default()
         };

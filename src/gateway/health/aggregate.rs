@@ -83,24 +83,9 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn check(name: &str, kind: CheckKind) -> HealthCheck {
-        HealthCheck {
-            name: name.into(),
-            kind,
-            target: None,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            failure_threshold: 3,
-            invert: false,
-            expect_status: None,
-            body_contains: None,
-            query: None,
-            max_lag: None,
-            children: Vec::new(),
-            min_healthy: None,
-        }
+        HealthCheck::new(name, kind, None)
     }
 
     fn report(check: &str, observer: &str, healthy: bool) -> HealthReport {

@@ -206,7 +206,7 @@ struct Moto {
 impl Moto {
     fn start() -> Moto {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("python3")
+        let child = Command::new(PYTHON)
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -225,7 +225,7 @@ impl Moto {
             "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
             self.endpoint
         );
-        let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+        let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
         assert!(out.status.success(), "boto3: {}", text(&out));
     }
 }

@@ -13,6 +13,10 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
 
+/// The Python that has moto and boto3: scripts/setup makes this environment
+/// with Debian's python3, which refuses `pip install` into the system (PEP 668).
+pub const PYTHON: &str = "/opt/meridian/venv/bin/python3";
+
 pub struct TestLab {
     pub dir: tempfile::TempDir,
     pub net: u8,

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{Epoch, HistoryEntry, Lsn, MemberStatus, Optime, PromotionKind, Role, SwitchoverRequest};
 use crate::config::{Config, Secrets};
 use crate::coord::{Coord, Snapshot};
-use crate::failover::{self, Action, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
+use crate::failover::{self, Action, AfterRewindFailure, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
 use crate::postgres::files::{self, StartAs};
 use crate::postgres::spawner::Spawner;
 use crate::postgres::Server;
@@ -42,6 +42,10 @@ const CRASH_WINDOW: Duration = Duration::from_secs(300);
 const ETCD_LEADER_CHECK: Duration = Duration::from_secs(5);
 /// A standby not streaming for this long, on a timeline behind the leader's, is rewound.
 const STALL_AFTER: Duration = Duration::from_secs(5);
+/// How long an upstream has to answer before a rewind against it is tried.
+const UPSTREAM_PROBE: Duration = Duration::from_secs(2);
+/// After a failed rewind, the copy runs as a standby this long before the next try.
+const REWIND_RETRY: Duration = Duration::from_secs(10);
 
 /// The running postmaster and how it was started.
 struct Running {
@@ -79,6 +83,8 @@ struct Agent {
     watchdog: watchdog::Watchdog,
     /// When the primary last checked where etcd's leader is.
     etcd_leader_checked: Option<Instant>,
+    /// After a failed rewind: not before this instant again.
+    rewind_retry_at: Option<Instant>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -90,6 +96,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let api = tokio::net::TcpListener::bind(node_cfg.api)
         .await
         .with_context(|| format!("bind the agent API on {}", node_cfg.api))?;
+    server.recover_swap()?;
     server.prepare_dirs()?;
 
     let coord = Coord::connect(&config).await?;
@@ -124,6 +131,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         not_streaming_since: None,
         leaderless_since_ms: None,
         etcd_leader_checked: None,
+        rewind_retry_at: None,
         watchdog: watchdog::Watchdog::start(lease.clone(), shutdown.clone()),
         lease,
     };
@@ -277,6 +285,7 @@ impl Agent {
                         lsn: m.write_lsn.or(m.replay_lsn)?,
                         replay_lsn: m.replay_lsn?,
                         lag_seconds: m.lag_seconds,
+                        timeline: m.timeline,
                         reported_at_ms: m.updated_at_ms,
                     })
                 })
@@ -593,24 +602,69 @@ impl Agent {
     }
 
     /// Rewinds a server whose history diverged from the leader's, then follows it.
-    /// If pg_rewind cannot (WAL gone, say), the node is copied afresh instead.
+    ///
+    /// The local data may be the best copy left (the leader can hang right
+    /// after a failover), so it is never thrown away for an upstream that does
+    /// not answer: the rewind waits until the upstream answers, a rewind that
+    /// fails to talk to it is retried later with the server running again as a
+    /// standby (still a failover candidate), and only a divergence pg_rewind
+    /// proves it cannot repair leads to a fresh copy, made beside this one.
     async fn rejoin(&mut self, upstream: &str) -> Result<()> {
         let (name, addr) = self.upstream(upstream)?;
+        if self.rewind_retry_at.is_some_and(|t| Instant::now() < t) {
+            self.detail = Some(format!("a rewind against {name} failed; retrying shortly, keeping this copy"));
+            return self.keep_serving((name, addr)).await;
+        }
+        if !crate::postgres::answers(addr, UPSTREAM_PROBE).await {
+            self.detail = Some(format!(
+                "{name} does not answer within {UPSTREAM_PROBE:?}; keeping this copy, rewinding once it does"
+            ));
+            return self.keep_serving((name, addr)).await;
+        }
         self.set_starting(&format!("rewinding to follow {name}"));
         self.stop().await;
         self.server.clear_stale_lock()?;
         let server = self.server.clone();
         let user = self.config.postgres.replication_user.clone();
-        match tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? {
-            Ok(()) => {
+        let Err(e) = tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? else {
+            self.fenced = false;
+            self.rewind_retry_at = None;
+            return self.start(StartAs::Standby { upstream: Some((name, addr)) }).await;
+        };
+        self.rewind_retry_at = Some(Instant::now() + REWIND_RETRY);
+        match failover::after_rewind_failure(&format!("{e:#}")) {
+            AfterRewindFailure::KeepAndRetry => {
+                tracing::warn!("failed to rewind ({e:#}); keeping this copy and retrying in {REWIND_RETRY:?}");
+                self.keep_serving((name, addr)).await
+            }
+            AfterRewindFailure::FreshCopy => {
+                tracing::error!(
+                    "failed to rewind ({e:#}); this copy cannot follow {name}: making a fresh copy beside it"
+                );
+                // The old copy serves reads (and stays a candidate) while the new one is made.
+                if let Err(e) = self.keep_serving((name.clone(), addr)).await {
+                    tracing::warn!("failed to restart the old copy while copying ({e:#})");
+                }
+                self.set_starting(&format!("copying a base backup from {name} beside the current data"));
+                let server = self.server.clone();
+                let user = self.config.postgres.replication_user.clone();
+                tokio::task::spawn_blocking(move || server.copy_beside(addr, &user)).await??;
+                self.stop().await;
+                self.server.swap_in_copy()?;
                 self.fenced = false;
+                self.rewind_retry_at = None;
                 self.start(StartAs::Standby { upstream: Some((name, addr)) }).await
             }
-            Err(e) => {
-                tracing::error!("failed to rewind ({e:#}); copying a fresh base backup from {name} instead");
-                self.empty_data_dir()
-            }
         }
+    }
+
+    /// Makes sure the local copy runs as a standby of `upstream` (it may have
+    /// been stopped for a rewind), so it serves reads and reports its position.
+    async fn keep_serving(&mut self, upstream: (String, std::net::SocketAddr)) -> Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        self.start(StartAs::Standby { upstream: Some(upstream) }).await
     }
 
     /// Every few seconds, the primary makes sure etcd's leader is not in its own

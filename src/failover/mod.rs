@@ -12,6 +12,9 @@
 //! preferred region, then the first name. Only the best tries to take
 //! `leader`; etcd's transaction makes sure at most one succeeds per epoch.
 
+mod rewind;
+pub use rewind::{after_rewind_failure, AfterRewindFailure};
+
 use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, SwitchoverRequest};
 use crate::config::{FailoverMode, LagBudget};
 
@@ -41,6 +44,8 @@ pub struct Candidate {
     /// replayed must be replayed before a new primary accepts writes.
     pub replay_lsn: Lsn,
     pub lag_seconds: Option<f64>,
+    /// The timeline it replays; None when unknown.
+    pub timeline: Option<u32>,
     /// When its agent wrote the report (ms since the epoch).
     pub reported_at_ms: u64,
 }
@@ -274,7 +279,17 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
     let last = &furthest(last, candidates);
     let mut refusals = Vec::new();
     let mut eligible: Vec<&Candidate> = Vec::new();
+    // A copy on an older timeline than another candidate's may have diverged
+    // (a former primary whose rewind has not succeeded yet): promoting it
+    // could discard what the newer timeline acknowledged.
+    let newest_timeline = candidates.iter().filter_map(|c| c.timeline).max();
     for c in candidates {
+        if let (Some(mine), Some(newest)) = (c.timeline, newest_timeline) {
+            if mine < newest {
+                refusals.push(format!("{}: on timeline {mine}, older than another candidate's {newest}", c.node));
+                continue;
+            }
+        }
         let same_region = c.region == last.region;
         let mode = if same_region { policy.within_region } else { policy.cross_region };
         if mode == FailoverMode::Manual {

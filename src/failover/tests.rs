@@ -50,6 +50,7 @@ fn cand(node: &str, region: &str, priority: u32, lsn: u64) -> Candidate {
         lsn: Lsn(lsn),
         replay_lsn: Lsn(lsn),
         lag_seconds: Some(0.5),
+        timeline: Some(1),
         reported_at_ms: 2000,
     }
 }
@@ -219,6 +220,16 @@ fn failover_picks_the_most_advanced_then_the_preferred_region_then_the_name() {
         ("equal WAL: the preferred region", vec![cand("c", "r2", 2, 9_900), cand("b", "r1", 1, 9_900)], "b"),
         ("equal WAL and region: the first name", vec![cand("c", "r1", 1, 9_900), cand("b", "r1", 1, 9_900)], "b"),
         ("beyond the budget is never chosen", vec![cand("b", "r1", 1, 8_000), cand("c", "r2", 2, 9_100)], "c"),
+        (
+            // b is a former primary on timeline 1 whose rewind has not succeeded: its
+            // extra WAL may have diverged from timeline 2.
+            "an older timeline is never chosen, however much WAL",
+            vec![
+                Candidate { timeline: Some(1), ..cand("b", "r1", 1, 9_999) },
+                Candidate { timeline: Some(2), ..cand("c", "r2", 2, 9_500) },
+            ],
+            "c",
+        ),
     ];
     for (what, candidates, want) in cases {
         let shared = leaderless(candidates.clone());

@@ -257,6 +257,7 @@ pub async fn failover_to_region(
             lsn: received,
             replay_lsn: best.replay_lsn.unwrap_or_default(),
             lag_seconds: best.lag_seconds,
+            timeline: best.timeline,
             reported_at_ms: best.updated_at_ms,
         };
         let last = failover::LastPrimary { node: String::new(), region: String::new(), lsn: reference };

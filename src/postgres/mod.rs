@@ -17,6 +17,7 @@
 //! PostgreSQL refuses to run as root: when meridian runs as root, every
 //! PostgreSQL program runs as `postgres.os_user` with a cleared environment.
 
+mod copy;
 pub mod files;
 pub mod spawner;
 pub mod status;
@@ -306,6 +307,23 @@ impl Server {
             }
         }
     }
+}
+
+/// Whether a PostgreSQL server at `addr` answers at all within `timeout`: it
+/// replies to an SSLRequest (any reply byte counts). A hung server (stopped,
+/// or stuck on its storage) still accepts TCP connections into the kernel's
+/// backlog, so a connect alone proves nothing; nothing answers this, though.
+pub async fn answers(addr: SocketAddr, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        // Length 8, then the SSLRequest code 80877103.
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut reply = [0u8; 1];
+        s.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
 }
 
 /// Runs a PostgreSQL utility to completion; on failure the error carries its output.

@@ -1,0 +1,92 @@
+//! A fresh copy of the leader's data, made beside the old one.
+//!
+//! The old data directory may be the last good copy of the database (the
+//! leader it would be replaced from can hang or die mid-copy), so it is kept
+//! until the new copy is complete:
+//!
+//! ```text
+//! <data_dir>.new/   pg_basebackup writes here
+//! <data_dir>.old/   the previous copy, only between the two renames of the swap
+//! ```
+//!
+//! `recover_swap` runs before the agent looks at its data directory, so a
+//! crash at any point leaves one complete copy in `<data_dir>`: an unfinished
+//! `.new` is removed, an `.old` left by an interrupted swap is put back if
+//! `<data_dir>` is missing and removed if the swap had finished.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{files, run_logged, Server};
+
+impl Server {
+    fn sibling(&self, suffix: &str) -> PathBuf {
+        let mut name = self.data_dir.file_name().unwrap_or_default().to_os_string();
+        name.push(suffix);
+        self.data_dir.with_file_name(name)
+    }
+
+    /// Copies `source`'s data into `<data_dir>.new`; the current data
+    /// directory is not touched, and a server may keep running on it. On
+    /// failure `.new` is removed.
+    pub fn copy_beside(&self, source: SocketAddr, replication_user: &str) -> Result<()> {
+        let new = self.sibling(".new");
+        remove_if_present(&new)?;
+        std::fs::create_dir_all(&new).with_context(|| format!("create {}", new.display()))?;
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod {}", new.display()))?;
+        self.chown(&new)?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&new)
+            .arg("-d")
+            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.node))
+            .args(["-X", "stream", "--checkpoint=fast", "--no-password"]);
+        if let Err(e) = run_logged(cmd, "pg_basebackup", Duration::from_secs(600)) {
+            remove_if_present(&new)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Puts the copy `copy_beside` made in place of the data directory; the
+    /// server must be stopped.
+    pub fn swap_in_copy(&self) -> Result<()> {
+        let (new, old) = (self.sibling(".new"), self.sibling(".old"));
+        remove_if_present(&old)?;
+        if self.data_dir.exists() {
+            std::fs::rename(&self.data_dir, &old).with_context(|| format!("move {} aside", self.data_dir.display()))?;
+        }
+        std::fs::rename(&new, &self.data_dir).with_context(|| format!("move {} into place", new.display()))?;
+        remove_if_present(&old)?;
+        tracing::info!("swapped a fresh copy into {}", self.data_dir.display());
+        Ok(())
+    }
+
+    /// Finishes or undoes a swap a crash interrupted (see the module docs).
+    pub fn recover_swap(&self) -> Result<()> {
+        let (new, old) = (self.sibling(".new"), self.sibling(".old"));
+        if old.exists() {
+            if self.data_dir.exists() {
+                remove_if_present(&old)?;
+            } else {
+                tracing::warn!("an interrupted swap left {}; putting it back", old.display());
+                std::fs::rename(&old, &self.data_dir).with_context(|| format!("move {} back", old.display()))?;
+            }
+        }
+        remove_if_present(&new)
+    }
+}
+
+fn remove_if_present(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}

@@ -54,7 +54,13 @@ impl LeaseKeeper {
     /// etcd cannot have expired the lease yet, with a third of the TTL to spare
     /// for stopping PostgreSQL.
     pub fn is_fresh(&self) -> bool {
-        self.state.lock().unwrap().renewed_at.elapsed() < self.ttl - self.ttl / 3
+        Instant::now() < self.fresh_until()
+    }
+
+    /// Until when the lease is provably alive: two thirds into the TTL after
+    /// the last successful renewal was sent.
+    pub fn fresh_until(&self) -> Instant {
+        self.state.lock().unwrap().renewed_at + (self.ttl - self.ttl / 3)
     }
 
     async fn renew_loop(self, coord: Coord, shutdown: CancellationToken) {

@@ -28,6 +28,7 @@ use crate::coord::{Coord, Snapshot};
 use crate::failover::{self, Action, AfterRewindFailure, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
 use crate::postgres::files::{self, StartAs};
 use crate::postgres::spawner::Spawner;
+use crate::postgres::supervisor::FENCED_EXIT;
 use crate::postgres::Server;
 use lease::LeaseKeeper;
 
@@ -427,18 +428,20 @@ impl Agent {
         self.set_starting("starting PostgreSQL");
         self.server.write_files(&self.config, &self.secrets, &start)?;
         self.server.clear_stale_lock()?;
-        let cmd = self.server.postmaster_command()?;
-        let child = self.spawner.spawn(cmd).await.context("start postgres")?;
+        let cmd = self.server.supervised_postmaster_command()?;
+        let mut child = self.spawner.spawn(cmd).await.context("start postgres")?;
         let pid = child.id();
+        self.watchdog.attach(child.stdin.take().context("the supervisor's order pipe")?);
+        if start == StartAs::Primary {
+            // Armed before the server can accept a write.
+            self.watchdog.guard();
+        }
         // Registered before waiting: shutdown stops it, and reap() records an exit as a crash.
         let running = self.running.insert(Running { child, start: start.clone(), client: None });
         let client =
             self.server.wait_ready(|| matches!(running.child.try_wait(), Ok(None)), Duration::from_secs(120)).await?;
         running.client = Some(client);
-        if start == StartAs::Primary {
-            self.watchdog.guard(pid);
-        }
-        tracing::info!("PostgreSQL running as {} (pid {pid})", describe(&start));
+        tracing::info!("PostgreSQL running as {} (supervisor pid {pid})", describe(&start));
         self.detail = None;
         Ok(())
     }
@@ -480,14 +483,22 @@ impl Agent {
         };
         self.epoch_seen = self.epoch_seen.max(epoch);
         tracing::info!("promoting to primary of epoch {epoch}: {reason}");
+        let watchdog = self.watchdog.clone();
         let client = self.client().await?;
         let lsn: Option<String> = client
             .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
             .await
             .context("read the received WAL position")?
             .get(0);
-        let promoted: bool =
-            client.query_one("SELECT pg_promote(true, 60)", &[]).await.context("promote PostgreSQL")?.get(0);
+        // Armed before the server can accept a write; a failed promotion disarms below.
+        watchdog.guard();
+        let promoted: bool = match client.query_one("SELECT pg_promote(true, 60)", &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                watchdog.release();
+                return Err(e).context("promote PostgreSQL");
+            }
+        };
         if !promoted {
             bail!("pg_promote did not finish within 60s; see {}", self.server.log_path().display());
         }
@@ -499,7 +510,6 @@ impl Agent {
         self.ensure_slots().await?;
         if let Some(r) = self.running.as_mut() {
             r.start = StartAs::Primary;
-            self.watchdog.guard(r.child.id());
         }
         self.fenced = false;
         let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
@@ -772,14 +782,17 @@ impl Agent {
     fn reap(&mut self) {
         let Some(r) = self.running.as_mut() else { return };
         match r.child.try_wait() {
-            Ok(Some(status)) if self.watchdog.take_fired() => {
-                tracing::info!("PostgreSQL stopped by the fencing watchdog ({status})");
+            Ok(Some(status)) if status.code() == Some(FENCED_EXIT) => {
+                tracing::warn!(
+                    "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"
+                );
+                self.watchdog.detach();
                 self.running = None;
                 self.fenced = true;
             }
             Ok(Some(status)) => {
                 tracing::error!("PostgreSQL exited unexpectedly ({status}); see {}", self.server.log_path().display());
-                self.watchdog.release();
+                self.watchdog.detach();
                 self.running = None;
                 let now = Instant::now();
                 self.crashes.push_back(now);
@@ -807,6 +820,7 @@ impl Agent {
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = r.child.try_wait() {
                     tracing::info!("PostgreSQL stopped");
+                    self.watchdog.detach();
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

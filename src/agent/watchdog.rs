@@ -1,70 +1,108 @@
-//! The fencing watchdog: the last line of defence against two writable nodes.
+//! Fencing: keeps the postmaster's supervisor told how long the leader lease
+//! is provably alive.
 //!
-//! The HA loop fences a primary whose lease is stale, but the loop can be
-//! slow exactly when it matters: cut off from etcd, each etcd request waits
-//! for its timeout on every member in turn. So this task, which does no I/O
-//! but a signal, checks the lease's freshness every 100 ms and stops a
-//! primary's postmaster at once (SIGQUIT: PostgreSQL's immediate shutdown)
-//! when the lease can no longer be proven alive. That is two thirds into the
-//! TTL, measured from when the last successful renewal was sent, so it always
-//! happens before etcd can expire the lease and let another node be promoted.
+//! The supervisor (`postgres::supervisor`, its own process) stops a primary's
+//! server when the deadline it was last given passes, so fencing no longer
+//! depends on this agent being scheduled: a frozen, deadlocked or starved
+//! agent stops sending, and the server stops at the last deadline. That
+//! deadline is two thirds into the TTL, measured from when the last
+//! successful renewal was sent, so it always comes before etcd can expire the
+//! lease and let another node be promoted. Every 100 ms, while the server runs
+//! read-write, this task sends the current deadline (`arm`); a standby is
+//! `disarm`ed.
+//!
+//! The pipe to the supervisor stays open for as long as the server runs,
+//! standby or not: its end of input tells the supervisor the agent is gone.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::ChildStdin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use super::lease::LeaseKeeper;
+use crate::postgres::supervisor::{monotonic_ns, Order};
 
-const CHECK_EVERY: Duration = Duration::from_millis(100);
+const FEED_EVERY: Duration = Duration::from_millis(100);
 
-/// Shared between the agent and its watchdog task.
-#[derive(Clone, Default)]
+#[derive(Default)]
+struct Pipe {
+    /// The supervisor's stdin, while a server runs.
+    orders: Option<ChildStdin>,
+    /// The server runs read-write: send deadlines.
+    armed: bool,
+}
+
+/// Shared between the agent and its feeding task.
+#[derive(Clone)]
 pub struct Watchdog {
-    /// The postmaster's pid while it runs read-write; 0 otherwise.
-    primary_pid: Arc<AtomicU32>,
-    /// Set when the watchdog stopped the server, so its exit is not taken for a crash.
-    fired: Arc<AtomicBool>,
+    pipe: Arc<Mutex<Pipe>>,
+    lease: LeaseKeeper,
 }
 
 impl Watchdog {
     pub fn start(lease: LeaseKeeper, shutdown: CancellationToken) -> Watchdog {
-        let w = Watchdog::default();
+        let w = Watchdog { pipe: Arc::default(), lease };
         let task = w.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(CHECK_EVERY) => {}
+                    _ = tokio::time::sleep(FEED_EVERY) => {}
                 }
-                let pid = task.primary_pid.load(Ordering::SeqCst);
-                if pid != 0 && !lease.is_fresh() {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid as i32, libc::SIGQUIT) };
-                    task.primary_pid.store(0, Ordering::SeqCst);
-                    task.fired.store(true, Ordering::SeqCst);
-                    tracing::warn!(
-                        "fencing: the leader lease was not renewed in time; stopped PostgreSQL (pid {pid}) immediately"
-                    );
-                }
+                task.feed();
             }
         });
         w
     }
 
-    /// The server runs read-write from now on.
-    pub fn guard(&self, postmaster: u32) {
-        self.primary_pid.store(postmaster, Ordering::SeqCst);
+    /// A new server runs under a supervisor listening on `orders`; disarmed.
+    pub fn attach(&self, orders: ChildStdin) {
+        // Never block the agent on a full pipe: a supervisor that does not read
+        // would fence anyway, and this task must keep running.
+        // SAFETY: fcntl on a pipe we own.
+        unsafe {
+            let fd = orders.as_raw_fd();
+            libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK);
+        }
+        *self.pipe.lock().unwrap() = Pipe { orders: Some(orders), armed: false };
+    }
+
+    /// The server is gone: closes the pipe.
+    pub fn detach(&self) {
+        *self.pipe.lock().unwrap() = Pipe::default();
+    }
+
+    /// The server runs read-write from now on: deadlines start at once.
+    pub fn guard(&self) {
+        self.pipe.lock().unwrap().armed = true;
+        self.feed();
     }
 
     /// The server no longer runs read-write.
     pub fn release(&self) {
-        self.primary_pid.store(0, Ordering::SeqCst);
+        let mut pipe = self.pipe.lock().unwrap();
+        pipe.armed = false;
+        send(&mut pipe, Order::Disarm);
     }
 
-    /// Whether the watchdog stopped the server since the last call.
-    pub fn take_fired(&self) -> bool {
-        self.fired.swap(false, Ordering::SeqCst)
+    fn feed(&self) {
+        let mut pipe = self.pipe.lock().unwrap();
+        if pipe.armed {
+            let left = self.lease.fresh_until().saturating_duration_since(Instant::now());
+            send(&mut pipe, Order::Arm { deadline_ns: monotonic_ns() + left.as_nanos() as u64 });
+        }
+    }
+}
+
+fn send(pipe: &mut Pipe, order: Order) {
+    let Some(orders) = pipe.orders.as_mut() else { return };
+    match orders.write_all(order.line().as_bytes()) {
+        Ok(()) => {}
+        // Full: the supervisor is behind; the next feed carries a newer deadline.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => tracing::warn!("failed to send the supervisor {order:?}: {e}"),
     }
 }

@@ -21,6 +21,7 @@ mod copy;
 pub mod files;
 pub mod spawner;
 pub mod status;
+pub mod supervisor;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -241,6 +242,35 @@ impl Server {
             .with_context(|| format!("open {}", self.log_path().display()))?;
         self.chown(&self.log_path())?;
         cmd.stdout(log.try_clone()?).stderr(log);
+        Ok(cmd)
+    }
+
+    /// The postmaster under its supervisor (see `supervisor`): the supervisor
+    /// runs as the agent's user (so it can always run this binary), with the
+    /// server's environment and log; it switches to the server's user for the
+    /// postmaster. Its stdin is the pipe the agent sends fencing orders on.
+    pub fn supervised_postmaster_command(&self) -> Result<Command> {
+        let pm = self.postmaster_command()?;
+        // /proc/self/exe, not current_exe(): the binary may have been replaced
+        // on disk (a rebuild) while this agent runs.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("meridian").arg(supervisor::SUBCOMMAND);
+        if let Some((uid, gid)) = self.os_ids {
+            cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+        }
+        cmd.arg("--").arg(pm.get_program()).args(pm.get_args());
+        cmd.env_clear();
+        for (k, v) in pm.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd.current_dir(&self.run_dir);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("open {}", self.log_path().display()))?;
+        cmd.stdin(Stdio::piped()).stdout(log.try_clone()?).stderr(log);
         Ok(cmd)
     }
 

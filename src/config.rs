@@ -107,6 +107,20 @@ pub struct FailoverConfig {
     pub max_lag_on_failover: LagBudget,
     /// The trigger object of the manual DR switch, if used.
     pub dr_trigger: Option<DrTrigger>,
+    /// How long the primary's own server may take to commit a probe
+    /// transaction before the agent takes it for hung, stops it and gives up
+    /// `leader`. Default: half the lease TTL (see `probe_timeout`).
+    #[serde(default, with = "humantime_serde::option")]
+    pub primary_probe_timeout: Option<Duration>,
+}
+
+impl FailoverConfig {
+    /// The primary's self-probe bound: short enough that a hung primary is
+    /// replaced within the TTL and a few seconds, long enough that a busy disk
+    /// is not taken for a hung one.
+    pub fn probe_timeout(&self) -> Duration {
+        self.primary_probe_timeout.unwrap_or(self.lease_ttl / 2)
+    }
 }
 
 impl Default for FailoverConfig {
@@ -117,6 +131,7 @@ impl Default for FailoverConfig {
             cross_region: FailoverMode::Automatic,
             max_lag_on_failover: default_lag_budget(),
             dr_trigger: None,
+            primary_probe_timeout: None,
         }
     }
 }
@@ -390,6 +405,14 @@ impl Config {
         }
         if self.failover.lease_ttl < Duration::from_secs(2) {
             push("failover.lease_ttl".into(), "must be at least 2s (etcd lease granularity is one second)".into());
+        }
+        if let Some(t) = self.failover.primary_probe_timeout {
+            if t < Duration::from_millis(200) || t >= self.failover.lease_ttl {
+                push(
+                    "failover.primary_probe_timeout".into(),
+                    format!("{t:?} must be at least 200ms and below lease_ttl ({:?})", self.failover.lease_ttl),
+                );
+            }
         }
         for (i, n) in self.postgres.client_networks.iter().enumerate() {
             if parse_cidr(n).is_none() {

@@ -18,6 +18,10 @@ struct State {
     lease: LeaseId,
     /// When the last successful renewal (or the grant) was sent.
     renewed_at: Instant,
+    /// Set when the agent gave the lease up (its primary hung): no renewal
+    /// until etcd has certainly expired it, so `leader` goes with it even if
+    /// releasing it fails.
+    abandoned: bool,
 }
 
 /// A shared view of the agent's lease.
@@ -41,7 +45,7 @@ impl LeaseKeeper {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         };
-        let keeper = LeaseKeeper { state: Arc::new(Mutex::new(State { lease, renewed_at })), ttl };
+        let keeper = LeaseKeeper { state: Arc::new(Mutex::new(State { lease, renewed_at, abandoned: false })), ttl };
         let k = keeper.clone();
         tokio::spawn(async move { k.renew_loop(coord, shutdown).await });
         Some(keeper)
@@ -59,8 +63,19 @@ impl LeaseKeeper {
 
     /// Until when the lease is provably alive: two thirds into the TTL after
     /// the last successful renewal was sent.
+    /// An abandoned lease is not fresh: nothing may rely on it any more.
     pub fn fresh_until(&self) -> Instant {
-        self.state.lock().unwrap().renewed_at + (self.ttl - self.ttl / 3)
+        let state = self.state.lock().unwrap();
+        if state.abandoned {
+            return state.renewed_at;
+        }
+        state.renewed_at + (self.ttl - self.ttl / 3)
+    }
+
+    /// Stops renewing the current lease; a new one is granted once etcd has
+    /// certainly expired it (a TTL and a second after the last renewal was sent).
+    pub fn abandon(&self) {
+        self.state.lock().unwrap().abandoned = true;
     }
 
     async fn renew_loop(self, coord: Coord, shutdown: CancellationToken) {
@@ -73,6 +88,16 @@ impl LeaseKeeper {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+            }
+            {
+                let mut state = self.state.lock().unwrap();
+                if state.abandoned {
+                    if state.renewed_at.elapsed() < self.ttl + Duration::from_secs(1) {
+                        wait = retry;
+                        continue;
+                    }
+                    state.abandoned = false; // the renewal below finds it expired and grants anew
+                }
             }
             let lease = self.id();
             let sent = Instant::now();
@@ -90,7 +115,7 @@ impl LeaseKeeper {
                     let sent = Instant::now();
                     match coord.grant_lease(self.ttl).await {
                         Ok(id) => {
-                            *self.state.lock().unwrap() = State { lease: id, renewed_at: sent };
+                            *self.state.lock().unwrap() = State { lease: id, renewed_at: sent, abandoned: false };
                             wait = period;
                         }
                         Err(e) => tracing::warn!("failed to {e:#}"),

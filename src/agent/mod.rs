@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod lease;
+mod probe;
 mod report;
 pub mod watchdog;
 
@@ -86,6 +87,9 @@ struct Agent {
     etcd_leader_checked: Option<Instant>,
     /// After a failed rewind: not before this instant again.
     rewind_retry_at: Option<Instant>,
+    /// Set by the self-probe when the primary's server hung (see `probe`);
+    /// cleared once `leader` is released after the server is gone.
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -115,6 +119,9 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     });
     tokio::spawn(publish_loop(coord.clone(), lease.clone(), latest_rx, shutdown.clone()));
 
+    let watchdog = watchdog::Watchdog::start(lease.clone(), shutdown.clone());
+    let probe_timeout = config.failover.probe_timeout();
+    let hung = probe::start(server.clone(), watchdog.clone(), lease.clone(), probe_timeout, shutdown.clone());
     let mut agent = Agent {
         config,
         secrets,
@@ -133,7 +140,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         leaderless_since_ms: None,
         etcd_leader_checked: None,
         rewind_retry_at: None,
-        watchdog: watchdog::Watchdog::start(lease.clone(), shutdown.clone()),
+        watchdog,
+        hung,
         lease,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
@@ -208,6 +216,9 @@ impl Agent {
                 (None, None) => Some(crate::cluster::now_ms()),
             };
         }
+        if self.release_after_hang(snapshot.as_ref()).await {
+            return Ok(()); // the snapshot predates the release: look again
+        }
         let view = self.view(snapshot.as_ref());
         let action = failover::decide(&view);
         // A detail describes the current situation only; actions set it anew.
@@ -226,6 +237,25 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Once the supervisor has stopped a hung primary's server, `leader` is
+    /// released so a standby takes over now rather than when the abandoned
+    /// lease expires.
+    async fn release_after_hang(&mut self, snapshot: Option<&Snapshot>) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.hung.load(Ordering::SeqCst) || self.running.is_some() {
+            return false;
+        }
+        let me = self.server.node.clone();
+        if let Some(l) = snapshot.and_then(|s| s.leader.as_ref()).filter(|l| l.leader.node == me) {
+            match self.coord.release_leader(&me, l.leader.epoch).await {
+                Ok(_) => tracing::warn!("released leader of epoch {} after the server hung", l.leader.epoch),
+                Err(e) => tracing::warn!("failed to {e:#}; leader expires with the abandoned lease"),
+            }
+        }
+        self.hung.store(false, Ordering::SeqCst);
+        true
     }
 
     /// On the primary: names the standbys commits wait for (`[replication]
@@ -783,9 +813,13 @@ impl Agent {
         let Some(r) = self.running.as_mut() else { return };
         match r.child.try_wait() {
             Ok(Some(status)) if status.code() == Some(FENCED_EXIT) => {
-                tracing::warn!(
-                    "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"
-                );
+                if self.hung.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::warn!("fencing: the supervisor stopped the hung server");
+                } else {
+                    tracing::warn!(
+                        "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"
+                    );
+                }
                 self.watchdog.detach();
                 self.running = None;
                 self.fenced = true;

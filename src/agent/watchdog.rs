@@ -81,6 +81,20 @@ impl Watchdog {
         self.feed();
     }
 
+    /// Stops the server now: the deadline is in the past.
+    pub fn fence_now(&self) {
+        let mut pipe = self.pipe.lock().unwrap();
+        if pipe.armed {
+            // Unarmed without a `disarm`: no later deadline may overtake this one.
+            pipe.armed = false;
+            send(&mut pipe, Order::Arm { deadline_ns: 0 });
+        }
+    }
+
+    pub fn is_armed(&self) -> bool {
+        self.pipe.lock().unwrap().armed
+    }
+
     /// The server no longer runs read-write.
     pub fn release(&self) {
         let mut pipe = self.pipe.lock().unwrap();
@@ -97,12 +111,15 @@ impl Watchdog {
     }
 }
 
+/// Orders are shorter than PIPE_BUF, so a write is all or nothing.
 fn send(pipe: &mut Pipe, order: Order) {
     let Some(orders) = pipe.orders.as_mut() else { return };
     match orders.write_all(order.line().as_bytes()) {
         Ok(()) => {}
         // Full: the supervisor is behind; the next feed carries a newer deadline.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        // It exited (it stopped the server); the HA loop reaps it.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => pipe.orders = None,
         Err(e) => tracing::warn!("failed to send the supervisor {order:?}: {e}"),
     }
 }

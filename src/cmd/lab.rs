@@ -113,8 +113,14 @@ pub async fn run(args: Args) -> Result<i32> {
             s3_endpoint,
             synchronous,
         } => {
-            let failover =
-                FailoverConfig { lease_ttl, within_region, cross_region, max_lag_on_failover, dr_trigger: None };
+            let failover = FailoverConfig {
+                lease_ttl,
+                within_region,
+                cross_region,
+                max_lag_on_failover,
+                dr_trigger: None,
+                primary_probe_timeout: None,
+            };
             let shape = LabShape {
                 net,
                 regions,

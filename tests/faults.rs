@@ -1,0 +1,146 @@
+//! Faults of a bad day that are not a clean death: a frozen agent and a hung
+//! server. Each test watches every node through direct connections.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const NODES: [&str; 4] = ["ap-south-1a", "ap-south-1b", "ap-northeast-1a", "ap-northeast-1b"];
+
+/// One pass over every node: tries an insert on each, directly. Returns the
+/// nodes that acknowledged it (a standby refuses; a stopped or hung server
+/// does not answer within psql's connect timeout).
+fn writable_now(lab: &TestLab, id: u64) -> Vec<&'static str> {
+    NODES
+        .iter()
+        .copied()
+        .filter(|n| lab.try_psql(n, &format!("INSERT INTO probe VALUES ({id}, '{n}')")).is_ok())
+        .collect()
+}
+
+/// Every pid of a node's PostgreSQL: the postmaster and its children.
+fn server_pids(lab: &TestLab, node: &str) -> Vec<i32> {
+    let pm = postmaster_pid(lab, node) as i32;
+    let mut pids = vec![pm];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if ppid == Some(pm) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal(pids: &[i32], sig: i32) {
+    for &p in pids {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(p, sig) };
+    }
+}
+
+/// Samples every node until a node other than `old` has acknowledged writes
+/// for `settle`, or `deadline` passes. Panics on two writable nodes in one
+/// pass, or on an acknowledgement by `old` after another node's first one.
+/// Returns when the first write was acknowledged elsewhere, from `start`.
+fn watch_failover(lab: &TestLab, old: &str, start: Instant, settle: Duration, deadline: Duration) -> Duration {
+    let mut id = 1_000_000;
+    let mut new_since: Option<Duration> = None;
+    while start.elapsed() < deadline {
+        id += 1;
+        let acked = writable_now(lab, id);
+        assert!(acked.len() <= 1, "split brain {:?} after the fault: {acked:?} all acknowledged writes", start.elapsed());
+        match acked.first() {
+            Some(&n) if n == old => {
+                assert!(new_since.is_none(), "{old} acknowledged a write after another node became the primary")
+            }
+            Some(_) => {
+                let since = *new_since.get_or_insert(start.elapsed());
+                if start.elapsed() - since >= settle {
+                    return since;
+                }
+            }
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no other node took writes within {deadline:?} of the fault");
+}
+
+fn wait_for_replica(lab: &TestLab, name: &str, timeout: Duration) {
+    wait_until(&format!("{name} to be a healthy replica"), timeout, || {
+        let s = lab.try_status()?;
+        let n = node(&s, name);
+        if n["role"] == "replica" && n["healthy"] == true {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        }
+    });
+}
+
+#[test]
+fn a_frozen_primary_agent_is_fenced_by_its_supervisor_without_split_brain() {
+    let mut lab = TestLab::up(92, &["--nodes-per-region", "2"]);
+    lab.expect_error("cannot execute INSERT in a read-only transaction");
+    lab.expect_error("terminating connection due to administrator command");
+    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text)");
+    lab.wait_rows("ap-south-1b", "probe", 0, Duration::from_secs(10));
+    let agent = pid_of(&lab, "agent-ap-south-1a") as i32;
+    let start = Instant::now();
+    signal(&[agent], libc::SIGSTOP);
+    let first_new = watch_failover(&lab, "ap-south-1a", start, Duration::from_secs(5), Duration::from_secs(30));
+    eprintln!("frozen agent: first write elsewhere {first_new:?} after the freeze");
+    signal(&[agent], libc::SIGCONT);
+    wait_for_replica(&lab, "ap-south-1a", Duration::from_secs(40));
+    let s = lab.status();
+    assert_eq!(s["epoch"], 2, "{s}");
+    let primary = s["primary"].as_str().unwrap().to_string();
+    // Everything the new primary acknowledged reached the old one once it followed.
+    let on_primary = lab.psql(&primary, "SELECT count(*) FROM probe");
+    lab.wait_rows("ap-south-1a", "probe", on_primary.parse().unwrap(), Duration::from_secs(10));
+    lab.finish();
+}
+
+#[test]
+fn a_hung_primary_is_replaced_and_every_standby_keeps_its_data() {
+    let mut lab = TestLab::up(93, &["--nodes-per-region", "2"]);
+    lab.expect_error("cannot execute INSERT in a read-only transaction");
+    lab.expect_error("did not commit a probe transaction");
+    lab.expect_error("failed to list replication slots");
+    lab.expect_error("failed to read");
+    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text)");
+    for n in &NODES[1..] {
+        lab.wait_rows(n, "probe", 0, Duration::from_secs(10));
+    }
+    let pids = server_pids(&lab, "ap-south-1a");
+    assert!(pids.len() > 3, "a postmaster and its processes: {pids:?}");
+    let start = Instant::now();
+    signal(&pids, libc::SIGSTOP);
+    let hang = Duration::from_secs(20);
+    let standby_data = |n: &str| lab.path().join("nodes").join(n).join("data").join("PG_VERSION");
+    let first_new = watch_failover(&lab, "ap-south-1a", start, Duration::from_secs(3), hang);
+    eprintln!("hung primary: first write elsewhere {first_new:?} after the hang");
+    // lease TTL (6 s) + 3 s
+    assert!(first_new <= Duration::from_secs(9), "write gap {first_new:?} for a hung primary");
+    while start.elapsed() < hang {
+        for n in &NODES[1..] {
+            assert!(standby_data(n).exists(), "{n} lost its data {:?} into the hang", start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&pids, libc::SIGCONT);
+    wait_for_replica(&lab, "ap-south-1a", Duration::from_secs(60));
+    let s = lab.status();
+    assert_eq!(s["epoch"], 2, "{s}");
+    let primary = s["primary"].as_str().unwrap().to_string();
+    let on_primary: u64 = lab.psql(&primary, "SELECT count(*) FROM probe").parse().unwrap();
+    assert!(on_primary > 0);
+    for n in NODES {
+        lab.wait_rows(n, "probe", on_primary, Duration::from_secs(15));
+    }
+    lab.finish();
+}

@@ -128,6 +128,19 @@ pub fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
+/// The processes whose parent is `pid`, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // The fourth field, after the parenthesised command name (which may hold spaces).
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
+}
+
 /// Waits until every pid is gone; returns the ones still alive at the deadline.
 pub async fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
     let deadline = Instant::now() + timeout;
@@ -144,6 +157,8 @@ pub async fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
 pub async fn stop_all(pids: &[u32], grace: Duration) {
     for pid in pids {
         signal(*pid, libc::SIGTERM);
+        // A stopped (frozen) process handles SIGTERM only once continued.
+        signal(*pid, libc::SIGCONT);
     }
     let left = wait_gone(pids, grace).await;
     for pid in &left {

@@ -61,6 +61,27 @@ fn switchover_and_node_kill_drills_pass_and_report() {
 }
 
 #[test]
+fn frozen_agent_and_hung_primary_drills_keep_every_promise() {
+    let mut lab = TestLab::up(94, &["--nodes-per-region", "2"]);
+    lab.expect_error("terminating connection due to");
+    lab.expect_error("did not commit a probe transaction");
+    lab.expect_error("failed to");
+    for scenario in ["primary-agent-freeze", "primary-hang"] {
+        let (code, report) = drill(&lab, &["--scenario", scenario, "--writers", "3", "--rate", "40"]);
+        assert_eq!(code, 0, "{scenario}: {}", serde_json::to_string_pretty(&report).unwrap());
+        let round = &report["rounds"][0];
+        assert_eq!(round["scenario"], scenario);
+        assert_ne!(round["new_primary"], round["old_primary"], "{scenario}: {round}");
+        for name in ["no split brain", "every standby kept its data", "one timeline everywhere"] {
+            assert_eq!(check(round, name)["passed"], true, "{scenario}: {name}: {}", check(round, name));
+        }
+        // lease TTL (6 s) + 3 s
+        assert!(round["rto_ms"].as_u64().unwrap() <= 9_000, "{scenario}: {round}");
+    }
+    lab.finish();
+}
+
+#[test]
 fn synchronous_remote_loses_nothing_when_the_primary_region_is_cut_off() {
     let mut lab = TestLab::up(87, &["--synchronous", "remote"]);
     lab.expect_error("failed to");

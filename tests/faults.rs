@@ -52,7 +52,11 @@ fn watch_failover(lab: &TestLab, old: &str, start: Instant, settle: Duration, de
     while start.elapsed() < deadline {
         id += 1;
         let acked = writable_now(lab, id);
-        assert!(acked.len() <= 1, "split brain {:?} after the fault: {acked:?} all acknowledged writes", start.elapsed());
+        assert!(
+            acked.len() <= 1,
+            "split brain {:?} after the fault: {acked:?} all acknowledged writes",
+            start.elapsed()
+        );
         match acked.first() {
             Some(&n) if n == old => {
                 assert!(new_since.is_none(), "{old} acknowledged a write after another node became the primary")

@@ -78,6 +78,12 @@ impl LeaseKeeper {
         self.state.lock().unwrap().abandoned = true;
     }
 
+    /// Renews the lease again: what it had to take with it is gone already
+    /// (`leader` was released), and the member report lives under it too.
+    pub fn resume(&self) {
+        self.state.lock().unwrap().abandoned = false;
+    }
+
     async fn renew_loop(self, coord: Coord, shutdown: CancellationToken) {
         // Renew four times per TTL; after a failure, retry quickly: one lost
         // renewal (an etcd election, say) must not let the lease go stale.

@@ -250,9 +250,14 @@ impl Agent {
         let me = self.server.node.clone();
         if let Some(l) = snapshot.and_then(|s| s.leader.as_ref()).filter(|l| l.leader.node == me) {
             match self.coord.release_leader(&me, l.leader.epoch).await {
-                Ok(_) => tracing::warn!("released leader of epoch {} after the server hung", l.leader.epoch),
+                Ok(_) => {
+                    tracing::warn!("released leader of epoch {} after the server hung", l.leader.epoch);
+                    self.lease.resume();
+                }
                 Err(e) => tracing::warn!("failed to {e:#}; leader expires with the abandoned lease"),
             }
+        } else if snapshot.is_some() {
+            self.lease.resume(); // leader is not ours (any more): nothing to take with the lease
         }
         self.hung.store(false, Ordering::SeqCst);
         true

@@ -88,6 +88,20 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// SIGSTOP a node's agent (agent:NODE) or its PostgreSQL with every child (postgres:NODE): a hang, not a death.
+    Freeze {
+        /// agent:NODE or postgres:NODE.
+        target: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// SIGCONT what `freeze` stopped (agent:NODE or postgres:NODE).
+    Thaw {
+        /// agent:NODE or postgres:NODE.
+        target: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Start again what of a node or region is not running, and wait until it is back.
     Start {
         /// A node or region name, or etcd:REGION / gateway:REGION.
@@ -138,6 +152,8 @@ pub async fn run(args: Args) -> Result<i32> {
         Sub::Start { target, dir } => crate::lab::start(&dir.dir, &target).await?,
         Sub::Partition { region, dir } => crate::lab::partition(&dir.dir, &region).await?,
         Sub::Heal { dir } => crate::lab::heal(&dir.dir).await?,
+        Sub::Freeze { target, dir } => crate::lab::freeze(&dir.dir, &target).await?,
+        Sub::Thaw { target, dir } => crate::lab::thaw(&dir.dir, &target).await?,
     }
     Ok(0)
 }

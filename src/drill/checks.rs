@@ -2,7 +2,10 @@
 //! has, and whether every node holds the same data on the same timeline.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use anyhow::{Context, Result};
 
@@ -85,5 +88,50 @@ impl Drill {
             Err(e) => checks.push(Check::new("one timeline everywhere", false, format!("{e:#}"))),
         }
         checks
+    }
+}
+
+/// Watches, every 200 ms from the fault until the round's end, that no
+/// standby's data directory loses its copy (`PG_VERSION` stays): automation
+/// must never remove the last good copy, whatever the primary does.
+pub struct DataWatch {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl DataWatch {
+    pub fn start(dirs: Vec<(String, PathBuf)>) -> DataWatch {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut lost: Vec<String> = Vec::new();
+            loop {
+                for (node, dir) in &dirs {
+                    if !lost.contains(node) && !dir.join("PG_VERSION").exists() {
+                        lost.push(node.clone());
+                    }
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return lost,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+        DataWatch { stop, task }
+    }
+
+    pub async fn check(self) -> Check {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(lost) if lost.is_empty() => {
+                Check::new("every standby kept its data", true, "PG_VERSION present throughout".into())
+            }
+            Ok(lost) => Check::new(
+                "every standby kept its data",
+                false,
+                format!("data directory emptied on {}", lost.join(", ")),
+            ),
+            Err(e) => Check::new("every standby kept its data", false, format!("the watch failed: {e}")),
+        }
     }
 }

@@ -107,10 +107,18 @@ pub async fn undo_faults(config: &Config) -> Result<()> {
         }
     };
     lab(vec!["heal".into()]).await?;
+    for (_, n) in config.nodes() {
+        lab(vec!["thaw".into(), format!("agent:{}", n.name)]).await?;
+        lab(vec!["thaw".into(), format!("postgres:{}", n.name)]).await?;
+    }
     for r in &config.regions {
         lab(vec!["start".into(), r.name.clone()]).await?;
     }
     Ok(())
+}
+
+fn primary_timeline(s: &ClusterStatus) -> Option<u32> {
+    s.nodes.iter().find(|n| Some(&n.name) == s.primary.as_ref()).and_then(|n| n.timeline)
 }
 
 /// Runs the drill and returns its report; the caller decides the exit status.
@@ -216,13 +224,20 @@ impl Drill {
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
             match self.status().await {
-                Ok(s) if s.primary.is_some() && s.nodes.iter().all(|n| n.healthy) => return Ok(s),
+                // Full redundancy: every node healthy and on the primary's timeline
+                // (a standby that just started may not report one yet).
+                Ok(s)
+                    if s.primary.is_some()
+                        && s.nodes.iter().all(|n| n.healthy && n.timeline == primary_timeline(&s)) =>
+                {
+                    return Ok(s)
+                }
                 Ok(s) => {
                     last = s
                         .nodes
                         .iter()
-                        .filter(|n| !n.healthy)
-                        .map(|n| format!("{} {}", n.name, n.role))
+                        .filter(|n| !n.healthy || n.timeline != primary_timeline(&s))
+                        .map(|n| format!("{} {} timeline {:?}", n.name, n.role, n.timeline))
                         .collect::<Vec<_>>()
                         .join(", ");
                     if s.primary.is_none() {
@@ -269,6 +284,16 @@ impl Drill {
         let workload = Workload::start(self.spec(key, &old_primary));
         // Warm up: every writer connected and acknowledging.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // The standbys' copies must survive whatever the fault does to the primary.
+        let data_watch = self.lab.is_some().then(|| {
+            let dirs = self
+                .config
+                .nodes()
+                .filter(|(_, n)| n.name != old_primary)
+                .map(|(_, n)| (n.name.clone(), self.config.resolve(&n.data_dir)))
+                .collect();
+            checks::DataWatch::start(dirs)
+        });
         let fault_ms = now_ms();
         let outcome = self.inject(scenario, &before, &old_primary, &old_region, &mut events).await;
         let recovered = match outcome {
@@ -298,6 +323,9 @@ impl Drill {
             failure.get_or_insert(format!("{e:#}"));
         }
         checks.push(Check::new("recovered", failure.is_none(), failure.clone().unwrap_or_else(|| "yes".into())));
+        if let Some(w) = data_watch {
+            checks.push(w.check().await);
+        }
         let after = self.status().await.ok();
         let new_primary = after.as_ref().and_then(|s| s.primary.clone());
         let history: Vec<HistoryEntry> =
@@ -447,6 +475,14 @@ impl Drill {
                 self.lab(&["kill", &format!("etcd:{region}")]).await?;
                 format!("killed the etcd member of {region}")
             }
+            Scenario::PrimaryAgentFreeze => {
+                self.lab(&["freeze", &format!("agent:{old_primary}")]).await?;
+                format!("froze the agent of {old_primary} (SIGSTOP)")
+            }
+            Scenario::PrimaryHang => {
+                self.lab(&["freeze", &format!("postgres:{old_primary}")]).await?;
+                format!("hung the PostgreSQL of {old_primary} (SIGSTOP of every process)")
+            }
             Scenario::Switchover => {
                 let target = before
                     .nodes
@@ -519,6 +555,8 @@ impl Drill {
                 let region = self.etcd_region_away_from(old_region)?;
                 self.lab(&["start", &format!("etcd:{region}")]).await
             }
+            Scenario::PrimaryAgentFreeze => self.lab(&["thaw", &format!("agent:{old_primary}")]).await,
+            Scenario::PrimaryHang => self.lab(&["thaw", &format!("postgres:{old_primary}")]).await,
             Scenario::Switchover | Scenario::DrFailover => Ok(()),
         }
     }

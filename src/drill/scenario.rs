@@ -16,9 +16,11 @@ pub enum Scenario {
     DrFailover,
     ReplicaRegionPartition,
     EtcdMemberLoss,
+    PrimaryAgentFreeze,
+    PrimaryHang,
 }
 
-pub const ALL: [Scenario; 7] = [
+pub const ALL: [Scenario; 9] = [
     Scenario::PrimaryNodeKill,
     Scenario::PrimaryRegionKill,
     Scenario::PrimaryRegionPartition,
@@ -26,6 +28,8 @@ pub const ALL: [Scenario; 7] = [
     Scenario::DrFailover,
     Scenario::ReplicaRegionPartition,
     Scenario::EtcdMemberLoss,
+    Scenario::PrimaryAgentFreeze,
+    Scenario::PrimaryHang,
 ];
 
 impl Scenario {
@@ -38,6 +42,8 @@ impl Scenario {
             Scenario::DrFailover => "dr-failover",
             Scenario::ReplicaRegionPartition => "replica-region-partition",
             Scenario::EtcdMemberLoss => "etcd-member-loss",
+            Scenario::PrimaryAgentFreeze => "primary-agent-freeze",
+            Scenario::PrimaryHang => "primary-hang",
         }
     }
 

@@ -18,6 +18,7 @@
 //! D/pids/<process>.pid
 //! ```
 
+mod freeze;
 pub mod partition;
 pub mod topology;
 
@@ -496,6 +497,15 @@ fn print_summary(lab: &Lab, took: Duration) {
 /// Stops every process of the lab by pid (gateways and agents first, whose agents
 /// stop their PostgreSQL; then any orphaned postmaster; etcd last).
 async fn stop_processes(lab: &Lab) {
+    // A frozen server (`lab freeze postgres:NODE`) would hold its agent's stop
+    // for every grace period in turn: continue it first.
+    for (_, n) in lab.config.nodes() {
+        if let Some(pm) = lab.data_dir(&n.name).and_then(|d| process::postmaster_pid(&d)) {
+            for pid in std::iter::once(pm).chain(process::children_of(pm)) {
+                process::signal(pid, libc::SIGCONT);
+            }
+        }
+    }
     let running = lab.running();
     let front: Vec<u32> =
         running.iter().filter(|(m, _, _)| !matches!(m, Member::Etcd { .. })).map(|(_, _, p)| *p).collect();
@@ -580,6 +590,8 @@ fn remove_lab_dir(dir: &Path) -> Result<()> {
     anyhow::ensure!(dir.join(MARKER).exists(), "{} is not a lab directory; refusing to delete it", dir.display());
     std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }
+
+pub use freeze::{freeze, thaw};
 
 /// `lab kill NODE|REGION`: SIGKILL the processes of a node (its agent and
 /// PostgreSQL) or of a whole region (agents, gateway, etcd member).

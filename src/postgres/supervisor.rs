@@ -283,17 +283,8 @@ fn run(args: &[OsString]) -> Result<i32, String> {
     }
 }
 
-/// The processes whose parent is `pid`, from /proc.
 fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| {
-        let child: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-        // The fourth field, after the parenthesised command name (which may hold spaces).
-        let ppid: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-        (ppid == pid).then_some(child)
-    })
-    .collect()
+    crate::process::children_of(pid as u32).into_iter().map(|p| p as i32).collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! agent's orders on its standard input, one per line:
 //!
 //! ```text
-//! arm <deadline>   the server runs read-write; stop it when CLOCK_MONOTONIC
+//! arm <deadline>   the server runs read-write; stop it when CLOCK_BOOTTIME
 //!                  passes <deadline> (ns) before a later `arm` moves it
 //! disarm           the server runs as a standby: no deadline
 //! ```
@@ -54,12 +54,14 @@ static POSTMASTER: AtomicI32 = AtomicI32::new(0);
 /// The last signal forwarded (0: none since the last look), for escalation.
 static FORWARDED: AtomicI32 = AtomicI32::new(0);
 
-/// Now on CLOCK_MONOTONIC, in ns: the clock the agent's deadlines are on.
-/// It is the same for every process on the host and never jumps.
+/// Now on CLOCK_BOOTTIME, in ns: the clock the agent's deadlines are on. It
+/// is the same for every process on the host, never jumps with the wall
+/// clock, and (unlike CLOCK_MONOTONIC) counts time the host was suspended, so
+/// a deadline that passed during a suspend has passed on resume.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -54,6 +54,7 @@ fn good_file_has_no_problems_and_defaults_apply() {
     assert_eq!(checked.problems, vec![]);
     let c = checked.config.unwrap();
     assert_eq!(c.failover.lease_ttl, Duration::from_secs(6));
+    assert_eq!(c.failover.probe_timeout(), Duration::from_secs(3), "half the lease TTL");
     assert_eq!(c.failover.max_lag_on_failover, LagBudget::Bytes(16 << 20));
     assert_eq!(c.failover.cross_region, FailoverMode::Automatic);
     assert_eq!(c.dns.ttl, Duration::from_secs(5));
@@ -85,6 +86,11 @@ fn each_broken_file_reports_the_problem_where_it_is() {
         ("  data_dir = \"/var/lib/meridian/ap-northeast-1a\"\n", "", "missing field `data_dir`"),
         ("max_lag_on_failover = \"16MB\"", "max_lag_on_failover = \"lots\"", "neither a size"),
         ("lease_ttl = \"6s\"", "lease_ttl = \"1s\"", "failover.lease_ttl: must be at least 2s"),
+        (
+            "lease_ttl = \"6s\"",
+            "lease_ttl = \"6s\"\nprimary_probe_timeout = \"6s\"",
+            "failover.primary_probe_timeout: 6s must be at least 200ms and below lease_ttl",
+        ),
         ("cluster = \"orders\"", "cluster = \"Orders DB\"", "cluster: \"Orders DB\" must be lowercase"),
         (
             "etcd = \"http://127.0.2.1:2379\"",

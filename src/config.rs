@@ -107,8 +107,8 @@ pub struct FailoverConfig {
     pub max_lag_on_failover: LagBudget,
     /// The trigger object of the manual DR switch, if used.
     pub dr_trigger: Option<DrTrigger>,
-    /// How long the primary's own server may take to commit a probe
-    /// transaction before the agent takes it for hung, stops it and gives up
+    /// How long the primary's own server (a query) and its storage (an
+    /// fsync) may take to answer a probe before the agent takes it for hung, stops it and gives up
     /// `leader`. Default: half the lease TTL (see `probe_timeout`).
     #[serde(default, with = "humantime_serde::option")]
     pub primary_probe_timeout: Option<Duration>,

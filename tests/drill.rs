@@ -64,7 +64,7 @@ fn switchover_and_node_kill_drills_pass_and_report() {
 fn frozen_agent_and_hung_primary_drills_keep_every_promise() {
     let mut lab = TestLab::up(94, &["--nodes-per-region", "2"]);
     lab.expect_error("terminating connection due to");
-    lab.expect_error("did not commit a probe transaction");
+    lab.expect_error("did not answer a probe");
     lab.expect_error("failed to");
     for scenario in ["primary-agent-freeze", "primary-hang"] {
         let (code, report) = drill(&lab, &["--scenario", scenario, "--writers", "3", "--rate", "40"]);

@@ -3,15 +3,20 @@
 //! A primary whose processes are stopped, or stuck on their storage, takes no
 //! writes, yet its agent keeps renewing the lease from its own task, so
 //! nobody else may be promoted: every client waits for as long as the hang
-//! lasts. So while the server runs read-write, this task commits a tiny
-//! transaction on it every half second (over the agent's own socket, with
-//! `synchronous_commit = local`, so a lost synchronous standby does not count
-//! as a hang). When one does not finish within `failover.primary_probe_timeout`
-//! (default half the lease TTL), the server counts as hung: the supervisor
-//! stops it at once (SIGQUIT, then SIGKILL of every process a moment later),
-//! the agent stops renewing its lease so `leader` expires even if nothing
-//! else works, and the HA loop releases `leader` as soon as the server is
-//! gone, so a standby takes over without waiting for the lease.
+//! lasts. So while the server runs read-write, this task checks every half
+//! second that the server answers a query (over the agent's own socket) and
+//! that the data directory's file system takes a write and an fsync (a small
+//! file beside the data directory). When a check does not finish within
+//! `failover.primary_probe_timeout` (default half the lease TTL), the server
+//! counts as hung: the supervisor stops it at once (SIGQUIT, then SIGKILL of
+//! every process a moment later), the agent stops renewing its lease so
+//! `leader` expires even if nothing else works, and the HA loop releases
+//! `leader` as soon as the server is gone, so a standby takes over without
+//! waiting for the lease.
+//!
+//! The probe writes no WAL: a probe transaction would make a partitioned
+//! primary's WAL run ahead of its synchronous standby's, and a commit that
+//! waited for that standby would take a lost region for a hung disk.
 //!
 //! Only a timeout counts: a probe that fails fast (the server crashed or is
 //! restarting) is the HA loop's business.
@@ -27,8 +32,7 @@ use super::watchdog::Watchdog;
 use crate::postgres::Server;
 
 const EVERY: Duration = Duration::from_millis(500);
-/// Commits, and flushes a commit record to the local WAL.
-const PROBE: &str = "BEGIN; SET LOCAL synchronous_commit TO local; SELECT txid_current(); COMMIT";
+const PROBE: &str = "SELECT 1";
 
 pub fn start(
     server: Server,
@@ -50,19 +54,23 @@ pub fn start(
                 client = None;
                 continue;
             }
+            let storage = server.probe_file();
             let probe = async {
                 if client.is_none() {
                     client = Some(server.connect().await?);
                 }
                 let c = client.as_ref().expect("connected above");
-                c.batch_execute(PROBE).await.map_err(anyhow::Error::from)
+                c.batch_execute(PROBE).await?;
+                // A thread stuck here on a hung disk stays stuck; the server is fenced anyway.
+                tokio::task::spawn_blocking(move || write_and_sync(&storage)).await??;
+                anyhow::Ok(())
             };
             match tokio::time::timeout(timeout, probe).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => client = None,
                 Err(_) => {
                     tracing::error!(
-                        "the primary's server did not commit a probe transaction within {timeout:?}: it is hung; stopping it and giving up leader"
+                        "the primary's server or its storage did not answer a probe within {timeout:?}: it is hung; stopping it and giving up leader"
                     );
                     watchdog.fence_now();
                     lease.abandon();
@@ -73,4 +81,12 @@ pub fn start(
         }
     });
     hung
+}
+
+fn write_and_sync(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(b"meridian storage probe\n")?;
+    f.sync_all()?;
+    Ok(())
 }

@@ -24,6 +24,13 @@ use anyhow::{Context, Result};
 use super::{files, run_logged, Server};
 
 impl Server {
+    /// A file beside the data directory, on its file system, that the
+    /// primary's self-probe writes and fsyncs (not inside PGDATA, which base
+    /// backups copy).
+    pub fn probe_file(&self) -> PathBuf {
+        self.sibling(".probe")
+    }
+
     fn sibling(&self, suffix: &str) -> PathBuf {
         let mut name = self.data_dir.file_name().unwrap_or_default().to_os_string();
         name.push(suffix);

@@ -109,8 +109,29 @@ pub struct MemberStatus {
     pub healthy: bool,
     /// Why the node is not healthy, or what it is doing, in a few words.
     pub detail: Option<String>,
-    /// Milliseconds since the Unix epoch, when the agent wrote this.
+    /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
+    /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
+    /// How long ago the process holding this value saw the report rewritten
+    /// (its etcd revision change), by its own monotonic clock; stamped when a
+    /// snapshot is read (`coord::Coord::snapshot`), never stored.
+    #[serde(skip)]
+    pub unchanged_ms: u64,
+    /// The etcd revision of the report's last write; stamped when read.
+    #[serde(skip)]
+    pub revision: i64,
+}
+
+impl MemberStatus {
+    /// The one freshness rule. A report is fresh while its key exists (it
+    /// lives under its agent's lease, so the agent renewed within the TTL) and
+    /// this process saw it rewritten within `STALE_REPORT_MS` (agents rewrite
+    /// every second). No other host's clock is consulted, so a skewed clock
+    /// anywhere changes nothing. A process that has just started trusts a
+    /// report it sees for the first time for `STALE_REPORT_MS`.
+    pub fn is_fresh(&self) -> bool {
+        self.unchanged_ms <= STALE_REPORT_MS
+    }
 }
 
 /// The value of the `leader` key: who may take writes, and for which epoch.
@@ -138,8 +159,11 @@ pub struct SwitchoverRequest {
     pub to: String,
     pub requested_by: String,
     pub requested_at_ms: u64,
-    /// The old primary gives up (and stays primary) if the target has not caught up by then.
-    pub deadline_ms: u64,
+    /// The old primary gives up (and stays primary) if the target has not
+    /// caught up this long after it stopped. A duration, not a time: the
+    /// gateway that writes it and the agent that acts on it may disagree on
+    /// the time of day.
+    pub timeout_ms: u64,
     /// Set by the old primary once it stopped cleanly: its shutdown checkpoint.
     pub final_lsn: Option<Lsn>,
     /// Set by the old primary when it gave up; agents ignore an aborted request.
@@ -247,21 +271,15 @@ pub struct NodeStatus {
 
 impl ClusterStatus {
     /// Joins the configured nodes with what their agents published. A node with
-    /// no report, or only one older than `STALE_REPORT_MS`, is `unknown` (its agent
-    /// may have died: the report outlives it until its lease expires). A node
+    /// no report, or one not fresh (`MemberStatus::is_fresh`), is `unknown` (its
+    /// agent may have died: the report outlives it until its lease expires). A node
     /// reporting `primary` without holding `leader` for the current epoch is
     /// shown as it reports but is not named primary.
-    pub fn build(
-        config: &Config,
-        leader: Option<&Leader>,
-        epoch: Epoch,
-        members: &[MemberStatus],
-        now_ms: u64,
-    ) -> ClusterStatus {
+    pub fn build(config: &Config, leader: Option<&Leader>, epoch: Epoch, members: &[MemberStatus]) -> ClusterStatus {
         let nodes: Vec<NodeStatus> = config
             .nodes()
             .map(|(region, node)| match members.iter().find(|m| m.node == node.name) {
-                Some(m) if now_ms.saturating_sub(m.updated_at_ms) > STALE_REPORT_MS => NodeStatus {
+                Some(m) if !m.is_fresh() => NodeStatus {
                     name: node.name.clone(),
                     region: region.name.clone(),
                     role: Role::Unknown,
@@ -271,8 +289,8 @@ impl ClusterStatus {
                     lag_seconds: None,
                     healthy: false,
                     detail: Some(format!(
-                        "last report {:.1}s ago (was {})",
-                        now_ms.saturating_sub(m.updated_at_ms) as f64 / 1000.0,
+                        "report not rewritten for {:.1}s (was {})",
+                        m.unchanged_ms as f64 / 1000.0,
                         m.role
                     )),
                 },

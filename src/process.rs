@@ -42,6 +42,8 @@ pub struct ProcSpec {
     pub identity: String,
     /// A cgroup v2 directory to place the process in before exec, when partitions are possible.
     pub cgroup: Option<PathBuf>,
+    /// Variables set beyond the allowlist (the lab's clock skew: libfaketime's).
+    pub env: Vec<(String, String)>,
 }
 
 /// Starts the process detached in its own session and records its pid.
@@ -58,6 +60,7 @@ pub fn start(spec: &ProcSpec) -> Result<u32> {
             cmd.env(key, v);
         }
     }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     if let Some(dir) = &spec.cgroup {
         std::fs::create_dir_all(dir).with_context(|| format!("create cgroup {}", dir.display()))?;
     }

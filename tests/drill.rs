@@ -61,12 +61,12 @@ fn switchover_and_node_kill_drills_pass_and_report() {
 }
 
 #[test]
-fn frozen_agent_and_hung_primary_drills_keep_every_promise() {
+fn frozen_agent_hung_primary_and_clock_skew_drills_keep_every_promise() {
     let mut lab = TestLab::up(94, &["--nodes-per-region", "2"]);
     lab.expect_error("terminating connection due to");
     lab.expect_error("did not answer a probe");
     lab.expect_error("failed to");
-    for scenario in ["primary-agent-freeze", "primary-hang"] {
+    for scenario in ["primary-agent-freeze", "primary-hang", "clock-skew"] {
         let (code, report) = drill(&lab, &["--scenario", scenario, "--writers", "3", "--rate", "40"]);
         assert_eq!(code, 0, "{scenario}: {}", serde_json::to_string_pretty(&report).unwrap());
         let round = &report["rounds"][0];

@@ -148,3 +148,48 @@ fn a_hung_primary_is_replaced_and_every_standby_keeps_its_data() {
     }
     lab.finish();
 }
+
+#[test]
+fn clocks_skewed_30_seconds_either_way_change_nothing() {
+    let mut lab = TestLab::up(95, &["--nodes-per-region", "2"]);
+    lab.expect_error("terminating connection due to");
+    lab.expect_error("failed to");
+    for (node, offset) in [("ap-south-1b", "-30s"), ("ap-northeast-1a", "+30s"), ("ap-northeast-1b", "-30s")] {
+        let out = lab.run_lab(&["skew", node, offset]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    wait_until("every node healthy with skewed clocks", Duration::from_secs(20), || {
+        let s = lab.try_status()?;
+        let all = s["nodes"].as_array().unwrap().iter().all(|n| n["healthy"] == true);
+        if all {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    // A switchover to a node 30 s behind.
+    let out = lab.meridian(&["switchover", "--to", "ap-south-1b"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = lab.status();
+    assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-south-1b"), Some(2)), "{s}");
+    lab.psql("ap-south-1b", "CREATE TABLE skew (region text)");
+    let write_everywhere = |lab: &TestLab, regions: &[&str], timeout: Duration| {
+        for r in regions {
+            wait_until(&format!("a write through {r}'s writer port"), timeout, || {
+                lab.try_psql_via(r, "writer", &format!("INSERT INTO skew VALUES ('{r}')"))
+            });
+        }
+    };
+    write_everywhere(&lab, &["ap-south-1", "ap-northeast-1", "witness"], Duration::from_secs(5));
+    // A failover to a region whose nodes are 30 s ahead and 30 s behind.
+    let start = Instant::now();
+    let out = lab.run_lab(&["kill", "ap-south-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    write_everywhere(&lab, &["ap-northeast-1", "witness"], Duration::from_secs(20));
+    eprintln!("skewed failover: writes through every surviving writer port {:?} after the kill", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(15), "writes took {:?}", start.elapsed());
+    let s = lab.status();
+    assert_eq!(s["epoch"], 3, "{s}");
+    assert!(s["primary"].as_str().unwrap().starts_with("ap-northeast-1"), "{s}");
+    lab.finish();
+}

@@ -79,8 +79,8 @@ struct Agent {
     last_local: Option<crate::postgres::status::LocalStatus>,
     /// Since when a running standby has not been streaming.
     not_streaming_since: Option<Instant>,
-    /// When this agent first saw no leader (ms since the epoch); None while there is one.
-    leaderless_since_ms: Option<u64>,
+    /// The etcd revision at which this agent first saw no leader; None while there is one.
+    leaderless_since_revision: Option<i64>,
     /// Stops a read-write server the moment its lease goes stale.
     watchdog: watchdog::Watchdog,
     /// When the primary last checked where etcd's leader is.
@@ -137,7 +137,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         latest,
         last_local: None,
         not_streaming_since: None,
-        leaderless_since_ms: None,
+        leaderless_since_revision: None,
         etcd_leader_checked: None,
         rewind_retry_at: None,
         watchdog,
@@ -156,7 +156,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
             agent.detail = Some(format!("{e:#}"));
         }
         // Without a leader every second counts: look (and report) five times as often.
-        let tick = if agent.leaderless_since_ms.is_some() { FAST_TICK } else { TICK };
+        let tick = if agent.leaderless_since_revision.is_some() { FAST_TICK } else { TICK };
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(tick) => {}
@@ -210,10 +210,10 @@ impl Agent {
         };
         if let Some(s) = &snapshot {
             self.epoch_seen = self.epoch_seen.max(s.epoch);
-            self.leaderless_since_ms = match (&s.leader, self.leaderless_since_ms) {
+            self.leaderless_since_revision = match (&s.leader, self.leaderless_since_revision) {
                 (Some(_), _) => None,
                 (None, Some(t)) => Some(t),
-                (None, None) => Some(crate::cluster::now_ms()),
+                (None, None) => Some(s.revision),
             };
         }
         if self.release_after_hang(snapshot.as_ref()).await {
@@ -274,10 +274,7 @@ impl Agent {
             .members
             .iter()
             .filter(|m| {
-                m.role == Role::Replica
-                    && m.healthy
-                    && m.upstream.as_deref() == Some(me.as_str())
-                    && crate::cluster::now_ms().saturating_sub(m.updated_at_ms) <= crate::cluster::STALE_REPORT_MS
+                m.role == Role::Replica && m.healthy && m.upstream.as_deref() == Some(me.as_str()) && m.is_fresh()
             })
             .map(|m| m.node.as_str())
             .collect();
@@ -303,14 +300,12 @@ impl Agent {
             Local::Stopped => self.server.control_timeline().ok(),
             _ => self.last_local.as_ref().and_then(|l| l.timeline),
         };
-        let now = crate::cluster::now_ms();
         let shared = snapshot.map(|s| {
             let leader_report = s.leader.as_ref().and_then(|l| s.members.iter().find(|m| m.node == l.leader.node));
-            let fresh = |m: &&MemberStatus| now.saturating_sub(m.updated_at_ms) <= crate::cluster::STALE_REPORT_MS;
             let candidates = s
                 .members
                 .iter()
-                .filter(fresh)
+                .filter(|m| m.is_fresh())
                 .filter(|m| matches!(m.role, Role::Replica | Role::Fenced))
                 .filter_map(|m| {
                     let (region, _) = self.config.node(&m.node).ok()?;
@@ -322,7 +317,7 @@ impl Agent {
                         replay_lsn: m.replay_lsn?,
                         lag_seconds: m.lag_seconds,
                         timeline: m.timeline,
-                        reported_at_ms: m.updated_at_ms,
+                        reported_revision: m.revision,
                     })
                 })
                 .collect();
@@ -337,7 +332,7 @@ impl Agent {
                 initialized_by: s.initialized_by.clone(),
                 candidates,
                 last_primary,
-                leaderless_since_ms: self.leaderless_since_ms,
+                leaderless_since_revision: self.leaderless_since_revision,
                 switchover: s.switchover.clone().filter(|sw| sw.aborted.is_none()),
                 dr: s.dr.clone().filter(|d| d.done_epoch.is_none()),
             }
@@ -599,6 +594,8 @@ impl Agent {
         let Some(leader) = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.clone()) else { return Ok(()) };
         tracing::info!("switchover to {to}: stopping cleanly");
         self.set_starting(&format!("handing over to {to}"));
+        // From when this node stops taking writes, by its own monotonic clock.
+        let deadline = Instant::now() + Duration::from_millis(sw.timeout_ms);
         self.stop().await;
         let final_lsn = self.server.control_checkpoint()?;
         let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
@@ -606,7 +603,6 @@ impl Agent {
             tracing::warn!("the switchover request changed under us; staying primary");
             return self.start(StartAs::Primary).await;
         }
-        let deadline = std::time::UNIX_EPOCH + Duration::from_millis(sw.deadline_ms);
         loop {
             let replayed = self
                 .coord
@@ -620,7 +616,7 @@ impl Agent {
             if replayed.is_some_and(|r| r > final_lsn) {
                 break;
             }
-            if std::time::SystemTime::now() >= deadline {
+            if Instant::now() >= deadline {
                 let why = format!("{to} had not replayed the old primary's final checkpoint {final_lsn} by the deadline (replayed {replayed:?})");
                 tracing::warn!("switchover aborted: {why}; starting again as primary");
                 self.start(StartAs::Primary).await?;

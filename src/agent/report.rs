@@ -24,6 +24,8 @@ impl Agent {
             healthy: false,
             detail: self.detail.clone(),
             updated_at_ms: now_ms(),
+            unchanged_ms: 0,
+            revision: 0,
         }
     }
 

@@ -21,6 +21,8 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         healthy: true,
         detail: None,
         updated_at_ms: 0,
+        unchanged_ms: 0,
+        revision: 1,
     }
 }
 
@@ -41,7 +43,7 @@ fn status_joins_config_with_reports_and_names_the_primary() {
     let c = config();
     let leader = Leader { node: "ap-south-1a".into(), epoch: 1 };
     let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 0x3000148, 0)];
-    let s = ClusterStatus::build(&c, Some(&leader), 1, &members, 1000);
+    let s = ClusterStatus::build(&c, Some(&leader), 1, &members);
     assert_eq!(s.primary.as_deref(), Some("ap-south-1a"));
     assert_eq!(s.reason, None);
     assert_eq!(s.nodes.len(), 2);
@@ -61,7 +63,7 @@ fn no_primary_says_why() {
         (Some(Leader { node: "ap-northeast-1a".into(), epoch: 3 }), 3, "not running as primary"),
     ];
     for (leader, epoch, want) in cases {
-        let s = ClusterStatus::build(&c, leader.as_ref(), epoch, &members, 1000);
+        let s = ClusterStatus::build(&c, leader.as_ref(), epoch, &members);
         assert_eq!(s.primary, None);
         let reason = s.reason.unwrap();
         assert!(reason.contains(want), "{reason:?} should contain {want:?}");
@@ -76,7 +78,7 @@ fn table_has_a_row_per_node_and_aligned_columns() {
         member("ap-south-1a", "ap-south-1", Role::Primary, 0x3000148, 0),
         member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 0x3000000, 328),
     ];
-    let text = ClusterStatus::build(&c, Some(&leader), 1, &members, 1000).render();
+    let text = ClusterStatus::build(&c, Some(&leader), 1, &members).render();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "cluster lab  epoch 1  primary ap-south-1a");
     assert!(lines[1].starts_with("REGION"));
@@ -91,7 +93,7 @@ fn table_has_a_row_per_node_and_aligned_columns() {
 fn json_has_the_documented_fields() {
     let c = config();
     let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
-    let s = ClusterStatus::build(&c, Some(&Leader { node: "ap-south-1a".into(), epoch: 1 }), 1, &members, 1000);
+    let s = ClusterStatus::build(&c, Some(&Leader { node: "ap-south-1a".into(), epoch: 1 }), 1, &members);
     let v = serde_json::to_value(&s).unwrap();
     for k in ["cluster", "epoch", "primary", "nodes"] {
         assert!(v.get(k).is_some(), "missing {k}");
@@ -114,13 +116,19 @@ fn human_bytes_picks_units() {
 fn a_stale_report_is_unknown_and_not_primary() {
     let c = config();
     let leader = Leader { node: "ap-south-1a".into(), epoch: 1 };
-    let members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
-    let fresh = ClusterStatus::build(&c, Some(&leader), 1, &members, STALE_REPORT_MS);
+    let mut members = [member("ap-south-1a", "ap-south-1", Role::Primary, 1, 0)];
+    // Its author's clock plays no part: a report stamped far in the past or
+    // future is as fresh as this process saw it rewritten.
+    members[0].updated_at_ms = 0;
+    members[0].unchanged_ms = STALE_REPORT_MS;
+    let fresh = ClusterStatus::build(&c, Some(&leader), 1, &members);
     assert_eq!(fresh.nodes[0].role, Role::Primary);
-    let stale = ClusterStatus::build(&c, Some(&leader), 1, &members, STALE_REPORT_MS + 2500);
+    members[0].updated_at_ms = u64::MAX;
+    members[0].unchanged_ms = STALE_REPORT_MS + 2500;
+    let stale = ClusterStatus::build(&c, Some(&leader), 1, &members);
     assert_eq!(stale.nodes[0].role, Role::Unknown);
     assert!(!stale.nodes[0].healthy);
-    assert_eq!(stale.nodes[0].detail.as_deref(), Some("last report 5.5s ago (was primary)"));
+    assert_eq!(stale.nodes[0].detail.as_deref(), Some("report not rewritten for 5.5s (was primary)"));
     assert_eq!(stale.primary, None);
 }
 
@@ -128,9 +136,8 @@ fn a_stale_report_is_unknown_and_not_primary() {
 fn no_primary_quotes_why_no_standby_takes_over() {
     let c = config();
     let mut m = member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 1, 0);
-    m.updated_at_ms = 1000;
     m.detail = Some("no leader, and no automatic failover: ap-northeast-1a: cross-region failover is manual".into());
-    let s = ClusterStatus::build(&c, None, 1, &[m], 1000);
+    let s = ClusterStatus::build(&c, None, 1, &[m]);
     assert_eq!(
         s.reason.as_deref(),
         Some("no node holds the leader lease; no automatic failover: ap-northeast-1a: cross-region failover is manual")

@@ -95,6 +95,15 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Restart a node's agent with its wall clock OFFSET off (libfaketime; +30s, -30s; 0 to undo).
+    Skew {
+        node: String,
+        /// +30s, -1m, ... or 0.
+        #[arg(allow_hyphen_values = true)]
+        offset: String,
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// SIGCONT what `freeze` stopped (agent:NODE or postgres:NODE).
     Thaw {
         /// agent:NODE or postgres:NODE.
@@ -154,6 +163,7 @@ pub async fn run(args: Args) -> Result<i32> {
         Sub::Heal { dir } => crate::lab::heal(&dir.dir).await?,
         Sub::Freeze { target, dir } => crate::lab::freeze(&dir.dir, &target).await?,
         Sub::Thaw { target, dir } => crate::lab::thaw(&dir.dir, &target).await?,
+        Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.dir, &node, &offset).await?,
     }
     Ok(0)
 }

@@ -29,6 +29,9 @@ pub type LeaseId = i64;
 #[derive(Clone)]
 pub struct Coord {
     members: Arc<Vec<(String, Client)>>,
+    /// For each member report: the revision last seen and when this process
+    /// first saw it (see `MemberStatus::is_fresh`).
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>>,
     /// Index of the member that answered last.
     preferred: Arc<AtomicUsize>,
     pub keys: Keys,
@@ -81,9 +84,26 @@ impl Coord {
         }
         Ok(Coord {
             members: Arc::new(members),
+            seen: Arc::default(),
             preferred: Arc::new(AtomicUsize::new(0)),
             keys: Keys::new(&config.cluster),
         })
+    }
+
+    /// Stamps how long ago this process saw each report's revision change;
+    /// forgets reports that are gone (their lease expired).
+    fn stamp_ages(&self, members: &mut [MemberStatus]) {
+        let now = std::time::Instant::now();
+        let mut seen = self.seen.lock().unwrap();
+        seen.retain(|node, _| members.iter().any(|m| &m.node == node));
+        for m in members {
+            let (revision, since) = seen.entry(m.node.clone()).or_insert((m.revision, now));
+            if *revision != m.revision {
+                *revision = m.revision;
+                *since = now;
+            }
+            m.unchanged_ms = now.duration_since(*since).as_millis() as u64;
+        }
     }
 
     /// Runs one request against the preferred member, then each other in turn.
@@ -147,11 +167,12 @@ impl Coord {
                 }
             } else if rel.starts_with("members/") {
                 match serde_json::from_slice::<MemberStatus>(value) {
-                    Ok(m) => snap.members.push(m),
+                    Ok(m) => snap.members.push(MemberStatus { revision: kv.mod_revision(), ..m }),
                     Err(e) => tracing::warn!("ignoring malformed member report {key}: {e}"),
                 }
             }
         }
+        self.stamp_ages(&mut snap.members);
         Ok(snap)
     }
 

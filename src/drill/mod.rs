@@ -483,6 +483,17 @@ impl Drill {
                 self.lab(&["freeze", &format!("postgres:{old_primary}")]).await?;
                 format!("hung the PostgreSQL of {old_primary} (SIGSTOP of every process)")
             }
+            Scenario::ClockSkew => {
+                // Every standby's agent 30 s ahead or behind, then the primary dies:
+                // a skewed node takes over, and nothing may notice the clocks.
+                for (i, n) in self.standbys(before).iter().enumerate() {
+                    let offset = if i % 2 == 0 { "-30s" } else { "+30s" };
+                    self.lab(&["skew", n, offset]).await?;
+                    events.push(Event::at(now_ms(), &format!("{n}'s clock {offset}")));
+                }
+                self.lab(&["kill", old_primary]).await?;
+                format!("killed {old_primary}; every standby's clock 30 s off")
+            }
             Scenario::Switchover => {
                 let target = before
                     .nodes
@@ -557,8 +568,16 @@ impl Drill {
             }
             Scenario::PrimaryAgentFreeze => self.lab(&["thaw", &format!("agent:{old_primary}")]).await,
             Scenario::PrimaryHang => self.lab(&["thaw", &format!("postgres:{old_primary}")]).await,
+            // The clocks stay skewed: undoing it would restart the new primary's
+            // agent, a second failover. Skewed clocks are harmless by design;
+            // `lab skew NODE 0` puts one right.
+            Scenario::ClockSkew => self.lab(&["start", old_primary]).await,
             Scenario::Switchover | Scenario::DrFailover => Ok(()),
         }
+    }
+
+    fn standbys(&self, status: &ClusterStatus) -> Vec<String> {
+        status.nodes.iter().filter(|n| Some(&n.name) != status.primary.as_ref()).map(|n| n.name.clone()).collect()
     }
 
     fn other_db_region(&self, not: &str) -> Result<String> {

@@ -18,9 +18,10 @@ pub enum Scenario {
     EtcdMemberLoss,
     PrimaryAgentFreeze,
     PrimaryHang,
+    ClockSkew,
 }
 
-pub const ALL: [Scenario; 9] = [
+pub const ALL: [Scenario; 10] = [
     Scenario::PrimaryNodeKill,
     Scenario::PrimaryRegionKill,
     Scenario::PrimaryRegionPartition,
@@ -30,6 +31,7 @@ pub const ALL: [Scenario; 9] = [
     Scenario::EtcdMemberLoss,
     Scenario::PrimaryAgentFreeze,
     Scenario::PrimaryHang,
+    Scenario::ClockSkew,
 ];
 
 impl Scenario {
@@ -44,6 +46,7 @@ impl Scenario {
             Scenario::EtcdMemberLoss => "etcd-member-loss",
             Scenario::PrimaryAgentFreeze => "primary-agent-freeze",
             Scenario::PrimaryHang => "primary-hang",
+            Scenario::ClockSkew => "clock-skew",
         }
     }
 

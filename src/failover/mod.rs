@@ -46,8 +46,9 @@ pub struct Candidate {
     pub lag_seconds: Option<f64>,
     /// The timeline it replays; None when unknown.
     pub timeline: Option<u32>,
-    /// When its agent wrote the report (ms since the epoch).
-    pub reported_at_ms: u64,
+    /// The etcd revision of its report: positions are compared only on
+    /// reports written after the leader vanished (revisions, not clocks).
+    pub reported_revision: i64,
 }
 
 /// The last primary position recorded in etcd (the `optime` key).
@@ -81,9 +82,11 @@ pub struct Shared {
     /// Standbys with fresh reports, this node included when it is one.
     pub candidates: Vec<Candidate>,
     pub last_primary: Option<LastPrimary>,
-    /// When this agent first saw no leader. Positions reported before then may
-    /// have grown since, so candidates are compared only on later reports.
-    pub leaderless_since_ms: Option<u64>,
+    /// The etcd revision at which this agent first saw no leader. Positions
+    /// reported at or before it may have grown since, so candidates are
+    /// compared only on reports written later (a revision is etcd's logical
+    /// clock: no host's wall clock is involved).
+    pub leaderless_since_revision: Option<i64>,
     /// A planned switchover in progress (aborted ones are left out).
     pub switchover: Option<SwitchoverRequest>,
     /// A DR switch not carried out yet.
@@ -249,7 +252,7 @@ pub fn decide(v: &NodeView) -> Action {
         (Local::Standby { .. }, Some(_)) => Action::Keep,
         (Local::Standby { .. }, None) if s.epoch == 0 => Action::Keep,
         (Local::Standby { .. }, None)
-            if s.candidates.iter().any(|c| s.leaderless_since_ms.is_none_or(|t| c.reported_at_ms < t)) =>
+            if s.candidates.iter().any(|c| s.leaderless_since_revision.is_none_or(|r| c.reported_revision <= r)) =>
         {
             Action::Wait { reason: "no leader; waiting for every standby to report its final position".into() }
         }

@@ -23,7 +23,7 @@ fn shared(leader: Option<Leader>, mine: bool, epoch: Epoch) -> Option<Shared> {
         initialized_by: Some("a".into()),
         candidates: vec![],
         last_primary: None,
-        leaderless_since_ms: None,
+        leaderless_since_revision: None,
         switchover: None,
         dr: None,
     })
@@ -51,7 +51,7 @@ fn cand(node: &str, region: &str, priority: u32, lsn: u64) -> Candidate {
         replay_lsn: Lsn(lsn),
         lag_seconds: Some(0.5),
         timeline: Some(1),
-        reported_at_ms: 2000,
+        reported_revision: 20,
     }
 }
 
@@ -66,7 +66,7 @@ fn leaderless(candidates: Vec<Candidate>) -> Option<Shared> {
         initialized_by: Some("a".into()),
         candidates,
         last_primary: Some(LastPrimary { node: "a".into(), region: "r1".into(), lsn: Lsn(10_000) }),
-        leaderless_since_ms: Some(1000),
+        leaderless_since_revision: Some(10),
         switchover: None,
         dr: None,
     })
@@ -277,11 +277,19 @@ fn no_automatic_failover_says_why() {
     }
     // Positions reported before the leader vanished may have grown since: wait for newer ones.
     let mut early = leaderless(vec![cand("b", "r1", 1, 10_000)]).unwrap();
-    early.leaderless_since_ms = Some(5000);
+    // (revision 20 is the report's, seen leaderless at revision 50: written before)
+    early.leaderless_since_revision = Some(50);
     match decide(&view("b", standby(), Some(early))) {
         Action::Wait { reason } => assert!(reason.contains("final position"), "{reason}"),
         other => panic!("promoted on a stale position: {other:?}"),
     }
+    // The boundary: a report written at the very revision the agent saw no leader at
+    // may predate the loss; one revision later it cannot.
+    let mut at = leaderless(vec![cand("b", "r1", 1, 10_000)]).unwrap();
+    at.leaderless_since_revision = Some(20);
+    assert!(matches!(decide(&view("b", standby(), Some(at.clone()))), Action::Wait { .. }));
+    at.leaderless_since_revision = Some(19);
+    assert!(is_promote(&decide(&view("b", standby(), Some(at)))));
     let mut no_record = leaderless(vec![cand("b", "r2", 2, 10_000)]).unwrap();
     no_record.last_primary = None;
     assert!(matches!(decide(&view("b", standby(), Some(no_record))), Action::Wait { .. }));
@@ -340,7 +348,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 initialized_by: init.map(String::from),
                 candidates: vec![],
                 last_primary: None,
-                leaderless_since_ms: None,
+                leaderless_since_revision: None,
                 switchover: None,
                 dr: None,
             },
@@ -424,7 +432,7 @@ fn switchover(final_lsn: Option<u64>) -> SwitchoverRequest {
         to: "b".into(),
         requested_by: "test".into(),
         requested_at_ms: 0,
-        deadline_ms: 10_000,
+        timeout_ms: 10_000,
         final_lsn: final_lsn.map(Lsn),
         aborted: None,
     }

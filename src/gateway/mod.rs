@@ -45,13 +45,7 @@ impl Gateway {
     /// The cluster's status from one consistent etcd read.
     pub async fn status(&self) -> Result<ClusterStatus> {
         let snap = self.coord.snapshot().await?;
-        Ok(ClusterStatus::build(
-            &self.config,
-            snap.leader.as_ref().map(|l| &l.leader),
-            snap.epoch,
-            &snap.members,
-            crate::cluster::now_ms(),
-        ))
+        Ok(ClusterStatus::build(&self.config, snap.leader.as_ref().map(|l| &l.leader), snap.epoch, &snap.members))
     }
 }
 

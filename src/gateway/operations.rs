@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::Gateway;
-use crate::cluster::{human_bytes, now_ms, DrSwitch, Epoch, MemberStatus, Role, SwitchoverRequest, STALE_REPORT_MS};
+use crate::cluster::{human_bytes, now_ms, DrSwitch, Epoch, MemberStatus, Role, SwitchoverRequest};
 use crate::coord::Snapshot;
 use crate::failover;
 
@@ -62,7 +62,7 @@ impl Clock {
 }
 
 fn fresh(m: &MemberStatus) -> bool {
-    now_ms().saturating_sub(m.updated_at_ms) <= STALE_REPORT_MS
+    m.is_fresh()
 }
 
 fn report<'a>(s: &'a Snapshot, node: &str) -> Option<&'a MemberStatus> {
@@ -121,7 +121,7 @@ pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<Oper
         to: to.to_string(),
         requested_by: format!("gateway {}", g.region),
         requested_at_ms: now_ms(),
-        deadline_ms: now_ms() + timeout.as_millis() as u64,
+        timeout_ms: timeout.as_millis() as u64,
         final_lsn: None,
         aborted: None,
     };
@@ -258,7 +258,7 @@ pub async fn failover_to_region(
             replay_lsn: best.replay_lsn.unwrap_or_default(),
             lag_seconds: best.lag_seconds,
             timeline: best.timeline,
-            reported_at_ms: best.updated_at_ms,
+            reported_revision: best.revision,
         };
         let last = failover::LastPrimary { node: String::new(), region: String::new(), lsn: reference };
         if let Err(why) = failover::within_budget(&candidate, &last, g.config.failover.max_lag_on_failover) {

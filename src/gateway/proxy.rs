@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::routing::{self, Backend, NoWriter};
 use super::view::View;
-use crate::cluster::now_ms;
 use crate::config::Config;
 
 const SSL_REQUEST: i32 = 80877103;
@@ -176,13 +175,13 @@ impl Proxy {
                     Some(snap) => {
                         if self.port == Port::Reader {
                             let max_lag = self.config.proxy.max_reader_lag;
-                            let readers = routing::readers(&self.config, snap, &self.region, max_lag, now_ms());
+                            let readers = routing::readers(&self.config, snap, &self.region, max_lag);
                             if !readers.is_empty() {
                                 let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
                                 return Ok(readers[i].clone());
                             }
                         }
-                        match routing::writer(&self.config, snap, now_ms()) {
+                        match routing::writer(&self.config, snap) {
                             Ok(b) => return Ok(b),
                             Err(NoWriter(why)) => why,
                         }
@@ -194,7 +193,6 @@ impl Proxy {
                             &current.snapshot,
                             &self.region,
                             self.config.proxy.max_reader_lag,
-                            current.snapshot.members.iter().map(|m| m.updated_at_ms).max().unwrap_or(0),
                         );
                         match readers.first() {
                             Some(b) => return Ok(b.clone()),

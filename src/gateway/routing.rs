@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::cluster::{Epoch, MemberStatus, Role, STALE_REPORT_MS};
+use crate::cluster::{Epoch, Role};
 use crate::config::{Config, LagBudget};
 use crate::coord::Snapshot;
 
@@ -20,14 +20,10 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoWriter(pub String);
 
-fn fresh(m: &MemberStatus, now_ms: u64) -> bool {
-    now_ms.saturating_sub(m.updated_at_ms) <= STALE_REPORT_MS
-}
-
 /// The node writes may go to: the holder of `leader` for the current epoch,
 /// once its agent reports it running as primary of that epoch (a promotion in
 /// progress is not yet writable), and not while a switchover is under way.
-pub fn writer(config: &Config, snap: &Snapshot, now_ms: u64) -> Result<Backend, NoWriter> {
+pub fn writer(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
     if let Some(sw) = snap.switchover.as_ref().filter(|s| s.aborted.is_none()) {
         return Err(NoWriter(format!("a switchover from {} to {} is in progress", sw.from, sw.to)));
     }
@@ -37,7 +33,7 @@ pub fn writer(config: &Config, snap: &Snapshot, now_ms: u64) -> Result<Backend, 
             && m.role == Role::Primary
             && m.healthy
             && m.epoch_seen >= leader.epoch.unwrap_or(0)
-            && fresh(m, now_ms)
+            && m.is_fresh()
     });
     if !ready {
         return Err(NoWriter(format!("{} holds leader but does not run as primary yet", leader.node)));
@@ -57,11 +53,11 @@ pub fn leader_node(config: &Config, snap: &Snapshot) -> Option<Backend> {
 
 /// Standbys of `region` that readers may use: streaming, healthy, reporting,
 /// and within `max_lag`. Sorted by name so that callers can spread load.
-pub fn readers(config: &Config, snap: &Snapshot, region: &str, max_lag: LagBudget, now_ms: u64) -> Vec<Backend> {
+pub fn readers(config: &Config, snap: &Snapshot, region: &str, max_lag: LagBudget) -> Vec<Backend> {
     let mut out: Vec<Backend> = snap
         .members
         .iter()
-        .filter(|m| m.region == region && m.role == Role::Replica && m.healthy && fresh(m, now_ms))
+        .filter(|m| m.region == region && m.role == Role::Replica && m.healthy && m.is_fresh())
         .filter(|m| match max_lag {
             LagBudget::Bytes(b) => m.lag_bytes.is_some_and(|l| l <= b),
             LagBudget::Time(t) => m.lag_seconds.is_some_and(|l| l <= t.as_secs_f64()),
@@ -81,7 +77,7 @@ pub type Verdicts = std::collections::BTreeMap<String, bool>;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cluster::{Leader, Lsn, SwitchoverRequest};
+    use crate::cluster::{Leader, Lsn, MemberStatus, SwitchoverRequest, STALE_REPORT_MS};
     use crate::coord::LeaderEntry;
     use crate::lab::topology::{lab_config, LabShape};
 
@@ -104,6 +100,8 @@ pub(crate) mod tests {
             healthy: true,
             detail: None,
             updated_at_ms: NOW,
+            unchanged_ms: 0,
+            revision: 1,
         }
     }
 
@@ -127,20 +125,22 @@ pub(crate) mod tests {
     #[test]
     fn the_writer_is_the_leader_of_the_current_epoch_running_as_primary() {
         let (config, mut snap) = cluster();
-        assert_eq!(writer(&config, &snap, NOW).unwrap().node, "ap-south-1a");
+        assert_eq!(writer(&config, &snap).unwrap().node, "ap-south-1a");
         // A promotion in progress: leader taken, PostgreSQL still in recovery.
         snap.members[0].role = Role::Replica;
-        assert!(writer(&config, &snap, NOW).is_err());
+        assert!(writer(&config, &snap).is_err());
         snap.members[0].role = Role::Primary;
         // A report from before the epoch it leads.
         snap.members[0].epoch_seen = 1;
-        assert!(writer(&config, &snap, NOW).is_err());
+        assert!(writer(&config, &snap).is_err());
         snap.members[0].epoch_seen = 2;
-        // A stale report.
-        assert!(writer(&config, &snap, NOW + STALE_REPORT_MS + 1).is_err());
+        // A report this gateway has not seen rewritten for too long.
+        snap.members[0].unchanged_ms = STALE_REPORT_MS + 1;
+        assert!(writer(&config, &snap).is_err());
+        snap.members[0].unchanged_ms = 0;
         // An epoch granted since: the leader key is from the past.
         snap.epoch = 3;
-        assert!(writer(&config, &snap, NOW).is_err());
+        assert!(writer(&config, &snap).is_err());
         assert_eq!(leader_node(&config, &snap), None);
     }
 
@@ -152,17 +152,17 @@ pub(crate) mod tests {
             to: "ap-south-1b".into(),
             requested_by: "test".into(),
             requested_at_ms: NOW,
-            deadline_ms: NOW + 10_000,
+            timeout_ms: 10_000,
             final_lsn: None,
             aborted: None,
         };
         snap.switchover = Some(sw.clone());
-        assert!(writer(&config, &snap, NOW).unwrap_err().0.contains("switchover"));
+        assert!(writer(&config, &snap).unwrap_err().0.contains("switchover"));
         sw.aborted = Some("timeout".into());
         snap.switchover = Some(sw);
-        assert!(writer(&config, &snap, NOW).is_ok());
+        assert!(writer(&config, &snap).is_ok());
         snap.leader = None;
-        assert!(writer(&config, &snap, NOW).is_err());
+        assert!(writer(&config, &snap).is_err());
     }
 
     #[test]
@@ -170,10 +170,10 @@ pub(crate) mod tests {
         let (config, mut snap) = cluster();
         let names = |v: Vec<Backend>| v.into_iter().map(|b| b.node).collect::<Vec<_>>();
         let budget = LagBudget::Bytes(16 << 20);
-        assert_eq!(names(readers(&config, &snap, "ap-south-1", budget, NOW)), ["ap-south-1b"]);
-        assert_eq!(names(readers(&config, &snap, "ap-northeast-1", budget, NOW)), ["ap-northeast-1b"]);
-        assert!(readers(&config, &snap, "witness", budget, NOW).is_empty());
+        assert_eq!(names(readers(&config, &snap, "ap-south-1", budget)), ["ap-south-1b"]);
+        assert_eq!(names(readers(&config, &snap, "ap-northeast-1", budget)), ["ap-northeast-1b"]);
+        assert!(readers(&config, &snap, "witness", budget).is_empty());
         snap.members[1].healthy = false;
-        assert!(readers(&config, &snap, "ap-south-1", budget, NOW).is_empty());
+        assert!(readers(&config, &snap, "ap-south-1", budget).is_empty());
     }
 }

@@ -18,6 +18,7 @@
 //! D/pids/<process>.pid
 //! ```
 
+mod clock;
 mod freeze;
 pub mod partition;
 pub mod topology;
@@ -107,6 +108,7 @@ impl Lab {
             args,
             identity,
             cgroup: None,
+            env: Vec::new(),
         };
 
         let mut out = Vec::new();
@@ -155,7 +157,9 @@ impl Lab {
             let args = ["agent", "--config", &config, "--node", &node.name].map(OsString::from).to_vec();
             let identity = format!("--config {config} --node {}", node.name);
             let member = Member::Agent { node: node.name.clone(), region: region.name.clone() };
-            out.push((member, spec(format!("agent-{}", node.name), exe.clone(), args, identity)));
+            let mut agent = spec(format!("agent-{}", node.name), exe.clone(), args, identity);
+            agent.env = clock::faketime_env(&self.dir, &node.name);
+            out.push((member, agent));
         }
         for region in &self.config.regions {
             let args = ["gateway", "--config", &config, "--region", &region.name].map(OsString::from).to_vec();
@@ -591,6 +595,7 @@ fn remove_lab_dir(dir: &Path) -> Result<()> {
     std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }
 
+pub use clock::skew;
 pub use freeze::{freeze, thaw};
 
 /// `lab kill NODE|REGION`: SIGKILL the processes of a node (its agent and
@@ -648,19 +653,18 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
         return Ok(());
     }
     progress.step(format!("waiting for {target} to be back"));
-    // Reports from before the restart (still in etcd until their lease expires) do not count.
-    let since_ms = crate::cluster::now_ms();
     let result = async {
         let coord = wait_for_etcd(&lab.config, Duration::from_secs(30)).await?;
+        // Reports from before the restart (still in etcd until their lease
+        // expires) do not count: only ones written after this revision do.
+        // Revisions, not clocks: a node may run with a skewed clock.
+        let since = coord.snapshot().await?.revision;
         for member in &started {
             match member {
                 Member::Etcd { .. } => {}
                 Member::Agent { node, .. } => {
                     wait_for(&coord, Duration::from_secs(90), &format!("{node} to be healthy"), &started_specs, |s| {
-                        s.members
-                            .iter()
-                            .any(|m| &m.node == node && m.healthy && m.updated_at_ms >= since_ms)
-                            .then_some(())
+                        s.members.iter().any(|m| &m.node == node && m.healthy && m.revision > since).then_some(())
                     })
                     .await?;
                 }

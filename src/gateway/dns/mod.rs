@@ -100,7 +100,7 @@ fn current_names(config: &Config, view: &View) -> Names {
     let verdicts = snap
         .map(|s| aggregate(&config.health, &s.health).into_iter().map(|(k, v)| (k, v.healthy)).collect())
         .unwrap_or_default();
-    zone::names(config, snap, &verdicts, crate::cluster::now_ms())
+    zone::names(config, snap, &verdicts)
 }
 
 /// The records to serve for `names`, with the SOA and NS set.

@@ -37,7 +37,7 @@ pub struct Answer {
 pub type Names = BTreeMap<String, Answer>;
 
 /// The zone's names. `snap` is `None` when the gateway's view of etcd is too old.
-pub fn names(config: &Config, snap: Option<&Snapshot>, verdicts: &routing::Verdicts, now_ms: u64) -> Names {
+pub fn names(config: &Config, snap: Option<&Snapshot>, verdicts: &routing::Verdicts) -> Names {
     let zone = config.dns.zone.to_ascii_lowercase();
     let ttl = secs(config.dns.ttl);
     let mut out = Names::new();
@@ -61,7 +61,7 @@ pub fn names(config: &Config, snap: Option<&Snapshot>, verdicts: &routing::Verdi
         let entry = match snap {
             None => writer.clone(),
             Some(s) => {
-                let standbys = routing::readers(config, s, &r.name, config.proxy.max_reader_lag, now_ms);
+                let standbys = routing::readers(config, s, &r.name, config.proxy.max_reader_lag);
                 if standbys.is_empty() {
                     writer.clone()
                 } else {
@@ -112,7 +112,7 @@ mod tests {
     use crate::cluster::{Leader, Role};
     use crate::config::{DnsRecord, RecordTarget};
     use crate::coord::LeaderEntry;
-    use crate::gateway::routing::tests::{member, NOW};
+    use crate::gateway::routing::tests::member;
     use crate::lab::topology::{lab_config, LabShape};
 
     fn setup() -> (Config, Snapshot) {
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn writer_and_readers_follow_the_snapshot() {
         let (config, mut snap) = setup();
-        let n = names(&config, Some(&snap), &Default::default(), NOW);
+        let n = names(&config, Some(&snap), &Default::default());
         assert_eq!(a(&n, "writer"), Entry::A(vec!["127.0.1.11".parse().unwrap()]));
         assert_eq!(a(&n, "reader.ap-northeast-1"), Entry::A(vec!["127.0.2.11".parse().unwrap()]));
         // No standby in the primary's region, none in the witness: the primary.
@@ -145,9 +145,9 @@ mod tests {
         assert_eq!(a(&n, "ns-witness"), Entry::A(vec!["127.0.3.2".parse().unwrap()]));
         assert_eq!(n["writer.lab.meridian.internal."].ttl, 5);
         snap.leader = None;
-        let n = names(&config, Some(&snap), &Default::default(), NOW);
+        let n = names(&config, Some(&snap), &Default::default());
         assert_eq!(a(&n, "writer"), Entry::A(vec![]), "no leader: the name has no address");
-        let n = names(&config, None, &Default::default(), NOW);
+        let n = names(&config, None, &Default::default());
         assert!(matches!(a(&n, "writer"), Entry::Unknown(_)), "no view: cannot tell");
     }
 
@@ -164,12 +164,12 @@ mod tests {
         }];
         let verdicts = |p: bool, s: bool| routing::Verdicts::from([("p".to_string(), p), ("s".to_string(), s)]);
         let ips = |v: &[&str]| Entry::A(v.iter().map(|s| s.parse().unwrap()).collect());
-        let answer = |p, s| a(&names(&config, Some(&snap), &verdicts(p, s), NOW), "app");
+        let answer = |p, s| a(&names(&config, Some(&snap), &verdicts(p, s)), "app");
         assert_eq!(answer(true, true), ips(&["10.0.0.1"]));
         assert_eq!(answer(true, false), ips(&["10.0.0.1"]));
         assert_eq!(answer(false, true), ips(&["10.0.0.2"]));
         assert_eq!(answer(false, false), ips(&["10.0.0.1", "10.0.0.2"]), "all unhealthy: all");
-        let n = names(&config, Some(&snap), &verdicts(true, true), NOW);
+        let n = names(&config, Some(&snap), &verdicts(true, true));
         assert_eq!(n["app.lab.meridian.internal."].ttl, 30);
     }
 }

@@ -686,12 +686,24 @@ impl Agent {
                 if let Err(e) = self.keep_serving((name.clone(), addr)).await {
                     tracing::warn!("failed to restart the old copy while copying ({e:#})");
                 }
+                // One fresh copy at a time: the others keep theirs meanwhile.
+                let me = self.server.node.clone();
+                if let Some(holder) = self.coord.take_recopy(&me, self.lease.id()).await? {
+                    self.detail = Some(format!("{holder} is making a fresh copy; this one waits its turn"));
+                    return Ok(());
+                }
                 self.set_starting(&format!("copying a base backup from {name} beside the current data"));
                 let server = self.server.clone();
                 let user = self.config.postgres.replication_user.clone();
-                tokio::task::spawn_blocking(move || server.copy_beside(addr, &user)).await??;
+                let copied = tokio::task::spawn_blocking(move || server.copy_beside(addr, &user)).await?;
+                if let Err(e) = copied {
+                    self.coord.release_recopy(&me).await?;
+                    return Err(e);
+                }
                 self.stop().await;
-                self.server.swap_in_copy()?;
+                let swapped = self.server.swap_in_copy();
+                self.coord.release_recopy(&me).await?;
+                swapped?;
                 self.fenced = false;
                 self.rewind_retry_at = None;
                 self.start(StartAs::Standby { upstream: Some((name, addr)) }).await

@@ -35,6 +35,11 @@ impl Keys {
     pub fn optime(&self) -> String {
         format!("{}optime", self.prefix)
     }
+    /// The node making a fresh copy of the data now, under its agent's lease:
+    /// at most one at a time, so the others keep theirs.
+    pub fn recopy(&self) -> String {
+        format!("{}recopy", self.prefix)
+    }
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
     }

@@ -279,6 +279,36 @@ impl Coord {
         Ok(resp.succeeded().then_some(epoch))
     }
 
+    /// Takes the fresh-copy slot for `node` under its lease, unless another
+    /// node holds it; returns who holds it when it is not ours.
+    pub async fn take_recopy(&self, node: &str, lease: LeaseId) -> Result<Option<String>> {
+        let key = self.keys.recopy();
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), node, Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.txn("take the fresh-copy slot in etcd", txn).await?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        let holder = resp.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => {
+                g.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            }
+            _ => None,
+        });
+        Ok(holder.filter(|h| h != node))
+    }
+
+    /// Gives the fresh-copy slot back if `node` holds it.
+    pub async fn release_recopy(&self, node: &str) -> Result<()> {
+        let key = self.keys.recopy();
+        let txn =
+            Txn::new().when([Compare::value(key.clone(), CompareOp::Equal, node)]).and_then([TxnOp::delete(key, None)]);
+        self.txn("release the fresh-copy slot in etcd", txn).await?;
+        Ok(())
+    }
+
     /// Deletes `leader` only if it is still ours for this epoch (a clean step-down).
     pub async fn release_leader(&self, node: &str, epoch: Epoch) -> Result<bool> {
         let ours = serde_json::to_vec(&Leader { node: node.to_string(), epoch })?;

@@ -97,3 +97,62 @@ fn remove_if_present(dir: &std::path::Path) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(base: &std::path::Path) -> Server {
+        Server {
+            node: "n".into(),
+            bin_dir: "/nonexistent".into(),
+            data_dir: base.join("data"),
+            run_dir: base.join("run"),
+            address: "127.0.0.1:1".parse().unwrap(),
+            os_ids: None,
+            agent_os_user: "root".into(),
+        }
+    }
+
+    fn put(dir: &std::path::Path, marker: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("PG_VERSION"), marker).unwrap();
+    }
+
+    fn marker(dir: &std::path::Path) -> Option<String> {
+        std::fs::read_to_string(dir.join("PG_VERSION")).ok()
+    }
+
+    #[test]
+    fn a_swap_keeps_one_complete_copy_whenever_it_is_interrupted() {
+        let base = tempfile::tempdir().unwrap();
+        let s = server(base.path());
+        let (new, old) = (s.sibling(".new"), s.sibling(".old"));
+
+        // Copying: the old data is untouched, an unfinished copy is discarded.
+        put(&s.data_dir, "old");
+        put(&new, "half");
+        s.recover_swap().unwrap();
+        assert_eq!(marker(&s.data_dir).as_deref(), Some("old"));
+        assert!(!new.exists());
+
+        // Crashed between the two renames: the old copy comes back.
+        std::fs::rename(&s.data_dir, &old).unwrap();
+        put(&new, "complete");
+        s.recover_swap().unwrap();
+        assert_eq!(marker(&s.data_dir).as_deref(), Some("old"), "never left without a data directory");
+        assert!(!old.exists() && !new.exists());
+
+        // Crashed after the swap, before removing the old copy.
+        put(&old, "old");
+        s.recover_swap().unwrap();
+        assert_eq!(marker(&s.data_dir).as_deref(), Some("old"));
+        assert!(!old.exists());
+
+        // A complete swap.
+        put(&new, "fresh");
+        s.swap_in_copy().unwrap();
+        assert_eq!(marker(&s.data_dir).as_deref(), Some("fresh"));
+        assert!(!old.exists() && !new.exists());
+    }
+}

@@ -49,6 +49,14 @@ const UPSTREAM_PROBE: Duration = Duration::from_secs(2);
 /// After a failed rewind, the copy runs as a standby this long before the next try.
 const REWIND_RETRY: Duration = Duration::from_secs(10);
 
+#[derive(Debug, Clone, Copy)]
+enum Shutdown {
+    /// SIGINT: sessions end, a shutdown checkpoint is written and sent to standbys.
+    Fast,
+    /// SIGQUIT: stop now; crash recovery at the next start.
+    Immediate,
+}
+
 /// The running postmaster and how it was started.
 struct Running {
     child: Child,
@@ -492,7 +500,9 @@ impl Agent {
     async fn fence(&mut self, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
         tracing::warn!("fencing: {reason}; restarting PostgreSQL as a standby");
         self.fenced = true;
-        self.stop().await;
+        // Immediate: a fast shutdown waits for walsenders to send the shutdown
+        // checkpoint, which a partitioned standby may never acknowledge.
+        self.stop_as(Shutdown::Immediate).await;
         let leader = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.node.clone());
         let upstream = leader.filter(|n| *n != self.server.node).map(|n| self.upstream(&n)).transpose()?;
         self.start(StartAs::Standby { upstream }).await
@@ -858,10 +868,20 @@ impl Agent {
 
     /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.
     async fn stop(&mut self) {
-        self.watchdog.release();
+        self.stop_as(Shutdown::Fast).await
+    }
+
+    /// The supervisor stays armed until the server has exited: if the lease
+    /// goes stale while a fast shutdown waits (on walsenders, say), it still
+    /// stops the server at the deadline.
+    async fn stop_as(&mut self, how: Shutdown) {
         let Some(mut r) = self.running.take() else { return };
         let pid = r.child.id() as i32;
-        for (signal, wait) in [(libc::SIGINT, 30), (libc::SIGQUIT, 5), (libc::SIGKILL, 5)] {
+        let signals: &[(i32, u64)] = match how {
+            Shutdown::Fast => &[(libc::SIGINT, 30), (libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
+            Shutdown::Immediate => &[(libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
+        };
+        for &(signal, wait) in signals {
             unsafe { libc::kill(pid, signal) };
             let deadline = Instant::now() + Duration::from_secs(wait);
             while Instant::now() < deadline {

@@ -193,3 +193,67 @@ fn clocks_skewed_30_seconds_either_way_change_nothing() {
     assert!(s["primary"].as_str().unwrap().starts_with("ap-northeast-1"), "{s}");
     lab.finish();
 }
+
+/// The incident of issue 11: right after a failover the new primary hangs,
+/// and the old primary comes back needing a rewind against it. Nobody may
+/// empty a data directory for a leader that does not answer.
+#[test]
+fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
+    let mut lab = TestLab::up(96, &["--nodes-per-region", "2"]);
+    lab.expect_error("cannot execute INSERT in a read-only transaction");
+    lab.expect_error("did not answer a probe");
+    lab.expect_error("failed to");
+    lab.expect_error("terminating connection due to");
+    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text); INSERT INTO probe VALUES (0, 'first')");
+    for n in &NODES[1..] {
+        lab.wait_rows(n, "probe", 1, Duration::from_secs(10));
+    }
+    let out = lab.run_lab(&["kill", "ap-south-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = wait_until("a new primary after the kill", Duration::from_secs(30), || {
+        let s = lab.try_status()?;
+        if s["epoch"] == 2 && s["primary"].is_string() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let second = s["primary"].as_str().unwrap().to_string();
+    // It hangs at once; the old primary comes back meanwhile and wants to rejoin it.
+    let pids = server_pids(&lab, &second);
+    signal(&pids, libc::SIGSTOP);
+    let start = Instant::now();
+    let out = lab.run_lab(&["start", "ap-south-1a"]);
+    eprintln!("lab start during the hang: {}", text(&out));
+    let others: Vec<&str> = NODES.iter().copied().filter(|n| *n != second).collect();
+    let data = |n: &str| lab.path().join("nodes").join(n).join("data").join("PG_VERSION");
+    let mut third = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        for n in &others {
+            assert!(data(n).exists(), "{n} lost its data {:?} into the hang of {second}", start.elapsed());
+        }
+        if third.is_none() {
+            third =
+                lab.try_status().ok().filter(|s| s["epoch"] == 3).and_then(|s| s["primary"].as_str().map(String::from));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let agent_log = std::fs::read_to_string(lab.path().join("logs/agent-ap-south-1a.log")).unwrap_or_default();
+    eprintln!(
+        "ap-south-1a during the hang:\n{}",
+        agent_log.lines().filter(|l| !l.contains("DEBUG")).rev().take(12).collect::<Vec<_>>().join("\n")
+    );
+    let third = third.expect("a third primary while the second hung");
+    assert_ne!(third, second);
+    signal(&pids, libc::SIGCONT);
+    for n in NODES {
+        if n != third {
+            wait_for_replica(&lab, n, Duration::from_secs(60));
+        }
+    }
+    let rows: u64 = lab.psql(&third, "SELECT count(*) FROM probe").parse().unwrap();
+    for n in NODES {
+        lab.wait_rows(n, "probe", rows, Duration::from_secs(15));
+    }
+    lab.finish();
+}

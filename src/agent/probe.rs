@@ -45,6 +45,9 @@ pub fn start(
     let flag = hung.clone();
     tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
+        // A probe that fails fast is not a hang, but one that always fails
+        // (the probe file cannot be written, say) would blind the probe: say so, once.
+        let mut last_error: Option<String> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -62,11 +65,18 @@ pub fn start(
                 let c = client.as_ref().expect("connected above");
                 c.batch_execute(PROBE).await?;
                 // A thread stuck here on a hung disk stays stuck; the server is fenced anyway.
-                tokio::task::spawn_blocking(move || write_and_sync(&storage)).await??;
-                anyhow::Ok(())
+                let written = tokio::task::spawn_blocking(move || write_and_sync(&storage)).await?;
+                anyhow::Ok(written.err().map(|e| format!("{e:#}")))
             };
             match tokio::time::timeout(timeout, probe).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(None)) => last_error = None,
+                Ok(Ok(Some(e))) => {
+                    if last_error.as_ref() != Some(&e) {
+                        tracing::warn!("the primary's storage probe fails (so it cannot see a hung disk): {e}");
+                        last_error = Some(e);
+                    }
+                }
+                // The server is starting, stopping or crashed: the HA loop's business.
                 Ok(Err(_)) => client = None,
                 Err(_) => {
                     tracing::error!(
@@ -84,9 +94,10 @@ pub fn start(
 }
 
 fn write_and_sync(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(b"meridian storage probe\n")?;
-    f.sync_all()?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.write_all(b"meridian storage probe\n").with_context(|| format!("write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
     Ok(())
 }

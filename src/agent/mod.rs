@@ -2,17 +2,23 @@
 //!
 //! Every second it observes (its server, etcd), asks `failover::decide` what
 //! to do, does it, and publishes the node's report to `members/<node>` under
-//! its lease. The postmaster is its direct child, started with a parent-death
-//! signal (see `postgres::spawner`): a dead agent means a stopped server.
+//! its lease. The postmaster runs under a supervisor process
+//! (`postgres::supervisor`), which the agent starts with a parent-death
+//! signal: a dead agent means a stopped server, and a frozen one still gets
+//! its primary fenced.
 //!
-//! Three tasks: the HA loop (this module), the lease keeper (`lease`), and the
-//! publisher, which writes the latest report every second even while the loop
-//! is busy with a long action such as a base backup.
+//! Tasks: the HA loop (this module; rejoining in `rejoin`, the server's
+//! process in `supervise`), the lease keeper (`lease`), the publisher, which
+//! writes the latest report every second even while the loop is busy with a
+//! long action such as a base backup, the fencing feeder (`watchdog`) and the
+//! primary's self-probe (`probe`).
 
 pub mod api;
 pub mod lease;
 mod probe;
+mod rejoin;
 mod report;
+mod supervise;
 pub mod watchdog;
 
 use std::collections::VecDeque;
@@ -29,7 +35,6 @@ use crate::coord::{Coord, Snapshot};
 use crate::failover::{self, Action, AfterRewindFailure, Candidate, LastPrimary, Local, NodeView, Policy, Shared};
 use crate::postgres::files::{self, StartAs};
 use crate::postgres::spawner::Spawner;
-use crate::postgres::supervisor::FENCED_EXIT;
 use crate::postgres::Server;
 use lease::LeaseKeeper;
 
@@ -424,36 +429,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Copies the leader's data directory, then starts as its standby.
-    async fn clone_from(&mut self, from: &str) -> Result<()> {
-        let upstream = self.upstream(from)?;
-        self.set_starting(&format!("copying a base backup from {from}"));
-        self.empty_data_dir()?;
-        // The passfile must exist before pg_basebackup reads it.
-        self.server.write_files(&self.config, &self.secrets, &StartAs::Standby { upstream: Some(upstream.clone()) })?;
-        let server = self.server.clone();
-        let user = self.config.postgres.replication_user.clone();
-        let addr = upstream.1;
-        if let Err(e) = tokio::task::spawn_blocking(move || server.base_backup(addr, &user)).await? {
-            self.empty_data_dir()?;
-            return Err(e);
-        }
-        self.start(StartAs::Standby { upstream: Some(upstream) }).await
-    }
-
-    /// initdb and pg_basebackup need an empty directory; a failed attempt leaves debris.
-    fn empty_data_dir(&self) -> Result<()> {
-        let dir = &self.server.data_dir;
-        if dir.exists() {
-            for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
-                let path = entry?.path();
-                let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-                r.with_context(|| format!("remove {}", path.display()))?;
-            }
-        }
-        self.server.prepare_dirs()
-    }
-
     async fn start(&mut self, start: StartAs) -> Result<()> {
         if self.gave_up() {
             self.detail = Some(format!(
@@ -652,84 +627,6 @@ impl Agent {
         self.start(StartAs::Standby { upstream: None }).await
     }
 
-    /// Rewinds a server whose history diverged from the leader's, then follows it.
-    ///
-    /// The local data may be the best copy left (the leader can hang right
-    /// after a failover), so it is never thrown away for an upstream that does
-    /// not answer: the rewind waits until the upstream answers, a rewind that
-    /// fails to talk to it is retried later with the server running again as a
-    /// standby (still a failover candidate), and only a divergence pg_rewind
-    /// proves it cannot repair leads to a fresh copy, made beside this one.
-    async fn rejoin(&mut self, upstream: &str) -> Result<()> {
-        let (name, addr) = self.upstream(upstream)?;
-        if self.rewind_retry_at.is_some_and(|t| Instant::now() < t) {
-            self.detail = Some(format!("a rewind against {name} failed; retrying shortly, keeping this copy"));
-            return self.keep_serving((name, addr)).await;
-        }
-        if !crate::postgres::answers(addr, UPSTREAM_PROBE).await {
-            self.detail = Some(format!(
-                "{name} does not answer within {UPSTREAM_PROBE:?}; keeping this copy, rewinding once it does"
-            ));
-            return self.keep_serving((name, addr)).await;
-        }
-        self.set_starting(&format!("rewinding to follow {name}"));
-        self.stop().await;
-        self.server.clear_stale_lock()?;
-        let server = self.server.clone();
-        let user = self.config.postgres.replication_user.clone();
-        let Err(e) = tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? else {
-            self.fenced = false;
-            self.rewind_retry_at = None;
-            return self.start(StartAs::Standby { upstream: Some((name, addr)) }).await;
-        };
-        self.rewind_retry_at = Some(Instant::now() + REWIND_RETRY);
-        match failover::after_rewind_failure(&format!("{e:#}")) {
-            AfterRewindFailure::KeepAndRetry => {
-                tracing::warn!("failed to rewind ({e:#}); keeping this copy and retrying in {REWIND_RETRY:?}");
-                self.keep_serving((name, addr)).await
-            }
-            AfterRewindFailure::FreshCopy => {
-                tracing::error!(
-                    "failed to rewind ({e:#}); this copy cannot follow {name}: making a fresh copy beside it"
-                );
-                // The old copy serves reads (and stays a candidate) while the new one is made.
-                if let Err(e) = self.keep_serving((name.clone(), addr)).await {
-                    tracing::warn!("failed to restart the old copy while copying ({e:#})");
-                }
-                // One fresh copy at a time: the others keep theirs meanwhile.
-                let me = self.server.node.clone();
-                if let Some(holder) = self.coord.take_recopy(&me, self.lease.id()).await? {
-                    self.detail = Some(format!("{holder} is making a fresh copy; this one waits its turn"));
-                    return Ok(());
-                }
-                self.set_starting(&format!("copying a base backup from {name} beside the current data"));
-                let server = self.server.clone();
-                let user = self.config.postgres.replication_user.clone();
-                let copied = tokio::task::spawn_blocking(move || server.copy_beside(addr, &user)).await?;
-                if let Err(e) = copied {
-                    self.coord.release_recopy(&me).await?;
-                    return Err(e);
-                }
-                self.stop().await;
-                let swapped = self.server.swap_in_copy();
-                self.coord.release_recopy(&me).await?;
-                swapped?;
-                self.fenced = false;
-                self.rewind_retry_at = None;
-                self.start(StartAs::Standby { upstream: Some((name, addr)) }).await
-            }
-        }
-    }
-
-    /// Makes sure the local copy runs as a standby of `upstream` (it may have
-    /// been stopped for a rewind), so it serves reads and reports its position.
-    async fn keep_serving(&mut self, upstream: (String, std::net::SocketAddr)) -> Result<()> {
-        if self.running.is_some() {
-            return Ok(());
-        }
-        self.start(StartAs::Standby { upstream: Some(upstream) }).await
-    }
-
     /// Every few seconds, the primary makes sure etcd's leader is not in its own
     /// region (see `Coord::keep_etcd_leader_away`). Best effort: a failure only
     /// makes a region loss slower to recover from, never unsafe.
@@ -829,71 +726,6 @@ impl Agent {
             r.client = Some(self.server.connect().await?);
         }
         Ok(r.client.as_ref().expect("just connected"))
-    }
-
-    /// Notices a server that exited without being asked to.
-    fn reap(&mut self) {
-        let Some(r) = self.running.as_mut() else { return };
-        match r.child.try_wait() {
-            Ok(Some(status)) if status.code() == Some(FENCED_EXIT) => {
-                if self.hung.load(std::sync::atomic::Ordering::SeqCst) {
-                    tracing::warn!("fencing: the supervisor stopped the hung server");
-                } else {
-                    tracing::warn!(
-                        "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"
-                    );
-                }
-                self.watchdog.detach();
-                self.running = None;
-                self.fenced = true;
-            }
-            Ok(Some(status)) => {
-                tracing::error!("PostgreSQL exited unexpectedly ({status}); see {}", self.server.log_path().display());
-                self.watchdog.detach();
-                self.running = None;
-                let now = Instant::now();
-                self.crashes.push_back(now);
-                while self.crashes.front().is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW) {
-                    self.crashes.pop_front();
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("failed to check the postmaster: {e}"),
-        }
-    }
-
-    fn gave_up(&self) -> bool {
-        self.crashes.len() >= MAX_CRASHES
-    }
-
-    /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.
-    async fn stop(&mut self) {
-        self.stop_as(Shutdown::Fast).await
-    }
-
-    /// The supervisor stays armed until the server has exited: if the lease
-    /// goes stale while a fast shutdown waits (on walsenders, say), it still
-    /// stops the server at the deadline.
-    async fn stop_as(&mut self, how: Shutdown) {
-        let Some(mut r) = self.running.take() else { return };
-        let pid = r.child.id() as i32;
-        let signals: &[(i32, u64)] = match how {
-            Shutdown::Fast => &[(libc::SIGINT, 30), (libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
-            Shutdown::Immediate => &[(libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
-        };
-        for &(signal, wait) in signals {
-            unsafe { libc::kill(pid, signal) };
-            let deadline = Instant::now() + Duration::from_secs(wait);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = r.child.try_wait() {
-                    tracing::info!("PostgreSQL stopped");
-                    self.watchdog.detach();
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            tracing::warn!("PostgreSQL (pid {pid}) did not stop after signal {signal} within {wait}s");
-        }
     }
 
     fn set_starting(&mut self, what: &str) {

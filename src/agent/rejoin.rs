@@ -1,0 +1,120 @@
+//! Rejoining a leader: rewind, or a fresh copy made beside the old data, and
+//! never an emptied data directory for an upstream that does not answer.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use super::{AfterRewindFailure, Agent, REWIND_RETRY, UPSTREAM_PROBE};
+use crate::failover;
+use crate::postgres::files::StartAs;
+
+impl Agent {
+    /// Copies the leader's data directory, then starts as its standby.
+    pub(super) async fn clone_from(&mut self, from: &str) -> Result<()> {
+        let upstream = self.upstream(from)?;
+        self.set_starting(&format!("copying a base backup from {from}"));
+        self.empty_data_dir()?;
+        // The passfile must exist before pg_basebackup reads it.
+        self.server.write_files(&self.config, &self.secrets, &StartAs::Standby { upstream: Some(upstream.clone()) })?;
+        let server = self.server.clone();
+        let user = self.config.postgres.replication_user.clone();
+        let addr = upstream.1;
+        if let Err(e) = tokio::task::spawn_blocking(move || server.base_backup(addr, &user)).await? {
+            self.empty_data_dir()?;
+            return Err(e);
+        }
+        self.start(StartAs::Standby { upstream: Some(upstream) }).await
+    }
+
+    /// initdb and pg_basebackup need an empty directory; a failed attempt leaves debris.
+    pub(super) fn empty_data_dir(&self) -> Result<()> {
+        let dir = &self.server.data_dir;
+        if dir.exists() {
+            for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+                let path = entry?.path();
+                let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                r.with_context(|| format!("remove {}", path.display()))?;
+            }
+        }
+        self.server.prepare_dirs()
+    }
+
+    /// Rewinds a server whose history diverged from the leader's, then follows it.
+    ///
+    /// The local data may be the best copy left (the leader can hang right
+    /// after a failover), so it is never thrown away for an upstream that does
+    /// not answer: the rewind waits until the upstream answers, a rewind that
+    /// fails to talk to it is retried later with the server running again as a
+    /// standby (still a failover candidate), and only a divergence pg_rewind
+    /// proves it cannot repair leads to a fresh copy, made beside this one.
+    pub(super) async fn rejoin(&mut self, upstream: &str) -> Result<()> {
+        let (name, addr) = self.upstream(upstream)?;
+        if self.rewind_retry_at.is_some_and(|t| Instant::now() < t) {
+            self.detail = Some(format!("a rewind against {name} failed; retrying shortly, keeping this copy"));
+            return self.keep_serving((name, addr)).await;
+        }
+        if !crate::postgres::answers(addr, UPSTREAM_PROBE).await {
+            self.detail = Some(format!(
+                "{name} does not answer within {UPSTREAM_PROBE:?}; keeping this copy, rewinding once it does"
+            ));
+            return self.keep_serving((name, addr)).await;
+        }
+        self.set_starting(&format!("rewinding to follow {name}"));
+        self.stop().await;
+        self.server.clear_stale_lock()?;
+        let server = self.server.clone();
+        let user = self.config.postgres.replication_user.clone();
+        let Err(e) = tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? else {
+            self.fenced = false;
+            self.rewind_retry_at = None;
+            return self.start(StartAs::Standby { upstream: Some((name, addr)) }).await;
+        };
+        self.rewind_retry_at = Some(Instant::now() + REWIND_RETRY);
+        match failover::after_rewind_failure(&format!("{e:#}")) {
+            AfterRewindFailure::KeepAndRetry => {
+                tracing::warn!("failed to rewind ({e:#}); keeping this copy and retrying in {REWIND_RETRY:?}");
+                self.keep_serving((name, addr)).await
+            }
+            AfterRewindFailure::FreshCopy => {
+                tracing::error!(
+                    "failed to rewind ({e:#}); this copy cannot follow {name}: making a fresh copy beside it"
+                );
+                // The old copy serves reads (and stays a candidate) while the new one is made.
+                if let Err(e) = self.keep_serving((name.clone(), addr)).await {
+                    tracing::warn!("failed to restart the old copy while copying ({e:#})");
+                }
+                // One fresh copy at a time: the others keep theirs meanwhile.
+                let me = self.server.node.clone();
+                if let Some(holder) = self.coord.take_recopy(&me, self.lease.id()).await? {
+                    self.detail = Some(format!("{holder} is making a fresh copy; this one waits its turn"));
+                    return Ok(());
+                }
+                self.set_starting(&format!("copying a base backup from {name} beside the current data"));
+                let server = self.server.clone();
+                let user = self.config.postgres.replication_user.clone();
+                let copied = tokio::task::spawn_blocking(move || server.copy_beside(addr, &user)).await?;
+                if let Err(e) = copied {
+                    self.coord.release_recopy(&me).await?;
+                    return Err(e);
+                }
+                self.stop().await;
+                let swapped = self.server.swap_in_copy();
+                self.coord.release_recopy(&me).await?;
+                swapped?;
+                self.fenced = false;
+                self.rewind_retry_at = None;
+                self.start(StartAs::Standby { upstream: Some((name, addr)) }).await
+            }
+        }
+    }
+
+    /// Makes sure the local copy runs as a standby of `upstream` (it may have
+    /// been stopped for a rewind), so it serves reads and reports its position.
+    pub(super) async fn keep_serving(&mut self, upstream: (String, std::net::SocketAddr)) -> Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        self.start(StartAs::Standby { upstream: Some(upstream) }).await
+    }
+}

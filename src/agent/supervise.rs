@@ -1,0 +1,74 @@
+//! The server's process under its supervisor: noticing exits, bounded
+//! restarts, stopping it.
+
+use std::time::{Duration, Instant};
+
+use super::{Agent, Shutdown, CRASH_WINDOW, MAX_CRASHES};
+use crate::postgres::supervisor::FENCED_EXIT;
+
+impl Agent {
+    /// Notices a server that exited without being asked to.
+    pub(super) fn reap(&mut self) {
+        let Some(r) = self.running.as_mut() else { return };
+        match r.child.try_wait() {
+            Ok(Some(status)) if status.code() == Some(FENCED_EXIT) => {
+                if self.hung.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::warn!("fencing: the supervisor stopped the hung server");
+                } else {
+                    tracing::warn!(
+                        "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"
+                    );
+                }
+                self.watchdog.detach();
+                self.running = None;
+                self.fenced = true;
+            }
+            Ok(Some(status)) => {
+                tracing::error!("PostgreSQL exited unexpectedly ({status}); see {}", self.server.log_path().display());
+                self.watchdog.detach();
+                self.running = None;
+                let now = Instant::now();
+                self.crashes.push_back(now);
+                while self.crashes.front().is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW) {
+                    self.crashes.pop_front();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("failed to check the postmaster: {e}"),
+        }
+    }
+
+    pub(super) fn gave_up(&self) -> bool {
+        self.crashes.len() >= MAX_CRASHES
+    }
+
+    /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.
+    pub(super) async fn stop(&mut self) {
+        self.stop_as(Shutdown::Fast).await
+    }
+
+    /// The supervisor stays armed until the server has exited: if the lease
+    /// goes stale while a fast shutdown waits (on walsenders, say), it still
+    /// stops the server at the deadline.
+    pub(super) async fn stop_as(&mut self, how: Shutdown) {
+        let Some(mut r) = self.running.take() else { return };
+        let pid = r.child.id() as i32;
+        let signals: &[(i32, u64)] = match how {
+            Shutdown::Fast => &[(libc::SIGINT, 30), (libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
+            Shutdown::Immediate => &[(libc::SIGQUIT, 5), (libc::SIGKILL, 5)],
+        };
+        for &(signal, wait) in signals {
+            unsafe { libc::kill(pid, signal) };
+            let deadline = Instant::now() + Duration::from_secs(wait);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = r.child.try_wait() {
+                    tracing::info!("PostgreSQL stopped");
+                    self.watchdog.detach();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::warn!("PostgreSQL (pid {pid}) did not stop after signal {signal} within {wait}s");
+        }
+    }
+}

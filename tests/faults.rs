@@ -109,17 +109,29 @@ fn a_frozen_primary_agent_is_fenced_by_its_supervisor_without_split_brain() {
     lab.finish();
 }
 
+/// A two-per-region lab with a `probe` table holding `rows` rows on every
+/// node, expecting the ERROR lines a hung primary causes.
+fn hang_lab(net: u8, rows: u64) -> TestLab {
+    let mut lab = TestLab::up(net, &["--nodes-per-region", "2"]);
+    for e in [
+        "cannot execute INSERT in a read-only transaction",
+        "did not answer a probe",
+        "failed to",
+        "terminating connection due to",
+    ] {
+        lab.expect_error(e);
+    }
+    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text)");
+    lab.psql("ap-south-1a", &format!("INSERT INTO probe SELECT g, 'first' FROM generate_series(1, {rows}) g"));
+    for n in &NODES[1..] {
+        lab.wait_rows(n, "probe", rows, Duration::from_secs(10));
+    }
+    lab
+}
+
 #[test]
 fn a_hung_primary_is_replaced_and_every_standby_keeps_its_data() {
-    let mut lab = TestLab::up(93, &["--nodes-per-region", "2"]);
-    lab.expect_error("cannot execute INSERT in a read-only transaction");
-    lab.expect_error("did not answer a probe");
-    lab.expect_error("failed to list replication slots");
-    lab.expect_error("failed to read");
-    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text)");
-    for n in &NODES[1..] {
-        lab.wait_rows(n, "probe", 0, Duration::from_secs(10));
-    }
+    let lab = hang_lab(93, 0);
     let pids = server_pids(&lab, "ap-south-1a");
     assert!(pids.len() > 3, "a postmaster and its processes: {pids:?}");
     let start = Instant::now();
@@ -199,15 +211,7 @@ fn clocks_skewed_30_seconds_either_way_change_nothing() {
 /// empty a data directory for a leader that does not answer.
 #[test]
 fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
-    let mut lab = TestLab::up(96, &["--nodes-per-region", "2"]);
-    lab.expect_error("cannot execute INSERT in a read-only transaction");
-    lab.expect_error("did not answer a probe");
-    lab.expect_error("failed to");
-    lab.expect_error("terminating connection due to");
-    lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text); INSERT INTO probe VALUES (0, 'first')");
-    for n in &NODES[1..] {
-        lab.wait_rows(n, "probe", 1, Duration::from_secs(10));
-    }
+    let lab = hang_lab(96, 1);
     let out = lab.run_lab(&["kill", "ap-south-1a"]);
     assert!(out.status.success(), "{}", text(&out));
     let s = wait_until("a new primary after the kill", Duration::from_secs(30), || {

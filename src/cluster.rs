@@ -109,6 +109,12 @@ pub struct MemberStatus {
     pub healthy: bool,
     /// Why the node is not healthy, or what it is doing, in a few words.
     pub detail: Option<String>,
+    /// Why the agent does nothing now, as a type (`detail` has its text).
+    #[serde(default)]
+    pub waiting: Option<crate::failover::WaitReason>,
+    /// The last action that failed, kept until it succeeds.
+    #[serde(default)]
+    pub failure: Option<ActionFailure>,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
@@ -132,6 +138,20 @@ impl MemberStatus {
     pub fn is_fresh(&self) -> bool {
         self.unchanged_ms <= STALE_REPORT_MS
     }
+}
+
+/// An action of the agent's that failed (a base backup, a rewind), shown in
+/// status until it succeeds; the agent retries it with a growing pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionFailure {
+    /// What was tried, e.g. "clone from ap-south-1a".
+    pub action: String,
+    /// The error, as the agent logged it.
+    pub error: String,
+    /// Failures in a row.
+    pub attempts: u32,
+    /// How long the agent waits before it tries again.
+    pub retry_in_ms: u64,
 }
 
 /// The value of the `leader` key: who may take writes, and for which epoch.
@@ -267,6 +287,12 @@ pub struct NodeStatus {
     pub lag_seconds: Option<f64>,
     pub healthy: bool,
     pub detail: Option<String>,
+    /// Why its agent does nothing now, as a type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<crate::failover::WaitReason>,
+    /// The agent's last failed action, until one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<ActionFailure>,
 }
 
 impl ClusterStatus {
@@ -293,6 +319,8 @@ impl ClusterStatus {
                         m.unchanged_ms as f64 / 1000.0,
                         m.role
                     )),
+                    waiting: None,
+                    failure: None,
                 },
                 Some(m) => NodeStatus {
                     name: node.name.clone(),
@@ -304,6 +332,8 @@ impl ClusterStatus {
                     lag_seconds: m.lag_seconds,
                     healthy: m.healthy,
                     detail: m.detail.clone(),
+                    waiting: m.waiting.clone(),
+                    failure: m.failure.clone(),
                 },
                 None => NodeStatus {
                     name: node.name.clone(),
@@ -315,6 +345,8 @@ impl ClusterStatus {
                     lag_seconds: None,
                     healthy: false,
                     detail: Some("no report from its agent".into()),
+                    waiting: None,
+                    failure: None,
                 },
             })
             .collect();
@@ -327,8 +359,8 @@ impl ClusterStatus {
             (None, None) if epoch == 0 => Some("the cluster has not been bootstrapped yet".into()),
             (None, None) => {
                 // The standbys' agents say why none of them takes over (lag budget, manual mode).
-                let why = nodes.iter().filter_map(|n| n.detail.as_deref()).find(|d| d.starts_with("no leader"));
-                Some(match why.and_then(|d| d.split_once(", and ").map(|(_, w)| w).or(d_strip(why))) {
+                let why = nodes.iter().filter_map(|n| n.waiting.as_ref()?.leaderless()).next();
+                Some(match why {
                     Some(w) => format!("no node holds the leader lease; {w}"),
                     None => "no node holds the leader lease".into(),
                 })
@@ -366,7 +398,16 @@ impl ClusterStatus {
                     n.lag_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
                     n.lag_seconds.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into()),
                     if n.healthy { "yes" } else { "no" }.into(),
-                    n.detail.clone().unwrap_or_default(),
+                    match &n.failure {
+                        Some(f) => format!(
+                            "failed to {} ({}x, next try in {}s): {}",
+                            f.action,
+                            f.attempts,
+                            f.retry_in_ms.div_ceil(1000),
+                            f.error
+                        ),
+                        None => n.detail.clone().unwrap_or_default(),
+                    },
                 ]
             })
             .collect();
@@ -396,10 +437,6 @@ impl ClusterStatus {
 }
 
 /// "no leader; X" -> "X".
-fn d_strip(detail: Option<&str>) -> Option<&str> {
-    detail.and_then(|d| d.strip_prefix("no leader; "))
-}
-
 fn opt<T: fmt::Display>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }

@@ -1,5 +1,7 @@
-//! Keeps this agent's etcd lease alive from its own task, so that long actions
-//! (a base backup, a crash recovery) never let it lapse by accident.
+//! Keeps this agent's etcd lease alive from a thread of its own, with its own
+//! small runtime and its own etcd connection, so that neither long actions (a
+//! base backup, a crash recovery) nor a runtime whose workers are blocked
+//! can let it lapse by accident.
 //!
 //! Freshness is measured from when a renewal was *sent*: etcd restarts the TTL
 //! when it receives the request, which is after we sent it, so "sent + TTL -
@@ -11,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use anyhow::{Context, Result};
+
+use crate::config::Config;
 use crate::coord::{Coord, LeaseId};
 
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +37,42 @@ pub struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    /// Grants a lease (retrying until etcd answers or shutdown) and starts renewing it.
-    pub async fn start(coord: Coord, ttl: Duration, shutdown: CancellationToken) -> Option<LeaseKeeper> {
+    /// Grants a lease (retrying until etcd answers or shutdown) and starts
+    /// renewing it on the keeper's own thread. None: shut down before a grant.
+    pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Option<LeaseKeeper>> {
+        let (config, ttl) = (config.clone(), config.failover.lease_ttl);
+        let (granted, grant) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = granted.send(Err(anyhow::Error::new(e).context("start the lease keeper's runtime")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let coord = match Coord::connect(&config).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = granted.send(Err(e));
+                            return;
+                        }
+                    };
+                    let Some(keeper) = Self::grant(&coord, ttl, &shutdown).await else {
+                        let _ = granted.send(Ok(None));
+                        return;
+                    };
+                    let _ = granted.send(Ok(Some(keeper.clone())));
+                    keeper.renew_loop(coord, shutdown).await;
+                });
+            })
+            .context("start the lease keeper's thread")?;
+        grant.await.context("the lease keeper's thread ended")?
+    }
+
+    async fn grant(coord: &Coord, ttl: Duration, shutdown: &CancellationToken) -> Option<LeaseKeeper> {
         let (lease, renewed_at) = loop {
             let sent = Instant::now();
             match coord.grant_lease(ttl).await {
@@ -45,10 +84,7 @@ impl LeaseKeeper {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         };
-        let keeper = LeaseKeeper { state: Arc::new(Mutex::new(State { lease, renewed_at, abandoned: false })), ttl };
-        let k = keeper.clone();
-        tokio::spawn(async move { k.renew_loop(coord, shutdown).await });
-        Some(keeper)
+        Some(LeaseKeeper { state: Arc::new(Mutex::new(State { lease, renewed_at, abandoned: false })), ttl })
     }
 
     pub fn id(&self) -> LeaseId {

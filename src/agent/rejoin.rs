@@ -5,39 +5,51 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{AfterRewindFailure, Agent, REWIND_RETRY, UPSTREAM_PROBE};
-use crate::failover;
+use std::time::Duration;
+
+use super::Agent;
+use crate::failover::{self, AfterRewindFailure, WaitReason};
 use crate::postgres::files::StartAs;
+
+/// How long an upstream has to answer before a rewind against it is tried.
+const UPSTREAM_PROBE: Duration = Duration::from_secs(2);
+/// After a failed rewind, the copy runs as a standby this long before the next try.
+const REWIND_RETRY: Duration = Duration::from_secs(10);
 
 impl Agent {
     /// Copies the leader's data directory, then starts as its standby.
     pub(super) async fn clone_from(&mut self, from: &str) -> Result<()> {
         let upstream = self.upstream(from)?;
         self.set_starting(&format!("copying a base backup from {from}"));
-        self.empty_data_dir()?;
+        self.empty_data_dir().await?;
         // The passfile must exist before pg_basebackup reads it.
         self.server.write_files(&self.config, &self.secrets, &StartAs::Standby { upstream: Some(upstream.clone()) })?;
         let server = self.server.clone();
         let user = self.config.postgres.replication_user.clone();
         let addr = upstream.1;
         if let Err(e) = tokio::task::spawn_blocking(move || server.base_backup(addr, &user)).await? {
-            self.empty_data_dir()?;
+            self.empty_data_dir().await?;
             return Err(e);
         }
         self.start(StartAs::Standby { upstream: Some(upstream) }).await
     }
 
     /// initdb and pg_basebackup need an empty directory; a failed attempt leaves debris.
-    pub(super) fn empty_data_dir(&self) -> Result<()> {
-        let dir = &self.server.data_dir;
-        if dir.exists() {
-            for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
-                let path = entry?.path();
-                let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-                r.with_context(|| format!("remove {}", path.display()))?;
+    /// Removing a large directory takes a while: off the async workers.
+    pub(super) async fn empty_data_dir(&self) -> Result<()> {
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = &server.data_dir;
+            if dir.exists() {
+                for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+                    let path = entry?.path();
+                    let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                    r.with_context(|| format!("remove {}", path.display()))?;
+                }
             }
-        }
-        self.server.prepare_dirs()
+            server.prepare_dirs()
+        })
+        .await?
     }
 
     /// Rewinds a server whose history diverged from the leader's, then follows it.
@@ -51,18 +63,17 @@ impl Agent {
     pub(super) async fn rejoin(&mut self, upstream: &str) -> Result<()> {
         let (name, addr) = self.upstream(upstream)?;
         if self.rewind_retry_at.is_some_and(|t| Instant::now() < t) {
-            self.detail = Some(format!("a rewind against {name} failed; retrying shortly, keeping this copy"));
+            self.wait(WaitReason::RewindRetry { upstream: name.clone() });
             return self.keep_serving((name, addr)).await;
         }
         if !crate::postgres::answers(addr, UPSTREAM_PROBE).await {
-            self.detail = Some(format!(
-                "{name} does not answer within {UPSTREAM_PROBE:?}; keeping this copy, rewinding once it does"
-            ));
+            self.wait(WaitReason::UpstreamSilent { upstream: name.clone() });
             return self.keep_serving((name, addr)).await;
         }
         self.set_starting(&format!("rewinding to follow {name}"));
         self.stop().await;
-        self.server.clear_stale_lock()?;
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.clear_stale_lock()).await??;
         let server = self.server.clone();
         let user = self.config.postgres.replication_user.clone();
         let Err(e) = tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? else {
@@ -87,7 +98,7 @@ impl Agent {
                 // One fresh copy at a time: the others keep theirs meanwhile.
                 let me = self.server.node.clone();
                 if let Some(holder) = self.coord.take_recopy(&me, self.lease.id()).await? {
-                    self.detail = Some(format!("{holder} is making a fresh copy; this one waits its turn"));
+                    self.wait(WaitReason::RecopyTurn { holder });
                     return Ok(());
                 }
                 self.set_starting(&format!("copying a base backup from {name} beside the current data"));
@@ -99,7 +110,8 @@ impl Agent {
                     return Err(e);
                 }
                 self.stop().await;
-                let swapped = self.server.swap_in_copy();
+                let server = self.server.clone();
+                let swapped = tokio::task::spawn_blocking(move || server.swap_in_copy()).await?;
                 self.coord.release_recopy(&me).await?;
                 swapped?;
                 self.fenced = false;

@@ -1,11 +1,46 @@
 //! The node's report (`members/<node>`): role, positions, lag, health.
 
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::LeaseKeeper;
 use crate::cluster::{now_ms, Lsn, MemberStatus, Role};
-use crate::coord::Snapshot;
+use crate::coord::{Coord, Snapshot};
 use crate::postgres::files::StartAs;
 use crate::postgres::status::{self, LocalStatus};
 
-use super::{Agent, Running};
+use super::{Agent, Running, TICK};
+
+/// Writes each new report as soon as it is made, and the latest one again every
+/// second (so a long action does not make the node look dead), under the current lease.
+pub(super) async fn publish_loop(
+    coord: Coord,
+    lease: LeaseKeeper,
+    mut latest: watch::Receiver<Option<MemberStatus>>,
+    shutdown: CancellationToken,
+) {
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = latest.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        let Some(mut report) = latest.borrow().clone() else { continue };
+        report.updated_at_ms = now_ms();
+        match coord.put_member(&report, lease.id()).await {
+            Ok(()) => last_error = None,
+            Err(e) => {
+                // Once per distinct error: an unreachable etcd would otherwise flood the log.
+                let msg = format!("{e:#}");
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!("failed to {msg}");
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
 
 impl Agent {
     pub(super) fn base_report(&self, role: Role) -> MemberStatus {
@@ -22,7 +57,9 @@ impl Agent {
             upstream: None,
             epoch_seen: self.epoch_seen,
             healthy: false,
-            detail: self.detail.clone(),
+            detail: self.detail.clone().or_else(|| self.waiting.as_ref().map(|w| w.to_string())),
+            waiting: self.waiting.clone(),
+            failure: self.failures.current().cloned(),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

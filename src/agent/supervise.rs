@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Agent, Shutdown, CRASH_WINDOW, MAX_CRASHES};
+use super::{Agent, Shutdown};
 use crate::postgres::supervisor::FENCED_EXIT;
 
 impl Agent {
@@ -27,19 +27,11 @@ impl Agent {
                 tracing::error!("PostgreSQL exited unexpectedly ({status}); see {}", self.server.log_path().display());
                 self.watchdog.detach();
                 self.running = None;
-                let now = Instant::now();
-                self.crashes.push_back(now);
-                while self.crashes.front().is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW) {
-                    self.crashes.pop_front();
-                }
+                self.crashes.record(Instant::now());
             }
             Ok(None) => {}
             Err(e) => tracing::warn!("failed to check the postmaster: {e}"),
         }
-    }
-
-    pub(super) fn gave_up(&self) -> bool {
-        self.crashes.len() >= MAX_CRASHES
     }
 
     /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.

@@ -43,18 +43,21 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
+    /// Feeds from a thread of its own: a runtime whose workers are blocked
+    /// must not stop the deadline from moving while the lease is renewed.
     pub fn start(lease: LeaseKeeper, shutdown: CancellationToken) -> Watchdog {
         let w = Watchdog { pipe: Arc::default(), lease };
-        let task = w.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(FEED_EVERY) => {}
-                }
-                task.feed();
+        let feeder = w.clone();
+        let spawned = std::thread::Builder::new().name("fencing-feeder".into()).spawn(move || {
+            while !shutdown.is_cancelled() {
+                std::thread::sleep(FEED_EVERY);
+                feeder.feed();
             }
         });
+        if let Err(e) = spawned {
+            // Without a feeder the supervisor fences at the first deadline: safe, not quiet.
+            tracing::error!("failed to start the fencing feeder's thread: {e}");
+        }
         w
     }
 

@@ -20,6 +20,8 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         epoch_seen: 1,
         healthy: true,
         detail: None,
+        waiting: None,
+        failure: None,
         updated_at_ms: 0,
         unchanged_ms: 0,
         revision: 1,
@@ -136,10 +138,39 @@ fn a_stale_report_is_unknown_and_not_primary() {
 fn no_primary_quotes_why_no_standby_takes_over() {
     let c = config();
     let mut m = member("ap-northeast-1a", "ap-northeast-1", Role::Replica, 1, 0);
-    m.detail = Some("no leader, and no automatic failover: ap-northeast-1a: cross-region failover is manual".into());
-    let s = ClusterStatus::build(&c, None, 1, &[m]);
+    use crate::failover::{NoFailover, Refusal, RefusalReason, WaitReason};
+    let refusal = Refusal { node: "ap-northeast-1a".into(), why: RefusalReason::Manual { cross_region: true } };
+    m.waiting = Some(WaitReason::NoFailover { why: NoFailover::Refused { refusals: vec![refusal] } });
+    // Matched on the type, never on the text: a detail saying the same words counts for nothing.
+    m.detail = Some("no leader, and no automatic failover: something else".into());
+    let s = ClusterStatus::build(&c, None, 1, &[m.clone()]);
     assert_eq!(
         s.reason.as_deref(),
         Some("no node holds the leader lease; no automatic failover: ap-northeast-1a: cross-region failover is manual")
     );
+}
+
+#[test]
+fn a_failed_action_shows_in_status_until_it_succeeds() {
+    let c = config();
+    let mut m = member("ap-northeast-1a", "ap-northeast-1", Role::Starting, 1, 0);
+    m.failure = Some(ActionFailure {
+        action: "copy a base backup from ap-south-1a".into(),
+        error: "pg_basebackup failed (exit status: 1): could not connect".into(),
+        attempts: 3,
+        retry_in_ms: 3500,
+    });
+    let s = ClusterStatus::build(&c, None, 1, &[m.clone()]);
+    let node = s.nodes.iter().find(|n| n.name == "ap-northeast-1a").unwrap();
+    assert_eq!(node.failure, m.failure, "the JSON carries the failure");
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["nodes"][1]["failure"]["attempts"], 3, "{json}");
+    let table = s.render();
+    assert!(
+        table.contains("failed to copy a base backup from ap-south-1a (3x, next try in 4s): pg_basebackup failed"),
+        "{table}"
+    );
+    m.failure = None;
+    let s = ClusterStatus::build(&c, None, 1, &[m]);
+    assert!(!s.render().contains("failed to"), "gone once the action succeeded");
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 use crate::cluster::{DrSwitch, Epoch, HealthReport, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
@@ -18,6 +18,21 @@ pub use keys::Keys;
 
 /// An etcd lease id; keys put under it vanish when it is not renewed.
 pub type LeaseId = i64;
+
+/// No etcd member answered a request: etcd is out of reach for now (an
+/// election, a partition, a restart). Callers log it as a warning; what
+/// depends on etcd simply waits for the next pass.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: no etcd member answered ({failures})")]
+pub struct Unavailable {
+    what: String,
+    failures: String,
+}
+
+/// The error, or one it was caused by, is `Unavailable`.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unavailable>())
+}
 
 /// A connection to the cluster's etcd, with its key layout.
 ///
@@ -128,7 +143,7 @@ impl Coord {
                 Err(e) => failures.push(format!("{url}: {}", short_error(&e))),
             }
         }
-        bail!("{what}: no etcd member answered ({})", failures.join("; "))
+        Err(Unavailable { what: what.to_string(), failures: failures.join("; ") }.into())
     }
 
     /// One consistent read of the whole cluster prefix.
@@ -192,8 +207,17 @@ impl Coord {
                     stream.message().await
                 };
                 match renewed.await {
-                    // An expired lease is reported as an error by some paths and as TTL 0 by others.
-                    Err(e) if e.to_string().contains("lease not found") => Ok(None),
+                    // An expired lease is reported as NotFound by some paths, as TTL 0 by
+                    // others, and etcd-client turns a TTL of 0 into a keep-alive error:
+                    // for that one, ask etcd whether the lease still exists.
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => Ok(None),
+                    Err(e @ etcd_client::Error::LeaseKeepAliveError(_)) => {
+                        match c.lease_client().time_to_live(lease, None).await {
+                            Ok(r) if r.ttl() <= 0 => Ok(None),
+                            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => Ok(None),
+                            _ => Err(e),
+                        }
+                    }
                     other => other,
                 }
             })
@@ -317,6 +341,39 @@ impl Coord {
             .and_then([TxnOp::delete(self.keys.leader(), None)]);
         let resp = self.txn("release leader in etcd", txn).await?;
         Ok(resp.succeeded())
+    }
+
+    /// Whether `leader` is still ours for `epoch`, under `lease`.
+    pub async fn holds_leader(&self, node: &str, epoch: Epoch, lease: LeaseId) -> Result<bool> {
+        let ours = serde_json::to_vec(&Leader { node: node.to_string(), epoch })?;
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, ours), Compare::lease(key, CompareOp::Equal, lease)]);
+        Ok(self.txn("check the leader key in etcd", txn).await?.succeeded())
+    }
+
+    /// Marks the switchover `old` as `aborted`, only if it is unchanged and
+    /// `leader` is still ours for `epoch` under `lease`: one transaction, so
+    /// the old primary restarts read-write only on etcd's word that nobody
+    /// else can have been promoted meanwhile.
+    pub async fn abort_switchover_as_leader(
+        &self,
+        node: &str,
+        epoch: Epoch,
+        lease: LeaseId,
+        old: &SwitchoverRequest,
+        aborted: &SwitchoverRequest,
+    ) -> Result<bool> {
+        let ours = serde_json::to_vec(&Leader { node: node.to_string(), epoch })?;
+        let (leader, sw) = (self.keys.leader(), self.keys.switchover());
+        let txn = Txn::new()
+            .when([
+                Compare::value(leader.clone(), CompareOp::Equal, ours),
+                Compare::lease(leader, CompareOp::Equal, lease),
+                Compare::value(sw.clone(), CompareOp::Equal, serde_json::to_vec(old)?),
+            ])
+            .and_then([TxnOp::put(sw, serde_json::to_vec(aborted)?, None)]);
+        Ok(self.txn("abort the switchover as its leader in etcd", txn).await?.succeeded())
     }
 
     /// Records the leader's position, only while `leader` is still ours.

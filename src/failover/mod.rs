@@ -12,7 +12,11 @@
 //! preferred region, then the first name. Only the best tries to take
 //! `leader`; etcd's transaction makes sure at most one succeeds per epoch.
 
+pub mod duties;
+mod reason;
 mod rewind;
+pub mod view;
+pub use reason::{FenceReason, NoFailover, Refusal, RefusalReason, WaitReason};
 pub use rewind::{after_rewind_failure, AfterRewindFailure};
 
 use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, SwitchoverRequest};
@@ -120,7 +124,7 @@ pub enum Action {
     /// Copy the leader's data directory, then start as its standby.
     Clone { from: String },
     /// Nothing can be done now; the reason is shown in status.
-    Wait { reason: String },
+    Wait { reason: WaitReason },
     /// Start (or keep) the server read-write: this node holds `leader`.
     StartPrimary,
     /// Start the server in recovery, streaming from `upstream` when there is one.
@@ -137,7 +141,7 @@ pub enum Action {
     /// This node's history diverged from the leader's: rewind it, then follow.
     Rejoin { upstream: String },
     /// Restart a read-write server as a standby: it must not take writes.
-    Fence { reason: String },
+    Fence { reason: FenceReason },
 }
 
 pub fn decide(v: &NodeView) -> Action {
@@ -147,12 +151,12 @@ pub fn decide(v: &NodeView) -> Action {
 
     if v.local == Local::Primary && !holds_leader {
         let reason = match &v.shared {
-            None => "cannot reach etcd to renew the leader lease".to_string(),
-            Some(_) if !v.lease_fresh => "the leader lease was not renewed in time".to_string(),
+            None => FenceReason::EtcdUnreachable,
+            Some(_) if !v.lease_fresh => FenceReason::LeaseNotRenewed,
             Some(s) => match &s.leader {
-                Some(l) if l.node != v.me => format!("{} is the leader of epoch {}", l.node, l.epoch),
-                Some(l) if l.epoch != s.epoch => format!("leader epoch {} is stale (current {})", l.epoch, s.epoch),
-                _ => "this node does not hold the leader lease".to_string(),
+                Some(l) if l.node != v.me => FenceReason::OtherLeader { node: l.node.clone(), epoch: l.epoch },
+                Some(l) if l.epoch != s.epoch => FenceReason::StaleEpoch { held: l.epoch, current: s.epoch },
+                _ => FenceReason::NotHeld,
             },
         };
         return Action::Fence { reason };
@@ -195,7 +199,7 @@ pub fn decide(v: &NodeView) -> Action {
                     reason: format!("planned switchover from {}", sw.from),
                 }
             } else {
-                Action::Wait { reason: format!("switchover from {} to {} in progress", sw.from, sw.to) }
+                Action::Wait { reason: WaitReason::SwitchoverInProgress { from: sw.from.clone(), to: sw.to.clone() } }
             };
         }
         if let Some(dr) = &s.dr {
@@ -205,7 +209,7 @@ pub fn decide(v: &NodeView) -> Action {
                     reason: format!("{} declared {} the active region", dr.set_by, dr.active_region),
                 }
             } else {
-                Action::Wait { reason: format!("DR failover to {} in progress", dr.target) }
+                Action::Wait { reason: WaitReason::DrInProgress { target: dr.target.clone() } }
             };
         }
     }
@@ -215,10 +219,11 @@ pub fn decide(v: &NodeView) -> Action {
     // slots for its followers.
     let other_leader = s.leader.as_ref().filter(|l| l.node != v.me);
     if let (Some(l), false) = (other_leader, s.leader_ready) {
+        let waiting = |to_copy| Action::Wait { reason: WaitReason::LeaderNotReady { leader: l.node.clone(), to_copy } };
         return match v.local {
-            Local::Empty => Action::Wait { reason: format!("waiting for leader {} to be ready to copy from", l.node) },
+            Local::Empty => waiting(true),
             Local::Stopped => Action::StartStandby { upstream: None },
-            _ => Action::Wait { reason: format!("waiting for leader {} to be ready", l.node) },
+            _ => waiting(false),
         };
     }
     let behind_leader = match (v.local_timeline, s.leader_timeline) {
@@ -228,7 +233,7 @@ pub fn decide(v: &NodeView) -> Action {
     match (&v.local, other_leader) {
         (Local::Empty, Some(l)) if s.leader_ready => Action::Clone { from: l.node.clone() },
         (Local::Empty, Some(l)) => {
-            Action::Wait { reason: format!("waiting for leader {} to be ready to copy from", l.node) }
+            Action::Wait { reason: WaitReason::LeaderNotReady { leader: l.node.clone(), to_copy: true } }
         }
         (Local::Empty, None) => {
             let mine = s.initialized_by.as_deref() == Some(v.me.as_str());
@@ -236,7 +241,7 @@ pub fn decide(v: &NodeView) -> Action {
             if s.leader.is_none() && s.epoch <= 1 && (mine || unclaimed) {
                 Action::Bootstrap
             } else {
-                Action::Wait { reason: "no data yet and no leader to copy from".into() }
+                Action::Wait { reason: WaitReason::NoData }
             }
         }
         // A timeline behind the leader's may have diverged (a former primary):
@@ -254,7 +259,7 @@ pub fn decide(v: &NodeView) -> Action {
         (Local::Standby { .. }, None)
             if s.candidates.iter().any(|c| s.leaderless_since_revision.is_none_or(|r| c.reported_revision <= r)) =>
         {
-            Action::Wait { reason: "no leader; waiting for every standby to report its final position".into() }
+            Action::Wait { reason: WaitReason::FinalPositions }
         }
         (Local::Standby { .. }, None) => match choose(&s.candidates, s.last_primary.as_ref(), &v.policy) {
             Ok(best) if best.node == v.me => {
@@ -268,16 +273,16 @@ pub fn decide(v: &NodeView) -> Action {
                     ),
                 }
             }
-            Ok(best) => Action::Wait { reason: format!("no leader; {} should take over", best.node) },
-            Err(reason) => Action::Wait { reason: format!("no leader, and no automatic failover: {reason}") },
+            Ok(best) => Action::Wait { reason: WaitReason::OtherCandidate { node: best.node } },
+            Err(why) => Action::Wait { reason: WaitReason::NoFailover { why } },
         },
     }
 }
 
 /// The standby to promote when the leader is gone, or why there is none.
-pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Policy) -> Result<Candidate, String> {
+pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Policy) -> Result<Candidate, NoFailover> {
     let Some(last) = last else {
-        return Err("no record of the last primary's position, so no lag can be judged".into());
+        return Err(NoFailover::NoLastPosition);
     };
     let last = &furthest(last, candidates);
     let mut refusals = Vec::new();
@@ -289,19 +294,18 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
     for c in candidates {
         if let (Some(mine), Some(newest)) = (c.timeline, newest_timeline) {
             if mine < newest {
-                refusals.push(format!("{}: on timeline {mine}, older than another candidate's {newest}", c.node));
+                refusals.push(Refusal { node: c.node.clone(), why: RefusalReason::OlderTimeline { mine, newest } });
                 continue;
             }
         }
         let same_region = c.region == last.region;
         let mode = if same_region { policy.within_region } else { policy.cross_region };
         if mode == FailoverMode::Manual {
-            let kind = if same_region { "within-region" } else { "cross-region" };
-            refusals.push(format!("{}: {kind} failover is manual", c.node));
+            refusals.push(Refusal { node: c.node.clone(), why: RefusalReason::Manual { cross_region: !same_region } });
             continue;
         }
         if let Err(why) = within_budget(c, last, policy.max_lag) {
-            refusals.push(format!("{}: {why}", c.node));
+            refusals.push(Refusal { node: c.node.clone(), why });
             continue;
         }
         eligible.push(c);
@@ -309,8 +313,8 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
     eligible.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.priority.cmp(&b.priority)).then(a.node.cmp(&b.node)));
     match eligible.first() {
         Some(best) => Ok((*best).clone()),
-        None if refusals.is_empty() => Err("no healthy standby reports".into()),
-        None => Err(refusals.join("; ")),
+        None if refusals.is_empty() => Err(NoFailover::NoStandbys),
+        None => Err(NoFailover::Refused { refusals }),
     }
 }
 
@@ -324,22 +328,21 @@ pub fn furthest(last: &LastPrimary, candidates: &[Candidate]) -> LastPrimary {
 }
 
 /// Whether promoting `c` loses no more than the budget, by the last recorded primary position.
-pub fn within_budget(c: &Candidate, last: &LastPrimary, budget: LagBudget) -> Result<(), String> {
+pub fn within_budget(c: &Candidate, last: &LastPrimary, budget: LagBudget) -> Result<(), RefusalReason> {
     match budget {
         LagBudget::Bytes(max) => {
             let behind = last.lsn.0.saturating_sub(c.replay_lsn.0);
             if behind > max {
-                return Err(format!(
-                    "replay {} behind, beyond the {} budget",
-                    crate::cluster::human_bytes(behind),
-                    crate::config::format_bytes(max)
-                ));
+                return Err(RefusalReason::ReplayBehind { behind_bytes: behind, budget_bytes: max });
             }
         }
         LagBudget::Time(max) => match c.lag_seconds {
             Some(s) if s <= max.as_secs_f64() => {}
-            Some(s) => return Err(format!("{s:.1}s behind, beyond the {max:?} budget")),
-            None => return Err("lag unknown".into()),
+            Some(s) => {
+                let ms = |secs: f64| (secs * 1000.0).round() as u64;
+                return Err(RefusalReason::TimeBehind { behind_ms: ms(s), budget_ms: max.as_millis() as u64 });
+            }
+            None => return Err(RefusalReason::LagUnknown),
         },
     }
     Ok(())

@@ -95,7 +95,7 @@ fn decisions_table() {
         (
             "other nodes wait for it",
             view("b", Local::Empty, fresh_cluster.clone()),
-            Action::Wait { reason: "no data yet and no leader to copy from".into() },
+            Action::Wait { reason: WaitReason::NoData },
         ),
         (
             "a node that claimed initialization retries after a crash",
@@ -110,12 +110,12 @@ fn decisions_table() {
         (
             "but not one that is still starting",
             view("b", Local::Empty, Some(Shared { leader_ready: false, ..shared(leader("a", 1), false, 1).unwrap() })),
-            Action::Wait { reason: "waiting for leader a to be ready to copy from".into() },
+            Action::Wait { reason: WaitReason::LeaderNotReady { leader: "a".into(), to_copy: true } },
         ),
         (
             "a wiped node never re-creates an existing cluster",
             view("a", Local::Empty, shared(None, false, 4)),
-            Action::Wait { reason: "no data yet and no leader to copy from".into() },
+            Action::Wait { reason: WaitReason::NoData },
         ),
         (
             "the leader starts read-write",
@@ -190,22 +190,22 @@ fn decisions_table() {
         (
             "a primary that lost etcd fences",
             view("a", Local::Primary, None),
-            Action::Fence { reason: "cannot reach etcd to renew the leader lease".into() },
+            Action::Fence { reason: FenceReason::EtcdUnreachable },
         ),
         (
             "a primary whose lease went stale fences",
             NodeView { lease_fresh: false, ..view("a", Local::Primary, shared(leader("a", 1), true, 1)) },
-            Action::Fence { reason: "the leader lease was not renewed in time".into() },
+            Action::Fence { reason: FenceReason::LeaseNotRenewed },
         ),
         (
             "a primary that another node replaced fences",
             view("a", Local::Primary, shared(leader("b", 2), false, 2)),
-            Action::Fence { reason: "b is the leader of epoch 2".into() },
+            Action::Fence { reason: FenceReason::OtherLeader { node: "b".into(), epoch: 2 } },
         ),
         (
             "a primary holding an old epoch fences",
             view("a", Local::Primary, shared(leader("a", 1), true, 2)),
-            Action::Fence { reason: "leader epoch 1 is stale (current 2)".into() },
+            Action::Fence { reason: FenceReason::StaleEpoch { held: 1, current: 2 } },
         ),
     ];
     for (what, v, want) in cases {
@@ -271,7 +271,9 @@ fn no_automatic_failover_says_why() {
     for (what, policy, candidates, want) in cases {
         let v = NodeView { policy, ..view("b", standby(), leaderless(candidates)) };
         match decide(&v) {
-            Action::Wait { reason } => assert!(reason.contains(want), "{what}: {reason}"),
+            Action::Wait { reason: reason @ WaitReason::NoFailover { .. } } => {
+                assert!(reason.to_string().contains(want), "{what}: {reason}")
+            }
             other => panic!("{what}: expected to wait, got {other:?}"),
         }
     }
@@ -280,7 +282,7 @@ fn no_automatic_failover_says_why() {
     // (revision 20 is the report's, seen leaderless at revision 50: written before)
     early.leaderless_since_revision = Some(50);
     match decide(&view("b", standby(), Some(early))) {
-        Action::Wait { reason } => assert!(reason.contains("final position"), "{reason}"),
+        Action::Wait { reason } => assert_eq!(reason, WaitReason::FinalPositions),
         other => panic!("promoted on a stale position: {other:?}"),
     }
     // The boundary: a report written at the very revision the agent saw no leader at
@@ -304,7 +306,11 @@ fn the_budget_counts_wal_a_standby_received_beyond_the_recorded_position() {
     let c = cand("c", "r2", 2, 10_000);
     let v = view("c", standby(), leaderless(vec![ahead, c]));
     match decide(&v) {
-        Action::Wait { reason } => assert!(reason.contains("c: replay 39.1kB behind"), "{reason}"),
+        Action::Wait { reason: WaitReason::NoFailover { why: NoFailover::Refused { refusals } } } => {
+            let c = refusals.iter().find(|r| r.node == "c").expect("c is refused");
+            assert_eq!(c.why, RefusalReason::ReplayBehind { behind_bytes: 40_000, budget_bytes: 1000 });
+            assert_eq!(c.to_string(), "c: replay 39.1kB behind, beyond the 1000B budget");
+        }
         other => panic!("promoted beyond the budget: {other:?}"),
     }
 }

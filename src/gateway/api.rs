@@ -233,6 +233,8 @@ mod tests {
                 lag_seconds: Some(0.0),
                 healthy: true,
                 detail: None,
+                waiting: None,
+                failure: None,
             }],
         };
         let text = render_metrics(&s);

@@ -99,6 +99,8 @@ pub(crate) mod tests {
             epoch_seen: 2,
             healthy: true,
             detail: None,
+            waiting: None,
+            failure: None,
             updated_at_ms: NOW,
             unchanged_ms: 0,
             revision: 1,

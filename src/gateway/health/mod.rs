@@ -93,10 +93,13 @@ pub async fn start(
         };
         tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
     }
-    let ttl = config.failover.lease_ttl;
+    let config = config.clone();
     tokio::spawn(async move {
-        let Some(lease) = LeaseKeeper::start(coord.clone(), ttl, shutdown.clone()).await else { return };
-        publish(coord, lease, rx, shutdown).await;
+        match LeaseKeeper::start(&config, shutdown.clone()).await {
+            Ok(Some(lease)) => publish(coord, lease, rx, shutdown).await,
+            Ok(None) => {}
+            Err(e) => tracing::error!("failed to {e:#}; health verdicts are not published"),
+        }
     });
 }
 

@@ -1,0 +1,200 @@
+//! Changing who is primary: promotion, the planned switchover's hand-over,
+//! and clearing requests that have been carried out.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::Agent;
+use crate::cluster::{HistoryEntry, Lsn, PromotionKind, SwitchoverRequest};
+use crate::coord::Snapshot;
+use crate::failover::duties::{self, Completion, HandOver};
+use crate::postgres::files::StartAs;
+
+impl Agent {
+    /// Takes `leader` with the next epoch (unless this node already holds it),
+    /// promotes, and records the promotion in `history/<epoch>`. The request
+    /// that led here is cleared by `finish_requests`, on this tick and every
+    /// later one until etcd shows it gone.
+    pub(super) async fn promote(&mut self, kind: PromotionKind, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(snap) = snapshot else { return Ok(()) };
+        let me = self.server.node.clone();
+        let held = snap.leader.as_ref().filter(|l| l.leader.node == me && l.lease == self.lease.id());
+        let epoch = match held {
+            Some(l) => l.leader.epoch,
+            None => match self.coord.acquire_leader(&me, snap.epoch, self.lease.id()).await? {
+                Some(e) => e,
+                None => return Ok(()), // another node won this epoch; the next pass follows it
+            },
+        };
+        self.epoch_seen = self.epoch_seen.max(epoch);
+        tracing::info!("promoting to primary of epoch {epoch}: {reason}");
+        let watchdog = self.watchdog.clone();
+        let client = self.client().await?;
+        let lsn: Option<String> = client
+            .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+            .await
+            .context("read the received WAL position")?
+            .get(0);
+        // Armed before the server can accept a write; a failed promotion disarms below.
+        watchdog.guard();
+        let promoted: bool = match client.query_one("SELECT pg_promote(true, 60)", &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                watchdog.release();
+                return Err(e).context("promote PostgreSQL");
+            }
+        };
+        if !promoted {
+            bail!("pg_promote did not finish within 60s; see {}", self.server.log_path().display());
+        }
+        // The new timeline reaches the control file only at the next checkpoint;
+        // until then pg_rewind on a former primary would see "same timeline" and
+        // do nothing. So checkpoint now.
+        client.batch_execute("CHECKPOINT").await.context("checkpoint after promotion")?;
+        // Slots before the first report as primary: followers repoint only then.
+        self.ensure_slots().await?;
+        if let Some(r) = self.running.as_mut() {
+            r.start = StartAs::Primary;
+        }
+        self.fenced = false;
+        let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
+        let last = snap.optime.as_ref();
+        let lost = match (last, lsn) {
+            (Some(o), Some(l)) => Some(o.lsn.0.saturating_sub(l.0)),
+            _ => None,
+        };
+        // When it began: the request for operator actions, the old primary's last sign for a failover.
+        let (started_at_ms, lost) = match kind {
+            PromotionKind::Switchover => (snap.switchover.as_ref().map(|r| r.requested_at_ms), Some(0)),
+            PromotionKind::Dr => (snap.dr.as_ref().map(|d| d.at_ms), lost),
+            PromotionKind::Failover => (last.map(|o| o.at_ms), lost),
+        };
+        let entry = HistoryEntry {
+            epoch,
+            kind,
+            from: last.map(|o| o.node.clone()),
+            to: me.clone(),
+            reason: reason.to_string(),
+            lsn,
+            lost_bytes_estimate: lost,
+            started_at_ms: started_at_ms.unwrap_or_else(crate::cluster::now_ms),
+            finished_at_ms: crate::cluster::now_ms(),
+        };
+        tracing::info!("promoted: primary of epoch {epoch} ({kind})");
+        // History is a record for people; a failed write must not leave the
+        // request standing, so it does not stop the clearing below.
+        if let Err(e) = self.coord.put_history(&entry).await {
+            tracing::warn!("failed to {e:#}; the promotion is not in history");
+        }
+        self.finish_requests(snap, Some(epoch)).await
+    }
+
+    /// On the leader running read-write: clears the `switchover`/`dr`
+    /// requests it carried out (or that can no longer be), by compare-and-swap.
+    /// Called after a promotion and again on every tick, so a write that
+    /// failed once is repaired on the next.
+    pub(super) async fn finish_requests(&mut self, snap: &Snapshot, epoch: Option<u64>) -> Result<()> {
+        let me = self.server.node.clone();
+        let epoch = epoch.or_else(|| {
+            snap.leader
+                .as_ref()
+                .filter(|l| l.leader.node == me && l.lease == self.lease.id() && l.leader.epoch == snap.epoch)
+                .map(|l| l.leader.epoch)
+        });
+        for done in duties::completions(&me, epoch, snap.switchover.as_ref(), snap.dr.as_ref()) {
+            match done {
+                Completion::ClearSwitchover(sw) => {
+                    if self.coord.update_switchover(&sw, None).await? {
+                        tracing::info!("cleared the switchover request from {} to {}", sw.from, sw.to);
+                    }
+                }
+                Completion::CompleteDr(dr, epoch) => {
+                    if self.coord.complete_dr(&dr, epoch).await? {
+                        tracing::info!("marked the DR switch to {} done in epoch {epoch}", dr.target);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Planned switchover on the old primary: stop cleanly (the shutdown
+    /// checkpoint streams to the standbys), record that checkpoint, wait until
+    /// the target has replayed it, and only then release `leader`. If the
+    /// target does not catch up by the deadline, mark the request aborted and
+    /// start read-write again only if etcd confirms, in the same transaction,
+    /// that this node still holds `leader` of its epoch under its lease, and
+    /// that lease is fresh; otherwise come back as a standby.
+    pub(super) async fn hand_over(&mut self, to: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(sw) = snapshot.and_then(|s| s.switchover.clone()) else { return Ok(()) };
+        let Some(leader) = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.clone()) else { return Ok(()) };
+        tracing::info!("switchover to {to}: stopping cleanly");
+        self.set_starting(&format!("handing over to {to}"));
+        // From when this node stops taking writes, by its own monotonic clock.
+        let deadline = Instant::now() + Duration::from_millis(sw.timeout_ms);
+        self.stop().await;
+        let server = self.server.clone();
+        let final_lsn = tokio::task::spawn_blocking(move || server.control_checkpoint()).await??;
+        let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
+        if !self.coord.update_switchover(&sw, Some(&recorded)).await? {
+            tracing::warn!("the switchover request changed under us; staying primary");
+            return self.restart_after_hand_over(&leader, None).await;
+        }
+        loop {
+            let replayed = self
+                .coord
+                .snapshot()
+                .await
+                .ok()
+                .and_then(|s| s.members.into_iter().find(|m| m.node == to))
+                .and_then(|m| m.replay_lsn);
+            match duties::hand_over(replayed, final_lsn, Instant::now(), deadline) {
+                HandOver::Done => break,
+                HandOver::Waiting => tokio::time::sleep(Duration::from_millis(50)).await,
+                HandOver::TimedOut => {
+                    let why = format!("{to} had not replayed the old primary's final checkpoint {final_lsn} by the deadline (replayed {})", replayed.map_or("nothing".into(), |r| r.to_string()));
+                    tracing::warn!("switchover aborted: {why}");
+                    let aborted = SwitchoverRequest { aborted: Some(why), ..recorded.clone() };
+                    return self.restart_after_hand_over(&leader, Some((&recorded, &aborted))).await;
+                }
+            }
+        }
+        self.coord.release_leader(&self.server.node, leader.epoch).await?;
+        tracing::info!("switchover: {to} has replayed up to {final_lsn}; released leader");
+        Ok(())
+    }
+
+    /// After a hand-over that did not happen: read-write again only with
+    /// `leader` of our epoch confirmed by compare-and-swap (aborting the
+    /// request in the same transaction) and a fresh lease.
+    async fn restart_after_hand_over(
+        &mut self,
+        leader: &crate::cluster::Leader,
+        abort: Option<(&SwitchoverRequest, &SwitchoverRequest)>,
+    ) -> Result<()> {
+        let me = self.server.node.clone();
+        let lease = self.lease.id();
+        let still_leader = match abort {
+            Some((old, new)) => self.coord.abort_switchover_as_leader(&me, leader.epoch, lease, old, new).await,
+            None => self.coord.holds_leader(&me, leader.epoch, lease).await,
+        };
+        let still_leader = still_leader.unwrap_or_else(|e| {
+            tracing::warn!("failed to {e:#}");
+            false
+        });
+        if duties::restart_read_write(still_leader, self.lease.is_fresh()) {
+            tracing::info!("still the leader of epoch {}: starting again as primary", leader.epoch);
+            return self.start(StartAs::Primary).await;
+        }
+        tracing::warn!("no longer provably the leader of epoch {}: starting as a standby", leader.epoch);
+        if let Some((old, new)) = abort {
+            // Still abort the request, so that the cluster can elect normally.
+            if let Err(e) = self.coord.update_switchover(old, Some(new)).await {
+                tracing::warn!("failed to {e:#}");
+            }
+        }
+        self.fenced = true;
+        self.start(StartAs::Standby { upstream: None }).await
+    }
+}

@@ -1,0 +1,155 @@
+//! Faults on demand: kill and start nodes or regions, partition and heal.
+//! (Freezing is in `freeze`, clock skew in `clock`.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::wait::{wait_for, wait_for_etcd, wait_for_http};
+use super::{Lab, Member};
+use crate::process::{self, ProcSpec};
+use crate::progress::Progress;
+
+/// `lab kill NODE|REGION`: SIGKILL the processes of a node (its agent and
+/// PostgreSQL) or of a whole region (agents, gateway, etcd member).
+pub async fn kill(dir: &Path, target: &str) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    let chosen = lab.select(target)?;
+    let mut killed = Vec::new();
+    let mut pids = Vec::new();
+    for (member, spec) in &chosen {
+        if let Some(pid) = process::running_pid(&spec.pid_file, &spec.identity) {
+            // The postmaster first: it would die of the parent-death signal anyway,
+            // but a SIGKILL to both makes the fault instantaneous.
+            if let Member::Agent { node, .. } = member {
+                if let Some(pm) = lab.data_dir(node).and_then(|d| process::postmaster_pid(&d)) {
+                    process::signal(pm, libc::SIGKILL);
+                    pids.push(pm);
+                    killed.push(format!("postgres {node} (pid {pm})"));
+                }
+            }
+            process::signal(pid, libc::SIGKILL);
+            pids.push(pid);
+            killed.push(format!("{} (pid {pid})", spec.name));
+        }
+    }
+    let stuck = process::wait_gone(&pids, Duration::from_secs(10)).await;
+    anyhow::ensure!(stuck.is_empty(), "pids {stuck:?} survived SIGKILL");
+    if killed.is_empty() {
+        println!("nothing of {target} was running");
+    } else {
+        println!("killed {}", killed.join(", "));
+    }
+    Ok(())
+}
+
+/// `lab start NODE|REGION`: starts what of a node or region is not running,
+/// and waits until it is back (etcd answering, node healthy, gateway serving).
+pub async fn start(dir: &Path, target: &str) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    let chosen = lab.select(target)?;
+    let mut progress = Progress::new();
+    let mut started = Vec::new();
+    let mut started_specs: Vec<&ProcSpec> = Vec::new();
+    for (member, spec) in &chosen {
+        if process::running_pid(&spec.pid_file, &spec.identity).is_none() {
+            progress.step(format!("starting {}", spec.name));
+            process::start(spec)?;
+            started.push(member.clone());
+            started_specs.push(spec);
+        }
+    }
+    if started.is_empty() {
+        progress.done();
+        println!("everything of {target} is already running");
+        return Ok(());
+    }
+    progress.step(format!("waiting for {target} to be back"));
+    let result = async {
+        let coord = wait_for_etcd(&lab.config, Duration::from_secs(30)).await?;
+        // Reports from before the restart (still in etcd until their lease
+        // expires) do not count: only ones written after this revision do.
+        // Revisions, not clocks: a node may run with a skewed clock.
+        let since = coord.snapshot().await?.revision;
+        for member in &started {
+            match member {
+                Member::Etcd { .. } => {}
+                Member::Agent { node, .. } => {
+                    wait_for(&coord, Duration::from_secs(90), &format!("{node} to be healthy"), &started_specs, |s| {
+                        s.members.iter().any(|m| &m.node == node && m.healthy && m.revision > since).then_some(())
+                    })
+                    .await?;
+                }
+                Member::Gateway { region } => {
+                    wait_for_http(lab.config.region(region)?.gateway.api, "/healthz", Duration::from_secs(30)).await?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            progress.done();
+            println!("started {}", chosen.iter().map(|(_, s)| s.name.as_str()).collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
+        Err(e) => {
+            progress.fail();
+            Err(e)
+        }
+    }
+}
+
+/// `lab partition REGION`: cut a region off from every other region.
+pub async fn partition(dir: &Path, region: &str) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    let regions = lab.region_names();
+    let Some(ri) = regions.iter().position(|r| r == region) else {
+        bail!("no region named {region:?} in the lab (regions: {})", regions.join(", "));
+    };
+    let Some(groups) = super::partition::Groups::detect(lab.net()) else {
+        bail!("lab partition needs root and cgroup v2 (it places each region in its own cgroup and drops its traffic with nftables); nothing was changed");
+    };
+    let outside: Vec<String> = lab
+        .running()
+        .into_iter()
+        .filter(|(m, _, pid)| m.region() == region && !in_group(*pid, &groups.region_dir(region)))
+        .map(|(_, s, _)| s.name)
+        .collect();
+    if !outside.is_empty() {
+        bail!(
+            "{} started outside the region's cgroup (the lab was started without root?); restart the lab as root",
+            outside.join(", ")
+        );
+    }
+    // nft runs a process: off the async workers.
+    tokio::task::spawn_blocking(move || groups.partition(&regions, ri)).await??;
+    println!(
+        "partitioned {region}: its processes cannot reach other regions, nor they it (`meridian lab heal` to undo)"
+    );
+    Ok(())
+}
+
+/// `lab heal`: remove every partition.
+pub async fn heal(dir: &Path) -> Result<()> {
+    let lab = Lab::open(dir)?;
+    match super::partition::Groups::detect(lab.net()) {
+        Some(groups) => {
+            let healed = tokio::task::spawn_blocking(move || {
+                let had = groups.has_rules();
+                groups.heal().map(|()| had)
+            })
+            .await??;
+            println!("{}", if healed { "healed: every region reaches every other again" } else { "no partition to heal" });
+        }
+        None => println!("no partition to heal"),
+    }
+    Ok(())
+}
+
+/// Whether `pid` runs in the cgroup `dir`.
+fn in_group(pid: u32, dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()))
+}

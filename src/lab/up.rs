@@ -1,0 +1,221 @@
+//! `lab up`: the cluster file, the secrets, and every process started in
+//! order, returning once the cluster is healthy.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::distr::{Alphanumeric, SampleString};
+
+use super::down::{remove_lab_dir, stop_processes};
+use super::topology::{lab_config, LabShape};
+use super::wait::{wait_for, wait_for_etcd, wait_for_http};
+use super::{Lab, Member, MARKER};
+use crate::cluster::Role;
+use crate::config::Config;
+use crate::process::{self, ProcSpec};
+use crate::progress::Progress;
+
+/// `lab up`: writes the cluster file and starts everything, returning once the
+/// primary runs and every replica streams.
+pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
+    shape.check()?;
+    let started = Instant::now();
+    let dir = std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display()))?;
+    let mut progress = Progress::new();
+    if dir.join(MARKER).exists() {
+        let lab = Lab::open(&dir)?;
+        let running = lab.running();
+        let total = lab.processes().len();
+        if running.len() == total {
+            println!("the lab in {} is already running ({total} processes); nothing changed", dir.display());
+            return Ok(());
+        }
+        if !running.is_empty() {
+            let names: BTreeSet<String> = running.iter().map(|(_, s, _)| s.name.clone()).collect();
+            let missing: Vec<String> =
+                lab.processes().into_iter().map(|(_, s)| s.name).filter(|n| !names.contains(n)).collect();
+            bail!(
+                "the lab in {} is partly running ({} of {total} processes; not running: {}); use `meridian lab start NODE|REGION` or `meridian lab down` first",
+                dir.display(),
+                running.len(),
+                missing.join(", ")
+            );
+        }
+        progress.step(format!("removing a stopped lab's leftovers in {}", dir.display()));
+        remove_lab_dir(&dir)?;
+    } else if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        bail!("{} exists and is not a lab directory; choose another --dir", dir.display());
+    }
+
+    progress.step(format!("writing the cluster file {}", dir.join("meridian.toml").display()));
+    let config = lab_config(shape, &dir);
+    check_addresses_free(&config, shape.net)?;
+    write_lab_files(&dir, &config)?;
+    let lab = Lab::open(&dir)?;
+
+    let result = start_everything(&lab, &mut progress).await;
+    if let Err(e) = result {
+        progress.fail();
+        eprintln!("stopping what was started; logs are kept in {}", dir.join("logs").display());
+        stop_processes(&lab).await;
+        return Err(e);
+    }
+    progress.done();
+    print_summary(&lab, started.elapsed());
+    Ok(())
+}
+
+async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
+    let procs = lab.processes();
+    let etcd: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::Etcd { .. })).collect();
+    progress.step(format!("starting etcd ({} members) and waiting for a quorum", etcd.len()));
+    for (_, spec) in &etcd {
+        process::start(spec)?;
+    }
+    let coord = wait_for_etcd(&lab.config, Duration::from_secs(30)).await?;
+
+    let agents: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::Agent { .. })).collect();
+    progress.step(format!("starting {} agents; the primary initializes the cluster", agents.len()));
+    for (_, spec) in &agents {
+        process::start(spec)?;
+    }
+    let agent_specs: Vec<&ProcSpec> = agents.iter().map(|(_, s)| s).collect();
+    wait_for(&coord, Duration::from_secs(60), "a primary", &agent_specs, |s| {
+        let leader = s.leader.as_ref()?;
+        s.members.iter().any(|m| m.node == leader.leader.node && m.role == Role::Primary && m.healthy).then_some(())
+    })
+    .await?;
+
+    progress.step("copying base backups; waiting for every replica to stream");
+    let nodes = lab.config.node_names();
+    wait_for(&coord, Duration::from_secs(90), "every node to be healthy", &agent_specs, |s| {
+        nodes.iter().all(|n| s.members.iter().any(|m| &m.node == n && m.healthy)).then_some(())
+    })
+    .await?;
+
+    let gateways: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::Gateway { .. })).collect();
+    progress.step(format!("starting {} gateways", gateways.len()));
+    for (_, spec) in &gateways {
+        process::start(spec)?;
+    }
+    for region in &lab.config.regions {
+        wait_for_http(region.gateway.api, "/healthz", Duration::from_secs(30))
+            .await
+            .with_context(|| format!("gateway {}", region.name))?;
+    }
+    Ok(())
+}
+
+/// Another lab on the same --net would otherwise fail later with an obscure etcd error.
+fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
+    let mut addrs: Vec<SocketAddr> =
+        config.etcd.endpoints.iter().filter_map(|e| crate::config::parse_http_url(e).ok()).collect();
+    for r in &config.regions {
+        addrs.push(r.gateway.api);
+        for n in &r.nodes {
+            addrs.push(n.address);
+        }
+    }
+    for addr in addrs {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!("{addr} is not free ({e}); another lab may use --net {net}: pick another --net or stop it");
+        }
+    }
+    Ok(())
+}
+
+fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
+    for sub in ["etcd", "nodes", "logs", "pids", "dr"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("create {}", dir.join(sub).display()))?;
+    }
+    // PostgreSQL runs as its own user and must traverse to its node directory.
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.to_path_buf(), dir.join("nodes")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mut rng = rand::rng();
+    let mut password = || Alphanumeric.sample_string(&mut rng, 32);
+    let (repl, monitor, app) = (password(), password(), password());
+    write_private(
+        &dir.join("secrets.toml"),
+        &format!("replication_password = \"{repl}\"\nmonitor_password = \"{monitor}\"\n"),
+    )?;
+    let verifier = postgres_protocol::password::scram_sha_256(app.as_bytes());
+    write_private(
+        &dir.join("bootstrap.sql"),
+        &format!("CREATE ROLE app WITH LOGIN PASSWORD '{verifier}';\nCREATE DATABASE app OWNER app;\n"),
+    )?;
+    write_private(&dir.join("pgpass"), &crate::postgres::files::pgpass_line("app", &app))?;
+    let text = format!(
+        "# The lab's cluster file, written by `meridian lab up`. See docs/config.md.\n{}",
+        toml::to_string(config).context("render the cluster file")?
+    );
+    std::fs::write(dir.join("meridian.toml"), text)?;
+    std::fs::write(dir.join(MARKER), "a meridian lab directory; `meridian lab down` removes it\n")?;
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn print_summary(lab: &Lab, took: Duration) {
+    let c = &lab.config;
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "meridian".into());
+    println!(
+        "lab {:?} is up in {:.1}s ({} regions, {} nodes) in {}",
+        c.cluster,
+        took.as_secs_f64(),
+        c.regions.len(),
+        c.nodes().count(),
+        lab.dir.display()
+    );
+    for r in &c.regions {
+        println!(
+            "  region {:<16} gateway http://{}  dns {}  writer {}  reader {}",
+            r.name, r.gateway.api, r.gateway.dns, r.gateway.writer, r.gateway.reader
+        );
+        for n in &r.nodes {
+            println!("    node {:<18} postgres {}", n.name, n.address);
+        }
+    }
+    let first = c.nodes().next().map(|(_, n)| n.address).expect("the lab has nodes");
+    println!("next:");
+    println!("  export MERIDIAN_CONFIG={}", lab.config_path().display());
+    println!("  {exe} status");
+    println!("  {exe} verify");
+    println!("  PGPASSFILE={} psql -h {} -p {} -U app app", lab.dir.join("pgpass").display(), first.ip(), first.port());
+    let gw = c.regions[0].gateway;
+    println!(
+        "  PGPASSFILE={} psql -h {} -p {} -U app app    (through the proxy: always the primary)",
+        lab.dir.join("pgpass").display(),
+        gw.writer.ip(),
+        gw.writer.port()
+    );
+    println!("  dig @{} -p {} +short writer.{}", gw.dns.ip(), gw.dns.port(), c.dns.zone);
+    println!("  {exe} health");
+    if let Some(t) = c.health.checks.iter().find(|k| k.name == "dr-trigger").and_then(|k| k.target.as_deref()) {
+        let action =
+            if c.failover.dr_trigger.is_some() { "moves app.<zone> and the primary" } else { "moves app.<zone>" };
+        match t.strip_prefix("file://") {
+            Some(path) => println!("  touch {path}    (the DR trigger: {action} to the second region)"),
+            None => println!("  upload {t}    (the DR trigger: {action} to the second region)"),
+        }
+    }
+    println!("  {exe} lab kill NODE|REGION --dir {0}    {exe} lab start NODE|REGION --dir {0}", lab.dir.display());
+    println!("  {exe} lab down --dir {}", lab.dir.display());
+}
+

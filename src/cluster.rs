@@ -217,6 +217,10 @@ pub struct HealthReport {
     pub observer: String,
     /// After `invert` and the failure threshold.
     pub healthy: bool,
+    /// No probe has found anything to judge by yet (then `healthy` is false
+    /// and means nothing): shown as pending, not as unhealthy.
+    #[serde(default)]
+    pub pending: bool,
     /// What the last probe saw, in a few words.
     pub detail: String,
     pub at_ms: u64,

@@ -65,7 +65,6 @@ fn frozen_agent_hung_primary_and_clock_skew_drills_keep_every_promise() {
     let mut lab = TestLab::up(94, &["--nodes-per-region", "2"]);
     lab.expect_error("terminating connection due to");
     lab.expect_error("did not answer a probe");
-    lab.expect_error("failed to");
     for scenario in ["primary-agent-freeze", "primary-hang", "clock-skew"] {
         let (code, report) = drill(&lab, &["--scenario", scenario, "--writers", "3", "--rate", "40"]);
         assert_eq!(code, 0, "{scenario}: {}", serde_json::to_string_pretty(&report).unwrap());
@@ -83,8 +82,7 @@ fn frozen_agent_hung_primary_and_clock_skew_drills_keep_every_promise() {
 
 #[test]
 fn synchronous_remote_loses_nothing_when_the_primary_region_is_cut_off() {
-    let mut lab = TestLab::up(87, &["--synchronous", "remote"]);
-    lab.expect_error("failed to");
+    let lab = TestLab::up(87, &["--synchronous", "remote"]);
     let (code, report) = drill(&lab, &["--scenario", "primary-region-partition", "--writers", "3", "--rate", "40"]);
     assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
     let round = &report["rounds"][0];

@@ -165,7 +165,6 @@ fn a_hung_primary_is_replaced_and_every_standby_keeps_its_data() {
 fn clocks_skewed_30_seconds_either_way_change_nothing() {
     let mut lab = TestLab::up(95, &["--nodes-per-region", "2"]);
     lab.expect_error("terminating connection due to");
-    lab.expect_error("failed to");
     for (node, offset) in [("ap-south-1b", "-30s"), ("ap-northeast-1a", "+30s"), ("ap-northeast-1b", "-30s")] {
         let out = lab.run_lab(&["skew", node, offset]);
         assert!(out.status.success(), "{}", text(&out));

@@ -98,7 +98,9 @@ fn killed_replica_node_comes_back_and_catches_up() {
     lab.expect_error("terminating connection due to unexpected postmaster exit");
     lab.psql("ap-south-1a", "CREATE TABLE t (id bigint); INSERT INTO t SELECT generate_series(1, 1000)");
 
-    // A dead agent means a stopped PostgreSQL (parent-death signal).
+    // A dead agent means a stopped PostgreSQL (parent-death signal). A query
+    // of the agent's in flight when it is killed ends its backend so.
+    lab.expect_error("FATAL:  connection to client lost");
     let agent = pid_of(&lab, "agent-ap-northeast-1a");
     let postmaster = postmaster_pid(&lab, "ap-northeast-1a");
     unsafe { libc::kill(agent as i32, libc::SIGKILL) };

@@ -173,8 +173,12 @@ impl Agent {
             return Ok(());
         }
         let (_, node) = self.config.node(&entry.leader.node)?;
-        let (api, postgres) = tokio::join!(probe(node.api), probe(node.address));
-        if !duties::leader_is_dead(api, postgres) {
+        // The API first: a live leader's answers it, and its PostgreSQL is left alone.
+        let api = probe(node.api).await;
+        if api != Probe::Refused {
+            return Ok(());
+        }
+        if !duties::leader_is_dead(api, probe(node.address).await) {
             return Ok(());
         }
         if self.coord.depose(entry).await? {

@@ -34,10 +34,18 @@ pub fn render(s: &HealthStatus) -> String {
     let _ = writeln!(out, "{:<24} {:<14} {:<10} WHY", "CHECK", "KIND", "STATUS");
     for c in &s.checks {
         let kind = c.kind.to_string();
-        let status = if c.healthy { "healthy" } else { "UNHEALTHY" };
+        let status = match (c.pending, c.healthy) {
+            (true, _) => "pending",
+            (false, true) => "healthy",
+            (false, false) => "UNHEALTHY",
+        };
         let _ = writeln!(out, "{:<24} {:<14} {:<10} {}", c.name, kind, status, c.reason);
         for o in &c.observers {
-            let verdict = if o.healthy { "healthy" } else { "unhealthy" };
+            let verdict = match (o.pending, o.healthy) {
+                (true, _) => "pending",
+                (false, true) => "healthy",
+                (false, false) => "unhealthy",
+            };
             let _ = writeln!(out, "  {:<22} {:<14} {:<10} {}", format!("from {}", o.observer), "", verdict, o.detail);
         }
     }

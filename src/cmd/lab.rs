@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -21,9 +21,29 @@ pub struct Args {
 
 #[derive(clap::Args)]
 struct DirArg {
-    /// The lab's directory (config, data, logs, pids).
-    #[arg(long, default_value = ".meridian-lab")]
-    dir: PathBuf,
+    /// The lab's directory (config, data, logs, pids). Default: the directory
+    /// of the cluster file (`--config` / `$MERIDIAN_CONFIG`) when it holds a
+    /// lab, else ./.meridian-lab.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Where `lab up` puts a lab when no --dir is given.
+const DEFAULT_DIR: &str = ".meridian-lab";
+
+impl DirArg {
+    /// The lab to act on: `--dir`, else the cluster file's directory if it is
+    /// a lab (so `export MERIDIAN_CONFIG=<lab>/meridian.toml` is enough), else
+    /// ./.meridian-lab.
+    fn resolve(&self, config: &Path) -> PathBuf {
+        if let Some(d) = &self.dir {
+            return d.clone();
+        }
+        match config.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) {
+            Some(p) if crate::lab::is_lab(p) => p.to_path_buf(),
+            _ => PathBuf::from(DEFAULT_DIR),
+        }
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -120,7 +140,7 @@ enum Sub {
     },
 }
 
-pub async fn run(args: Args) -> Result<i32> {
+pub async fn run(args: Args, config: &Path) -> Result<i32> {
     match args.command {
         Sub::Up {
             dir,
@@ -154,16 +174,17 @@ pub async fn run(args: Args) -> Result<i32> {
                 s3_endpoint,
                 synchronous,
             };
-            crate::lab::up(&dir.dir, &shape).await?
+            // A new lab goes where --dir says, never where an old cluster file points.
+            crate::lab::up(dir.dir.as_deref().unwrap_or(Path::new(DEFAULT_DIR)), &shape).await?
         }
-        Sub::Down { dir } => crate::lab::down(&dir.dir).await?,
-        Sub::Kill { target, dir } => crate::lab::kill(&dir.dir, &target).await?,
-        Sub::Start { target, dir } => crate::lab::start(&dir.dir, &target).await?,
-        Sub::Partition { region, dir } => crate::lab::partition(&dir.dir, &region).await?,
-        Sub::Heal { dir } => crate::lab::heal(&dir.dir).await?,
-        Sub::Freeze { target, dir } => crate::lab::freeze(&dir.dir, &target).await?,
-        Sub::Thaw { target, dir } => crate::lab::thaw(&dir.dir, &target).await?,
-        Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.dir, &node, &offset).await?,
+        Sub::Down { dir } => crate::lab::down(&dir.resolve(config)).await?,
+        Sub::Kill { target, dir } => crate::lab::kill(&dir.resolve(config), &target).await?,
+        Sub::Start { target, dir } => crate::lab::start(&dir.resolve(config), &target).await?,
+        Sub::Partition { region, dir } => crate::lab::partition(&dir.resolve(config), &region).await?,
+        Sub::Heal { dir } => crate::lab::heal(&dir.resolve(config)).await?,
+        Sub::Freeze { target, dir } => crate::lab::freeze(&dir.resolve(config), &target).await?,
+        Sub::Thaw { target, dir } => crate::lab::thaw(&dir.resolve(config), &target).await?,
+        Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
     }
     Ok(0)
 }

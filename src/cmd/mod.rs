@@ -76,7 +76,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Failover(a) => operations::failover(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
-        Command::Lab(a) => lab::run(a).await,
+        Command::Lab(a) => lab::run(a, &config).await,
     };
     match result {
         Ok(code) => code,

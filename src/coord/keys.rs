@@ -60,6 +60,55 @@ impl Keys {
     pub fn relative<'a>(&self, key: &'a str) -> Option<&'a str> {
         key.strip_prefix(&self.prefix)
     }
+
+    /// A full key of this cluster, as a type; None for keys of other clusters
+    /// and for keys meridian does not know.
+    pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
+        Key::parse(self.relative(key)?)
+    }
+}
+
+/// One key of a cluster, parsed once: what the snapshot dispatches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'a> {
+    Leader,
+    Epoch,
+    Initialize,
+    Optime,
+    Recopy,
+    Switchover,
+    Dr,
+    Member { node: &'a str },
+    History { epoch: u64 },
+    Health { check: &'a str, observer: &'a str },
+}
+
+impl<'a> Key<'a> {
+    /// From the part after the cluster prefix.
+    pub fn parse(rel: &'a str) -> Option<Key<'a>> {
+        let non_empty = |s: &'a str| (!s.is_empty() && !s.contains('/')).then_some(s);
+        Some(match rel {
+            "leader" => Key::Leader,
+            "epoch" => Key::Epoch,
+            "initialize" => Key::Initialize,
+            "optime" => Key::Optime,
+            "recopy" => Key::Recopy,
+            "switchover" => Key::Switchover,
+            "dr" => Key::Dr,
+            _ => {
+                let (kind, rest) = rel.split_once('/')?;
+                match kind {
+                    "members" => Key::Member { node: non_empty(rest)? },
+                    "history" => Key::History { epoch: rest.parse().ok()? },
+                    "health" => {
+                        let (check, observer) = rest.split_once('/')?;
+                        Key::Health { check: non_empty(check)?, observer: non_empty(observer)? }
+                    }
+                    _ => return None,
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -77,5 +126,28 @@ mod tests {
         assert!(k.history(9) < k.history(10), "history keys sort by epoch");
         assert_eq!(k.relative("/meridian/orders/members/x"), Some("members/x"));
         assert_eq!(k.relative("/meridian/other/leader"), None);
+    }
+
+    #[test]
+    fn every_key_spelled_here_parses_back_to_its_type() {
+        let k = Keys::new("orders");
+        let cases = [
+            (k.leader(), Key::Leader),
+            (k.epoch(), Key::Epoch),
+            (k.initialize(), Key::Initialize),
+            (k.optime(), Key::Optime),
+            (k.recopy(), Key::Recopy),
+            (k.switchover(), Key::Switchover),
+            (k.dr(), Key::Dr),
+            (k.member("ap-south-1a"), Key::Member { node: "ap-south-1a" }),
+            (k.history(42), Key::History { epoch: 42 }),
+            (k.health("writer-tcp", "witness"), Key::Health { check: "writer-tcp", observer: "witness" }),
+        ];
+        for (full, want) in &cases {
+            assert_eq!(k.parse(full), Some(*want), "{full}");
+        }
+        for junk in ["/meridian/other/leader", "/meridian/orders/leaderx", "/meridian/orders/members/", "/meridian/orders/members/a/b", "/meridian/orders/history/x", "/meridian/orders/health/only", "/meridian/orders/"] {
+            assert_eq!(k.parse(junk), None, "{junk}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 
 use crate::cluster::{DrSwitch, Epoch, HealthReport, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
 use crate::config::Config;
-pub use keys::Keys;
+pub use keys::{Key, Keys};
 
 /// An etcd lease id; keys put under it vanish when it is not renewed.
 pub type LeaseId = i64;
@@ -158,33 +158,28 @@ impl Coord {
         let mut snap = Snapshot { revision: resp.header().map(|h| h.revision()).unwrap_or(0), ..Snapshot::default() };
         for kv in resp.kvs() {
             let key = kv.key_str().unwrap_or_default();
-            let Some(rel) = self.keys.relative(key) else { continue };
+            let Some(parsed) = self.keys.parse(key) else { continue };
             let value = kv.value();
-            if rel == "leader" {
-                match serde_json::from_slice::<Leader>(value) {
+            match parsed {
+                Key::Leader => match serde_json::from_slice::<Leader>(value) {
                     Ok(leader) => snap.leader = Some(LeaderEntry { leader, lease: kv.lease() }),
                     Err(e) => tracing::warn!("ignoring malformed leader key: {e}"),
-                }
-            } else if rel == "epoch" {
-                snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-            } else if rel == "switchover" {
-                snap.switchover = serde_json::from_slice(value).ok();
-            } else if rel == "dr" {
-                snap.dr = serde_json::from_slice(value).ok();
-            } else if rel == "optime" {
-                snap.optime = serde_json::from_slice(value).ok();
-            } else if rel == "initialize" {
-                snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned());
-            } else if rel.starts_with("health/") {
-                match serde_json::from_slice::<HealthReport>(value) {
+                },
+                Key::Epoch => snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+                Key::Switchover => snap.switchover = serde_json::from_slice(value).ok(),
+                Key::Dr => snap.dr = serde_json::from_slice(value).ok(),
+                Key::Optime => snap.optime = serde_json::from_slice(value).ok(),
+                Key::Initialize => snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned()),
+                Key::Health { .. } => match serde_json::from_slice::<HealthReport>(value) {
                     Ok(h) => snap.health.push(h),
                     Err(e) => tracing::warn!("ignoring malformed health report {key}: {e}"),
-                }
-            } else if rel.starts_with("members/") {
-                match serde_json::from_slice::<MemberStatus>(value) {
+                },
+                Key::Member { .. } => match serde_json::from_slice::<MemberStatus>(value) {
                     Ok(m) => snap.members.push(MemberStatus { revision: kv.mod_revision(), ..m }),
                     Err(e) => tracing::warn!("ignoring malformed member report {key}: {e}"),
-                }
+                },
+                // Read by `history()`; the slot is only compared against.
+                Key::History { .. } | Key::Recopy => {}
             }
         }
         self.stamp_ages(&mut snap.members);

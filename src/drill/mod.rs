@@ -233,11 +233,21 @@ impl Drill {
                     return Ok(s)
                 }
                 Ok(s) => {
+                    // A node that gave up restarting its server never recovers by itself: say so now.
+                    if let Some((n, why)) = s.nodes.iter().find_map(|n| match &n.waiting {
+                        Some(w @ crate::failover::WaitReason::GaveUp { .. }) => Some((n, w)),
+                        _ => None,
+                    }) {
+                        bail!("{} will not recover by itself: {why}", n.name);
+                    }
                     last = s
                         .nodes
                         .iter()
                         .filter(|n| !n.healthy || n.timeline != primary_timeline(&s))
-                        .map(|n| format!("{} {} timeline {:?}", n.name, n.role, n.timeline))
+                        .map(|n| {
+                            let tl = n.timeline.map_or("unknown".to_string(), |t| t.to_string());
+                            format!("{} {} timeline {tl}", n.name, n.role)
+                        })
                         .collect::<Vec<_>>()
                         .join(", ");
                     if s.primary.is_none() {

@@ -241,7 +241,7 @@ impl DrillReport {
         }
         let _ = writeln!(
             out,
-            "summary: {}/{} rounds passed; RTO p50 {} p99 {} max {}; {} acknowledged, {} lost, {} WAL bytes lost; commit p50 {}ms p99 {}ms; redundancy p50 {}; split brain in {} round(s); synchronous = {}",
+            "summary: {}/{} rounds passed\n  RTO p50 {} p99 {} max {}\n  {} acknowledged, {} lost, {} WAL bytes lost\n  commit p50 {}ms p99 {}ms; redundancy p50 {}\n  split brain in {} round(s); synchronous = {}",
             s.passed,
             s.rounds,
             secs(s.rto_p50_ms),
@@ -266,6 +266,7 @@ impl DrillReport {
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>meridian drill: {}</title><style>\
              body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}\
              table{{border-collapse:collapse}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}}\
+             pre{{white-space:pre-wrap;overflow-wrap:anywhere}}td{{overflow-wrap:anywhere}}\
              .ok{{color:#1a7f37}}.bad{{color:#cf222e;font-weight:bold}}svg{{border:1px solid #ccc;background:#fff}}\
              </style></head><body>",
             esc(&self.cluster)

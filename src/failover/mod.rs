@@ -145,6 +145,16 @@ pub enum Action {
 }
 
 pub fn decide(v: &NodeView) -> Action {
+    match decide_unguarded(v) {
+        // A promotion is armed with the lease's deadline: on a lease that is not
+        // fresh the supervisor would stop the new primary at once, leaving
+        // `leader` held by a stopped server. Take it only with a fresh lease.
+        Action::Promote { .. } if !v.lease_fresh => Action::Wait { reason: WaitReason::LeaseNotFresh },
+        action => action,
+    }
+}
+
+fn decide_unguarded(v: &NodeView) -> Action {
     let holds_leader = v.shared.as_ref().is_some_and(|s| {
         s.leader_is_my_lease && s.leader.as_ref().is_some_and(|l| l.node == v.me && l.epoch == s.epoch)
     }) && v.lease_fresh;
@@ -192,7 +202,15 @@ pub fn decide(v: &NodeView) -> Action {
 
     // Operator requests decide who takes an empty leader seat.
     if s.leader.is_none() && matches!(v.local, Local::Standby { .. }) {
-        if let Some(sw) = s.switchover.as_ref().filter(|sw| sw.final_lsn.is_some()) {
+        // The old primary releases `leader` once the target has replayed its final
+        // checkpoint. If `leader` is gone before that (the old primary died or lost
+        // its lease while handing over), the request cannot finish as a switchover:
+        // the ordinary failover rules below decide, with their budget.
+        let replayed_final = |sw: &SwitchoverRequest| {
+            let fin = sw.final_lsn?;
+            s.candidates.iter().find(|c| c.node == sw.to).filter(|c| c.replay_lsn > fin).map(|_| ())
+        };
+        if let Some(sw) = s.switchover.as_ref().filter(|sw| replayed_final(sw).is_some()) {
             return if sw.to == v.me {
                 Action::Promote {
                     kind: PromotionKind::Switchover,
@@ -348,5 +366,7 @@ pub fn within_budget(c: &Candidate, last: &LastPrimary, budget: LagBudget) -> Re
     Ok(())
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

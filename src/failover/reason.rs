@@ -36,6 +36,8 @@ pub enum WaitReason {
     UpstreamSilent { upstream: String },
     /// Another node is making a fresh copy (one at a time).
     RecopyTurn { holder: String },
+    /// This agent's lease is not provably alive: no promotion on it.
+    LeaseNotFresh,
     /// The server crashed too often; it is left stopped.
     GaveUp { crashes: usize, window_s: u64, log: String },
 }
@@ -74,6 +76,7 @@ impl fmt::Display for WaitReason {
                 write!(f, "{upstream} does not answer; keeping this copy, rewinding once it does")
             }
             WaitReason::RecopyTurn { holder } => write!(f, "{holder} is making a fresh copy; this one waits its turn"),
+            WaitReason::LeaseNotFresh => f.write_str("this agent's lease was not renewed recently; no promotion on it"),
             WaitReason::GaveUp { crashes, window_s, log } => {
                 write!(f, "PostgreSQL exited unexpectedly {crashes} times in {window_s}s; not restarting it (see {log})")
             }

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::routing::{self, Backend, NoWriter};
+use super::routing::{self, Backend};
 use super::view::View;
 use crate::config::Config;
 
@@ -183,7 +183,7 @@ impl Proxy {
                         }
                         match routing::writer(&self.config, snap) {
                             Ok(b) => return Ok(b),
-                            Err(NoWriter(why)) => why,
+                            Err(why) => why.to_string(),
                         }
                     }
                     None if self.port == Port::Reader => {

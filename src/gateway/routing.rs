@@ -18,16 +18,33 @@ pub struct Backend {
 
 /// Why there is no writer right now; the proxy waits for it to pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoWriter(pub String);
+pub enum NoWriter {
+    /// Writes wait while a planned switchover moves the primary.
+    SwitchoverInProgress { from: String, to: String },
+    /// Nobody holds `leader` of the current epoch.
+    NoLeader,
+    /// The leader's agent does not (yet) report it running as primary of its epoch.
+    NotPrimaryYet { node: String },
+}
+
+impl std::fmt::Display for NoWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoWriter::SwitchoverInProgress { from, to } => write!(f, "a switchover from {from} to {to} is in progress"),
+            NoWriter::NoLeader => f.write_str("the cluster has no leader"),
+            NoWriter::NotPrimaryYet { node } => write!(f, "{node} holds leader but does not run as primary yet"),
+        }
+    }
+}
 
 /// The node writes may go to: the holder of `leader` for the current epoch,
 /// once its agent reports it running as primary of that epoch (a promotion in
 /// progress is not yet writable), and not while a switchover is under way.
 pub fn writer(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
     if let Some(sw) = snap.switchover.as_ref().filter(|s| s.aborted.is_none()) {
-        return Err(NoWriter(format!("a switchover from {} to {} is in progress", sw.from, sw.to)));
+        return Err(NoWriter::SwitchoverInProgress { from: sw.from.clone(), to: sw.to.clone() });
     }
-    let leader = leader_node(config, snap).ok_or_else(|| NoWriter("the cluster has no leader".into()))?;
+    let leader = leader_node(config, snap).ok_or(NoWriter::NoLeader)?;
     let ready = snap.members.iter().any(|m| {
         m.node == leader.node
             && m.role == Role::Primary
@@ -36,7 +53,7 @@ pub fn writer(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
             && m.is_fresh()
     });
     if !ready {
-        return Err(NoWriter(format!("{} holds leader but does not run as primary yet", leader.node)));
+        return Err(NoWriter::NotPrimaryYet { node: leader.node });
     }
     Ok(leader)
 }
@@ -159,7 +176,7 @@ pub(crate) mod tests {
             aborted: None,
         };
         snap.switchover = Some(sw.clone());
-        assert!(writer(&config, &snap).unwrap_err().0.contains("switchover"));
+        assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })));
         sw.aborted = Some("timeout".into());
         snap.switchover = Some(sw);
         assert!(writer(&config, &snap).is_ok());

@@ -60,6 +60,11 @@ impl Member {
     }
 }
 
+/// Whether `dir` holds a lab (its marker file).
+pub fn is_lab(dir: &Path) -> bool {
+    dir.join(MARKER).exists()
+}
+
 /// A lab directory and its cluster file.
 pub struct Lab {
     pub dir: PathBuf,

@@ -15,7 +15,7 @@ use super::topology::{lab_config, LabShape};
 use super::wait::{wait_for, wait_for_etcd, wait_for_http};
 use super::{Lab, Member, MARKER};
 use crate::cluster::Role;
-use crate::config::Config;
+use crate::config::{CheckKind, Config};
 use crate::process::{self, ProcSpec};
 use crate::progress::Progress;
 
@@ -107,7 +107,42 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
             .await
             .with_context(|| format!("gateway {}", region.name))?;
     }
+    if !lab.config.health.checks.is_empty() {
+        progress.step("waiting for every gateway's first health verdicts");
+        wait_for_health_settled(lab, Duration::from_secs(30)).await?;
+    }
     Ok(())
+}
+
+/// Until every gateway has judged every probed check (none pending), so that
+/// `meridian health` right after `lab up` shows verdicts, not first guesses.
+async fn wait_for_health_settled(lab: &Lab, timeout: Duration) -> Result<()> {
+    let gateways = lab.config.regions.len();
+    let api = lab.config.regions[0].gateway.api;
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match crate::client::request(api, hyper::Method::GET, "/v1/health", None, Duration::from_secs(2)).await {
+            Ok((status, body)) if status.is_success() => {
+                let h: crate::gateway::api::HealthStatus =
+                    serde_json::from_slice(&body).context("parse the gateway's health")?;
+                let unsettled: Vec<String> = h
+                    .checks
+                    .iter()
+                    .filter(|c| c.pending || (c.kind != CheckKind::Calculated && c.observers.len() < gateways))
+                    .map(|c| format!("{} ({})", c.name, c.reason))
+                    .collect();
+                if unsettled.is_empty() {
+                    return Ok(());
+                }
+                last = unsettled.join(", ");
+            }
+            Ok((status, body)) => last = format!("{status}: {}", String::from_utf8_lossy(&body).trim()),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("health checks had not settled within {timeout:?}: {last}")
 }
 
 /// Another lab on the same --net would otherwise fail later with an obscure etcd error.

@@ -20,6 +20,7 @@ use crate::cluster::{now_ms, HealthReport};
 use crate::config::{CheckKind, Config, HealthCheck, Secrets};
 use crate::coord::Coord;
 use crate::objects::ObjectRef;
+use probe::Probed;
 use probe::ProbeContext;
 
 use super::view::View;
@@ -38,6 +39,11 @@ pub struct Verdict {
 impl Verdict {
     pub fn new() -> Verdict {
         Verdict { healthy: None, streak: (false, 0) }
+    }
+
+    /// The verdict so far; None before the first result that could be judged.
+    pub fn current(&self) -> Option<bool> {
+        self.healthy
     }
 
     /// Takes one probe result (already inverted if the check says so); returns the verdict.
@@ -120,18 +126,28 @@ async fn run_check(
             _ = ticker.tick() => {}
         }
         let snapshot = view.borrow().snapshot.clone();
-        let result = match tokio::time::timeout(check.timeout, probe::probe(&check, &ctx, Some(&snapshot))).await {
+        let probed = match tokio::time::timeout(check.timeout, probe::probe(&check, &ctx, Some(&snapshot))).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {}", humantime::format_duration(check.timeout))),
+            Err(_) => Probed::Failed(format!("no answer within {}", humantime::format_duration(check.timeout))),
         };
-        let (passed, detail) = match result {
-            Ok(d) => (true, d),
-            Err(d) => (false, d),
+        // No data to judge by leaves the verdict as it was; before any, the check is pending.
+        let (healthy, pending, detail) = match probed {
+            Probed::Passed(d) => (verdict.observe(!check.invert, check.failure_threshold), false, d),
+            Probed::Failed(d) => (verdict.observe(check.invert, check.failure_threshold), false, d),
+            Probed::NoData(d) => match verdict.current() {
+                Some(h) => (h, false, d),
+                None => (false, true, d),
+            },
         };
-        let healthy = verdict.observe(passed != check.invert, check.failure_threshold);
         let detail = if check.invert { format!("{detail} (inverted)") } else { detail };
-        let report =
-            HealthReport { check: check.name.clone(), observer: observer.clone(), healthy, detail, at_ms: now_ms() };
+        let report = HealthReport {
+            check: check.name.clone(),
+            observer: observer.clone(),
+            healthy,
+            pending,
+            detail,
+            at_ms: now_ms(),
+        };
         if tx.send(report).await.is_err() {
             return;
         }

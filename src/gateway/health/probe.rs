@@ -1,6 +1,7 @@
-//! One probe of one check: did the endpoint answer as it should? Each returns
-//! `Ok(detail)` when it passed and `Err(detail)` when it failed; `invert` and
-//! the failure threshold are applied by the caller.
+//! One probe of one check: did the endpoint answer as it should? Each says
+//! passed or failed with a detail, or that it has no data to judge by yet
+//! (a replica's lag before the leader's first report); `invert` and the
+//! failure threshold are applied by the caller.
 
 use std::time::Duration;
 
@@ -22,7 +23,33 @@ pub struct ProbeContext {
 /// Route 53 searches the first 5120 bytes of the body.
 const BODY_SEARCH_BYTES: usize = 5120;
 
-pub async fn probe(check: &HealthCheck, ctx: &ProbeContext, snap: Option<&Snapshot>) -> Result<String, String> {
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probed {
+    Passed(String),
+    Failed(String),
+    /// Nothing to judge by yet: neither healthy nor unhealthy.
+    NoData(String),
+}
+
+impl From<Result<String, String>> for Probed {
+    fn from(r: Result<String, String>) -> Probed {
+        match r {
+            Ok(d) => Probed::Passed(d),
+            Err(d) => Probed::Failed(d),
+        }
+    }
+}
+
+pub async fn probe(check: &HealthCheck, ctx: &ProbeContext, snap: Option<&Snapshot>) -> Probed {
+    if check.kind == CheckKind::Postgres {
+        let target = check.target.as_deref().unwrap_or_default();
+        return postgres(check, ctx, target, snap).await.unwrap_or_else(Probed::Failed);
+    }
+    probe_plain(check, ctx).await.into()
+}
+
+async fn probe_plain(check: &HealthCheck, ctx: &ProbeContext) -> Result<String, String> {
     let target = check.target.as_deref().unwrap_or_default();
     match check.kind {
         CheckKind::Tcp => {
@@ -31,7 +58,7 @@ pub async fn probe(check: &HealthCheck, ctx: &ProbeContext, snap: Option<&Snapsh
             Ok("connected".into())
         }
         CheckKind::Http => http(check, target).await,
-        CheckKind::Postgres => postgres(check, ctx, target, snap).await,
+        CheckKind::Postgres => Err("postgres checks are probed with the snapshot".into()),
         CheckKind::ObjectExists => {
             let object = ctx.object.as_ref().ok_or("the object store could not be opened")?;
             match object.version().await {
@@ -79,7 +106,7 @@ async fn postgres(
     ctx: &ProbeContext,
     target: &str,
     snap: Option<&Snapshot>,
-) -> Result<String, String> {
+) -> Result<Probed, String> {
     let (host, port) = target.rsplit_once(':').ok_or("target is not host:port")?;
     let mut c = tokio_postgres::Config::new();
     c.host(host)
@@ -96,7 +123,7 @@ async fn postgres(
             .simple_query(check.query.as_deref().unwrap_or("SELECT 1"))
             .await
             .map_err(|e| format!("query: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))?;
-        let Some(LagBudget::Bytes(max)) = check.max_lag else { return Ok("query ran".to_string()) };
+        let Some(LagBudget::Bytes(max)) = check.max_lag else { return Ok(Probed::Passed("query ran".to_string())) };
         let row = client
             .query_one(
                 "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
@@ -106,7 +133,7 @@ async fn postgres(
             .map_err(|e| format!("read the WAL position: {e}"))?;
         let (standby, lsn): (bool, Option<String>) = (row.get(0), row.get(1));
         if !standby {
-            return Ok("primary".into());
+            return Ok(Probed::Passed("primary".into()));
         }
         let replayed: crate::cluster::Lsn = lsn.and_then(|l| l.parse().ok()).ok_or("no replay position")?;
         // Against the leader's last report: the gateway cannot ask the leader on every probe.
@@ -115,13 +142,15 @@ async fn postgres(
                 let l = s.leader.as_ref()?;
                 s.members.iter().find(|m| m.node == l.leader.node && m.role == Role::Primary)
             })
-            .and_then(|m| m.write_lsn)
-            .ok_or("no report from the leader to measure lag against")?;
+            .and_then(|m| m.write_lsn);
+        let Some(leader_lsn) = leader_lsn else {
+            return Ok(Probed::NoData("no report from the leader to measure lag against yet".into()));
+        };
         let lag = leader_lsn.0.saturating_sub(replayed.0);
         if lag > max {
-            return Err(format!("standby {} behind (max {})", crate::cluster::human_bytes(lag), crate::cluster::human_bytes(max)));
+            return Ok(Probed::Failed(format!("standby {} behind (max {})", crate::cluster::human_bytes(lag), crate::cluster::human_bytes(max))));
         }
-        Ok(format!("standby {} behind", crate::cluster::human_bytes(lag)))
+        Ok(Probed::Passed(format!("standby {} behind", crate::cluster::human_bytes(lag))))
     }
     .await;
     drop(client);

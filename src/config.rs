@@ -94,8 +94,9 @@ pub enum FailoverMode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverConfig {
-    /// TTL of the leader lease. The primary renews every third of it and fences
-    /// itself when it could not renew for most of it.
+    /// TTL of the leader lease. Every agent renews it four times per TTL
+    /// (retrying every 250 ms after a failure); a primary is fenced once its
+    /// last successful renewal is two thirds of the TTL old.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
     #[serde(default = "automatic")]

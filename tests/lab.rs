@@ -12,6 +12,16 @@ fn lab_up_replicates_across_regions_and_reports_status() {
     let mut lab = TestLab::up(61, &[]);
     lab.expect_error("cannot execute CREATE TABLE in a read-only transaction");
 
+    // `lab up` returns once health has settled: right away, every check has a
+    // verdict from every gateway, and none is pending or unhealthy.
+    let health = lab.json(&["health"]);
+    for check in health["checks"].as_array().unwrap() {
+        assert_eq!(check["pending"], false, "{check}");
+        assert_eq!(check["healthy"], true, "{check}");
+    }
+    let table = text(&lab.meridian(&["health"]));
+    assert!(!table.contains("UNHEALTHY") && !table.contains("pending"), "{table}");
+
     let status = lab.status();
     assert_eq!(status["cluster"], "lab");
     assert_eq!(status["epoch"], 1, "the bootstrap epoch is 1");
@@ -111,7 +121,8 @@ fn killed_replica_node_comes_back_and_catches_up() {
             Ok(())
         }
     });
-    let out = lab.run_lab(&["start", "ap-northeast-1a"]);
+    // No --dir: the lab is found from $MERIDIAN_CONFIG, as `lab up` told the user to export.
+    let out = lab.meridian(&["lab", "start", "ap-northeast-1a"]);
     assert!(out.status.success(), "{}", text(&out));
 
     // A PostgreSQL that dies under a live agent is restarted by it (and logged).

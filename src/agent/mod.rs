@@ -234,7 +234,10 @@ impl Agent {
     /// ERROR is for what a person should look at; etcd being briefly out of
     /// reach (an election, a partition) is the normal weather of a cluster.
     fn log_failure(&self, e: &anyhow::Error) {
-        if crate::coord::is_unavailable(e) {
+        // A session to our own server that closed: the server stopped (fenced,
+        // crashed); reaping it says so, with the level that deserves.
+        let server_went = e.chain().any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some_and(|p| p.is_closed()));
+        if crate::coord::is_unavailable(e) || server_went {
             tracing::warn!("failed to {e:#}");
         } else {
             tracing::error!("failed to {e:#}");

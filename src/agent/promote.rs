@@ -160,8 +160,11 @@ impl Agent {
                 }
             }
         }
-        self.coord.release_leader(&self.server.node, leader.epoch).await?;
-        tracing::info!("switchover: {to} has replayed up to {final_lsn}; released leader");
+        if self.coord.release_leader(&self.server.node, leader.epoch).await? {
+            tracing::info!("switchover: {to} has replayed up to {final_lsn}; released leader");
+        } else {
+            tracing::warn!("switchover: {to} has replayed up to {final_lsn}, but leader of epoch {} was no longer ours to release", leader.epoch);
+        }
         Ok(())
     }
 

@@ -16,6 +16,9 @@ pub mod trigger;
 pub mod verify;
 pub mod view;
 
+#[cfg(test)]
+mod proxy_tests;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result};

@@ -9,7 +9,10 @@
 //! without changes, so that the read time proves etcd is still reachable.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, not std's: it is the one tests pause and advance.
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +24,7 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// Changes come in bursts (a promotion touches several keys): read once per burst.
 const DEBOUNCE: Duration = Duration::from_millis(10);
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct View {
     pub snapshot: Arc<Snapshot>,
     /// When `snapshot` was read; `None` until etcd first answered.

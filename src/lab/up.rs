@@ -129,7 +129,10 @@ async fn wait_for_health_settled(lab: &Lab, timeout: Duration) -> Result<()> {
                 let unsettled: Vec<String> = h
                     .checks
                     .iter()
-                    .filter(|c| c.pending || (c.kind != CheckKind::Calculated && c.observers.len() < gateways))
+                    .filter(|c| {
+                        let observed = c.observers.len() >= gateways && c.observers.iter().all(|o| !o.pending);
+                        c.pending || (c.kind != CheckKind::Calculated && !observed)
+                    })
                     .map(|c| format!("{} ({})", c.name, c.reason))
                     .collect();
                 if unsettled.is_empty() {

@@ -28,6 +28,9 @@ use super::view::View;
 /// Verdicts are written again this often even when unchanged, so `at_ms` shows the observer is alive.
 const REPUBLISH: Duration = Duration::from_secs(5);
 
+/// How soon a pending check is probed again.
+const PENDING_RETRY: Duration = Duration::from_millis(250);
+
 /// One observer's running verdict on one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -120,10 +123,15 @@ async fn run_check(
     let mut verdict = Verdict::new();
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While pending (nothing to judge by yet, e.g. before this gateway's first
+    // view of etcd), look again soon rather than a whole interval later.
+    let mut pending_retry = false;
     loop {
+        let soon = tokio::time::sleep(PENDING_RETRY.min(check.interval));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            _ = soon, if pending_retry => {}
         }
         let snapshot = view.borrow().snapshot.clone();
         let probed = match tokio::time::timeout(check.timeout, probe::probe(&check, &ctx, Some(&snapshot))).await {
@@ -139,6 +147,7 @@ async fn run_check(
                 None => (false, true, d),
             },
         };
+        pending_retry = pending;
         let detail = if check.invert { format!("{detail} (inverted)") } else { detail };
         let report = HealthReport {
             check: check.name.clone(),

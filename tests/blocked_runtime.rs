@@ -129,6 +129,7 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let took = stopped_at.elapsed();
+    eprintln!("fenced {took:?} after etcd froze (TTL {TTL:?}), with every runtime worker blocked");
     assert_eq!(status.code(), Some(FENCED_EXIT), "the supervisor fenced: {status}");
     // The last renewal was sent at most TTL/4 before etcd froze; etcd expires
     // the lease TTL after it, the fence comes two thirds in.

@@ -118,3 +118,26 @@ fn lab_refuses_bad_shapes_and_unknown_targets() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no lab in"), "{}", text(&out));
 }
+
+/// A checkout that holds the default lab directory (`./.meridian-lab`) and a
+/// cluster file is not itself a lab: `lab down` there must not take the
+/// directory named like the marker for the marker, and must delete nothing.
+#[test]
+fn a_directory_holding_the_default_lab_dir_is_not_a_lab() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join(".meridian-lab")).unwrap();
+    std::fs::write(dir.path().join("meridian.toml"), "cluster = \"x\"\n").unwrap();
+    std::fs::write(dir.path().join("precious"), "keep me\n").unwrap();
+    let out = Command::new(BIN).args(["lab", "down", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no lab in"), "{}", text(&out));
+    // Found from the cluster file's directory, without --dir: the same.
+    let out = Command::new(BIN)
+        .args(["lab", "down"])
+        .current_dir(dir.path())
+        .env("MERIDIAN_CONFIG", dir.path().join("meridian.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.path().join("precious").exists() && dir.path().join("meridian.toml").exists(), "nothing deleted");
+}

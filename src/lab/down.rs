@@ -70,7 +70,7 @@ pub(super) async fn stop_processes(lab: &Lab) {
 /// `lab down`: stops everything and removes the lab directory. Safe to repeat.
 pub async fn down(dir: &Path) -> Result<()> {
     let dir = std::path::absolute(dir)?;
-    if !dir.join(MARKER).exists() {
+    if !dir.join(MARKER).is_file() {
         println!("no lab in {}; nothing to do", dir.display());
         return Ok(());
     }
@@ -111,7 +111,7 @@ async fn still_listening(config: &Config) -> Vec<String> {
 }
 
 pub(super) fn remove_lab_dir(dir: &Path) -> Result<()> {
-    anyhow::ensure!(dir.join(MARKER).exists(), "{} is not a lab directory; refusing to delete it", dir.display());
+    anyhow::ensure!(dir.join(MARKER).is_file(), "{} is not a lab directory; refusing to delete it", dir.display());
     std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }
 

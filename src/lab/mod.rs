@@ -60,9 +60,11 @@ impl Member {
     }
 }
 
-/// Whether `dir` holds a lab (its marker file).
+/// Whether `dir` holds a lab (its marker file). A file, not merely a path:
+/// the default lab directory has the marker's name, so a checkout that holds
+/// `./.meridian-lab` is not itself a lab.
 pub fn is_lab(dir: &Path) -> bool {
-    dir.join(MARKER).exists()
+    dir.join(MARKER).is_file()
 }
 
 /// A lab directory and its cluster file.
@@ -74,7 +76,7 @@ pub struct Lab {
 impl Lab {
     pub fn open(dir: &Path) -> Result<Lab> {
         let dir = std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display()))?;
-        if !dir.join(MARKER).exists() {
+        if !dir.join(MARKER).is_file() {
             bail!("no lab in {} (run `meridian lab up --dir {}` first)", dir.display(), dir.display());
         }
         let config = Config::load(&dir.join("meridian.toml"))?;

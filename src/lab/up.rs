@@ -26,7 +26,7 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
     let started = Instant::now();
     let dir = std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display()))?;
     let mut progress = Progress::new();
-    if dir.join(MARKER).exists() {
+    if dir.join(MARKER).is_file() {
         let lab = Lab::open(&dir)?;
         let running = lab.running();
         let total = lab.processes().len();

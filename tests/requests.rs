@@ -155,3 +155,63 @@ fn a_timed_out_switchover_restarts_read_write_only_with_the_leader_key() {
     eprintln!("ap-south-1a was seen writable {writable_seen} times, always with a newer leader epoch");
     lab.finish();
 }
+
+/// The clearing write after a promotion does not take effect once: the test
+/// rewrites the request while the new primary promotes, so its
+/// compare-and-swap misses. The leader's next ticks clear it anyway.
+#[test]
+fn a_switchover_whose_clearing_write_misses_is_cleared_on_a_later_tick() {
+    let lab = TestLab::up(100, &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let coord = coord(&lab, &rt);
+    let epoch = snapshot(&rt, &coord).unwrap().epoch;
+    let config = lab.config();
+    let switchover = std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .args(["switchover", "--to", "ap-northeast-1a", "--timeout", "20s"])
+            .env("MERIDIAN_CONFIG", config)
+            .output()
+            .expect("run meridian switchover")
+    });
+    // The moment the target has taken leader (a new epoch) and the request still
+    // stands: polled every 10 ms, well inside the promotion (pg_promote, a
+    // checkpoint, slots, history) that comes before the clearing write.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut requested = false;
+    let interfered = loop {
+        assert!(Instant::now() < deadline, "awaited the target taking leader of a new epoch for 20 s");
+        let s = snapshot(&rt, &coord).unwrap();
+        match &s.switchover {
+            Some(sw) if s.epoch > epoch => {
+                let changed = SwitchoverRequest { requested_by: "test, rewriting it".into(), ..sw.clone() };
+                if rt.block_on(coord.update_switchover(sw, Some(&changed))).unwrap() {
+                    break changed;
+                }
+            }
+            Some(_) => requested = true,
+            None if requested => panic!("the request was cleared before the test could interfere"),
+            None => {} // not requested yet
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let t0 = Instant::now();
+    wait_until("the new leader to clear the rewritten request", Duration::from_secs(10), || {
+        match snapshot(&rt, &coord)?.switchover {
+            None => Ok(()),
+            Some(sw) => Err(format!("still there: {sw:?}")),
+        }
+    });
+    eprintln!("cleared {:?} after its clearing write missed ({interfered:?})", t0.elapsed());
+    let _ = switchover.join().unwrap();
+    wait_until("the writer route to serve the new primary", Duration::from_secs(10), || {
+        lab.try_psql_via("ap-south-1", "writer", "SELECT pg_is_in_recovery()").and_then(|r| {
+            if r == "f" {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        })
+    });
+    assert_eq!(lab.status()["primary"], "ap-northeast-1a");
+    lab.finish();
+}

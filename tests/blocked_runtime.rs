@@ -133,7 +133,11 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
     assert_eq!(status.code(), Some(FENCED_EXIT), "the supervisor fenced: {status}");
     // The last renewal was sent at most TTL/4 before etcd froze; etcd expires
     // the lease TTL after it, the fence comes two thirds in.
-    assert!(took < TTL * 3 / 4, "fenced {took:?} after the last chance to renew; etcd may expire the lease at {:?}", TTL * 3 / 4);
+    assert!(
+        took < TTL * 3 / 4,
+        "fenced {took:?} after the last chance to renew; etcd may expire the lease at {:?}",
+        TTL * 3 / 4
+    );
     etcd.signal(libc::SIGCONT);
     shutdown.cancel();
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -67,12 +67,13 @@ fn a_carried_out_request_left_in_etcd_is_cleared_by_the_leader() {
         trigger: None,
     };
     rt.block_on(coord.put_dr(&dr)).unwrap();
-    let done = wait_until("the leader to mark the DR switch naming it done", Duration::from_secs(10), || {
-        match snapshot(&rt, &coord)?.dr {
-            Some(DrSwitch { done_epoch: Some(e), .. }) => Ok(e),
-            other => Err(format!("{other:?}")),
-        }
-    });
+    let done =
+        wait_until("the leader to mark the DR switch naming it done", Duration::from_secs(10), || {
+            match snapshot(&rt, &coord)?.dr {
+                Some(DrSwitch { done_epoch: Some(e), .. }) => Ok(e),
+                other => Err(format!("{other:?}")),
+            }
+        });
     assert_eq!(done, leader.epoch, "done in the epoch of the leader it names");
     assert_eq!(lab.status()["primary"], "ap-south-1a", "nothing moved");
     lab.finish();

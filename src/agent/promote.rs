@@ -16,7 +16,12 @@ impl Agent {
     /// promotes, and records the promotion in `history/<epoch>`. The request
     /// that led here is cleared by `finish_requests`, on this tick and every
     /// later one until etcd shows it gone.
-    pub(super) async fn promote(&mut self, kind: PromotionKind, reason: &str, snapshot: Option<&Snapshot>) -> Result<()> {
+    pub(super) async fn promote(
+        &mut self,
+        kind: PromotionKind,
+        reason: &str,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<()> {
         let Some(snap) = snapshot else { return Ok(()) };
         let me = self.server.node.clone();
         let held = snap.leader.as_ref().filter(|l| l.leader.node == me && l.lease == self.lease.id());
@@ -163,7 +168,10 @@ impl Agent {
         if self.coord.release_leader(&self.server.node, leader.epoch).await? {
             tracing::info!("switchover: {to} has replayed up to {final_lsn}; released leader");
         } else {
-            tracing::warn!("switchover: {to} has replayed up to {final_lsn}, but leader of epoch {} was no longer ours to release", leader.epoch);
+            tracing::warn!(
+                "switchover: {to} has replayed up to {final_lsn}, but leader of epoch {} was no longer ours to release",
+                leader.epoch
+            );
         }
         Ok(())
     }

@@ -146,7 +146,15 @@ mod tests {
         for (full, want) in &cases {
             assert_eq!(k.parse(full), Some(*want), "{full}");
         }
-        for junk in ["/meridian/other/leader", "/meridian/orders/leaderx", "/meridian/orders/members/", "/meridian/orders/members/a/b", "/meridian/orders/history/x", "/meridian/orders/health/only", "/meridian/orders/"] {
+        for junk in [
+            "/meridian/other/leader",
+            "/meridian/orders/leaderx",
+            "/meridian/orders/members/",
+            "/meridian/orders/members/a/b",
+            "/meridian/orders/history/x",
+            "/meridian/orders/health/only",
+            "/meridian/orders/",
+        ] {
             assert_eq!(k.parse(junk), None, "{junk}");
         }
     }

@@ -82,7 +82,13 @@ impl Drill {
                 checks.push(Check::new(
                     "one timeline everywhere",
                     same,
-                    s.nodes.iter().map(|n| format!("{} timeline {}", n.name, n.timeline.map_or("unknown".into(), |t| t.to_string()))).collect::<Vec<_>>().join(", "),
+                    s.nodes
+                        .iter()
+                        .map(|n| {
+                            format!("{} timeline {}", n.name, n.timeline.map_or("unknown".into(), |t| t.to_string()))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 ));
             }
             Err(e) => checks.push(Check::new("one timeline everywhere", false, format!("{e:#}"))),

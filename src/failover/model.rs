@@ -113,11 +113,7 @@ struct Model {
 
 impl Model {
     fn new(within: FailoverMode, cross: FailoverMode, budget: u64) -> Model {
-        let shape = LabShape {
-            regions: vec!["r1".into(), "r2".into()],
-            nodes_per_region: 2,
-            ..Default::default()
-        };
+        let shape = LabShape { regions: vec!["r1".into(), "r2".into()], nodes_per_region: 2, ..Default::default() };
         let mut config = lab_config(&shape, std::path::Path::new("/model"));
         config.failover.within_region = within;
         config.failover.cross_region = cross;
@@ -156,11 +152,8 @@ impl Model {
         let leaders = BTreeMap::from([(1, first.name.clone())]);
         let mut m = Model { config, base: Instant::now(), now: 0, nodes, etcd, leaders, promoted: vec![] };
         for i in 0..m.nodes.len() {
-            m.nodes[i].local = if i == 0 {
-                Local::Primary
-            } else {
-                Local::Standby { upstream: Some(m.nodes[0].name.clone()) }
-            };
+            m.nodes[i].local =
+                if i == 0 { Local::Primary } else { Local::Standby { upstream: Some(m.nodes[0].name.clone()) } };
             m.publish(i);
         }
         m
@@ -449,11 +442,15 @@ impl Model {
             if self.now >= self.fresh_until(n) {
                 return Err(format!("{} runs read-write after {action:?} without a fresh lease", n.name));
             }
-            let ok = self.etcd.leader.as_ref().is_some_and(|l| {
-                l.leader.node == n.name && l.lease == n.lease && l.leader.epoch == self.etcd.epoch
-            });
+            let ok =
+                self.etcd.leader.as_ref().is_some_and(|l| {
+                    l.leader.node == n.name && l.lease == n.lease && l.leader.epoch == self.etcd.epoch
+                });
             if !ok {
-                return Err(format!("{} runs read-write after {action:?}; etcd's leader is {:?}", n.name, self.etcd.leader));
+                return Err(format!(
+                    "{} runs read-write after {action:?}; etcd's leader is {:?}",
+                    n.name, self.etcd.leader
+                ));
             }
         }
         Ok(())
@@ -531,7 +528,8 @@ impl Model {
                 return Ok(());
             }
             self.etcd.epoch += 1;
-            self.etcd.leader = Some(LeaderEntry { leader: Leader { node: name.clone(), epoch: self.etcd.epoch }, lease });
+            self.etcd.leader =
+                Some(LeaderEntry { leader: Leader { node: name.clone(), epoch: self.etcd.epoch }, lease });
             self.bump();
             self.check_promotion(i, kind)?;
             self.promoted.push(kind);
@@ -589,7 +587,10 @@ impl Model {
                 let sw = self.etcd.switchover.as_ref().ok_or("a switchover promotion with no request")?;
                 let fin = sw.final_lsn.ok_or("a switchover promotion before the old primary stopped")?;
                 if n.replayed <= fin.0 {
-                    return Err(format!("{} promoted by switchover having replayed {} of the final checkpoint at {fin}", n.name, n.replayed));
+                    return Err(format!(
+                        "{} promoted by switchover having replayed {} of the final checkpoint at {fin}",
+                        n.name, n.replayed
+                    ));
                 }
             }
             PromotionKind::Dr => {}

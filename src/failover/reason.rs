@@ -61,12 +61,16 @@ impl fmt::Display for WaitReason {
             WaitReason::LeaderNotReady { leader, to_copy: true } => {
                 write!(f, "waiting for leader {leader} to be ready to copy from")
             }
-            WaitReason::LeaderNotReady { leader, to_copy: false } => write!(f, "waiting for leader {leader} to be ready"),
+            WaitReason::LeaderNotReady { leader, to_copy: false } => {
+                write!(f, "waiting for leader {leader} to be ready")
+            }
             WaitReason::NoData => f.write_str("no data yet and no leader to copy from"),
             WaitReason::Initializing { holder } => write!(f, "{holder} is initializing the cluster"),
             WaitReason::SwitchoverInProgress { from, to } => write!(f, "switchover from {from} to {to} in progress"),
             WaitReason::DrInProgress { target } => write!(f, "DR failover to {target} in progress"),
-            WaitReason::FinalPositions => f.write_str("no leader; waiting for every standby to report its final position"),
+            WaitReason::FinalPositions => {
+                f.write_str("no leader; waiting for every standby to report its final position")
+            }
             WaitReason::OtherCandidate { node } => write!(f, "no leader; {node} should take over"),
             WaitReason::NoFailover { why } => write!(f, "no leader, and no automatic failover: {why}"),
             WaitReason::RewindRetry { upstream } => {
@@ -78,7 +82,10 @@ impl fmt::Display for WaitReason {
             WaitReason::RecopyTurn { holder } => write!(f, "{holder} is making a fresh copy; this one waits its turn"),
             WaitReason::LeaseNotFresh => f.write_str("this agent's lease was not renewed recently; no promotion on it"),
             WaitReason::GaveUp { crashes, window_s, log } => {
-                write!(f, "PostgreSQL exited unexpectedly {crashes} times in {window_s}s; not restarting it (see {log})")
+                write!(
+                    f,
+                    "PostgreSQL exited unexpectedly {crashes} times in {window_s}s; not restarting it (see {log})"
+                )
             }
         }
     }
@@ -99,7 +106,9 @@ pub enum NoFailover {
 impl fmt::Display for NoFailover {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NoFailover::NoLastPosition => f.write_str("no record of the last primary's position, so no lag can be judged"),
+            NoFailover::NoLastPosition => {
+                f.write_str("no record of the last primary's position, so no lag can be judged")
+            }
             NoFailover::NoStandbys => f.write_str("no healthy standby reports"),
             NoFailover::Refused { refusals } => {
                 let parts: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();

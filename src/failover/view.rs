@@ -77,10 +77,11 @@ fn shared(config: &Config, facts: &Facts, s: &Snapshot) -> Shared {
         epoch: s.epoch,
         initialized_by: s.initialized_by.clone(),
         candidates: s.members.iter().filter_map(|m| candidate(config, m)).collect(),
-        last_primary: s
-            .optime
-            .as_ref()
-            .map(|o| LastPrimary { node: o.node.clone(), region: o.region.clone(), lsn: o.lsn }),
+        last_primary: s.optime.as_ref().map(|o| LastPrimary {
+            node: o.node.clone(),
+            region: o.region.clone(),
+            lsn: o.lsn,
+        }),
         leaderless_since_revision: facts.leaderless_since_revision,
         switchover: s.switchover.clone().filter(|sw| sw.aborted.is_none()),
         dr: s.dr.clone().filter(|d| d.done_epoch.is_none()),

@@ -183,7 +183,10 @@ async fn a_switchover_holds_new_connections_until_the_new_primary_runs() {
     keep_fresh.abort();
     assert!(refusal.contains("a switchover from ap-south-1a to ap-south-1b is in progress"), "{refusal}");
     let waited = t0.elapsed();
-    assert!(waited >= config.proxy.leader_wait && waited < config.proxy.leader_wait + Duration::from_secs(1), "{waited:?}");
+    assert!(
+        waited >= config.proxy.leader_wait && waited < config.proxy.leader_wait + Duration::from_secs(1),
+        "{waited:?}"
+    );
     stop.cancel();
 }
 

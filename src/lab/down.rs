@@ -114,4 +114,3 @@ pub(super) fn remove_lab_dir(dir: &Path) -> Result<()> {
     anyhow::ensure!(dir.join(MARKER).is_file(), "{} is not a lab directory; refusing to delete it", dir.display());
     std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }
-

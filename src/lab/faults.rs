@@ -142,7 +142,10 @@ pub async fn heal(dir: &Path) -> Result<()> {
                 groups.heal().map(|()| had)
             })
             .await??;
-            println!("{}", if healed { "healed: every region reaches every other again" } else { "no partition to heal" });
+            println!(
+                "{}",
+                if healed { "healed: every region reaches every other again" } else { "no partition to heal" }
+            );
         }
         None => println!("no partition to heal"),
     }

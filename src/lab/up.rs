@@ -256,4 +256,3 @@ fn print_summary(lab: &Lab, took: Duration) {
     println!("  {exe} lab kill NODE|REGION --dir {0}    {exe} lab start NODE|REGION --dir {0}", lab.dir.display());
     println!("  {exe} lab down --dir {}", lab.dir.display());
 }
-

@@ -90,4 +90,3 @@ pub(super) async fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duratio
     }
     bail!("http://{addr}{path} did not answer 200 within {timeout:?}: {last}")
 }
-

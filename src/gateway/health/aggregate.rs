@@ -125,7 +125,11 @@ mod tests {
                 c
             }],
         };
-        let pending = |o: &str| HealthReport { pending: true, detail: "no report from the leader yet".into(), ..report("lag", o, false) };
+        let pending = |o: &str| HealthReport {
+            pending: true,
+            detail: "no report from the leader yet".into(),
+            ..report("lag", o, false)
+        };
         let all_pending = aggregate(&config, &[pending("r1"), pending("r2")]);
         assert!(all_pending["lag"].pending && !all_pending["lag"].healthy);
         assert!(all_pending["lag"].reason.starts_with("pending: no data yet"), "{}", all_pending["lag"].reason);

@@ -20,8 +20,8 @@ use crate::cluster::{now_ms, HealthReport};
 use crate::config::{CheckKind, Config, HealthCheck, Secrets};
 use crate::coord::Coord;
 use crate::objects::ObjectRef;
-use probe::Probed;
 use probe::ProbeContext;
+use probe::Probed;
 
 use super::view::View;
 

@@ -26,6 +26,7 @@
 //! the passfile and the server log (see `postgres`). A lab: see `lab`.
 
 pub mod agent;
+pub mod ca;
 pub mod client;
 pub mod cluster;
 pub mod cmd;

@@ -141,3 +141,60 @@ fn a_directory_holding_the_default_lab_dir_is_not_a_lab() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(dir.path().join("precious").exists() && dir.path().join("meridian.toml").exists(), "nothing deleted");
 }
+
+/// `ca init`, `ca issue`, `ca show` from the command line, against a lab's
+/// cluster file (no lab running): keys 0600, names from the file, clear refusals.
+#[test]
+fn ca_init_issue_and_show() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meridian.toml");
+    std::fs::write(&config, GOOD).unwrap();
+    let ca = dir.path().join("ca");
+    let run = |args: &[&str]| Command::new(BIN).args(args).env("MERIDIAN_CONFIG", &config).output().unwrap();
+    let out = run(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(ca.join("ca.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = run(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"), "{}", text(&again));
+
+    let node_dir = dir.path().join("node");
+    let out = run(&["ca", "issue", "--ca", ca.to_str().unwrap(), "--out", node_dir.to_str().unwrap(), "--node", "a1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(node_dir.join("tls.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    let out = run(&["ca", "show", "--json", node_dir.join("tls.crt").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(shown[0]["subject"].as_str().unwrap().contains("node:a1"), "{shown}");
+    assert_eq!(shown[0]["expiring"], false);
+
+    let soon = dir.path().join("soon");
+    let out = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--out",
+        soon.to_str().unwrap(),
+        "--node",
+        "a1",
+        "--valid",
+        "7d",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["ca", "show", soon.join("tls.crt").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "a certificate expiring within 30 days: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("EXPIRES SOON"), "{}", text(&out));
+
+    let out = run(&["ca", "issue", "--ca", ca.to_str().unwrap(), "--out", soon.to_str().unwrap(), "--node", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named \"nope\""), "{}", text(&out));
+    let out = run(&["ca", "issue", "--ca", ca.to_str().unwrap(), "--out", soon.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exactly one of --node, --gateway, --etcd"),
+        "{}",
+        text(&out)
+    );
+}

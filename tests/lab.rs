@@ -22,6 +22,24 @@ fn lab_up_replicates_across_regions_and_reports_status() {
     let table = text(&lab.meridian(&["health"]));
     assert!(!table.contains("UNHEALTHY") && !table.contains("pending"), "{table}");
 
+    // The lab's CA and a certificate per node, gateway and etcd member, each key 0600.
+    let tls = lab.path().join("tls");
+    let certs: Vec<String> = ["node-ap-south-1a", "node-ap-northeast-1a", "gateway-witness", "etcd-witness"]
+        .iter()
+        .map(|d| tls.join(d).join("tls.crt").display().to_string())
+        .collect();
+    let mut args = vec!["ca", "show"];
+    args.extend(certs.iter().map(String::as_str));
+    let shown = lab.json(&args);
+    for c in shown.as_array().unwrap() {
+        assert!(c["issuer"].as_str().unwrap().contains("meridian cluster CA (lab)"), "{c}");
+        assert_eq!(c["expiring"], false, "{c}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for key in [tls.join("ca/ca.key"), tls.join("node-ap-south-1a/tls.key")] {
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "{}", key.display());
+    }
+
     let status = lab.status();
     assert_eq!(status["cluster"], "lab");
     assert_eq!(status["epoch"], 1, "the bootstrap epoch is 1");

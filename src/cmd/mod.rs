@@ -1,6 +1,7 @@
 //! One thin file per subcommand: argument handling only, logic lives in the components.
 
 mod agent;
+mod ca;
 mod config;
 mod drill;
 mod gateway;
@@ -60,6 +61,8 @@ pub enum Command {
     Gateway(gateway::Args),
     /// A whole multi-region cluster on this machine.
     Lab(lab::Args),
+    /// The cluster CA: create it, issue certificates, show their expiry.
+    Ca(ca::Args),
 }
 
 /// Runs a command and returns the process's exit status.
@@ -77,6 +80,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a, &config).await,
+        Command::Ca(a) => ca::run(&config, a).await,
     };
     match result {
         Ok(code) => code,

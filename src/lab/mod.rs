@@ -14,6 +14,8 @@
 //! D/pgpass               the `app` password for psql (PGPASSFILE=D/pgpass, 0600)
 //! D/etcd/<region>/       etcd data
 //! D/nodes/<node>/data    PGDATA;  D/nodes/<node>/run: socket, hba, server log
+//! D/tls/ca/              the lab's cluster CA (ca.crt, ca.key 0600)
+//! D/tls/<kind>-<name>/   tls.crt, tls.key (0600), ca.crt per node, gateway, etcd member
 //! D/logs/<process>.log   etcd-<region>, agent-<node>, gateway-<region>
 //! D/pids/<process>.pid
 //! ```

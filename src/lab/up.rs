@@ -55,6 +55,8 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
     let config = lab_config(shape, &dir);
     check_addresses_free(&config, shape.net)?;
     write_lab_files(&dir, &config)?;
+    progress.step("making the cluster CA and a certificate per node, gateway and etcd member");
+    write_certificates(&dir, &config)?;
     let lab = Lab::open(&dir)?;
 
     let result = start_everything(&lab, &mut progress).await;
@@ -162,6 +164,29 @@ fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             bail!("{addr} is not free ({e}); another lab may use --net {net}: pick another --net or stop it");
         }
+    }
+    Ok(())
+}
+
+/// The lab's CA in `D/tls/ca` and, each made in its own directory, a key and
+/// certificate per node, gateway and etcd member (`D/tls/<kind>-<name>`).
+/// Not used by the processes yet (issue 13's TLS step).
+fn write_certificates(dir: &Path, config: &Config) -> Result<()> {
+    use crate::ca::{self, Subject};
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let tls = dir.join("tls");
+    let ca_dir = tls.join("ca");
+    ca::init(&ca_dir, &config.cluster, 10 * YEAR)?;
+    let mut subjects: Vec<(String, Subject)> =
+        config.nodes().map(|(_, n)| (format!("node-{}", n.name), Subject::Node(n.name.clone()))).collect();
+    for r in &config.regions {
+        subjects.push((format!("gateway-{}", r.name), Subject::Gateway(r.name.clone())));
+        if r.etcd.is_some() {
+            subjects.push((format!("etcd-{}", r.name), Subject::Etcd(r.name.clone())));
+        }
+    }
+    for (sub, subject) in subjects {
+        ca::issue(&ca_dir, &tls.join(sub), config, &subject, YEAR)?;
     }
     Ok(())
 }

@@ -162,7 +162,8 @@ fn set_validity(params: &mut CertificateParams, valid: Duration) {
     params.not_after = now + time::Duration::seconds(valid.as_secs() as i64);
 }
 
-/// Writes a private file, 0600 from the moment it exists.
+/// Writes a private file (keys, passwords), 0600 from the moment it exists;
+/// the lab writes its secrets with it too.
 pub fn write_private(path: &Path, text: &str) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use super::down::{remove_lab_dir, stop_processes};
 use super::topology::{lab_config, LabShape};
 use super::wait::{wait_for, wait_for_etcd, wait_for_http};
 use super::{Lab, Member, MARKER};
+use crate::ca::write_private;
 use crate::cluster::Role;
 use crate::config::{CheckKind, Config};
 use crate::process::{self, ProcSpec};
@@ -219,19 +219,6 @@ fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
     );
     std::fs::write(dir.join("meridian.toml"), text)?;
     std::fs::write(dir.join(MARKER), "a meridian lab directory; `meridian lab down` removes it\n")?;
-    Ok(())
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
     Ok(())
 }
 

@@ -18,9 +18,9 @@
 //! <out>/tls.key     its private key (0600), made here
 //! ```
 //!
-//! Not yet: the processes do not use these certificates (TLS on every link,
-//! rotation without restarts and the API's authentication are issue 13's
-//! next steps).
+//! The gateway and agent APIs serve with them (`crate::tls`, which reloads a
+//! renewed file without a restart); PostgreSQL, etcd and the SQL proxy do not
+//! use them yet.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -72,7 +72,8 @@ impl Subject {
             }
             Subject::Gateway(r) => {
                 let g = config.region(r)?.gateway;
-                let zone = &config.dns.zone;
+                // Certificates name hosts without DNS's trailing dot (what clients verify against).
+                let zone = config.dns.zone.trim_end_matches('.');
                 let names = vec![format!("gateway-{r}"), format!("writer.{zone}"), format!("reader.{r}.{zone}")];
                 (names, dedup(vec![g.api.ip(), g.dns.ip(), g.writer.ip(), g.reader.ip()]))
             }
@@ -283,7 +284,7 @@ mod tests {
         let region = config.regions[0].name.clone();
         let gw = issue(&ca, &dir.path().join("gw"), &config, &Subject::Gateway(region.clone()), year).unwrap();
         let info = inspect(&gw).unwrap();
-        assert!(info.dns_names.contains(&format!("writer.{}", config.dns.zone)), "{info:?}");
+        assert!(info.dns_names.contains(&format!("writer.{}", config.dns.zone.trim_end_matches('.'))), "{info:?}");
         let etcd = issue(&ca, &dir.path().join("etcd"), &config, &Subject::Etcd(region), year).unwrap();
         assert_eq!(inspect(&etcd).unwrap().ip_addresses.len(), 1);
 

@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
 mod routing;
+mod security;
 pub use routing::*;
+pub use security::*;
 
 /// The environment variable naming the cluster file when `--config` is absent.
 pub const CONFIG_ENV: &str = "MERIDIAN_CONFIG";
@@ -45,6 +47,10 @@ pub struct Config {
     pub object_store: ObjectStoreConfig,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     #[serde(rename = "region", default)]
     pub regions: Vec<Region>,
     /// Where the file was read from; relative paths in it resolve against its directory.
@@ -535,6 +541,7 @@ impl Config {
         }
         p.extend(p2);
         routing::validate(self, &mut p);
+        security::validate(self, &mut p);
         p
     }
 

@@ -26,6 +26,7 @@
 //! the passfile and the server log (see `postgres`). A lab: see `lab`.
 
 pub mod agent;
+pub mod auth;
 pub mod ca;
 pub mod client;
 pub mod cluster;
@@ -41,3 +42,4 @@ pub mod objects;
 pub mod postgres;
 pub mod process;
 pub mod progress;
+pub mod tls;

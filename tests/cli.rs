@@ -81,8 +81,16 @@ fn commands_find_the_config_and_fail_with_one_clear_line() {
         "{stderr}"
     );
 
-    // ./meridian.toml is found; its gateways are not running, and the error names each one tried.
+    // ./meridian.toml is found, but the cluster CA the CLI must verify gateways against is not.
     std::fs::write(dir.path().join("meridian.toml"), GOOD).unwrap();
+    let out = Command::new(BIN).arg("status").current_dir(dir.path()).env_remove("MERIDIAN_CONFIG").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cluster CA") && stderr.contains("tls/ca/ca.crt"), "{stderr}");
+
+    // With the CA: its gateways are not running, and the error names each one tried.
+    let ca = Command::new(BIN).args(["ca", "init", "--dir", "tls/ca"]).current_dir(dir.path()).output().unwrap();
+    assert!(ca.status.success(), "{}", text(&ca));
     let out = Command::new(BIN).arg("status").current_dir(dir.path()).env_remove("MERIDIAN_CONFIG").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

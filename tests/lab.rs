@@ -103,9 +103,10 @@ fn gateway_serves_metrics_and_health() {
     assert_eq!(regions.len(), 3, "three database regions need no witness");
     for region in regions {
         let api = region["gateway"]["api"].as_str().unwrap();
-        let health = http_get(api, "/healthz");
-        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-        let metrics = http_get(api, "/metrics");
+        let (status, health) = https_get(&lab, api, "/healthz");
+        assert_eq!(status, 200, "{health}");
+        let (status, metrics) = https_get(&lab, api, "/metrics");
+        assert_eq!(status, 200, "{metrics}");
         assert!(metrics.contains("meridian_cluster_epoch{cluster=\"lab\"} 1"), "{metrics}");
         assert!(
             metrics.contains("meridian_node_role{node=\"eu-west-1a\",region=\"eu-west-1\",role=\"primary\"} 1"),
@@ -240,12 +241,20 @@ fn a_lost_region_leaves_the_cluster_answering_and_comes_back() {
     lab.finish();
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+/// GET over HTTPS, verified against the lab's CA, with the lab's admin token.
+fn https_get(lab: &TestLab, addr: &str, path: &str) -> (u16, String) {
+    let config = meridian::config::Config::load(&lab.config()).unwrap();
+    let https = meridian::client::Https::for_cli(&config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, body) = rt
+        .block_on(meridian::client::request(
+            addr.parse().unwrap(),
+            Some(&https),
+            hyper::Method::GET,
+            path,
+            None,
+            Duration::from_secs(5),
+        ))
+        .unwrap_or_else(|e| panic!("GET https://{addr}{path}: {e:#}"));
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
 }

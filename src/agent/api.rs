@@ -1,4 +1,6 @@
-//! The agent's HTTP API: liveness and the node's latest report.
+//! The agent's HTTPS API: liveness and the node's latest report. Read-only:
+//! nothing here runs a command or changes a setting, so it asks callers for
+//! no credential; TLS (the node's certificate) keeps the report private on the wire.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,10 +13,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::MemberStatus;
 
-pub async fn serve(listener: TcpListener, latest: watch::Receiver<Option<MemberStatus>>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    latest: watch::Receiver<Option<MemberStatus>>,
+    shutdown: CancellationToken,
+) {
     let app =
         Router::new().route("/healthz", get(|| async { "ok\n" })).route("/v1/member", get(member)).with_state(latest);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+    if let Err(e) = crate::tls::serve_https(listener, tls, app, shutdown).await {
         tracing::error!("agent API stopped: {e}");
     }
 }

@@ -121,6 +121,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let api = tokio::net::TcpListener::bind(node_cfg.api)
         .await
         .with_context(|| format!("bind the agent API on {}", node_cfg.api))?;
+    let api_tls =
+        crate::tls::server_config(&config.tls_identity(&format!("node-{node}")), crate::tls::ClientAuth::None)?;
     let s = server.clone();
     tokio::task::spawn_blocking(move || s.recover_swap().and_then(|()| s.prepare_dirs())).await??;
 
@@ -134,7 +136,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let api_shutdown = shutdown.clone();
     let api_rx = latest_rx.clone();
     tokio::spawn(async move {
-        api::serve(api, api_rx, api_shutdown.clone()).await;
+        api::serve(api, api_tls, api_rx, api_shutdown.clone()).await;
         api_shutdown.cancel();
     });
     tokio::spawn(report::publish_loop(coord.clone(), lease.clone(), latest_rx, shutdown.clone()));

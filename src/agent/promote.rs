@@ -92,6 +92,22 @@ impl Agent {
         if let Err(e) = self.coord.put_history(&entry).await {
             tracing::warn!("failed to {e:#}; the promotion is not in history");
         }
+        let audit = crate::auth::AuditEntry {
+            time_ms: entry.finished_at_ms,
+            who: format!("agent:{me}"),
+            role: None,
+            source: None,
+            action: format!("promote ({kind})"),
+            target: Some(format!("node:{me}")),
+            result: "ok".into(),
+            detail: Some(reason.to_string()),
+            epoch: Some(epoch),
+            recorded_by: format!("node:{me}"),
+        };
+        tracing::info!(target: "meridian::audit", "{}", serde_json::to_string(&audit).unwrap_or_default());
+        if let Err(e) = self.coord.append_audit(&audit).await {
+            tracing::warn!("failed to {e:#}; the promotion is not in the audit log");
+        }
         self.finish_requests(snap, Some(epoch)).await
     }
 

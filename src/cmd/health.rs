@@ -16,7 +16,7 @@ pub struct Args {
 /// `meridian health`: every check's aggregate and each observer's verdict.
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config)?;
-    let status: HealthStatus = ApiClient::new(&config).get("/v1/health", Duration::from_secs(5)).await?;
+    let status: HealthStatus = ApiClient::new(&config)?.get("/v1/health", Duration::from_secs(5)).await?;
     if args.json {
         println!("{}", serde_json::to_string(&status)?);
     } else {

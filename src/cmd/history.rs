@@ -14,7 +14,7 @@ pub struct Args {
 
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config)?;
-    let history: Vec<HistoryEntry> = ApiClient::new(&config).get("/v1/history", Duration::from_secs(5)).await?;
+    let history: Vec<HistoryEntry> = ApiClient::new(&config)?.get("/v1/history", Duration::from_secs(5)).await?;
     if args.json {
         println!("{}", serde_json::to_string(&history)?);
         return Ok(0);

@@ -1,6 +1,7 @@
 //! One thin file per subcommand: argument handling only, logic lives in the components.
 
 mod agent;
+mod audit;
 mod ca;
 mod config;
 mod drill;
@@ -10,6 +11,7 @@ mod history;
 mod lab;
 mod operations;
 mod status;
+mod token;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,9 @@ pub struct Cli {
     /// The cluster file.
     #[arg(long, global = true, env = "MERIDIAN_CONFIG", default_value = "meridian.toml")]
     pub config: PathBuf,
+    /// A file (0600) holding the API token to send; else $MERIDIAN_TOKEN, else [api] token_file.
+    #[arg(long, global = true, env = "MERIDIAN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// More detailed logs.
     #[arg(long, short, global = true)]
     pub verbose: bool,
@@ -63,11 +68,18 @@ pub enum Command {
     Lab(lab::Args),
     /// The cluster CA: create it, issue certificates, show their expiry.
     Ca(ca::Args),
+    /// The API's tokens: create (shown once), list, revoke.
+    Token(token::Args),
+    /// Who did what: every mutating API call and every automatic promotion.
+    Audit(audit::Args),
 }
 
 /// Runs a command and returns the process's exit status.
 pub async fn run(cli: Cli) -> i32 {
     let config = cli.config.clone();
+    if let Some(f) = cli.token_file.clone() {
+        crate::client::set_token_file(f);
+    }
     let result = match cli.command {
         Command::Config(a) => config::run(a).await,
         Command::Status(a) => status::run(&config, a).await,
@@ -81,6 +93,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a, &config).await,
         Command::Ca(a) => ca::run(&config, a).await,
+        Command::Token(a) => token::run(&config, a).await,
+        Command::Audit(a) => audit::run(&config, a).await,
     };
     match result {
         Ok(code) => code,

@@ -39,7 +39,7 @@ pub async fn switchover(config: &Path, args: SwitchoverArgs) -> Result<i32> {
     let config = super::load_config(config)?;
     let body = serde_json::json!({ "to": args.to, "timeout_ms": args.timeout.as_millis() as u64 });
     let report: OperationReport =
-        ApiClient::new(&config).act("/v1/switchover", &body, args.timeout + Duration::from_secs(20)).await?;
+        ApiClient::new(&config)?.act("/v1/switchover", &body, args.timeout + Duration::from_secs(20)).await?;
     print_report(&report, args.json)
 }
 
@@ -51,7 +51,7 @@ pub async fn failover(config: &Path, args: FailoverArgs) -> Result<i32> {
         "timeout_ms": args.timeout.as_millis() as u64,
     });
     let report: OperationReport =
-        ApiClient::new(&config).act("/v1/failover", &body, args.timeout + Duration::from_secs(20)).await?;
+        ApiClient::new(&config)?.act("/v1/failover", &body, args.timeout + Duration::from_secs(20)).await?;
     print_report(&report, args.json)
 }
 

@@ -17,7 +17,7 @@ pub struct Args {
 
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config)?;
-    let client = ApiClient::new(&config);
+    let client = ApiClient::new(&config)?;
     loop {
         let status: ClusterStatus = client.get("/v1/cluster", Duration::from_secs(5)).await?;
         if args.json {

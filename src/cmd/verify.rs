@@ -17,7 +17,7 @@ pub struct Args {
 
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config)?;
-    let client = ApiClient::new(&config);
+    let client = ApiClient::new(&config)?;
     let body = serde_json::json!({ "timeout_ms": args.timeout.as_millis() as u64 });
     let report: VerifyReport = client.post("/v1/verify", &body, args.timeout + Duration::from_secs(10)).await?;
     if args.json {

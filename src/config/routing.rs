@@ -36,7 +36,7 @@ fn default_share() -> f64 {
 pub enum CheckKind {
     /// A TCP connection to `target` (host:port) succeeds.
     Tcp,
-    /// GET `target` (an http:// URL) answers `expect_status` (default: any 2xx or 3xx),
+    /// GET `target` (an http:// URL, or https:// verified against the cluster CA) answers `expect_status` (default: any 2xx or 3xx),
     /// and its body's first 5120 bytes contain `body_contains` when set.
     Http,
     /// The monitor role connects to `target` (host:port) and runs `query`;
@@ -471,10 +471,10 @@ fn check_target(kind: CheckKind, t: &str) -> Result<(), String> {
             _ => Err(format!("{t:?} must be host:port")),
         },
         CheckKind::Http => {
-            if t.starts_with("http://") {
+            if t.starts_with("http://") || t.starts_with("https://") {
                 Ok(())
             } else {
-                Err(format!("{t:?} must be an http:// URL"))
+                Err(format!("{t:?} must be an http:// or https:// URL"))
             }
         }
         CheckKind::ObjectExists => t.parse::<ObjectUrl>().map(|_| ()),

@@ -254,7 +254,7 @@ region = "witness"
         "health.check[1].query: does not apply to a tcp check",
         "health.check[1].failure_threshold: must be between 1 and 10",
         "health.check[2].name: duplicate check name \"t\"",
-        "health.check[2].target: \"ftp://x\" must be an http:// URL",
+        "health.check[2].target: \"ftp://x\" must be an http:// or https:// URL",
         "health.check[3].target: missing",
         "dns.record[0].name: \"writer\" is answered by meridian itself",
         "dns.record[0].primary.value: \"not-an-ip\" is not an IPv4 address",

@@ -4,11 +4,12 @@
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    security: String,
 }
 
 impl Keys {
     pub fn new(cluster: &str) -> Keys {
-        Keys { prefix: format!("/meridian/{cluster}/") }
+        Keys { prefix: format!("/meridian/{cluster}/"), security: format!("/meridian-security/{cluster}/") }
     }
     /// The cluster's whole key range, for one consistent read of everything.
     pub fn prefix(&self) -> &str {
@@ -56,6 +57,23 @@ impl Keys {
     pub fn health(&self, check: &str, observer: &str) -> String {
         format!("{}health/{check}/{observer}", self.prefix)
     }
+    /// API tokens (their digests) and the audit log live under
+    /// `/meridian-security/<cluster>/`, outside the cluster prefix: every
+    /// agent reads that whole prefix each tick, and neither belongs in it.
+    pub fn token(&self, id: &str) -> String {
+        format!("{}tokens/{id}", self.security)
+    }
+    pub fn tokens_prefix(&self) -> String {
+        format!("{}tokens/", self.security)
+    }
+    /// Zero-padded milliseconds first, so that etcd's byte order is time order.
+    pub fn audit(&self, time_ms: u64, id: &str) -> String {
+        format!("{}audit/{time_ms:020}-{id}", self.security)
+    }
+    pub fn audit_prefix(&self) -> String {
+        format!("{}audit/", self.security)
+    }
+
     /// The part of a full key after the prefix, e.g. `members/ap-south-1a`.
     pub fn relative<'a>(&self, key: &'a str) -> Option<&'a str> {
         key.strip_prefix(&self.prefix)
@@ -126,6 +144,10 @@ mod tests {
         assert!(k.history(9) < k.history(10), "history keys sort by epoch");
         assert_eq!(k.relative("/meridian/orders/members/x"), Some("members/x"));
         assert_eq!(k.relative("/meridian/other/leader"), None);
+        assert_eq!(k.token("0123456789ab"), "/meridian-security/orders/tokens/0123456789ab");
+        assert!(!k.token("x").starts_with(k.prefix()), "tokens stay out of the agents' snapshot");
+        assert!(!k.audit(1, "x").starts_with(k.prefix()), "the audit log stays out of the agents' snapshot");
+        assert!(k.audit(999, "z") < k.audit(1000, "a"), "audit keys sort by time");
     }
 
     #[test]

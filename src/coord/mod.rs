@@ -3,6 +3,7 @@
 //! minority can change nothing (every request requires an etcd leader).
 
 pub mod keys;
+mod security;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -131,7 +131,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<report::DrillR
         }
     }
     let drill = Drill {
-        api: ApiClient::new(&config),
+        api: ApiClient::new(&config)?,
         credentials: credentials(&config, options.credentials.clone())?,
         config,
         lab,

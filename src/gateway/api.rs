@@ -1,15 +1,16 @@
-//! The HTTP API: `GET /v1/cluster`, `POST /v1/verify`, `GET /healthz`, `GET /metrics`.
+//! The HTTPS API: `GET /v1/cluster`, `POST /v1/verify`, `GET /healthz`, `GET /metrics`, tokens and
+//! the audit log. Every route but `/healthz` needs a credential and a role (`super::auth`).
 //! Errors are JSON `{"error": "..."}` with a status code, so the CLI can show them as one line.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,17 +27,24 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
+        .route("/v1/audit", get(audit))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(gateway.clone(), super::auth::middleware))
         .with_state(gateway)
 }
 
+/// Serves the API over TLS with the gateway's certificate; client
+/// certificates from the cluster CA are checked when presented.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, router(gateway)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
-    Ok(())
+    let identity = gateway.config.tls_identity(&format!("gateway-{}", gateway.region));
+    let tls = crate::tls::server_config(&identity, crate::tls::ClientAuth::Optional)?;
+    crate::tls::serve_https(listener, tls, router(gateway), shutdown).await
 }
 
 /// An error as the API returns it.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -44,7 +52,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn unavailable(e: anyhow::Error) -> ApiError {
+pub(super) fn unavailable(e: anyhow::Error) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
 }
 
@@ -110,6 +118,77 @@ async fn cluster(State(g): State<Gateway>) -> Result<Json<ClusterStatus>, ApiErr
 
 async fn history(State(g): State<Gateway>) -> Result<Json<Vec<crate::cluster::HistoryEntry>>, ApiError> {
     g.coord.history().await.map(Json).map_err(unavailable)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    since_ms: u64,
+    limit: Option<i64>,
+}
+
+/// The audit log, oldest first (the newest `limit`, 1000 by default).
+async fn audit(
+    State(g): State<Gateway>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<crate::auth::AuditEntry>>, ApiError> {
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=100_000).contains(&limit) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "limit must be between 1 and 100000".into()));
+    }
+    g.coord.audit(q.since_ms, limit).await.map(Json).map_err(unavailable)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    role: crate::auth::ApiRole,
+    /// Seconds until it expires; None: never.
+    expires_s: Option<u64>,
+    #[serde(default)]
+    note: String,
+}
+
+/// A new token: the secret is in this answer and nowhere else.
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub token: String,
+    pub info: crate::auth::TokenInfo,
+}
+
+async fn create_token(
+    State(g): State<Gateway>,
+    Extension(caller): Extension<crate::auth::Caller>,
+    Json(req): Json<TokenRequest>,
+) -> Result<Json<CreatedToken>, ApiError> {
+    if req.expires_s == Some(0) || req.note.len() > 200 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "expires_s must be positive and note at most 200 bytes".into()));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let new = crate::auth::new_token(req.role, now, req.expires_s, &caller.who, &req.note);
+    g.coord.create_token(&new.stored).await.map_err(unavailable)?;
+    Ok(Json(CreatedToken { info: (&new.stored).into(), token: new.secret }))
+}
+
+async fn list_tokens(State(g): State<Gateway>) -> Result<Json<Vec<crate::auth::TokenInfo>>, ApiError> {
+    let mut tokens: Vec<crate::auth::TokenInfo> =
+        g.coord.tokens().await.map_err(unavailable)?.iter().map(Into::into).collect();
+    tokens.sort_by_key(|t| t.created);
+    Ok(Json(tokens))
+}
+
+async fn revoke_token(
+    State(g): State<Gateway>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::auth::TokenInfo>, ApiError> {
+    if !crate::auth::is_token_id(&id) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("{id:?} is not a token id (12 hex digits)")));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    match g.coord.revoke_token(&id, now).await.map_err(unavailable)? {
+        Some(t) => Ok(Json((&t).into())),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no token {id}"))),
+    }
 }
 
 /// Every health check's aggregate and each observer's verdict, from one etcd read.

@@ -7,6 +7,7 @@
 //! by a watch; the routing rules themselves are pure (`routing`).
 
 pub mod api;
+pub mod auth;
 pub mod dns;
 pub mod health;
 pub mod operations;

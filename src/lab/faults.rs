@@ -82,7 +82,13 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
                     .await?;
                 }
                 Member::Gateway { region } => {
-                    wait_for_http(lab.config.region(region)?.gateway.api, "/healthz", Duration::from_secs(30)).await?;
+                    wait_for_http(
+                        &lab.config,
+                        lab.config.region(region)?.gateway.api,
+                        "/healthz",
+                        Duration::from_secs(30),
+                    )
+                    .await?;
                 }
             }
         }

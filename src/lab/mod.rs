@@ -12,6 +12,7 @@
 //! D/secrets.toml         passwords of meridian's roles (0600)
 //! D/bootstrap.sql        creates the `app` role and database on the new primary (0600)
 //! D/pgpass               the `app` password for psql (PGPASSFILE=D/pgpass, 0600)
+//! D/admin.token          an admin API token for whoever ran `lab up` (0600; [api] token_file)
 //! D/etcd/<region>/       etcd data
 //! D/nodes/<node>/data    PGDATA;  D/nodes/<node>/run: socket, hba, server log
 //! D/tls/ca/              the lab's cluster CA (ca.crt, ca.key 0600)
@@ -45,6 +46,8 @@ use crate::config::Config;
 use crate::process::{self, ProcSpec};
 
 const MARKER: &str = ".meridian-lab";
+/// The admin token `lab up` makes, relative to the lab directory.
+pub const ADMIN_TOKEN: &str = "admin.token";
 
 /// One of the lab's processes.
 #[derive(Debug, Clone, PartialEq, Eq)]

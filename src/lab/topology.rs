@@ -171,6 +171,8 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
             settings,
             ..PostgresConfig::default()
         },
+        tls: TlsConfig::default(),
+        api: ApiConfig { token_file: Some(PathBuf::from(super::ADMIN_TOKEN)), ..ApiConfig::default() },
         regions,
         source: Some(dir.join("meridian.toml")),
     }

@@ -79,6 +79,7 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
         process::start(spec)?;
     }
     let coord = wait_for_etcd(&lab.config, Duration::from_secs(30)).await?;
+    make_admin_token(lab, &coord).await?;
 
     let agents: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::Agent { .. })).collect();
     progress.step(format!("starting {} agents; the primary initializes the cluster", agents.len()));
@@ -105,7 +106,7 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
         process::start(spec)?;
     }
     for region in &lab.config.regions {
-        wait_for_http(region.gateway.api, "/healthz", Duration::from_secs(30))
+        wait_for_http(&lab.config, region.gateway.api, "/healthz", Duration::from_secs(30))
             .await
             .with_context(|| format!("gateway {}", region.name))?;
     }
@@ -116,15 +117,27 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
     Ok(())
 }
 
+/// An admin token for whoever ran `lab up`, straight into etcd (there is no
+/// API to ask yet, and nobody to ask it), in `D/admin.token` (0600).
+async fn make_admin_token(lab: &Lab, coord: &crate::coord::Coord) -> Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let new = crate::auth::new_token(crate::config::ApiRole::Admin, now, None, "lab", "made by lab up");
+    coord.create_token(&new.stored).await?;
+    write_private(&lab.dir.join(super::ADMIN_TOKEN), &format!("{}\n", new.secret))
+}
+
 /// Until every gateway has judged every probed check (none pending), so that
 /// `meridian health` right after `lab up` shows verdicts, not first guesses.
 async fn wait_for_health_settled(lab: &Lab, timeout: Duration) -> Result<()> {
     let gateways = lab.config.regions.len();
     let api = lab.config.regions[0].gateway.api;
+    let https = crate::client::Https::for_cli(&lab.config)?;
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match crate::client::request(api, hyper::Method::GET, "/v1/health", None, Duration::from_secs(2)).await {
+        let get =
+            crate::client::request(api, Some(&https), hyper::Method::GET, "/v1/health", None, Duration::from_secs(2));
+        match get.await {
             Ok((status, body)) if status.is_success() => {
                 let h: crate::gateway::api::HealthStatus =
                     serde_json::from_slice(&body).context("parse the gateway's health")?;
@@ -170,7 +183,6 @@ fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
 
 /// The lab's CA in `D/tls/ca` and, each made in its own directory, a key and
 /// certificate per node, gateway and etcd member (`D/tls/<kind>-<name>`).
-/// Not used by the processes yet (issue 13's TLS step).
 fn write_certificates(dir: &Path, config: &Config) -> Result<()> {
     use crate::ca::{self, Subject};
     const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -235,7 +247,7 @@ fn print_summary(lab: &Lab, took: Duration) {
     );
     for r in &c.regions {
         println!(
-            "  region {:<16} gateway http://{}  dns {}  writer {}  reader {}",
+            "  region {:<16} gateway https://{}  dns {}  writer {}  reader {}",
             r.name, r.gateway.api, r.gateway.dns, r.gateway.writer, r.gateway.reader
         );
         for n in &r.nodes {

@@ -77,16 +77,18 @@ pub async fn wait_for<T>(
     bail!("timed out after {timeout:?} waiting for {what}; last seen: {seen}")
 }
 
-pub(super) async fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duration) -> Result<()> {
+/// Until `https://addr/path` answers 200, verified against the lab's CA.
+pub(super) async fn wait_for_http(config: &Config, addr: SocketAddr, path: &str, timeout: Duration) -> Result<()> {
+    let https = crate::client::Https::for_cli(config)?;
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match crate::client::request(addr, hyper::Method::GET, path, None, Duration::from_secs(2)).await {
+        match crate::client::request(addr, Some(&https), hyper::Method::GET, path, None, Duration::from_secs(2)).await {
             Ok((status, _)) if status.is_success() => return Ok(()),
             Ok((status, body)) => last = format!("{status}: {}", String::from_utf8_lossy(&body).trim()),
             Err(e) => last = format!("{e:#}"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("http://{addr}{path} did not answer 200 within {timeout:?}: {last}")
+    bail!("https://{addr}{path} did not answer 200 within {timeout:?}: {last}")
 }

@@ -84,6 +84,14 @@ pub async fn start(
         return;
     }
     let (tx, rx) = mpsc::channel::<HealthReport>(leaves.len() * 4);
+    // https:// checks trust the cluster CA, as every meridian listener's client does.
+    let https = match crate::tls::client_config(&config.tls_identity(&format!("gateway-{region}")).ca(), None) {
+        Ok(tls) => Some(crate::client::Https { tls, token: None }),
+        Err(e) => {
+            tracing::error!("failed to load the cluster CA: {e:#}; https:// checks will report unhealthy");
+            None
+        }
+    };
     for check in leaves {
         let object = match (check.kind, &check.target) {
             (CheckKind::ObjectExists, Some(url)) => match ObjectRef::open(url, &config.object_store) {
@@ -99,6 +107,7 @@ pub async fn start(
             monitor_user: config.postgres.monitor_user.clone(),
             monitor_password: secrets.monitor_password.clone(),
             object,
+            https: https.clone(),
         };
         tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
     }

@@ -18,6 +18,8 @@ pub struct ProbeContext {
     pub monitor_password: String,
     /// The object behind an `object-exists` check, opened once.
     pub object: Option<ObjectRef>,
+    /// How `https://` targets are reached (the cluster CA); None if it could not be loaded.
+    pub https: Option<crate::client::Https>,
 }
 
 /// Route 53 searches the first 5120 bytes of the body.
@@ -57,7 +59,7 @@ async fn probe_plain(check: &HealthCheck, ctx: &ProbeContext) -> Result<String, 
             drop(stream);
             Ok("connected".into())
         }
-        CheckKind::Http => http(check, target).await,
+        CheckKind::Http => http(check, ctx, target).await,
         CheckKind::Postgres => Err("postgres checks are probed with the snapshot".into()),
         CheckKind::ObjectExists => {
             let object = ctx.object.as_ref().ok_or("the object store could not be opened")?;
@@ -71,20 +73,24 @@ async fn probe_plain(check: &HealthCheck, ctx: &ProbeContext) -> Result<String, 
     }
 }
 
-async fn http(check: &HealthCheck, url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or("not an http:// URL")?;
+async fn http(check: &HealthCheck, ctx: &ProbeContext, url: &str) -> Result<String, String> {
+    let (rest, https, default_port) = match url.strip_prefix("https://") {
+        Some(rest) => (rest, Some(ctx.https.as_ref().ok_or("the cluster CA could not be loaded")?), 443),
+        None => (url.strip_prefix("http://").ok_or("not an http:// or https:// URL")?, None, 80),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:{default_port}") };
     let addr = tokio::net::lookup_host(&authority)
         .await
         .map_err(|e| format!("resolve {authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("{authority} has no address"))?;
-    let (status, body) =
-        crate::client::request(addr, Method::GET, path, None, check.timeout).await.map_err(|e| format!("{e:#}"))?;
+    let (status, body) = crate::client::request(addr, https, Method::GET, path, None, check.timeout)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let status_ok = match check.expect_status {
         Some(s) => status.as_u16() == s,
         None => status.is_success() || status.is_redirection(),

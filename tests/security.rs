@@ -1,0 +1,190 @@
+//! The API and the agents' APIs refuse what they must, each with one clear
+//! line, and the cluster keeps serving: no credential, a forged, revoked or
+//! expired token, a viewer on a mutating call, plain HTTP, a foreign CA,
+//! oversized and malformed bodies. What got past authentication is in the audit log.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::{Method, StatusCode};
+use meridian::client::{request, Https};
+use meridian::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Api {
+    fn call(&self, token: Option<&str>, method: Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, String) {
+        let https = Https { tls: self.tls.clone(), token: token.map(String::from) };
+        let (status, bytes) = self
+            .rt
+            .block_on(request(self.addr, Some(&https), method, path, body, Duration::from_secs(20)))
+            .unwrap_or_else(|e| panic!("{path}: {e:#}"));
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Asserts the status and that the error is one JSON line mentioning `says`.
+    fn refused(&self, token: Option<&str>, method: Method, path: &str, body: &str, want: StatusCode, says: &str) {
+        let body = (!body.is_empty()).then(|| body.as_bytes().to_vec());
+        let (status, text) = self.call(token, method.clone(), path, body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        let line = error["error"].as_str().unwrap_or_else(|| panic!("no error field: {text}"));
+        assert!(line.contains(says) && !line.contains('\n'), "{method} {path}: {line:?} should say {says:?}");
+    }
+}
+
+fn token_of(lab: &TestLab, args: &[&str]) -> String {
+    let mut all = vec!["token", "create"];
+    all.extend_from_slice(args);
+    let v = lab.json(&all);
+    v["token"].as_str().expect("the new token").to_string()
+}
+
+#[test]
+fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
+    let lab = TestLab::up(101, &[]);
+    let config = Config::load(&lab.config()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let tls = meridian::tls::client_config(&config.tls_ca_file(), None).unwrap();
+    let api = Api { rt, addr: config.regions[0].gateway.api, tls };
+    let admin = std::fs::read_to_string(lab.path().join("admin.token")).unwrap().trim().to_string();
+    let switchover = r#"{"to":"ap-northeast-1a","timeout_ms":10000}"#;
+
+    // Only /healthz is open.
+    assert_eq!(api.call(None, Method::GET, "/healthz", None).0, StatusCode::OK);
+    api.refused(None, Method::GET, "/v1/cluster", "", StatusCode::UNAUTHORIZED, "no credentials");
+    api.refused(None, Method::GET, "/metrics", "", StatusCode::UNAUTHORIZED, "no credentials");
+    api.refused(None, Method::POST, "/v1/switchover", switchover, StatusCode::UNAUTHORIZED, "no credentials");
+
+    // Forged and malformed tokens.
+    let forged = format!("mrd_{}_{}", &admin[4..16], "0".repeat(64));
+    api.refused(Some(&forged), Method::POST, "/v1/switchover", switchover, StatusCode::UNAUTHORIZED, "not valid");
+    api.refused(Some("hunter2"), Method::GET, "/v1/cluster", "", StatusCode::UNAUTHORIZED, "malformed");
+
+    // A viewer reads but does not act.
+    let viewer = token_of(&lab, &["--role", "viewer", "--note", "security test"]);
+    assert_eq!(api.call(Some(&viewer), Method::GET, "/v1/cluster", None).0, StatusCode::OK);
+    api.refused(Some(&viewer), Method::POST, "/v1/switchover", switchover, StatusCode::FORBIDDEN, "needs operator");
+    api.refused(Some(&viewer), Method::GET, "/v1/tokens", "", StatusCode::FORBIDDEN, "needs admin");
+    let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a"]);
+    assert!(out.status.success(), "the admin token of the lab may: {}", text(&out));
+
+    // An operator acts but does not make tokens.
+    let operator = token_of(&lab, &["--role", "operator"]);
+    api.refused(
+        Some(&operator),
+        Method::POST,
+        "/v1/tokens",
+        r#"{"role":"admin"}"#,
+        StatusCode::FORBIDDEN,
+        "needs admin",
+    );
+
+    // Revoked and expired tokens stop working at once.
+    let id = &viewer[4..16];
+    let out = lab.meridian(&["token", "revoke", id]);
+    assert!(out.status.success(), "{}", text(&out));
+    api.refused(Some(&viewer), Method::GET, "/v1/cluster", "", StatusCode::UNAUTHORIZED, "revoked");
+    let short = token_of(&lab, &["--role", "viewer", "--expires", "1s"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = api.call(Some(&short), Method::GET, "/v1/cluster", None);
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a token valid for 1s still worked after 10s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    api.refused(Some(&short), Method::GET, "/v1/cluster", "", StatusCode::UNAUTHORIZED, "expired");
+
+    // Oversized and malformed bodies, and a role that does not exist.
+    let huge = format!(r#"{{"to":"{}","timeout_ms":1}}"#, "x".repeat(100 * 1024));
+    api.refused(Some(&admin), Method::POST, "/v1/switchover", &huge, StatusCode::PAYLOAD_TOO_LARGE, "over 64 KiB");
+    let (status, _) = api.call(Some(&admin), Method::POST, "/v1/switchover", Some(b"{not json".to_vec()));
+    assert!(status.is_client_error(), "malformed JSON: {status}");
+    let (status, _) = api.call(Some(&admin), Method::POST, "/v1/tokens", Some(br#"{"role":"root"}"#.to_vec()));
+    assert!(status.is_client_error(), "an unknown role: {status}");
+    api.refused(
+        Some(&admin),
+        Method::POST,
+        "/v1/tokens/nothex/revoke",
+        "{}",
+        StatusCode::BAD_REQUEST,
+        "not a token id",
+    );
+
+    // The audit log has no call that changes it.
+    let before = lab.json(&["audit"]).as_array().unwrap().len();
+    for method in [Method::DELETE, Method::POST, Method::PUT] {
+        let (status, _) = api.call(Some(&admin), method.clone(), "/v1/audit", Some(b"{}".to_vec()));
+        assert!(!status.is_success(), "{method} /v1/audit answered {status}");
+    }
+    let audit = lab.json(&["audit"]);
+    let entries = audit.as_array().unwrap();
+    assert!(entries.len() >= before, "audit entries disappeared");
+    let has = |action: &str, result: &str| {
+        entries.iter().any(|e| e["action"] == action && e["result"].as_str().unwrap_or("").starts_with(result))
+    };
+    assert!(has("POST /v1/switchover", "ok"), "the switchover is audited: {audit}");
+    assert!(has("POST /v1/switchover", "refused"), "the viewer's refused switchover is audited: {audit}");
+    assert!(has("promote (switchover)", "ok"), "the promotion is audited by the agent: {audit}");
+    assert!(
+        entries.iter().any(|e| e["target"] == format!("token:{id}") && e["result"] == "ok"),
+        "the revocation is audited: {audit}"
+    );
+    assert!(!audit.to_string().contains(&admin[17..]), "no secret in the audit log");
+
+    // Plain HTTP and a foreign CA get nothing, on the gateway and on an agent.
+    let agent_api = config.nodes().next().unwrap().1.api;
+    for addr in [api.addr, agent_api] {
+        let answer = api.rt.block_on(async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        assert!(!answer.contains("200 OK"), "plain HTTP to {addr} was served: {answer}");
+        let other = tempfile::tempdir().unwrap();
+        meridian::ca::init(other.path(), "other", Duration::from_secs(3600)).unwrap();
+        let foreign =
+            Https { tls: meridian::tls::client_config(&other.path().join("ca.crt"), None).unwrap(), token: None };
+        let err = api
+            .rt
+            .block_on(request(addr, Some(&foreign), Method::GET, "/healthz", None, Duration::from_secs(5)))
+            .expect_err("a client of another CA must not trust the server");
+        assert!(format!("{err:#}").contains("certificate"), "{err:#}");
+    }
+    let (status, body) = api.call(None, Method::GET, "/healthz", None);
+    assert_eq!(status, StatusCode::OK, "still serving: {body}");
+    let agent = api.rt.block_on(request(
+        agent_api,
+        Some(&Https { tls: api.tls.clone(), token: None }),
+        Method::GET,
+        "/v1/member",
+        None,
+        Duration::from_secs(5),
+    ));
+    assert_eq!(agent.expect("the agent API over TLS").0, StatusCode::OK);
+
+    // A token file others can read is refused by the CLI.
+    let loose = lab.path().join("loose.token");
+    std::fs::write(&loose, format!("{admin}\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["--token-file", loose.to_str().unwrap(), "status"])
+        .env("MERIDIAN_CONFIG", lab.config())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && text(&out).contains("readable by others"), "{}", text(&out));
+    lab.finish();
+}
+
+use std::process::Command;

@@ -608,6 +608,11 @@ pub const MANAGED_SETTINGS: &[&str] = &[
     "hot_standby",
     "wal_level",
     "recovery_target_timeline",
+    // TLS with the node's certificate, always on.
+    "ssl",
+    "ssl_cert_file",
+    "ssl_key_file",
+    "ssl_ca_file",
     // Set from [replication] synchronous.
     "synchronous_standby_names",
 ];

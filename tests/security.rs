@@ -188,3 +188,129 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
 }
 
 use std::process::Command;
+
+/// psql with a connection string; its output or its error.
+fn psql(conninfo: &str, passfile: &std::path::Path, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-d", conninfo, "-c", sql])
+        .env("PGPASSFILE", passfile)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[test]
+fn postgres_links_need_tls_and_a_cluster_certificate() {
+    let mut lab = TestLab::up(102, &[]);
+    let config = Config::load(&lab.config()).unwrap();
+    let (_, primary) = config.nodes().next().unwrap();
+    let (host, port) = (primary.address.ip().to_string(), primary.address.port());
+    let other_node = config.nodes().nth(1).unwrap().1.name.clone();
+    let tls = lab.path().join("tls");
+    let ca = tls.join("ca").join("ca.crt");
+    let cert = tls.join(format!("node-{other_node}"));
+    // The replication password, as the standby's agent keeps it.
+    let passfile = lab.path().join("nodes").join(&other_node).join("run").join("pgpass");
+    let repl =
+        |extra: &str| format!("host={host} port={port} user=replicator dbname=postgres replication=true {extra}");
+    for refused in
+        ["sslmode=disable: no pg_hba.conf entry", "sslmode=require: connection requires a valid client certificate"]
+    {
+        let (mode, says) = refused.split_once(": ").unwrap();
+        lab.expect_error(says);
+        let err = psql(&repl(mode), &passfile, "IDENTIFY_SYSTEM").expect_err(refused);
+        assert!(err.contains(says), "{refused}: {err}");
+    }
+
+    // A client certificate from another CA is refused; so is a server the client cannot verify.
+    let other = tempfile::tempdir().unwrap();
+    meridian::ca::init(&other.path().join("ca"), "other", Duration::from_secs(3600)).unwrap();
+    meridian::ca::issue(
+        &other.path().join("ca"),
+        &other.path().join("leaf"),
+        &config,
+        &meridian::ca::Subject::Node(other_node.clone()),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let foreign = format!(
+        "sslmode=require sslcert={} sslkey={}",
+        other.path().join("leaf/tls.crt").display(),
+        other.path().join("leaf/tls.key").display()
+    );
+    lab.expect_error("certificate verify failed");
+    let err = psql(&repl(&foreign), &passfile, "IDENTIFY_SYSTEM").expect_err("a foreign client certificate");
+    assert!(err.contains("certificate") || err.contains("unknown ca"), "{err}");
+    let wrong_ca = format!("sslmode=verify-full sslrootcert={}", other.path().join("ca/ca.crt").display());
+    let err = psql(&repl(&wrong_ca), &passfile, "IDENTIFY_SYSTEM").expect_err("a server from another CA");
+    assert!(err.contains("certificate verify failed"), "{err}");
+
+    // As the standbys connect: the server verified by address, the node's certificate presented.
+    let ours = format!(
+        "sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+        ca.display(),
+        cert.join("tls.crt").display(),
+        cert.join("tls.key").display()
+    );
+    let system = psql(&repl(&ours), &passfile, "IDENTIFY_SYSTEM").expect("replication as a standby does it");
+    assert!(system.contains('|'), "{system}");
+    let replicas = lab.psql_superuser(
+        &primary.name,
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND s.client_dn LIKE '%CN=node:%'",
+    );
+    assert_eq!(replicas, "1", "the standby streams over TLS with its certificate");
+
+    // The monitoring role, too, needs a certificate (gateways present theirs).
+    let monitor_pass = lab.path().join("monitor.pgpass");
+    let secrets: toml::Value =
+        toml::from_str(&std::fs::read_to_string(lab.path().join("secrets.toml")).unwrap()).unwrap();
+    meridian::ca::write_private(
+        &monitor_pass,
+        &format!("*:*:*:meridian:{}\n", secrets["monitor_password"].as_str().unwrap()),
+    )
+    .unwrap();
+    let err = psql(
+        &format!("host={host} port={port} user=meridian dbname=postgres sslmode=require"),
+        &monitor_pass,
+        "SELECT 1",
+    )
+    .expect_err("the monitor role without a certificate");
+    assert!(err.contains("valid client certificate"), "{err}");
+
+    // The proxy: TLS required, and verifiable by the writer's DNS name against the cluster CA.
+    let gw = config.regions[0].gateway.writer;
+    let app_pass = lab.path().join("pgpass");
+    let zone = config.dns.zone.trim_end_matches('.');
+    let err = psql(
+        &format!("host={} port={} user=app dbname=app sslmode=disable", gw.ip(), gw.port()),
+        &app_pass,
+        "SELECT 1",
+    )
+    .expect_err("plain text to the proxy");
+    assert!(err.contains("requires TLS"), "{err}");
+    let verified = format!(
+        "host=writer.{zone} hostaddr={} port={} user=app dbname=app sslmode=verify-full sslrootcert={}",
+        gw.ip(),
+        gw.port(),
+        ca.display()
+    );
+    assert_eq!(psql(&verified, &app_pass, "SELECT 42").unwrap(), "42");
+    let wrong = format!(
+        "host={} port={} user=app dbname=app sslmode=verify-full sslrootcert={}",
+        gw.ip(),
+        gw.port(),
+        other.path().join("ca/ca.crt").display()
+    );
+    let err = psql(&wrong, &app_pass, "SELECT 1").expect_err("the proxy verified against another CA");
+    assert!(err.contains("certificate verify failed"), "{err}");
+
+    // After all that the cluster serves and replicates.
+    let out = lab.meridian(&["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.finish();
+}

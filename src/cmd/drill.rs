@@ -49,7 +49,12 @@ pub async fn run(config_path: &Path, args: Args) -> Result<i32> {
         Some(user) => {
             let password = std::env::var("MERIDIAN_DRILL_PASSWORD")
                 .map_err(|_| anyhow::anyhow!("--user needs the password in MERIDIAN_DRILL_PASSWORD"))?;
-            Some(Credentials { user, password, dbname: args.dbname })
+            Some(Credentials {
+                user,
+                password,
+                dbname: args.dbname,
+                tls: crate::tls::postgres(&config.tls_ca_file(), None)?,
+            })
         }
         None => None,
     };

@@ -73,6 +73,7 @@ fn credentials(config: &Config, given: Option<Credentials>) -> Result<Credential
         user: "app".into(),
         password: password.replace("\\:", ":").replace("\\\\", "\\"),
         dbname: "app".into(),
+        tls: crate::tls::postgres(&config.tls_ca_file(), None)?,
     })
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::analysis::Ack;
@@ -20,12 +20,19 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_EVERY: Duration = Duration::from_millis(250);
 
-/// How to reach the database as the application.
-#[derive(Debug, Clone)]
+/// How to reach the database as the application: over TLS, verified against the cluster CA.
+#[derive(Clone)]
 pub struct Credentials {
     pub user: String,
     pub password: String,
     pub dbname: String,
+    pub tls: crate::tls::PgTls,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("dbname", &self.dbname).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -73,8 +80,9 @@ pub async fn connect(addr: SocketAddr, c: &Credentials) -> Result<Client, String
         .password(&c.password)
         .dbname(&c.dbname)
         .application_name("meridian-drill")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(CONNECT_TIMEOUT);
-    let (client, conn) = match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
+    let (client, conn) = match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(c.tls.0.clone())).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err(pg_error(&e)),
         Err(_) => return Err(format!("no connection to {addr} within {CONNECT_TIMEOUT:?}")),

@@ -43,6 +43,8 @@ pub struct Gateway {
     pub view: watch::Receiver<view::View>,
     /// The writer and reader ports' counters, for `/metrics`.
     pub proxy_stats: [(Port, Arc<ProxyStats>); 2],
+    /// TLS to the nodes' PostgreSQL, presenting this gateway's certificate.
+    pub pg_tls: crate::tls::PgTls,
 }
 
 impl Gateway {
@@ -58,6 +60,8 @@ impl Gateway {
 pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> Result<()> {
     let addrs = config.region(region)?.gateway;
     let secrets = Arc::new(config.secrets()?);
+    let identity = config.tls_identity(&format!("gateway-{region}"));
+    let pg_tls = crate::tls::postgres(&identity.ca(), Some(&identity))?;
     let config = Arc::new(config);
     let bind = |what: &'static str, addr| async move {
         TcpListener::bind(addr).await.with_context(|| format!("bind the gateway's {what} on {addr}"))
@@ -68,8 +72,14 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let coord = Coord::connect(&config).await?;
     let view = view::spawn(coord.clone(), shutdown.clone());
 
-    let writer = Arc::new(Proxy::new(config.clone(), region.to_string(), Port::Writer, view.clone()));
-    let reader = Arc::new(Proxy::new(config.clone(), region.to_string(), Port::Reader, view.clone()));
+    // The proxy ports present the gateway's certificate, as the API does.
+    let mut proxy_tls = (*crate::tls::server_config(&identity, crate::tls::ClientAuth::None)?).clone();
+    // libpq 17's direct TLS negotiates ALPN `postgresql`; older clients send none.
+    proxy_tls.alpn_protocols = vec![b"postgresql".to_vec()];
+    let proxy_tls = Arc::new(proxy_tls);
+    let proxy =
+        |port| Arc::new(Proxy::new(config.clone(), region.to_string(), port, view.clone(), Some(proxy_tls.clone())));
+    let (writer, reader) = (proxy(Port::Writer), proxy(Port::Reader));
     let gateway = Gateway {
         config: config.clone(),
         secrets: secrets.clone(),
@@ -77,9 +87,10 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         coord: coord.clone(),
         view: view.clone(),
         proxy_stats: [(Port::Writer, writer.stats.clone()), (Port::Reader, reader.stats.clone())],
+        pg_tls: pg_tls.clone(),
     };
     let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
-    health::start(config.clone(), secrets, region.to_string(), coord, view.clone(), shutdown.clone()).await;
+    health::start(config.clone(), secrets, pg_tls, region.to_string(), coord, view.clone(), shutdown.clone()).await;
     if let Some(t) = config.failover.dr_trigger.clone() {
         tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));
     }

@@ -1,9 +1,19 @@
 //! The SQL proxy: a writer port that relays to the current leader and a reader
 //! port that relays to a usable standby of the gateway's region (else to the
-//! leader). It reads the client's startup packet (answering SSLRequest and
-//! GSSENCRequest with 'N': no TLS yet), picks the backend from the gateway's
-//! view of etcd, sends the startup packet on and then relays bytes both ways;
-//! authentication happens between the client and PostgreSQL, untouched.
+//! leader). It reads the client's startup packet, picks the backend from the
+//! gateway's view of etcd, sends the startup packet on and then relays bytes
+//! both ways; authentication happens between the client and PostgreSQL, untouched.
+//!
+//! TLS: the proxy answers SSLRequest with 'S' and terminates TLS with the
+//! gateway's certificate (clients may verify it against the cluster CA,
+//! `sslmode=verify-full`, by the gateway's address or `writer.<zone>`); a
+//! startup packet without TLS is refused with an error the client shows.
+//! GSSENCRequest gets 'N'; a CancelRequest (pid and key only, which libpq 15
+//! sends without TLS) is passed on. The leg to PostgreSQL is still plain: with
+//! TLS on both legs, libpq's default SCRAM channel binding binds the client's
+//! proof to the proxy's certificate and PostgreSQL refuses it, and a
+//! pass-through proxy cannot rewrite a signed exchange. That leg needs the
+//! proxy to authenticate clients itself (the pooling proxy's SCRAM work).
 //!
 //! Fencing rules: writes go only to the leader of the current epoch once it
 //! runs as primary; while there is none (a switchover or a failover in
@@ -17,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -71,11 +81,25 @@ pub struct Proxy {
     pub stats: Arc<ProxyStats>,
     /// Spreads reader connections over the usable standbys.
     next_reader: AtomicUsize,
+    /// TLS with the gateway's certificate, required of every client; None
+    /// only in tests of routing, which speak plain.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
+/// A client connection, plain or TLS.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
 impl Proxy {
-    pub fn new(config: Arc<Config>, region: String, port: Port, view: watch::Receiver<View>) -> Proxy {
-        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0) }
+    pub fn new(
+        config: Arc<Config>,
+        region: String,
+        port: Port,
+        view: watch::Receiver<View>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Proxy {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), tls }
     }
 
     /// Older than this, the view no longer proves who the leader is.
@@ -110,14 +134,15 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, mut client: TcpStream, shutdown: CancellationToken) -> Result<()> {
+    async fn handle(&self, client: TcpStream, shutdown: CancellationToken) -> Result<()> {
         client.set_nodelay(true)?;
-        let startup = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client)).await {
-            Ok(Ok(Some(packet))) => packet,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
-        };
+        let (mut client, startup) =
+            match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, self.tls.as_ref())).await {
+                Ok(Ok(Some(pair))) => pair,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
+            };
         if startup.is_cancel {
             self.forward_cancel(&startup.bytes).await;
             return Ok(());
@@ -256,8 +281,14 @@ struct Startup {
     is_cancel: bool,
 }
 
-/// Reads packets until a startup or cancel packet; `None` if the client left.
-async fn read_startup(client: &mut TcpStream) -> Result<Option<Startup>> {
+/// Reads packets until a startup or cancel packet, switching to TLS when the
+/// client asks for it; `None` if the client left or was refused.
+async fn read_startup(
+    client: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> Result<Option<(Box<dyn ClientStream>, Startup)>> {
+    let mut client: Box<dyn ClientStream> = Box::new(client);
+    let mut encrypted = false;
     loop {
         let mut len = [0u8; 4];
         if client.read_exact(&mut len).await.is_err() {
@@ -272,9 +303,22 @@ async fn read_startup(client: &mut TcpStream) -> Result<Option<Startup>> {
         client.read_exact(&mut bytes[4..]).await.context("read the startup packet")?;
         let code = i32::from_be_bytes(bytes[4..8].try_into().expect("4 bytes"));
         match code {
+            SSL_REQUEST if !encrypted && tls.is_some() => {
+                client.write_all(b"S").await?;
+                let acceptor = tls.expect("checked");
+                // Nothing the client sent after the request may be read before
+                // the handshake: the stream is plain until here.
+                client = Box::new(acceptor.accept(client).await.context("TLS handshake")?);
+                encrypted = true;
+            }
             SSL_REQUEST | GSSENC_REQUEST => client.write_all(b"N").await?,
-            CANCEL_REQUEST => return Ok(Some(Startup { bytes, is_cancel: true })),
-            PROTOCOL_3 => return Ok(Some(Startup { bytes, is_cancel: false })),
+            CANCEL_REQUEST => return Ok(Some((client, Startup { bytes, is_cancel: true }))),
+            PROTOCOL_3 if tls.is_some() && !encrypted => {
+                let msg = "meridian: this proxy requires TLS (connect with sslmode=require, or verify-full with the cluster CA)";
+                client.write_all(&error_response("28000", msg)).await?;
+                return Ok(None);
+            }
+            PROTOCOL_3 => return Ok(Some((client, Startup { bytes, is_cancel: false }))),
             other => {
                 let msg = format!("meridian: unsupported frontend protocol {}.{}", other >> 16, other & 0xffff);
                 client.write_all(&error_response("08P01", &msg)).await?;

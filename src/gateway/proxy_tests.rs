@@ -85,7 +85,7 @@ fn view(snap: Snapshot) -> View {
 async fn serve(config: &Config, port: Port, views: watch::Receiver<View>, stop: &CancellationToken) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Arc::new(Proxy::new(Arc::new(config.clone()), "ap-south-1".into(), port, views));
+    let proxy = Arc::new(Proxy::new(Arc::new(config.clone()), "ap-south-1".into(), port, views, None));
     tokio::spawn(proxy.serve(listener, stop.clone()));
     addr
 }

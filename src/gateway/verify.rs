@@ -120,8 +120,9 @@ async fn connect(g: &Gateway, addr: std::net::SocketAddr) -> Result<tokio_postgr
         .password(&g.secrets.monitor_password)
         .dbname("postgres")
         .application_name("meridian-gateway")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(Duration::from_secs(2));
-    let (client, conn) = c.connect(tokio_postgres::NoTls).await.with_context(|| format!("connect to {addr}"))?;
+    let (client, conn) = c.connect(g.pg_tls.0.clone()).await.with_context(|| format!("connect to {addr}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

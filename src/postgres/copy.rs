@@ -51,7 +51,7 @@ impl Server {
         cmd.arg("-D")
             .arg(&new)
             .arg("-d")
-            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.node))
+            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.run_dir, &self.node))
             .args(["-X", "stream", "--checkpoint=fast", "--no-password"]);
         if let Err(e) = run_logged(cmd, "pg_basebackup", Duration::from_secs(600)) {
             remove_if_present(&new)?;
@@ -111,6 +111,7 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
             os_ids: None,
             agent_os_user: "root".into(),
+            tls: crate::tls::Identity::new(base, "node-n"),
         }
     }
 

@@ -19,13 +19,27 @@ pub enum StartAs {
     Standby { upstream: Option<(String, SocketAddr)> },
 }
 
-/// A libpq connection string for the replication role; the password is in the passfile.
-pub fn conninfo(host: SocketAddr, user: &str, passfile: &Path, application_name: &str) -> String {
+/// The node's TLS files in its run directory (`<run_dir>/tls/`), copied from
+/// `[tls] dir` and owned by the server's user, who must own its key.
+pub const TLS_DIR: &str = "tls";
+pub const TLS_CERT: &str = "node.crt";
+pub const TLS_KEY: &str = "node.key";
+pub const TLS_CA: &str = "ca.crt";
+
+/// A libpq connection string for the replication role; the password is in the
+/// passfile. TLS is required and verified: the upstream's certificate must come
+/// from the cluster CA and name the address connected to (`verify-full`), and
+/// this node presents its own certificate, which the upstream's pg_hba asks for.
+pub fn conninfo(host: SocketAddr, user: &str, passfile: &Path, run_dir: &Path, application_name: &str) -> String {
+    let tls = run_dir.join(TLS_DIR);
     format!(
-        "host={} port={} user={user} passfile={} application_name={application_name} connect_timeout=2 keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=2 sslmode=disable",
+        "host={} port={} user={user} passfile={} application_name={application_name} connect_timeout=2 keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=2 sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
         host.ip(),
         host.port(),
-        passfile.display()
+        passfile.display(),
+        tls.join(TLS_CA).display(),
+        tls.join(TLS_CERT).display(),
+        tls.join(TLS_KEY).display(),
     )
 }
 
@@ -60,11 +74,17 @@ pub fn render_hba(config: &Config) -> String {
     let _ = writeln!(s, "host    all          {SUPERUSER:<12} 0.0.0.0/0        reject");
     let _ = writeln!(s, "host    all          {SUPERUSER:<12} ::/0             reject");
     for net in cluster_networks(config) {
-        let _ = writeln!(s, "host    replication  {:<12} {net:<16} scram-sha-256", p.replication_user);
+        // Replication and pg_rewind: TLS only, with a certificate from the cluster CA, and SCRAM.
+        let _ =
+            writeln!(s, "hostssl replication  {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.replication_user);
         // pg_rewind reads files through SQL functions over a normal connection.
-        let _ = writeln!(s, "host    postgres     {:<12} {net:<16} scram-sha-256", p.replication_user);
-        let _ = writeln!(s, "host    postgres     {:<12} {net:<16} scram-sha-256", p.monitor_user);
+        let _ =
+            writeln!(s, "hostssl postgres     {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.replication_user);
+        // Gateways (status, health probes, verify): TLS with a gateway's certificate, and SCRAM.
+        let _ = writeln!(s, "hostssl postgres     {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.monitor_user);
     }
+    // Applications: TLS or not, for now, because the SQL proxy still reaches the
+    // server in plain text (see gateway::proxy).
     for net in &p.client_networks {
         let _ = writeln!(s, "host    all          all          {net:<16} scram-sha-256");
     }
@@ -112,7 +132,8 @@ pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs) -> St
         let _ = writeln!(s, "{k} = {v}");
     }
     if let StartAs::Standby { upstream: Some((_, addr)) } = start {
-        let info = conninfo(*addr, &config.postgres.replication_user, &server.passfile(), &server.node);
+        let info =
+            conninfo(*addr, &config.postgres.replication_user, &server.passfile(), &server.run_dir, &server.node);
         let _ = writeln!(s, "primary_conninfo = {}", quote(&info));
         let _ = writeln!(s, "primary_slot_name = {}", quote(&slot_name(&server.node)));
     }
@@ -133,6 +154,7 @@ pub fn pgpass_line(user: &str, password: &str) -> String {
 impl Server {
     /// Writes every file the server needs before a start, owned by its OS user.
     pub fn write_files(&self, config: &Config, secrets: &Secrets, start: &StartAs) -> Result<()> {
+        self.copy_tls()?;
         self.write_private(&self.run_dir.join("pg_hba.conf"), &render_hba(config))?;
         self.write_private(&self.run_dir.join("pg_ident.conf"), &render_ident(self, &config.postgres.os_user))?;
         self.write_private(
@@ -170,6 +192,32 @@ impl Server {
         }
         self.write_private(&path, &new)?;
         Ok(true)
+    }
+
+    pub fn tls_file(&self, name: &str) -> std::path::PathBuf {
+        self.run_dir.join(TLS_DIR).join(name)
+    }
+
+    /// Copies the node's certificate, key and CA from `[tls] dir` into the run
+    /// directory, owned by the server's user (PostgreSQL refuses a key it does
+    /// not own, and libpq one others can read). Called before every start and
+    /// base backup; after a renewal, a copy and a reload are enough.
+    pub fn copy_tls(&self) -> Result<()> {
+        let dir = self.run_dir.join(TLS_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod {}", dir.display()))?;
+        }
+        self.chown(&dir)?;
+        for (from, to) in [(self.tls.cert(), TLS_CERT), (self.tls.key(), TLS_KEY), (self.tls.ca(), TLS_CA)] {
+            let text = std::fs::read_to_string(&from).with_context(|| {
+                format!("read {} (the node's certificate: `meridian ca issue --node {}`)", from.display(), self.node)
+            })?;
+            self.write_private(&dir.join(to), &text)?;
+        }
+        Ok(())
     }
 
     fn write_private(&self, path: &Path, text: &str) -> Result<()> {
@@ -236,6 +284,7 @@ mod tests {
             address: node.address,
             os_ids: None,
             agent_os_user: "root".into(),
+            tls: config.tls_identity(&format!("node-{}", node.name)),
         }
     }
 
@@ -246,13 +295,16 @@ mod tests {
         assert!(!hba.contains("trust"), "{hba}");
         assert!(hba.contains("local   all          postgres     peer map=meridian"));
         assert!(hba.contains("host    all          postgres     0.0.0.0/0        reject"));
-        assert!(hba.contains("host    replication  replicator   127.0.1.11/32    scram-sha-256"));
-        assert!(hba.contains("host    replication  replicator   127.0.0.1/32     scram-sha-256"));
+        let repl = "hostssl replication  replicator   127.0.1.11/32    scram-sha-256 clientcert=verify-ca";
+        assert!(hba.contains(repl), "replication: TLS, a cluster certificate and SCRAM\n{hba}");
+        assert!(hba.contains("hostssl replication  replicator   127.0.0.1/32     scram-sha-256 clientcert=verify-ca"));
+        assert!(!hba.lines().any(|l| l.contains("replication") && !l.starts_with("hostssl")), "{hba}");
         let reject = hba.find("reject").unwrap();
         let app = hba.find("host    all          all").unwrap();
         assert!(reject < app, "the superuser reject comes before the application rule");
         for line in hba.lines().filter(|l| l.starts_with("host")) {
-            assert!(line.ends_with("scram-sha-256") || line.ends_with("reject"), "{line}");
+            let method = line.split_whitespace().nth(4).unwrap();
+            assert!(method == "scram-sha-256" || method == "reject", "{line}");
         }
     }
 
@@ -267,6 +319,8 @@ mod tests {
         assert!(conf.contains("shared_buffers = '32MB'"));
         assert!(conf.contains("max_connections = 50"));
         assert!(!conf.contains("password="));
+        let tls = "sslmode=verify-full sslrootcert=/tmp/lab/nodes/ap-northeast-1a/run/tls/ca.crt sslcert=/tmp/lab/nodes/ap-northeast-1a/run/tls/node.crt sslkey=/tmp/lab/nodes/ap-northeast-1a/run/tls/node.key";
+        assert!(conf.contains(tls), "replication verifies the upstream and presents the node's certificate: {conf}");
         let primary = render_auto_conf(&c, &s, &StartAs::Primary);
         assert!(!primary.contains("primary_conninfo"));
     }

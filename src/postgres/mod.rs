@@ -49,6 +49,8 @@ pub struct Server {
     pub os_ids: Option<(u32, u32)>,
     /// The OS user that runs the agent, for the pg_ident map to `postgres`.
     pub agent_os_user: String,
+    /// The node's certificate as the cluster CA issued it (`node-<name>`).
+    pub tls: crate::tls::Identity,
 }
 
 impl Server {
@@ -63,6 +65,7 @@ impl Server {
             address: node.address,
             os_ids,
             agent_os_user: user_name(euid).unwrap_or_else(|| "root".into()),
+            tls: config.tls_identity(&format!("node-{}", node.name)),
         })
     }
 
@@ -99,7 +102,8 @@ impl Server {
                 .with_context(|| format!("chmod {}", dir.display()))?;
             self.chown(dir)?;
         }
-        self.check_reachable()
+        self.check_reachable()?;
+        self.copy_tls()
     }
 
     /// PostgreSQL's user must be able to walk to the data directory; a lab under
@@ -155,7 +159,7 @@ impl Server {
         cmd.arg("-D")
             .arg(&self.data_dir)
             .arg("-d")
-            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.node))
+            .arg(files::conninfo(source, replication_user, &self.passfile(), &self.run_dir, &self.node))
             .args(["-X", "stream", "--checkpoint=fast", "--no-password"]);
         run_logged(cmd, "pg_basebackup", Duration::from_secs(600))
     }
@@ -206,8 +210,10 @@ impl Server {
     /// so it can follow it. pg_rewind finishes a crash recovery first if needed,
     /// and reports "no rewind required" when nothing diverged.
     pub fn rewind(&self, source: SocketAddr, replication_user: &str) -> Result<()> {
-        let conninfo =
-            format!("{} dbname=postgres", files::conninfo(source, replication_user, &self.passfile(), &self.node));
+        let conninfo = format!(
+            "{} dbname=postgres",
+            files::conninfo(source, replication_user, &self.passfile(), &self.run_dir, &self.node)
+        );
         let mut cmd = self.command("pg_rewind");
         cmd.arg("--target-pgdata").arg(&self.data_dir).arg("--source-server").arg(conninfo);
         run_logged(cmd, "pg_rewind", Duration::from_secs(600))
@@ -231,6 +237,13 @@ impl Server {
             ("cluster_name", self.node.clone()),
             ("hot_standby", "on".into()),
             ("wal_level", "replica".into()),
+            // TLS with the node's certificate (copies owned by the server's user, see
+            // `copy_tls`); PostgreSQL reads the files again on every reload.
+            ("ssl", "on".into()),
+            ("ssl_cert_file", self.tls_file(files::TLS_CERT).display().to_string()),
+            ("ssl_key_file", self.tls_file(files::TLS_KEY).display().to_string()),
+            ("ssl_ca_file", self.tls_file(files::TLS_CA).display().to_string()),
+            ("ssl_min_protocol_version", "TLSv1.2".into()),
         ];
         for (k, v) in settings {
             cmd.arg("-c").arg(format!("{k}={v}"));

@@ -210,6 +210,23 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<Arc<Clien
     }))
 }
 
+/// TLS for a PostgreSQL client (tokio-postgres): the server's certificate must
+/// come from the cluster CA and name the address connected to; `identity`'s
+/// certificate is presented when given (pg_hba asks meridian's roles for one).
+#[derive(Clone)]
+pub struct PgTls(pub tokio_postgres_rustls::MakeRustlsConnect);
+
+impl fmt::Debug for PgTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PgTls")
+    }
+}
+
+pub fn postgres(ca: &Path, identity: Option<&Identity>) -> Result<PgTls> {
+    let config = client_config(ca, identity)?;
+    Ok(PgTls(tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone())))
+}
+
 /// The common name of a peer's certificate (`node:a1`, `operator:alice`), if it sent one.
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

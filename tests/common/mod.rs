@@ -164,7 +164,8 @@ impl TestLab {
             .unwrap_or_else(|e| panic!("psql as superuser on {node}: {sql}: {e}"))
     }
 
-    /// Runs SQL as meridian's monitoring role (pg_monitor), with its password from the lab's secrets.
+    /// Runs SQL as meridian's monitoring role (pg_monitor), with its password from
+    /// the lab's secrets and, as a gateway does, a gateway's certificate over verified TLS.
     pub fn psql_monitor(&self, node: &str, sql: &str) -> String {
         let secrets: toml::Value =
             toml::from_str(&std::fs::read_to_string(self.path().join("secrets.toml")).unwrap()).unwrap();
@@ -172,7 +173,21 @@ impl TestLab {
         let line = format!("*:*:*:meridian:{}\n", secrets["monitor_password"].as_str().unwrap());
         std::fs::write(&passfile, line).unwrap();
         std::fs::set_permissions(&passfile, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        self.try_psql_as(node, "meridian", "postgres", &passfile, sql)
+        let (host, port) = self.node_addr(node);
+        let tls = self.path().join("tls");
+        let gateway = std::fs::read_dir(&tls)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("gateway-"))
+            .expect("a gateway certificate in the lab");
+        let env = [
+            ("PGSSLMODE", "verify-full".to_string()),
+            ("PGSSLROOTCERT", tls.join("ca").join("ca.crt").display().to_string()),
+            ("PGSSLCERT", gateway.join("tls.crt").display().to_string()),
+            ("PGSSLKEY", gateway.join("tls.key").display().to_string()),
+        ];
+        run_psql_with(&host, port, "meridian", "postgres", Some(&passfile), &env, sql)
             .unwrap_or_else(|e| panic!("psql on {node}: {sql}: {e}"))
     }
 
@@ -304,6 +319,18 @@ fn lab_cgroup(net: u8) -> Option<PathBuf> {
 
 /// The real psql, one command, unaligned tuples only; stdout or stderr.
 fn run_psql(host: &str, port: u16, user: &str, db: &str, passfile: Option<&Path>, sql: &str) -> Result<String, String> {
+    run_psql_with(host, port, user, db, passfile, &[], sql)
+}
+
+fn run_psql_with(
+    host: &str,
+    port: u16,
+    user: &str,
+    db: &str,
+    passfile: Option<&Path>,
+    env: &[(&str, String)],
+    sql: &str,
+) -> Result<String, String> {
     let mut cmd = Command::new("psql");
     cmd.args([
         "-X",
@@ -323,6 +350,7 @@ fn run_psql(host: &str, port: u16, user: &str, db: &str, passfile: Option<&Path>
         sql,
     ])
     .env("PGCONNECT_TIMEOUT", "3");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(p) = passfile {
         cmd.env("PGPASSFILE", p);
     }
@@ -347,6 +375,8 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "could not receive data from WAL stream",
         "could not connect to the primary server",
         "could not send end-of-streaming message to primary",
+        // A walreceiver whose upstream went away between connecting and streaming.
+        "could not start WAL streaming",
     ];
     line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
 }

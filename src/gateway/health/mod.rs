@@ -73,6 +73,7 @@ impl Default for Verdict {
 pub async fn start(
     config: Arc<Config>,
     secrets: Arc<Secrets>,
+    pg_tls: crate::tls::PgTls,
     region: String,
     coord: Coord,
     view: watch::Receiver<View>,
@@ -108,6 +109,7 @@ pub async fn start(
             monitor_password: secrets.monitor_password.clone(),
             object,
             https: https.clone(),
+            pg_tls: pg_tls.clone(),
         };
         tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
     }

@@ -20,6 +20,8 @@ pub struct ProbeContext {
     pub object: Option<ObjectRef>,
     /// How `https://` targets are reached (the cluster CA); None if it could not be loaded.
     pub https: Option<crate::client::Https>,
+    /// TLS for `postgres` checks: required, verified, with the gateway's certificate.
+    pub pg_tls: crate::tls::PgTls,
 }
 
 /// Route 53 searches the first 5120 bytes of the body.
@@ -121,8 +123,9 @@ async fn postgres(
         .password(&ctx.monitor_password)
         .dbname("postgres")
         .application_name("meridian-health")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(check.timeout.max(Duration::from_millis(100)));
-    let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(|e| format!("connect: {e}"))?;
+    let (client, conn) = c.connect(ctx.pg_tls.0.clone()).await.map_err(|e| format!("connect: {e}"))?;
     let conn = tokio::spawn(conn);
     let result = async {
         client

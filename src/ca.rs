@@ -51,6 +51,9 @@ pub enum Subject {
     Node(String),
     Gateway(String),
     Etcd(String),
+    /// A person or tool (`user:<name>`): a client certificate only, no
+    /// addresses; what it may do on the API is `[api] certificate_roles`.
+    User(String),
 }
 
 impl Subject {
@@ -60,6 +63,7 @@ impl Subject {
             Subject::Node(n) => format!("node:{n}"),
             Subject::Gateway(r) => format!("gateway:{r}"),
             Subject::Etcd(r) => format!("etcd:{r}"),
+            Subject::User(n) => format!("user:{n}"),
         }
     }
 
@@ -79,8 +83,20 @@ impl Subject {
             }
             Subject::Etcd(r) => {
                 let url = config.region(r)?.etcd.clone().with_context(|| format!("region {r} has no etcd member"))?;
-                let addr = crate::config::parse_http_url(&url).map_err(anyhow::Error::msg)?;
-                (vec![format!("etcd-{r}")], vec![addr.ip()])
+                let addr = crate::config::parse_etcd_url(&url).map_err(anyhow::Error::msg)?;
+                // etcd checks that a peer's certificate names the address the peer
+                // connects from; on loopback that is 127.0.0.1 whatever it targets.
+                let mut ips = vec![addr.ip()];
+                if addr.ip().is_loopback() {
+                    ips.push(IpAddr::from([127, 0, 0, 1]));
+                }
+                (vec![format!("etcd-{r}")], dedup(ips))
+            }
+            Subject::User(n) => {
+                if !crate::config::is_dns_label(n) {
+                    bail!("{n:?} is not a user name (lowercase letters, digits and '-')");
+                }
+                (Vec::new(), Vec::new())
             }
         })
     }
@@ -138,7 +154,11 @@ pub fn issue(ca_dir: &Path, out: &Path, config: &Config, subject: &Subject, vali
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     // Every member is a server to some peers and a client of others (replication, etcd peers, probes).
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = match subject {
+        // A person or tool only ever connects.
+        Subject::User(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    };
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, valid);
     let cert = params.signed_by(&key, &issuer).context("sign the certificate")?;
@@ -286,7 +306,12 @@ mod tests {
         let info = inspect(&gw).unwrap();
         assert!(info.dns_names.contains(&format!("writer.{}", config.dns.zone.trim_end_matches('.'))), "{info:?}");
         let etcd = issue(&ca, &dir.path().join("etcd"), &config, &Subject::Etcd(region), year).unwrap();
-        assert_eq!(inspect(&etcd).unwrap().ip_addresses.len(), 1);
+        // Its own address and, on loopback, 127.0.0.1 (where etcd sees peers connect from).
+        assert_eq!(inspect(&etcd).unwrap().ip_addresses, vec!["127.0.0.1".to_string(), "127.0.1.1".to_string()]);
+        let user = issue(&ca, &dir.path().join("user"), &config, &Subject::User("alice".into()), year).unwrap();
+        let info = inspect(&user).unwrap();
+        assert!(info.subject.contains("user:alice") && info.ip_addresses.is_empty() && info.dns_names.is_empty());
+        assert!(issue(&ca, &dir.path().join("bad"), &config, &Subject::User("Bad Name".into()), year).is_err());
 
         let short =
             issue(&ca, &dir.path().join("short"), &config, &Subject::Node(node), Duration::from_secs(86_400)).unwrap();

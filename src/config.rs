@@ -60,7 +60,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EtcdConfig {
-    /// Client URLs of every etcd member (`http://host:port`).
+    /// Client URLs of every etcd member (`https://IP:port`).
     pub endpoints: Vec<String>,
 }
 
@@ -403,7 +403,7 @@ impl Config {
             push("etcd.endpoints".into(), "at least one endpoint is required".into());
         }
         for (i, e) in self.etcd.endpoints.iter().enumerate() {
-            if let Err(m) = parse_http_url(e) {
+            if let Err(m) = parse_etcd_url(e) {
                 push(format!("etcd.endpoints[{i}]"), m);
             }
         }
@@ -523,7 +523,7 @@ impl Config {
             }
         }
         for (i, e) in self.etcd.endpoints.iter().enumerate() {
-            if let Ok(addr) = parse_http_url(e) {
+            if let Ok(addr) = parse_etcd_url(e) {
                 claim(addr, format!("etcd.endpoints[{i}]"), &mut p2);
             }
         }
@@ -681,12 +681,13 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// `http://host:port` (what etcd endpoints look like) to a socket address.
-pub fn parse_http_url(url: &str) -> Result<SocketAddr, String> {
+/// `https://IP:port` (what etcd endpoints look like) to a socket address.
+/// etcd is reached over TLS only, with the cluster CA's certificates.
+pub fn parse_etcd_url(url: &str) -> Result<SocketAddr, String> {
     let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must start with http:// (TLS to etcd is not supported yet)"))?;
-    rest.trim_end_matches('/').parse().map_err(|_| format!("{url:?} must be http://IP:PORT"))
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} must start with https:// (etcd is reached over TLS only)"))?;
+    rest.trim_end_matches('/').parse().map_err(|_| format!("{url:?} must be https://IP:PORT"))
 }
 
 /// Parses `a.b.c.d/len` (or a bare address, as /32 or /128).

@@ -83,7 +83,9 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
     let shutdown = CancellationToken::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let lease = loop {
-        match rt.block_on(LeaseKeeper::start(&config, shutdown.clone())) {
+        // Plain etcd here (a built config, never a cluster file): no certificate is read.
+        let identity = config.tls_identity("unused");
+        match rt.block_on(LeaseKeeper::start(&config, &identity, shutdown.clone())) {
             Ok(Some(l)) => break l,
             other => assert!(Instant::now() < deadline, "no lease from etcd within 30s: {:?}", other.err()),
         }

@@ -9,11 +9,11 @@ use common::{text, BIN};
 const GOOD: &str = r#"
 cluster = "orders"
 [etcd]
-endpoints = ["http://127.0.1.1:2379", "http://127.0.2.1:2379", "http://127.0.3.1:2379"]
+endpoints = ["https://127.0.1.1:2379", "https://127.0.2.1:2379", "https://127.0.3.1:2379"]
 [[region]]
 name = "a"
 priority = 1
-etcd = "http://127.0.1.1:2379"
+etcd = "https://127.0.1.1:2379"
 gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:6432", reader = "127.0.1.2:6433" }
   [[region.node]]
   name = "a1"
@@ -23,11 +23,11 @@ gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:
 [[region]]
 name = "b"
 priority = 2
-etcd = "http://127.0.2.1:2379"
+etcd = "https://127.0.2.1:2379"
 gateway = { api = "127.0.2.2:8080", dns = "127.0.2.2:5353", writer = "127.0.2.2:6432", reader = "127.0.2.2:6433" }
 [[region]]
 name = "c"
-etcd = "http://127.0.3.1:2379"
+etcd = "https://127.0.3.1:2379"
 gateway = { api = "127.0.3.2:8080", dns = "127.0.3.2:5353", writer = "127.0.3.2:6432", reader = "127.0.3.2:6433" }
 "#;
 
@@ -48,7 +48,7 @@ fn config_check_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
     let broken = GOOD
         .replace("name = \"b\"", "name = \"a\"")
         .replace("address = \"127.0.1.11:5432\"", "address = \"127.0.1.2:8080\"\ncolour = \"red\"")
-        .replace("etcd = \"http://127.0.3.1:2379\"\n", "");
+        .replace("etcd = \"https://127.0.3.1:2379\"\n", "");
     std::fs::write(&bad, broken).unwrap();
     let out = Command::new(BIN).args(["config", "check"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));

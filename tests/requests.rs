@@ -13,7 +13,7 @@ use meridian::coord::{Coord, Snapshot};
 
 fn coord(lab: &TestLab, rt: &tokio::runtime::Runtime) -> Coord {
     let config = Config::load(&lab.config()).expect("the lab's cluster file");
-    rt.block_on(Coord::connect(&config)).expect("an etcd client")
+    rt.block_on(Coord::connect(&config, &config.tls_identity(meridian::lab::LAB_IDENTITY))).expect("an etcd client")
 }
 
 fn snapshot(rt: &tokio::runtime::Runtime, coord: &Coord) -> Result<Snapshot, String> {

@@ -175,6 +175,34 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
     ));
     assert_eq!(agent.expect("the agent API over TLS").0, StatusCode::OK);
 
+    // etcd: TLS only, and only with a client certificate from the cluster CA.
+    let etcd: SocketAddr = config.etcd.endpoints[0].trim_start_matches("https://").parse().unwrap();
+    let version = |tls: std::sync::Arc<rustls::ClientConfig>| {
+        let https = Https { tls, token: None };
+        api.rt.block_on(request(etcd, Some(&https), Method::GET, "/version", None, Duration::from_secs(5)))
+    };
+    let lab_id = config.tls_identity(meridian::lab::LAB_IDENTITY);
+    let (status, body) = version(meridian::tls::client_config(&config.tls_ca_file(), Some(&lab_id)).unwrap())
+        .expect("etcd with the lab's certificate");
+    assert!(status.is_success() && String::from_utf8_lossy(&body).contains("etcdserver"), "{status}");
+    assert!(version(api.tls.clone()).is_err(), "etcd without a client certificate must refuse");
+    let other = tempfile::tempdir().unwrap();
+    meridian::ca::init(&other.path().join("ca"), "other", Duration::from_secs(3600)).unwrap();
+    let stranger = meridian::tls::Identity::new(other.path(), "user-x");
+    meridian::ca::issue(
+        &other.path().join("ca"),
+        &stranger.dir,
+        &config,
+        &meridian::ca::Subject::User("x".into()),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let mut foreign = (*api.tls).clone();
+    foreign.client_auth_cert_resolver = meridian::tls::Reloading::open(&stranger).unwrap();
+    assert!(version(std::sync::Arc::new(foreign)).is_err(), "etcd with another CA's client certificate must refuse");
+    let plain = api.rt.block_on(request(etcd, None, Method::GET, "/version", None, Duration::from_secs(5)));
+    assert!(plain.is_err(), "plain HTTP to etcd must get no answer: {plain:?}");
+
     // A token file others can read is refused by the CLI.
     let loose = lab.path().join("loose.token");
     std::fs::write(&loose, format!("{admin}\n")).unwrap();

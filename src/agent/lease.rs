@@ -39,8 +39,12 @@ pub struct LeaseKeeper {
 impl LeaseKeeper {
     /// Grants a lease (retrying until etcd answers or shutdown) and starts
     /// renewing it on the keeper's own thread. None: shut down before a grant.
-    pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Option<LeaseKeeper>> {
-        let (config, ttl) = (config.clone(), config.failover.lease_ttl);
+    pub async fn start(
+        config: &Config,
+        identity: &crate::tls::Identity,
+        shutdown: CancellationToken,
+    ) -> Result<Option<LeaseKeeper>> {
+        let (config, ttl, identity) = (config.clone(), config.failover.lease_ttl, identity.clone());
         let (granted, grant) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("lease-keeper".into())
@@ -53,7 +57,7 @@ impl LeaseKeeper {
                     }
                 };
                 runtime.block_on(async move {
-                    let coord = match Coord::connect(&config).await {
+                    let coord = match Coord::connect(&config, &identity).await {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = granted.send(Err(e));

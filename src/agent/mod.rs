@@ -121,13 +121,13 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let api = tokio::net::TcpListener::bind(node_cfg.api)
         .await
         .with_context(|| format!("bind the agent API on {}", node_cfg.api))?;
-    let api_tls =
-        crate::tls::server_config(&config.tls_identity(&format!("node-{node}")), crate::tls::ClientAuth::None)?;
+    let identity = server.tls.clone();
+    let api_tls = crate::tls::server_config(&identity, crate::tls::ClientAuth::None)?;
     let s = server.clone();
     tokio::task::spawn_blocking(move || s.recover_swap().and_then(|()| s.prepare_dirs())).await??;
 
-    let coord = Coord::connect(&config).await?;
-    let Some(lease) = LeaseKeeper::start(&config, shutdown.clone()).await? else {
+    let coord = Coord::connect(&config, &identity).await?;
+    let Some(lease) = LeaseKeeper::start(&config, &identity, shutdown.clone()).await? else {
         return Ok(());
     };
     let (latest, latest_rx) = watch::channel(None);

@@ -38,6 +38,10 @@ enum Sub {
         /// The etcd member of this region.
         #[arg(long, group = "subject")]
         etcd: Option<String>,
+        /// A person or tool (`user:NAME`): a client certificate for the API
+        /// (`[api] certificate_roles`) or etcd.
+        #[arg(long, group = "subject")]
+        user: Option<String>,
         #[arg(long, default_value = "1y", value_parser = humantime::parse_duration)]
         valid: Duration,
     },
@@ -61,12 +65,13 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             );
             Ok(0)
         }
-        Sub::Issue { ca: ca_dir, out, node, gateway, etcd, valid } => {
-            let subject = match (node, gateway, etcd) {
-                (Some(n), None, None) => Subject::Node(n),
-                (None, Some(r), None) => Subject::Gateway(r),
-                (None, None, Some(r)) => Subject::Etcd(r),
-                _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd"),
+        Sub::Issue { ca: ca_dir, out, node, gateway, etcd, user, valid } => {
+            let subject = match (node, gateway, etcd, user) {
+                (Some(n), None, None, None) => Subject::Node(n),
+                (None, Some(r), None, None) => Subject::Gateway(r),
+                (None, None, Some(r), None) => Subject::Etcd(r),
+                (None, None, None, Some(u)) => Subject::User(u),
+                _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
             };
             let config = super::load_config(config)?;
             let cert = ca::issue(&ca_dir, &out, &config, &subject, valid)?;

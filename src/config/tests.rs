@@ -5,7 +5,7 @@ const GOOD: &str = r#"
 cluster = "orders"
 
 [etcd]
-endpoints = ["http://127.0.1.1:2379", "http://127.0.2.1:2379", "http://127.0.3.1:2379"]
+endpoints = ["https://127.0.1.1:2379", "https://127.0.2.1:2379", "https://127.0.3.1:2379"]
 
 [failover]
 lease_ttl = "6s"
@@ -17,7 +17,7 @@ secrets_file = "secrets.toml"
 [[region]]
 name = "ap-south-1"
 priority = 1
-etcd = "http://127.0.1.1:2379"
+etcd = "https://127.0.1.1:2379"
 gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:6432", reader = "127.0.1.2:6433" }
 
   [[region.node]]
@@ -29,7 +29,7 @@ gateway = { api = "127.0.1.2:8080", dns = "127.0.1.2:5353", writer = "127.0.1.2:
 [[region]]
 name = "ap-northeast-1"
 priority = 2
-etcd = "http://127.0.2.1:2379"
+etcd = "https://127.0.2.1:2379"
 gateway = { api = "127.0.2.2:8080", dns = "127.0.2.2:5353", writer = "127.0.2.2:6432", reader = "127.0.2.2:6433" }
 
   [[region.node]]
@@ -40,7 +40,7 @@ gateway = { api = "127.0.2.2:8080", dns = "127.0.2.2:5353", writer = "127.0.2.2:
 
 [[region]]
 name = "witness"
-etcd = "http://127.0.3.1:2379"
+etcd = "https://127.0.3.1:2379"
 gateway = { api = "127.0.3.2:8080", dns = "127.0.3.2:5353", writer = "127.0.3.2:6432", reader = "127.0.3.2:6433" }
 "#;
 
@@ -81,7 +81,7 @@ fn each_broken_file_reports_the_problem_where_it_is() {
             "region[1].node[0].address: address 127.0.1.11:5432 is already used by region[0].node[0].address",
         ),
         ("api = \"127.0.2.11:8008\"", "api = \"127.0.1.2:8080\"", "is already used by region[0].gateway.api"),
-        ("etcd = \"http://127.0.3.1:2379\"\n", "", "2 region(s) have an etcd member; at least three are needed"),
+        ("etcd = \"https://127.0.3.1:2379\"\n", "", "2 region(s) have an etcd member; at least three are needed"),
         ("priority = 1\n", "", "region[0].priority: missing"),
         ("  data_dir = \"/var/lib/meridian/ap-northeast-1a\"\n", "", "missing field `data_dir`"),
         ("max_lag_on_failover = \"16MB\"", "max_lag_on_failover = \"lots\"", "neither a size"),
@@ -93,9 +93,9 @@ fn each_broken_file_reports_the_problem_where_it_is() {
         ),
         ("cluster = \"orders\"", "cluster = \"Orders DB\"", "cluster: \"Orders DB\" must be lowercase"),
         (
-            "etcd = \"http://127.0.2.1:2379\"",
-            "etcd = \"http://127.0.9.1:2379\"",
-            "region[1].etcd: \"http://127.0.9.1:2379\" is not one of etcd.endpoints",
+            "etcd = \"https://127.0.2.1:2379\"",
+            "etcd = \"https://127.0.9.1:2379\"",
+            "region[1].etcd: \"https://127.0.9.1:2379\" is not one of etcd.endpoints",
         ),
         ("[postgres]", "[postgres]\nsettings = { port = 1 }", "postgres.settings.port: is managed by meridian"),
         ("cluster = \"orders\"", "cluster = \"orders", "line 2"),
@@ -114,7 +114,7 @@ fn every_problem_is_reported_not_just_the_first() {
         .replacen("lease_ttl = \"6s\"", "lease_tll = \"6s\"", 1)
         .replacen("priority = 2", "priority = 2\ncolour = \"red\"", 1)
         .replacen("address = \"127.0.2.11:5432\"", "address = \"127.0.1.11:5432\"", 1)
-        .replacen("etcd = \"http://127.0.3.1:2379\"\n", "", 1);
+        .replacen("etcd = \"https://127.0.3.1:2379\"\n", "", 1);
     let got = problems(&text);
     assert_eq!(got.len(), 4, "{got:#?}");
 }

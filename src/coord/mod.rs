@@ -82,8 +82,14 @@ impl Coord {
     /// Prepares a client per member (connections are made lazily, so a member
     /// that is down now does not prevent starting). A member that cannot see an
     /// etcd leader refuses requests rather than serve stale data.
-    pub async fn connect(config: &Config) -> Result<Coord> {
-        let options = ConnectOptions::new()
+    ///
+    /// `https://` endpoints (the only kind a cluster file may name) are reached
+    /// over TLS: the member's certificate must come from the cluster CA and
+    /// name its address, and `identity`'s certificate is presented (etcd runs
+    /// with client-certificate authentication). The certificate is read once,
+    /// here: a renewed one is used from the next connect (a restart).
+    pub async fn connect(config: &Config, identity: &crate::tls::Identity) -> Result<Coord> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(1000))
             // Short, so that a blackholed member costs one second before the
             // next is tried: a primary's lease renewal must get through well
@@ -91,6 +97,16 @@ impl Coord {
             .with_timeout(Duration::from_millis(1000))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_require_leader(true);
+        if config.etcd.endpoints.iter().any(|e| e.starts_with("https://")) {
+            let read = |p: std::path::PathBuf| {
+                std::fs::read(&p)
+                    .with_context(|| format!("read {} (etcd needs {}'s certificate)", p.display(), identity.name))
+            };
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(identity.ca())?))
+                .identity(etcd_client::Identity::from_pem(read(identity.cert())?, read(identity.key())?));
+            options = options.with_tls(tls);
+        }
         let mut members = Vec::new();
         for url in &config.etcd.endpoints {
             let client = Client::connect([url], Some(options.clone()))

@@ -45,6 +45,8 @@ pub struct Gateway {
     pub proxy_stats: [(Port, Arc<ProxyStats>); 2],
     /// TLS to the nodes' PostgreSQL, presenting this gateway's certificate.
     pub pg_tls: crate::tls::PgTls,
+    /// This gateway's certificate (`gateway-<region>`).
+    pub identity: crate::tls::Identity,
 }
 
 impl Gateway {
@@ -69,7 +71,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let api_listener = bind("API", addrs.api).await?;
     let writer_listener = bind("writer port", addrs.writer).await?;
     let reader_listener = bind("reader port", addrs.reader).await?;
-    let coord = Coord::connect(&config).await?;
+    let coord = Coord::connect(&config, &identity).await?;
     let view = view::spawn(coord.clone(), shutdown.clone());
 
     // The proxy ports present the gateway's certificate, as the API does.
@@ -88,9 +90,10 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         view: view.clone(),
         proxy_stats: [(Port::Writer, writer.stats.clone()), (Port::Reader, reader.stats.clone())],
         pg_tls: pg_tls.clone(),
+        identity: identity.clone(),
     };
     let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
-    health::start(config.clone(), secrets, pg_tls, region.to_string(), coord, view.clone(), shutdown.clone()).await;
+    health::start(&gateway, shutdown.clone()).await;
     if let Some(t) = config.failover.dr_trigger.clone() {
         tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));
     }

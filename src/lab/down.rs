@@ -93,7 +93,7 @@ pub async fn down(dir: &Path) -> Result<()> {
 
 async fn still_listening(config: &Config) -> Vec<String> {
     let mut addrs: Vec<SocketAddr> =
-        config.etcd.endpoints.iter().filter_map(|e| crate::config::parse_http_url(e).ok()).collect();
+        config.etcd.endpoints.iter().filter_map(|e| crate::config::parse_etcd_url(e).ok()).collect();
     for r in &config.regions {
         addrs.extend([r.gateway.api, r.gateway.dns, r.gateway.writer, r.gateway.reader]);
         for n in &r.nodes {

@@ -16,7 +16,8 @@
 //! D/etcd/<region>/       etcd data
 //! D/nodes/<node>/data    PGDATA;  D/nodes/<node>/run: socket, hba, server log
 //! D/tls/ca/              the lab's cluster CA (ca.crt, ca.key 0600)
-//! D/tls/<kind>-<name>/   tls.crt, tls.key (0600), ca.crt per node, gateway, etcd member
+//! D/tls/<kind>-<name>/   tls.crt, tls.key (0600), ca.crt per node, gateway, etcd member,
+//!                        and user-lab, with which the lab's commands (and tests) reach etcd
 //! D/logs/<process>.log   etcd-<region>, agent-<node>, gateway-<region>
 //! D/pids/<process>.pid
 //! ```
@@ -46,6 +47,8 @@ use crate::config::Config;
 use crate::process::{self, ProcSpec};
 
 const MARKER: &str = ".meridian-lab";
+/// The certificate the lab's own commands reach etcd with (`user:lab`), in `D/tls/`.
+pub const LAB_IDENTITY: &str = "user-lab";
 /// The admin token `lab up` makes, relative to the lab directory.
 pub const ADMIN_TOKEN: &str = "admin.token";
 
@@ -132,6 +135,9 @@ impl Lab {
             etcd_regions.iter().map(|(name, url)| format!("{name}={}", peer_url(url))).collect();
         for (name, url) in &etcd_regions {
             let data = self.dir.join("etcd").join(name);
+            let tls = self.config.tls_identity(&format!("etcd-{name}"));
+            let (cert, key, ca) =
+                (tls.cert().display().to_string(), tls.key().display().to_string(), tls.ca().display().to_string());
             let args: Vec<OsString> = [
                 "--name",
                 name,
@@ -153,6 +159,21 @@ impl Lab {
                 "new",
                 // A member that rejoins after a partition must not depose a healthy leader.
                 "--pre-vote",
+                // TLS for clients and peers, each required to present a certificate from the cluster CA.
+                "--cert-file",
+                &cert,
+                "--key-file",
+                &key,
+                "--trusted-ca-file",
+                &ca,
+                "--client-cert-auth",
+                "--peer-cert-file",
+                &cert,
+                "--peer-key-file",
+                &key,
+                "--peer-trusted-ca-file",
+                &ca,
+                "--peer-client-cert-auth",
                 "--logger",
                 "zap",
                 "--log-outputs",

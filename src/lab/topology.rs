@@ -86,11 +86,11 @@ pub fn region_ip(net: u8, region_index: usize, host: u8) -> Ipv4Addr {
 }
 
 pub fn etcd_client_url(net: u8, region_index: usize) -> String {
-    format!("http://{}:{ETCD_CLIENT_PORT}", region_ip(net, region_index, 1))
+    format!("https://{}:{ETCD_CLIENT_PORT}", region_ip(net, region_index, 1))
 }
 
 pub fn etcd_peer_url(net: u8, region_index: usize) -> String {
-    format!("http://{}:{ETCD_PEER_PORT}", region_ip(net, region_index, 1))
+    format!("https://{}:{ETCD_PEER_PORT}", region_ip(net, region_index, 1))
 }
 
 /// Node k (0-based) of a region: the region name plus a letter, as cloud zones are named.
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(c.regions[0].nodes[0].address.to_string(), "127.0.1.11:5432");
         assert_eq!(c.regions[1].nodes[0].name, "ap-northeast-1a");
         assert_eq!(c.regions[2].gateway.api.to_string(), "127.0.3.2:8080");
-        assert_eq!(c.etcd.endpoints[2], "http://127.0.3.1:2379");
+        assert_eq!(c.etcd.endpoints[2], "https://127.0.3.1:2379");
         assert!(c.regions[2].nodes.is_empty());
     }
 

@@ -166,7 +166,7 @@ async fn wait_for_health_settled(lab: &Lab, timeout: Duration) -> Result<()> {
 /// Another lab on the same --net would otherwise fail later with an obscure etcd error.
 fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
     let mut addrs: Vec<SocketAddr> =
-        config.etcd.endpoints.iter().filter_map(|e| crate::config::parse_http_url(e).ok()).collect();
+        config.etcd.endpoints.iter().filter_map(|e| crate::config::parse_etcd_url(e).ok()).collect();
     for r in &config.regions {
         addrs.push(r.gateway.api);
         for n in &r.nodes {
@@ -197,6 +197,7 @@ fn write_certificates(dir: &Path, config: &Config) -> Result<()> {
             subjects.push((format!("etcd-{}", r.name), Subject::Etcd(r.name.clone())));
         }
     }
+    subjects.push((super::LAB_IDENTITY.to_string(), Subject::User("lab".into())));
     for (sub, subject) in subjects {
         ca::issue(&ca_dir, &tls.join(sub), config, &subject, YEAR)?;
     }

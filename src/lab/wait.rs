@@ -15,7 +15,7 @@ pub async fn wait_for_etcd(config: &Config, timeout: Duration) -> Result<Coord> 
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match Coord::connect(config).await {
+        match Coord::connect(config, &config.tls_identity(super::LAB_IDENTITY)).await {
             Ok(c) => match c.ping().await {
                 Ok(()) => return Ok(c),
                 Err(e) => last = format!("{e:#}"),

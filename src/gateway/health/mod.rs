@@ -9,7 +9,6 @@ pub mod aggregate;
 pub mod probe;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::lease::LeaseKeeper;
 use crate::cluster::{now_ms, HealthReport};
-use crate::config::{CheckKind, Config, HealthCheck, Secrets};
+use crate::config::{CheckKind, HealthCheck};
 use crate::coord::Coord;
 use crate::objects::ObjectRef;
 use probe::ProbeContext;
@@ -70,15 +69,10 @@ impl Default for Verdict {
 }
 
 /// Starts a prober per leaf check and the publisher. Returns at once.
-pub async fn start(
-    config: Arc<Config>,
-    secrets: Arc<Secrets>,
-    pg_tls: crate::tls::PgTls,
-    region: String,
-    coord: Coord,
-    view: watch::Receiver<View>,
-    shutdown: CancellationToken,
-) {
+pub async fn start(g: &crate::gateway::Gateway, shutdown: CancellationToken) {
+    let (config, secrets, pg_tls, region, coord, view) =
+        (g.config.clone(), g.secrets.clone(), g.pg_tls.clone(), g.region.clone(), g.coord.clone(), g.view.clone());
+    let identity = g.identity.clone();
     let leaves: Vec<HealthCheck> =
         config.health.checks.iter().filter(|c| c.kind != CheckKind::Calculated).cloned().collect();
     if leaves.is_empty() {
@@ -86,7 +80,7 @@ pub async fn start(
     }
     let (tx, rx) = mpsc::channel::<HealthReport>(leaves.len() * 4);
     // https:// checks trust the cluster CA, as every meridian listener's client does.
-    let https = match crate::tls::client_config(&config.tls_identity(&format!("gateway-{region}")).ca(), None) {
+    let https = match crate::tls::client_config(&identity.ca(), None) {
         Ok(tls) => Some(crate::client::Https { tls, token: None }),
         Err(e) => {
             tracing::error!("failed to load the cluster CA: {e:#}; https:// checks will report unhealthy");
@@ -115,7 +109,7 @@ pub async fn start(
     }
     let config = config.clone();
     tokio::spawn(async move {
-        match LeaseKeeper::start(&config, shutdown.clone()).await {
+        match LeaseKeeper::start(&config, &identity, shutdown.clone()).await {
             Ok(Some(lease)) => publish(coord, lease, rx, shutdown).await,
             Ok(None) => {}
             Err(e) => tracing::error!("failed to {e:#}; health verdicts are not published"),

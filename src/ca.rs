@@ -38,6 +38,9 @@ use time::OffsetDateTime;
 
 use crate::config::Config;
 
+mod request;
+pub use request::{accept, request, sign, REQUEST_CSR, REQUEST_KEY};
+
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const LEAF_CERT: &str = "tls.crt";
@@ -133,7 +136,23 @@ pub fn init(dir: &Path, cluster: &str, valid: Duration) -> Result<PathBuf> {
 /// signed by the CA in `ca_dir`, valid for `valid`. Replaces what `out` held
 /// (that is how certificates are renewed).
 pub fn issue(ca_dir: &Path, out: &Path, config: &Config, subject: &Subject, valid: Duration) -> Result<PathBuf> {
-    let (dns, ips) = subject.alt_names(config)?;
+    let (issuer, ca_pem) = load_issuer(ca_dir)?;
+    let params = leaf_params(config, subject, valid)?;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let key = KeyPair::generate().context("generate a key")?;
+    let cert = params.signed_by(&key, &issuer).context("sign the certificate")?;
+    // Each file is written beside and renamed into place, the key before the
+    // certificate: a reader sees the old pair, or a key that does not match yet
+    // (which `tls::Reloading` and the agent ignore), or the new pair.
+    let place = |name: &str, text: &str, private: bool| place(out, name, text, private);
+    place(CA_CERT, &ca_pem, false)?;
+    place(LEAF_KEY, &key.serialize_pem(), true)?;
+    place(LEAF_CERT, &cert.pem(), false)?;
+    Ok(out.join(LEAF_CERT))
+}
+
+/// The CA's signer and its certificate (PEM), from `ca_dir`.
+fn load_issuer(ca_dir: &Path) -> Result<(Issuer<'static, KeyPair>, String)> {
     let ca_key_path = ca_dir.join(CA_KEY);
     let ca_key = std::fs::read_to_string(&ca_key_path)
         .with_context(|| format!("read the CA key {} (run `meridian ca init` first)", ca_key_path.display()))?;
@@ -141,9 +160,13 @@ pub fn issue(ca_dir: &Path, out: &Path, config: &Config, subject: &Subject, vali
     let ca_pem = std::fs::read_to_string(ca_dir.join(CA_CERT))
         .with_context(|| format!("read {}", ca_dir.join(CA_CERT).display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("load the CA certificate")?;
+    Ok((issuer, ca_pem))
+}
 
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    let key = KeyPair::generate().context("generate a key")?;
+/// What a certificate for `subject` says: its name, the SANs the cluster file
+/// gives it (never what a requester asks for), its uses and validity.
+fn leaf_params(config: &Config, subject: &Subject, valid: Duration) -> Result<CertificateParams> {
+    let (dns, ips) = subject.alt_names(config)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&subject.common_name());
     params.subject_alt_names = dns
@@ -161,12 +184,83 @@ pub fn issue(ca_dir: &Path, out: &Path, config: &Config, subject: &Subject, vali
     };
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, valid);
-    let cert = params.signed_by(&key, &issuer).context("sign the certificate")?;
-    write_private(&out.join(LEAF_KEY), &key.serialize_pem())?;
-    std::fs::write(out.join(LEAF_CERT), cert.pem())
-        .with_context(|| format!("write {}", out.join(LEAF_CERT).display()))?;
-    std::fs::write(out.join(CA_CERT), &ca_pem).with_context(|| format!("write {}", out.join(CA_CERT).display()))?;
-    Ok(out.join(LEAF_CERT))
+    Ok(params)
+}
+
+/// Writes `dir/name` beside (`name.new`) and renames it into place.
+fn place(dir: &Path, name: &str, text: &str, private: bool) -> Result<()> {
+    let (tmp, dest) = (dir.join(format!("{name}.new")), dir.join(name));
+    if private {
+        write_private(&tmp, text)?;
+    } else {
+        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("rename {} into place", dest.display()))
+}
+
+impl Subject {
+    /// From the common name a certificate or request carries (`node:a1`).
+    pub fn from_common_name(cn: &str) -> Option<Subject> {
+        let (kind, rest) = cn.split_once(':')?;
+        Subject::from_identity(&format!("{kind}-{rest}"))
+    }
+
+    /// From the name of its directory under `[tls] dir` (`node-a1`, `gateway-eu`, `etcd-eu`, `user-lab`).
+    pub fn from_identity(name: &str) -> Option<Subject> {
+        let (kind, rest) = name.split_once('-')?;
+        let rest = rest.to_string();
+        match kind {
+            "node" => Some(Subject::Node(rest)),
+            "gateway" => Some(Subject::Gateway(rest)),
+            "etcd" => Some(Subject::Etcd(rest)),
+            "user" => Some(Subject::User(rest)),
+            _ => None,
+        }
+    }
+}
+
+/// One certificate renewed by `rotate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Renewed {
+    /// The directory's name under `[tls] dir`: `node-a1`, `gateway-eu`, ...
+    pub identity: String,
+    pub serial: String,
+    pub not_after: i64,
+}
+
+/// Renews, in place and with new keys, every certificate found under
+/// `tls_dir` (one directory per process of this host), signed by the CA in
+/// `ca_dir`. The processes pick the files up by themselves (see `crate::tls`).
+pub fn rotate(ca_dir: &Path, tls_dir: &Path, config: &Config, valid: Duration) -> Result<Vec<Renewed>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(tls_dir).with_context(|| format!("read {}", tls_dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if path.join(LEAF_CERT).is_file() {
+            if let Some(subject) = Subject::from_identity(&name) {
+                found.push((name, path, subject));
+            }
+        }
+    }
+    if found.is_empty() {
+        bail!("{} holds no certificates to renew (directories like node-<name>, gateway-<region>)", tls_dir.display());
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut renewed = Vec::new();
+    for (identity, dir, subject) in found {
+        let cert = issue(ca_dir, &dir, config, &subject, valid).with_context(|| format!("renew {identity}"))?;
+        let info = inspect(&cert)?;
+        renewed.push(Renewed { identity, serial: serial_of(&cert)?, not_after: info.not_after });
+    }
+    Ok(renewed)
+}
+
+/// The serial number of a certificate file, hex.
+pub fn serial_of(path: &Path) -> Result<String> {
+    let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).with_context(|| format!("{} is not PEM", path.display()))?;
+    let cert = pem.parse_x509().with_context(|| format!("parse {}", path.display()))?;
+    Ok(cert.raw_serial_as_string())
 }
 
 fn name(common: &str) -> DistinguishedName {

@@ -115,6 +115,9 @@ pub struct MemberStatus {
     /// The last action that failed, kept until it succeeds.
     #[serde(default)]
     pub failure: Option<ActionFailure>,
+    /// When the node's certificate expires, Unix seconds.
+    #[serde(default)]
+    pub cert_not_after: Option<u64>,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
@@ -297,6 +300,9 @@ pub struct NodeStatus {
     /// The agent's last failed action, until one succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<ActionFailure>,
+    /// When the node's certificate expires, Unix seconds, as its agent last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<u64>,
 }
 
 impl ClusterStatus {
@@ -325,6 +331,7 @@ impl ClusterStatus {
                     )),
                     waiting: None,
                     failure: None,
+                    cert_not_after: m.cert_not_after,
                 },
                 Some(m) => NodeStatus {
                     name: node.name.clone(),
@@ -338,6 +345,7 @@ impl ClusterStatus {
                     detail: m.detail.clone(),
                     waiting: m.waiting.clone(),
                     failure: m.failure.clone(),
+                    cert_not_after: m.cert_not_after,
                 },
                 None => NodeStatus {
                     name: node.name.clone(),
@@ -351,6 +359,7 @@ impl ClusterStatus {
                     detail: Some("no report from its agent".into()),
                     waiting: None,
                     failure: None,
+                    cert_not_after: None,
                 },
             })
             .collect();
@@ -436,7 +445,26 @@ impl ClusterStatus {
         for row in &rows {
             out.push_str(&line(row));
         }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        for n in &self.nodes {
+            if let Some(warning) = n.cert_not_after.and_then(|t| certificate_warning(t, now)) {
+                out.push_str(&format!("WARNING: the certificate of node {} {warning}\n", n.name));
+            }
+        }
         out
+    }
+}
+
+/// "expires in N days" when a certificate ends within `ca::WARN_BEFORE`, "expired" after.
+pub fn certificate_warning(not_after: u64, now: u64) -> Option<String> {
+    let warn = crate::ca::WARN_BEFORE.as_secs();
+    match not_after.checked_sub(now) {
+        None | Some(0) => Some("has expired; renew it (`meridian ca rotate`, or `ca issue` on its host)".into()),
+        Some(left) if left < warn => Some(format!(
+            "expires in {} days; renew it (`meridian ca rotate`, or `ca issue` on its host)",
+            left.div_ceil(86_400)
+        )),
+        Some(_) => None,
     }
 }
 

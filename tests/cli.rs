@@ -205,4 +205,42 @@ fn ca_init_issue_and_show() {
         "{}",
         text(&out)
     );
+
+    // A host's key stays on the host: request there, sign where the CA is, accept there.
+    let host = dir.path().join("host-a1");
+    let out = run(&["ca", "request", "--out", host.to_str().unwrap(), "--node", "a1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::metadata(host.join("request.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    let signed = dir.path().join("a1.crt");
+    let (csr, signed_s) = (host.join("request.csr"), signed.to_str().unwrap().to_string());
+    let out = run(&["ca", "sign", "--ca", ca.to_str().unwrap(), "--csr", csr.to_str().unwrap(), "--out", &signed_s]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node:a1"), "{}", text(&out));
+    let ca_cert = ca.join("ca.crt");
+    let out = run(&[
+        "ca",
+        "accept",
+        "--dir",
+        host.to_str().unwrap(),
+        "--cert",
+        &signed_s,
+        "--ca-cert",
+        ca_cert.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(host.join("tls.crt").is_file() && !host.join("request.key").exists());
+    assert_eq!(std::fs::metadata(host.join("tls.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    // Accepting again (the request key is gone) is refused with the reason.
+    let out = run(&[
+        "ca",
+        "accept",
+        "--dir",
+        host.to_str().unwrap(),
+        "--cert",
+        &signed_s,
+        "--ca-cert",
+        ca_cert.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca request"), "{}", text(&out));
 }

@@ -77,6 +77,35 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
     let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a"]);
     assert!(out.status.success(), "the admin token of the lab may: {}", text(&out));
 
+    // The first token of a cluster, straight into etcd with a client certificate.
+    let lab_cert = lab.path().join("tls").join(meridian::lab::LAB_IDENTITY);
+    let boot = lab.json(&["token", "create", "--role", "viewer", "--bootstrap", lab_cert.to_str().unwrap()]);
+    let boot = boot["token"].as_str().unwrap().to_string();
+    assert_eq!(api.call(Some(&boot), Method::GET, "/v1/cluster", None).0, StatusCode::OK);
+
+    // A client certificate mapped to a role in [api] certificate_roles stands in for a token;
+    // a cluster member's certificate has no role there.
+    let as_cert = |id: &str, path: &str| {
+        let identity = config.tls_identity(id);
+        let tls = meridian::tls::client_config(&config.tls_ca_file(), Some(&identity)).unwrap();
+        let (status, body) = api
+            .rt
+            .block_on(request(
+                api.addr,
+                Some(&Https { tls, token: None }),
+                Method::GET,
+                path,
+                None,
+                Duration::from_secs(10),
+            ))
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    assert_eq!(as_cert(meridian::lab::LAB_IDENTITY, "/v1/tokens").0, StatusCode::OK, "user:lab is the lab's admin");
+    let node_id = format!("node-{}", config.node_names()[0]);
+    let (status, body) = as_cert(&node_id, "/v1/cluster");
+    assert!(status == StatusCode::UNAUTHORIZED && body.contains("has no role"), "{status} {body}");
+
     // An operator acts but does not make tokens.
     let operator = token_of(&lab, &["--role", "operator"]);
     api.refused(
@@ -136,6 +165,7 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
     assert!(has("POST /v1/switchover", "ok"), "the switchover is audited: {audit}");
     assert!(has("POST /v1/switchover", "refused"), "the viewer's refused switchover is audited: {audit}");
     assert!(has("promote (switchover)", "ok"), "the promotion is audited by the agent: {audit}");
+    assert!(has("token create --bootstrap", "ok"), "the bootstrap token is audited: {audit}");
     assert!(
         entries.iter().any(|e| e["target"] == format!("token:{id}") && e["result"] == "ok"),
         "the revocation is audited: {audit}"
@@ -337,8 +367,99 @@ fn postgres_links_need_tls_and_a_cluster_certificate() {
     let err = psql(&wrong, &app_pass, "SELECT 1").expect_err("the proxy verified against another CA");
     assert!(err.contains("certificate verify failed"), "{err}");
 
+    // An oversized or malformed startup packet to the proxy: refused, and the proxy serves on.
+    for garbage in [&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0][..], b"GET / HTTP/1.1\r\n\r\n"] {
+        let mut s = std::net::TcpStream::connect(gw).unwrap();
+        std::io::Write::write_all(&mut s, garbage).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+        assert!(buf.len() < 1024, "the proxy answered garbage with {} bytes", buf.len());
+    }
+    assert_eq!(psql(&verified, &app_pass, "SELECT 7").unwrap(), "7");
+
     // After all that the cluster serves and replicates.
     let out = lab.meridian(&["verify"]);
     assert!(out.status.success(), "{}", text(&out));
     lab.finish();
+}
+
+/// `ca rotate` renews every certificate with new keys, every process presents
+/// its new one without a restart, and clients connecting all along (new TLS
+/// handshakes through the proxy, replication) never fail.
+#[test]
+fn rotating_every_certificate_needs_no_restart_and_loses_no_connection() {
+    let lab = TestLab::up(103, &[]);
+    let config = Config::load(&lab.config()).unwrap();
+    let gw = config.regions[0].gateway.writer;
+    let app_pass = lab.path().join("pgpass");
+    let ca = lab.path().join("tls/ca/ca.crt");
+    let conninfo = format!(
+        "host={} port={} user=app dbname=app sslmode=verify-full sslrootcert={}",
+        gw.ip(),
+        gw.port(),
+        ca.display()
+    );
+    psql(&conninfo, &app_pass, "CREATE TABLE rotation (id serial PRIMARY KEY, at timestamptz DEFAULT now())").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, conninfo, app_pass) = (stop.clone(), conninfo.clone(), app_pass.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match psql(&conninfo, &app_pass, "INSERT INTO rotation DEFAULT VALUES") {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let pids_before = pids(&lab, &config);
+
+    let out = lab.meridian(&[
+        "ca",
+        "rotate",
+        "--ca",
+        lab.path().join("tls/ca").to_str().unwrap(),
+        "--valid",
+        "20d",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listeners = report["listeners"].as_array().unwrap();
+    assert!(listeners.len() >= 10, "{report}");
+    for l in listeners {
+        assert_eq!(l["result"], "new", "{l}");
+    }
+    assert!(listeners.iter().any(|l| l["listener"] == "PostgreSQL"), "{report}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = writer.join().unwrap();
+    assert!(ok > 5 && failed.is_empty(), "{ok} inserts, failures during the rotation: {failed:#?}");
+
+    // Nothing restarted; everything still serves with the new certificates.
+    assert_eq!(pids_before, pids(&lab, &config), "a process or a postmaster was restarted");
+    let out = lab.meridian(&["verify"]);
+    assert!(out.status.success(), "replication over the renewed certificates: {}", text(&out));
+    let status = lab.meridian(&["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.contains("WARNING: the certificate of node") && shown.contains("expires in 20 days"), "{shown}");
+    lab.finish();
+}
+
+/// Every lab process's pid and every postmaster's, sorted.
+fn pids(lab: &TestLab, config: &Config) -> Vec<String> {
+    let mut all: Vec<String> = std::fs::read_dir(lab.path().join("pids"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().trim().to_string())
+        .collect();
+    for (_, n) in config.nodes() {
+        let pm = std::fs::read_to_string(n.data_dir.join("postmaster.pid")).expect("a running postmaster");
+        all.push(pm.lines().next().unwrap().to_string());
+    }
+    all.sort();
+    all
 }

@@ -23,6 +23,7 @@
 
 mod act;
 pub mod api;
+mod certs;
 pub mod lease;
 mod observe;
 mod primary;
@@ -203,6 +204,9 @@ impl Agent {
             tracing::info!("{:?} -> {action:?}", view.local);
         }
         self.act_with_retry(action, snapshot.as_ref()).await;
+        if let Err(e) = self.refresh_certificate().await {
+            self.log_failure(&e);
+        }
         self.report(snapshot.as_ref()).await;
         // Right after observing, so the recorded position is as fresh as the report.
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {

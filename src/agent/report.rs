@@ -60,6 +60,7 @@ impl Agent {
             detail: self.detail.clone().or_else(|| self.waiting.as_ref().map(|w| w.to_string())),
             waiting: self.waiting.clone(),
             failure: self.failures.current().cloned(),
+            cert_not_after: self.certificate_not_after(),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

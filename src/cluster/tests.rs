@@ -22,6 +22,7 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         detail: None,
         waiting: None,
         failure: None,
+        cert_not_after: None,
         updated_at_ms: 0,
         unchanged_ms: 0,
         revision: 1,
@@ -173,4 +174,16 @@ fn a_failed_action_shows_in_status_until_it_succeeds() {
     m.failure = None;
     let s = ClusterStatus::build(&c, None, 1, &[m]);
     assert!(!s.render().contains("failed to"), "gone once the action succeeded");
+}
+
+#[test]
+fn a_certificate_is_warned_about_within_thirty_days_of_its_end() {
+    let day = 86_400;
+    assert_eq!(certificate_warning(1000 + 31 * day, 1000), None);
+    assert_eq!(
+        certificate_warning(1000 + 29 * day, 1000).unwrap(),
+        "expires in 29 days; renew it (`meridian ca rotate`, or `ca issue` on its host)"
+    );
+    assert!(certificate_warning(1000, 1000).unwrap().contains("has expired"));
+    assert!(certificate_warning(10, 1000).unwrap().contains("has expired"));
 }

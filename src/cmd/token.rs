@@ -31,6 +31,11 @@ enum Sub {
         /// Write the token to this file (created 0600) instead of printing it.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// The first token of a cluster, when no token exists to ask the API
+        /// with: written straight into etcd with the client certificate in
+        /// DIR (`tls.crt`, `tls.key`, `ca.crt`; `meridian ca issue --user NAME`).
+        #[arg(long, value_name = "DIR")]
+        bootstrap: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -49,15 +54,20 @@ enum Sub {
 
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config)?;
-    let api = ApiClient::new(&config)?;
     let t = Duration::from_secs(10);
     match args.command {
-        Sub::Create { role, expires, note, out, json } => {
+        Sub::Create { role, expires, note, out, bootstrap, json } => {
             if expires.is_some_and(|e| e.as_secs() == 0) {
                 bail!("--expires must be at least one second");
             }
-            let body = serde_json::json!({ "role": role, "expires_s": expires.map(|e| e.as_secs()), "note": note });
-            let created: CreatedToken = api.act("/v1/tokens", &body, t).await?;
+            let created = match bootstrap {
+                Some(dir) => bootstrap_token(&config, &dir, role, expires, &note).await?,
+                None => {
+                    let body =
+                        serde_json::json!({ "role": role, "expires_s": expires.map(|e| e.as_secs()), "note": note });
+                    ApiClient::new(&config)?.act("/v1/tokens", &body, t).await?
+                }
+            };
             if let Some(out) = &out {
                 crate::ca::write_private(out, &format!("{}\n", created.token))?;
             }
@@ -81,7 +91,7 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             Ok(0)
         }
         Sub::List { json } => {
-            let tokens: Vec<TokenInfo> = api.get("/v1/tokens", t).await?;
+            let tokens: Vec<TokenInfo> = ApiClient::new(&config)?.get("/v1/tokens", t).await?;
             if json {
                 println!("{}", serde_json::to_string(&tokens)?);
                 return Ok(0);
@@ -109,7 +119,8 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             if !crate::auth::is_token_id(&id) {
                 bail!("{id:?} is not a token id (12 hex digits, as `meridian token list` shows)");
             }
-            let info: TokenInfo = api.act(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}), t).await?;
+            let info: TokenInfo =
+                ApiClient::new(&config)?.act(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}), t).await?;
             if json {
                 println!("{}", serde_json::to_string(&info)?);
             } else {
@@ -123,4 +134,38 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// A token written straight into etcd (and the audit log) with a client
+/// certificate: holding one already gives full access to etcd, so this grants
+/// nothing more than that.
+async fn bootstrap_token(
+    config: &crate::config::Config,
+    dir: &Path,
+    role: ApiRole,
+    expires: Option<Duration>,
+    note: &str,
+) -> Result<CreatedToken> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let identity = crate::tls::Identity { name, dir: dir.to_path_buf() };
+    let cn = crate::ca::inspect(&identity.cert())?.subject;
+    let coord = crate::coord::Coord::connect(config, &identity).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let who = format!("bootstrap:{cn}");
+    let new = crate::auth::new_token(role, now.as_secs(), expires.map(|e| e.as_secs()), &who, note);
+    coord.create_token(&new.stored).await?;
+    let entry = crate::auth::AuditEntry {
+        time_ms: now.as_millis() as u64,
+        who,
+        role: None,
+        source: None,
+        action: "token create --bootstrap".into(),
+        target: Some(format!("token:{}", new.stored.id)),
+        result: "ok".into(),
+        detail: Some(format!("role {role}")),
+        epoch: None,
+        recorded_by: "cli".into(),
+    };
+    coord.append_audit(&entry).await?;
+    Ok(CreatedToken { info: (&new.stored).into(), token: new.secret })
 }

@@ -235,6 +235,7 @@ impl Model {
             detail: None,
             waiting: None,
             failure: None,
+            cert_not_after: None,
             updated_at_ms: self.now,
             unchanged_ms: 0,
             revision: 0,

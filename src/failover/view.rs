@@ -137,6 +137,7 @@ mod tests {
             detail: None,
             waiting: None,
             failure: None,
+            cert_not_after: None,
             updated_at_ms: 0,
             unchanged_ms: 100,
             revision: 42,

@@ -239,6 +239,15 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
             let _ = writeln!(body, "{name}{{region=\"{}\",port=\"{port}\"}} {}", g.region, value(stats));
         }
     }
+    if let Ok(info) = crate::ca::inspect(&g.identity.cert()) {
+        let _ = writeln!(body, "# HELP meridian_gateway_certificate_expiry_timestamp_seconds When this gateway's certificate expires (Unix time).");
+        let _ = writeln!(body, "# TYPE meridian_gateway_certificate_expiry_timestamp_seconds gauge");
+        let _ = writeln!(
+            body,
+            "meridian_gateway_certificate_expiry_timestamp_seconds{{region=\"{}\"}} {}",
+            g.region, info.not_after
+        );
+    }
     Ok(([("content-type", "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -271,12 +280,17 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             );
         }
     }
-    let gauges: [(&str, &str, NodeGauge); 3] = [
+    let gauges: [(&str, &str, NodeGauge); 4] = [
         ("meridian_node_lag_bytes", "WAL bytes the node has not replayed.", |n| n.lag_bytes.map(|b| b as f64)),
         ("meridian_node_lag_seconds", "Seconds since the last replayed commit, 0 when caught up.", |n| n.lag_seconds),
         ("meridian_node_healthy", "1 when the node is a serving primary or a streaming standby.", |n| {
             Some(f64::from(u8::from(n.healthy)))
         }),
+        (
+            "meridian_node_certificate_expiry_timestamp_seconds",
+            "When the node's certificate expires (Unix time).",
+            |n| n.cert_not_after.map(|t| t as f64),
+        ),
     ];
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -314,6 +328,7 @@ mod tests {
                 detail: None,
                 waiting: None,
                 failure: None,
+                cert_not_after: None,
             }],
         };
         let text = render_metrics(&s);

@@ -118,6 +118,7 @@ pub(crate) mod tests {
             detail: None,
             waiting: None,
             failure: None,
+            cert_not_after: None,
             updated_at_ms: NOW,
             unchanged_ms: 0,
             revision: 1,

@@ -172,7 +172,12 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
             ..PostgresConfig::default()
         },
         tls: TlsConfig::default(),
-        api: ApiConfig { token_file: Some(PathBuf::from(super::ADMIN_TOKEN)), ..ApiConfig::default() },
+        api: ApiConfig {
+            token_file: Some(PathBuf::from(super::ADMIN_TOKEN)),
+            // The lab's own client certificate (D/tls/user-lab) is its operator's.
+            certificate_roles: [("user:lab".to_string(), ApiRole::Admin)].into(),
+            ..ApiConfig::default()
+        },
         regions,
         source: Some(dir.join("meridian.toml")),
     }

@@ -103,3 +103,33 @@ pub async fn connect(
         .await
         .map_err(|_| anyhow::anyhow!("connect timed out after {timeout:?}"))?
 }
+
+/// The serial number (hex) of the certificate a server presents, verified
+/// against `tls`'s roots by address; `postgres` first asks for TLS the way
+/// PostgreSQL clients do (SSLRequest, then 'S').
+pub async fn served_serial(
+    addr: SocketAddr,
+    tls: &Arc<ClientConfig>,
+    postgres: bool,
+    timeout: Duration,
+) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = async {
+        let mut tcp = TcpStream::connect(addr).await.context("connect")?;
+        if postgres {
+            const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+            tcp.write_all(&SSL_REQUEST).await.context("send SSLRequest")?;
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).await.context("read the answer to SSLRequest")?;
+            anyhow::ensure!(answer[0] == b'S', "the server does not offer TLS (answered {:?})", answer[0] as char);
+        }
+        let stream = TlsConnector::from(tls.clone())
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .context("TLS handshake")?;
+        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).context("parse the certificate")?;
+        Ok(parsed.raw_serial_as_string())
+    };
+    tokio::time::timeout(timeout, served).await.map_err(|_| anyhow::anyhow!("no TLS handshake within {timeout:?}"))?
+}

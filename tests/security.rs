@@ -276,9 +276,10 @@ fn postgres_links_need_tls_and_a_cluster_certificate() {
     let passfile = lab.path().join("nodes").join(&other_node).join("run").join("pgpass");
     let repl =
         |extra: &str| format!("host={host} port={port} user=replicator dbname=postgres replication=true {extra}");
-    for refused in
-        ["sslmode=disable: no pg_hba.conf entry", "sslmode=require: connection requires a valid client certificate"]
-    {
+    for refused in [
+        "sslmode=disable: pg_hba.conf rejects replication connection",
+        "sslmode=require: connection requires a valid client certificate",
+    ] {
         let (mode, says) = refused.split_once(": ").unwrap();
         lab.expect_error(says);
         let err = psql(&repl(mode), &passfile, "IDENTIFY_SYSTEM").expect_err(refused);
@@ -339,6 +340,10 @@ fn postgres_links_need_tls_and_a_cluster_certificate() {
     )
     .expect_err("the monitor role without a certificate");
     assert!(err.contains("valid client certificate"), "{err}");
+    lab.expect_error("pg_hba.conf rejects connection");
+    let plain = format!("host={host} port={port} user=meridian dbname=postgres sslmode=disable");
+    let err = psql(&plain, &monitor_pass, "SELECT 1").expect_err("the monitor role without TLS");
+    assert!(err.contains("pg_hba.conf rejects"), "{err}");
 
     // The proxy: TLS required, and verifiable by the writer's DNS name against the cluster CA.
     let gw = config.regions[0].gateway.writer;
@@ -446,6 +451,13 @@ fn rotating_every_certificate_needs_no_restart_and_loses_no_connection() {
     let status = lab.meridian(&["status"]);
     let shown = String::from_utf8_lossy(&status.stdout);
     assert!(shown.contains("WARNING: the certificate of node") && shown.contains("expires in 20 days"), "{shown}");
+    let health = lab.json(&["health"]);
+    let certs = health["certificates"].as_array().unwrap();
+    assert!(certs.len() > config.node_names().len(), "every node's and the gateway's: {health}");
+    assert!(certs.iter().all(|c| c["warning"].as_str().is_some_and(|w| w.contains("20 days"))), "{health}");
+    let metrics = https_metrics(&lab, &config);
+    assert!(metrics.contains("meridian_node_certificate_expiry_timestamp_seconds{node="), "{metrics}");
+    assert!(metrics.contains("meridian_gateway_certificate_expiry_timestamp_seconds{region="), "{metrics}");
     lab.finish();
 }
 
@@ -462,4 +474,15 @@ fn pids(lab: &TestLab, config: &Config) -> Vec<String> {
     }
     all.sort();
     all
+}
+
+/// The first gateway's /metrics, with the lab's admin token.
+fn https_metrics(lab: &TestLab, config: &Config) -> String {
+    let https = Https::for_cli(config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = config.regions[0].gateway.api;
+    let (status, body) =
+        rt.block_on(request(addr, Some(&https), Method::GET, "/metrics", None, Duration::from_secs(10))).unwrap();
+    assert!(lab.path().exists() && status.is_success(), "{status}");
+    String::from_utf8_lossy(&body).into_owned()
 }

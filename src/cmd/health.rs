@@ -27,6 +27,11 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
 
 pub fn render(s: &HealthStatus) -> String {
     let mut out = String::new();
+    for c in &s.certificates {
+        if let Some(w) = &c.warning {
+            let _ = writeln!(out, "WARNING: the certificate of {} {w}", c.subject);
+        }
+    }
     if s.checks.is_empty() {
         out.push_str("no health checks are configured ([[health.check]] in the cluster file)\n");
         return out;

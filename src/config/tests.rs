@@ -266,3 +266,14 @@ region = "witness"
         assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
     }
 }
+
+#[test]
+fn the_full_example_in_docs_config_md_is_a_valid_cluster_file() {
+    let doc = include_str!("../../docs/config.md");
+    let start = doc.find("```toml\n").expect("a toml example") + "```toml\n".len();
+    let end = start + doc[start..].find("```").expect("the example's end");
+    let checked = Config::parse(&doc[start..end]);
+    assert!(checked.problems.is_empty(), "docs/config.md's example: {:#?}", checked.problems);
+    let config = checked.config.unwrap();
+    assert_eq!(config.api.certificate_roles.get("user:alice"), Some(&ApiRole::Operator));
+}

@@ -196,12 +196,40 @@ async fn revoke_token(
 pub struct HealthStatus {
     pub healthy_share: f64,
     pub checks: Vec<super::health::aggregate::CheckStatus>,
+    /// Every node's certificate (as its agent reports it) and this gateway's.
+    #[serde(default)]
+    pub certificates: Vec<CertificateExpiry>,
+}
+
+/// When one certificate ends, and the warning within 30 days of it.
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct CertificateExpiry {
+    /// `node:a1`, `gateway:eu`.
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub warning: Option<String>,
 }
 
 async fn health(State(g): State<Gateway>) -> Result<Json<HealthStatus>, ApiError> {
     let snap = g.coord.snapshot().await.map_err(unavailable)?;
     let checks = super::health::aggregate::aggregate(&g.config.health, &snap.health).into_values().collect();
-    Ok(Json(HealthStatus { healthy_share: g.config.health.healthy_share, checks }))
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let own = crate::ca::inspect(&g.identity.cert())
+        .ok()
+        .map(|i| (format!("gateway:{}", g.region), i.not_after.max(0) as u64));
+    let certificates = snap
+        .members
+        .iter()
+        .filter_map(|m| m.cert_not_after.map(|t| (format!("node:{}", m.node), t)))
+        .chain(own)
+        .map(|(subject, not_after)| CertificateExpiry {
+            warning: crate::cluster::certificate_warning(not_after, now),
+            subject,
+            not_after,
+        })
+        .collect();
+    Ok(Json(HealthStatus { healthy_share: g.config.health.healthy_share, checks, certificates }))
 }
 
 #[derive(Deserialize)]

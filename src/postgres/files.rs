@@ -66,13 +66,20 @@ pub fn cluster_networks(config: &Config) -> Vec<String> {
 }
 
 /// pg_hba.conf: the superuser only over the socket by peer; meridian's roles
-/// from cluster addresses; application roles from `client_networks`; all with SCRAM.
+/// over TLS with a cluster certificate, from cluster addresses; application
+/// roles over TLS from `client_networks`, and from the gateways (their SQL
+/// proxies), where TLS is not yet possible; all with SCRAM. First match wins.
 pub fn render_hba(config: &Config) -> String {
     let p = &config.postgres;
     let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
     let _ = writeln!(s, "local   all          {SUPERUSER:<12} peer map=meridian");
-    let _ = writeln!(s, "host    all          {SUPERUSER:<12} 0.0.0.0/0        reject");
-    let _ = writeln!(s, "host    all          {SUPERUSER:<12} ::/0             reject");
+    for any in ["0.0.0.0/0", "::/0"] {
+        let _ = writeln!(s, "host    all          {SUPERUSER:<12} {any:<16} reject");
+        // meridian's own roles and every replication connection: never without TLS.
+        let _ = writeln!(s, "hostnossl replication all        {any:<16} reject");
+        let _ = writeln!(s, "hostnossl all        {:<12} {any:<16} reject", p.replication_user);
+        let _ = writeln!(s, "hostnossl all        {:<12} {any:<16} reject", p.monitor_user);
+    }
     for net in cluster_networks(config) {
         // Replication and pg_rewind: TLS only, with a certificate from the cluster CA, and SCRAM.
         let _ =
@@ -83,12 +90,27 @@ pub fn render_hba(config: &Config) -> String {
         // Gateways (status, health probes, verify): TLS with a gateway's certificate, and SCRAM.
         let _ = writeln!(s, "hostssl postgres     {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.monitor_user);
     }
-    // Applications: TLS or not, for now, because the SQL proxy still reaches the
-    // server in plain text (see gateway::proxy).
-    for net in &p.client_networks {
+    // The SQL proxies' leg, plain until the proxy authenticates clients itself
+    // (libpq's SCRAM channel binding cannot pass a TLS-terminating proxy; see gateway::proxy).
+    for net in gateway_networks(config) {
         let _ = writeln!(s, "host    all          all          {net:<16} scram-sha-256");
     }
+    // Applications connecting directly: TLS only.
+    for net in &p.client_networks {
+        let _ = writeln!(s, "hostssl all          all          {net:<16} scram-sha-256");
+    }
     s
+}
+
+/// The gateways' addresses (their SQL proxies connect from there), and
+/// 127.0.0.1 when one is on loopback.
+fn gateway_networks(config: &Config) -> Vec<String> {
+    let mut ips: BTreeSet<IpAddr> = config.regions.iter().map(|r| r.gateway.writer.ip()).collect();
+    ips.extend(config.regions.iter().map(|r| r.gateway.reader.ip()));
+    if ips.iter().any(|ip| ip.is_loopback()) {
+        ips.insert(IpAddr::from([127, 0, 0, 1]));
+    }
+    ips.into_iter().map(|ip| if ip.is_ipv4() { format!("{ip}/32") } else { format!("{ip}/128") }).collect()
 }
 
 /// pg_ident.conf: the agent's OS user (and the server's) may be `postgres` over the socket.
@@ -298,7 +320,13 @@ mod tests {
         let repl = "hostssl replication  replicator   127.0.1.11/32    scram-sha-256 clientcert=verify-ca";
         assert!(hba.contains(repl), "replication: TLS, a cluster certificate and SCRAM\n{hba}");
         assert!(hba.contains("hostssl replication  replicator   127.0.0.1/32     scram-sha-256 clientcert=verify-ca"));
-        assert!(!hba.lines().any(|l| l.contains("replication") && !l.starts_with("hostssl")), "{hba}");
+        // Every replication line requires TLS, or rejects what comes without it.
+        assert!(
+            !hba.lines().any(|l| l.contains("replication")
+                && !l.starts_with("hostssl")
+                && !(l.starts_with("hostnossl") && l.ends_with("reject"))),
+            "{hba}"
+        );
         let reject = hba.find("reject").unwrap();
         let app = hba.find("host    all          all").unwrap();
         assert!(reject < app, "the superuser reject comes before the application rule");
@@ -306,6 +334,31 @@ mod tests {
             let method = line.split_whitespace().nth(4).unwrap();
             assert!(method == "scram-sha-256" || method == "reject", "{line}");
         }
+    }
+
+    #[test]
+    fn off_loopback_applications_need_tls_except_from_the_gateways_proxies() {
+        let mut c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        for (i, r) in c.regions.iter_mut().enumerate() {
+            let gw: IpAddr = format!("10.{i}.0.2").parse().unwrap();
+            for a in [&mut r.gateway.api, &mut r.gateway.dns, &mut r.gateway.writer, &mut r.gateway.reader] {
+                a.set_ip(gw);
+            }
+            for (k, n) in r.nodes.iter_mut().enumerate() {
+                let ip: IpAddr = format!("10.{i}.0.{}", 11 + k).parse().unwrap();
+                n.address.set_ip(ip);
+                n.api.set_ip(ip);
+            }
+        }
+        c.postgres.client_networks = vec!["10.9.0.0/16".into()];
+        let hba = render_hba(&c);
+        assert!(hba.contains("hostssl all          all          10.9.0.0/16      scram-sha-256"), "{hba}");
+        assert!(hba.contains("host    all          all          10.0.0.2/32      scram-sha-256"), "{hba}");
+        assert!(!hba.contains("127.0.0.1"), "{hba}");
+        // meridian's roles never get the plain proxy rule: their hostnossl rejects come first.
+        let reject = hba.find("hostnossl all        meridian").unwrap();
+        assert!(reject < hba.find("host    all          all          10.0.0.2/32").unwrap(), "{hba}");
+        assert!(hba.find("hostnossl replication all").unwrap() < hba.find("hostssl replication").unwrap());
     }
 
     #[test]

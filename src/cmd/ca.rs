@@ -271,7 +271,7 @@ async fn rotate(
     let mut results = Vec::new();
     for (identity, serial, listener, addr, postgres, tls) in checks {
         let result = loop {
-            match crate::tls::served_serial(addr, &tls, postgres, Duration::from_secs(3)).await {
+            match crate::tls::served_certificate(addr, &tls, postgres, Duration::from_secs(3)).await.map(|s| s.serial) {
                 Ok(s) if s == serial => break "new".to_string(),
                 Ok(_) if tokio::time::Instant::now() < deadline => {}
                 Ok(_) => break "old".to_string(),

@@ -44,7 +44,9 @@ pub fn is_unavailable(e: &anyhow::Error) -> bool {
 /// look like losing etcd.
 #[derive(Clone)]
 pub struct Coord {
-    members: Arc<Vec<(String, Client)>>,
+    /// Replaced (by `current`) when the process's certificate is renewed.
+    members: Arc<std::sync::RwLock<Arc<Members>>>,
+    renewal: Arc<Renewal>,
     /// For each member report: the revision last seen and when this process
     /// first saw it (see `MemberStatus::is_fresh`).
     seen: Arc<std::sync::Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>>,
@@ -86,9 +88,86 @@ impl Coord {
     /// `https://` endpoints (the only kind a cluster file may name) are reached
     /// over TLS: the member's certificate must come from the cluster CA and
     /// name its address, and `identity`'s certificate is presented (etcd runs
-    /// with client-certificate authentication). The certificate is read once,
-    /// here: a renewed one is used from the next connect (a restart).
+    /// with client-certificate authentication). A renewed certificate is
+    /// noticed within `RENEWAL_CHECK` and the clients are made anew with it,
+    /// so rotation needs no restart here either.
     pub async fn connect(config: &Config, identity: &crate::tls::Identity) -> Result<Coord> {
+        let tls = config.etcd.endpoints.iter().any(|e| e.starts_with("https://"));
+        let renewal = Renewal {
+            endpoints: config.etcd.endpoints.clone(),
+            identity: identity.clone(),
+            tls,
+            seen: tokio::sync::Mutex::new((std::time::Instant::now(), cert_bytes(identity, tls))),
+        };
+        let members = renewal.clients().await?;
+        Ok(Coord {
+            members: Arc::new(std::sync::RwLock::new(Arc::new(members))),
+            renewal: Arc::new(renewal),
+            seen: Arc::default(),
+            preferred: Arc::new(AtomicUsize::new(0)),
+            keys: Keys::new(&config.cluster),
+        })
+    }
+
+    /// The clients to use now, made anew first if the certificate was renewed.
+    async fn current(&self) -> Arc<Members> {
+        if let Some(renewed) = self.renewal.renewed().await {
+            *self.members.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(renewed);
+        }
+        self.members.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// One client per etcd member, with its URL.
+type Members = Vec<(String, Client)>;
+
+/// How often a process looks whether its certificate was renewed.
+const RENEWAL_CHECK: Duration = Duration::from_secs(10);
+
+/// What it takes to make the clients again with a renewed certificate.
+struct Renewal {
+    endpoints: Vec<String>,
+    identity: crate::tls::Identity,
+    tls: bool,
+    /// When the certificate was last looked at, and what it held.
+    seen: tokio::sync::Mutex<(std::time::Instant, Option<Vec<u8>>)>,
+}
+
+fn cert_bytes(identity: &crate::tls::Identity, tls: bool) -> Option<Vec<u8>> {
+    tls.then(|| std::fs::read(identity.cert()).ok()).flatten()
+}
+
+impl Renewal {
+    /// New clients if the certificate changed since last seen and makes a
+    /// usable pair with its key (not half-written).
+    async fn renewed(&self) -> Option<Members> {
+        if !self.tls {
+            return None;
+        }
+        let mut seen = self.seen.lock().await;
+        if seen.0.elapsed() < RENEWAL_CHECK {
+            return None;
+        }
+        seen.0 = std::time::Instant::now();
+        let now = cert_bytes(&self.identity, self.tls);
+        if now.is_none() || now == seen.1 || crate::tls::Reloading::open(&self.identity).is_err() {
+            return None;
+        }
+        match self.clients().await {
+            Ok(c) => {
+                seen.1 = now;
+                tracing::info!("TLS: etcd clients now present the renewed certificate of {}", self.identity.name);
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("TLS: keeping the etcd clients of {}: {e:#}", self.identity.name);
+                None
+            }
+        }
+    }
+
+    async fn clients(&self) -> Result<Members> {
+        let identity = &self.identity;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(1000))
             // Short, so that a blackholed member costs one second before the
@@ -97,7 +176,7 @@ impl Coord {
             .with_timeout(Duration::from_millis(1000))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_require_leader(true);
-        if config.etcd.endpoints.iter().any(|e| e.starts_with("https://")) {
+        if self.tls {
             let read = |p: std::path::PathBuf| {
                 std::fs::read(&p)
                     .with_context(|| format!("read {} (etcd needs {}'s certificate)", p.display(), identity.name))
@@ -108,20 +187,17 @@ impl Coord {
             options = options.with_tls(tls);
         }
         let mut members = Vec::new();
-        for url in &config.etcd.endpoints {
+        for url in &self.endpoints {
             let client = Client::connect([url], Some(options.clone()))
                 .await
                 .with_context(|| format!("prepare etcd client for {url}"))?;
             members.push((url.clone(), client));
         }
-        Ok(Coord {
-            members: Arc::new(members),
-            seen: Arc::default(),
-            preferred: Arc::new(AtomicUsize::new(0)),
-            keys: Keys::new(&config.cluster),
-        })
+        Ok(members)
     }
+}
 
+impl Coord {
     /// Stamps how long ago this process saw each report's revision change;
     /// forgets reports that are gone (their lease expired).
     fn stamp_ages(&self, members: &mut [MemberStatus]) {
@@ -144,12 +220,13 @@ impl Coord {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.members.len();
+        let members = self.current().await;
+        let n = members.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..n {
             let idx = (start + i) % n;
-            let (url, client) = &self.members[idx];
+            let (url, client) = &members[idx];
             match op(client.clone()).await {
                 Ok(v) => {
                     if i > 0 {
@@ -520,7 +597,8 @@ impl Coord {
             None => return Ok(None),
         };
         // MoveLeader must be sent to the current leader.
-        let Some((_, client)) = self.members.iter().find(|(url, _)| leader.client_urls().contains(url)) else {
+        let members = self.current().await;
+        let Some((_, client)) = members.iter().find(|(url, _)| leader.client_urls().contains(url)) else {
             return Ok(None);
         };
         client.clone().move_leader(target.id()).await.context("move etcd leadership")?;

@@ -223,6 +223,7 @@ async fn health(State(g): State<Gateway>) -> Result<Json<HealthStatus>, ApiError
         .iter()
         .filter_map(|m| m.cert_not_after.map(|t| (format!("node:{}", m.node), t)))
         .chain(own)
+        .chain(g.etcd_certs.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .map(|(subject, not_after)| CertificateExpiry {
             warning: crate::cluster::certificate_warning(not_after, now),
             subject,
@@ -265,6 +266,15 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
         for (port, stats) in &g.proxy_stats {
             let port = if *port == super::proxy::Port::Writer { "writer" } else { "reader" };
             let _ = writeln!(body, "{name}{{region=\"{}\",port=\"{port}\"}} {}", g.region, value(stats));
+        }
+    }
+    let etcd = g.etcd_certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if !etcd.is_empty() {
+        let _ = writeln!(body, "# HELP meridian_etcd_certificate_expiry_timestamp_seconds When each etcd member's certificate expires (Unix time), as it presents it.");
+        let _ = writeln!(body, "# TYPE meridian_etcd_certificate_expiry_timestamp_seconds gauge");
+        for (subject, t) in etcd {
+            let member = subject.trim_start_matches("etcd:");
+            let _ = writeln!(body, "meridian_etcd_certificate_expiry_timestamp_seconds{{member=\"{member}\"}} {t}");
         }
     }
     if let Ok(info) = crate::ca::inspect(&g.identity.cert()) {

@@ -47,6 +47,28 @@ pub struct Gateway {
     pub pg_tls: crate::tls::PgTls,
     /// This gateway's certificate (`gateway-<region>`).
     pub identity: crate::tls::Identity,
+    /// When each etcd member's certificate ends, as it presents it (`etcd_certificates`).
+    pub etcd_certs: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+}
+
+/// Looks at the certificate every etcd member presents, now and every minute,
+/// for `health` and `/metrics` (a member's files are on its own host).
+async fn etcd_certificates(g: Gateway, shutdown: CancellationToken) {
+    let Ok(tls) = crate::tls::client_config(&g.identity.ca(), Some(&g.identity)) else { return };
+    loop {
+        let mut seen = Vec::new();
+        for r in &g.config.regions {
+            let Some(addr) = r.etcd.as_deref().and_then(|u| crate::config::parse_etcd_url(u).ok()) else { continue };
+            if let Ok(s) = crate::tls::served_certificate(addr, &tls, false, std::time::Duration::from_secs(2)).await {
+                seen.push((format!("etcd:{}", r.name), s.not_after.max(0) as u64));
+            }
+        }
+        *g.etcd_certs.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
 }
 
 impl Gateway {
@@ -91,7 +113,9 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         proxy_stats: [(Port::Writer, writer.stats.clone()), (Port::Reader, reader.stats.clone())],
         pg_tls: pg_tls.clone(),
         identity: identity.clone(),
+        etcd_certs: Arc::default(),
     };
+    tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
     let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
     health::start(&gateway, shutdown.clone()).await;
     if let Some(t) = config.failover.dr_trigger.clone() {

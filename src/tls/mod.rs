@@ -27,7 +27,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
 mod serve;
-pub use serve::{connect, serve_https, served_serial, Peer};
+pub use serve::{connect, serve_https, served_certificate, Peer, Served};
 
 /// How often a certificate file is looked at for a rotation.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);

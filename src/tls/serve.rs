@@ -104,15 +104,24 @@ pub async fn connect(
         .map_err(|_| anyhow::anyhow!("connect timed out after {timeout:?}"))?
 }
 
-/// The serial number (hex) of the certificate a server presents, verified
-/// against `tls`'s roots by address; `postgres` first asks for TLS the way
-/// PostgreSQL clients do (SSLRequest, then 'S').
-pub async fn served_serial(
+/// What a server's certificate says, as it presents it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// Hex, `ab:cd:…`.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// The certificate a server presents, verified against `tls`'s roots by
+/// address; `postgres` first asks for TLS the way PostgreSQL clients do
+/// (SSLRequest, then 'S').
+pub async fn served_certificate(
     addr: SocketAddr,
     tls: &Arc<ClientConfig>,
     postgres: bool,
     timeout: Duration,
-) -> Result<String> {
+) -> Result<Served> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let served = async {
         let mut tcp = TcpStream::connect(addr).await.context("connect")?;
@@ -129,7 +138,7 @@ pub async fn served_serial(
             .context("TLS handshake")?;
         let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?;
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).context("parse the certificate")?;
-        Ok(parsed.raw_serial_as_string())
+        Ok(Served { serial: parsed.raw_serial_as_string(), not_after: parsed.validity().not_after.timestamp() })
     };
     tokio::time::timeout(timeout, served).await.map_err(|_| anyhow::anyhow!("no TLS handshake within {timeout:?}"))?
 }

@@ -233,6 +233,15 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
     let plain = api.rt.block_on(request(etcd, None, Method::GET, "/version", None, Duration::from_secs(5)));
     assert!(plain.is_err(), "plain HTTP to etcd must get no answer: {plain:?}");
 
+    // Retention ([api] audit_retention) removes only what is older than its bound.
+    let coord = api.rt.block_on(meridian::coord::Coord::connect(&config, &lab_id)).unwrap();
+    let kept = lab.json(&["audit"]).as_array().unwrap().len();
+    assert_eq!(api.rt.block_on(coord.trim_audit(1)).unwrap(), 0, "nothing is older than 1970");
+    assert_eq!(lab.json(&["audit"]).as_array().unwrap().len(), kept);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(api.rt.block_on(coord.trim_audit(now_ms + 1)).unwrap() as usize >= kept);
+    assert!(lab.json(&["audit"]).as_array().unwrap().is_empty());
+
     // A token file others can read is refused by the CLI.
     let loose = lab.path().join("loose.token");
     std::fs::write(&loose, format!("{admin}\n")).unwrap();

@@ -78,6 +78,10 @@ pub struct ApiConfig {
     /// each is given (`"user:alice" = "operator"`): an alternative to tokens.
     #[serde(default)]
     pub certificate_roles: BTreeMap<String, ApiRole>,
+    /// Audit entries older than this are removed by the gateways (checked
+    /// every 10 minutes). None (the default): kept for ever.
+    #[serde(default, with = "super::humantime_serde::option")]
+    pub audit_retention: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -96,6 +100,12 @@ impl Config {
 }
 
 pub(super) fn validate(config: &Config, problems: &mut Vec<Problem>) {
+    if config.api.audit_retention.is_some_and(|r| r < std::time::Duration::from_secs(24 * 3600)) {
+        problems.push(Problem {
+            at: "api.audit_retention".into(),
+            message: "must be at least 1d: the audit log is for looking back".into(),
+        });
+    }
     for name in config.api.certificate_roles.keys() {
         // A node's or gateway's certificate must never carry an operator's rights.
         if ["node:", "gateway:", "etcd:"].iter().any(|p| name.starts_with(p)) {

@@ -277,3 +277,24 @@ fn the_full_example_in_docs_config_md_is_a_valid_cluster_file() {
     let config = checked.config.unwrap();
     assert_eq!(config.api.certificate_roles.get("user:alice"), Some(&ApiRole::Operator));
 }
+
+#[test]
+fn api_settings_are_checked() {
+    let short = format!("{GOOD}\n[api]\naudit_retention = \"1h\"\n");
+    assert!(
+        problems(&short).iter().any(|p| p.starts_with("api.audit_retention: must be at least 1d")),
+        "{:?}",
+        problems(&short)
+    );
+    let member = format!("{GOOD}\n[api]\ncertificate_roles = {{ \"node:a1\" = \"admin\" }}\n");
+    assert!(
+        problems(&member).iter().any(|p| p.contains("names a cluster member's certificate")),
+        "{:?}",
+        problems(&member)
+    );
+    let fine =
+        format!("{GOOD}\n[api]\naudit_retention = \"90d\"\ncertificate_roles = {{ \"user:ops\" = \"operator\" }}\n");
+    assert!(problems(&fine).is_empty(), "{:?}", problems(&fine));
+    let http = GOOD.replace("https://127.0.1.1:2379\", \"https", "http://127.0.1.1:2379\", \"https");
+    assert!(problems(&http).iter().any(|p| p.contains("must start with https://")), "{:?}", problems(&http));
+}

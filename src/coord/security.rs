@@ -100,6 +100,20 @@ impl Coord {
     }
 }
 
+impl Coord {
+    /// Removes audit entries older than `before_ms`; returns how many.
+    pub async fn trim_audit(&self, before_ms: u64) -> Result<i64> {
+        let (from, end) = (self.keys.audit_prefix(), self.keys.audit(before_ms, ""));
+        let resp = self
+            .call("trim the audit log in etcd", |c| {
+                let (from, end) = (from.clone(), end.clone());
+                async move { c.kv_client().delete(from, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
+            })
+            .await?;
+        Ok(resp.deleted())
+    }
+}
+
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();

@@ -51,6 +51,24 @@ pub struct Gateway {
     pub etcd_certs: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
 }
 
+/// Removes audit entries older than `[api] audit_retention`, every 10 minutes.
+/// Every gateway does it (idempotent), so it happens while any region is up.
+async fn trim_audit(g: Gateway, keep: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let before = now.saturating_sub(keep).as_millis() as u64;
+        match g.coord.trim_audit(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} audit entries older than {}", humantime::format_duration(keep)),
+            Err(e) => tracing::warn!("failed to {e:#}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
+        }
+    }
+}
+
 /// Looks at the certificate every etcd member presents, now and every minute,
 /// for `health` and `/metrics` (a member's files are on its own host).
 async fn etcd_certificates(g: Gateway, shutdown: CancellationToken) {
@@ -116,6 +134,9 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         etcd_certs: Arc::default(),
     };
     tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
+    if let Some(keep) = config.api.audit_retention {
+        tokio::spawn(trim_audit(gateway.clone(), keep, shutdown.clone()));
+    }
     let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
     health::start(&gateway, shutdown.clone()).await;
     if let Some(t) = config.failover.dr_trigger.clone() {

@@ -20,18 +20,22 @@ pub async fn kill(dir: &Path, target: &str) -> Result<()> {
     let mut pids = Vec::new();
     for (member, spec) in &chosen {
         if let Some(pid) = process::running_pid(&spec.pid_file, &spec.identity) {
-            // The postmaster first: it would die of the parent-death signal anyway,
-            // but a SIGKILL to both makes the fault instantaneous.
-            if let Member::Agent { node, .. } = member {
-                if let Some(pm) = lab.data_dir(node).and_then(|d| process::postmaster_pid(&d)) {
-                    process::signal(pm, libc::SIGKILL);
-                    pids.push(pm);
-                    killed.push(format!("postgres {node} (pid {pm})"));
-                }
-            }
+            // The agent first, then its postmaster: the postmaster would be stopped
+            // by its supervisor anyway, but a SIGKILL to both makes the fault
+            // instantaneous. In the other order an agent scheduled between the
+            // two signals reports its server's death as an unexpected exit.
+            let postmaster = match member {
+                Member::Agent { node, .. } => lab.data_dir(node).and_then(|d| process::postmaster_pid(&d)),
+                _ => None,
+            };
             process::signal(pid, libc::SIGKILL);
             pids.push(pid);
             killed.push(format!("{} (pid {pid})", spec.name));
+            if let (Some(pm), Member::Agent { node, .. }) = (postmaster, member) {
+                process::signal(pm, libc::SIGKILL);
+                pids.push(pm);
+                killed.push(format!("postgres {node} (pid {pm})"));
+            }
         }
     }
     let stuck = process::wait_gone(&pids, Duration::from_secs(10)).await;

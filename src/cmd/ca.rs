@@ -118,13 +118,7 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             Ok(0)
         }
         Sub::Issue { ca: ca_dir, out, node, gateway, etcd, user, valid } => {
-            let subject = match (node, gateway, etcd, user) {
-                (Some(n), None, None, None) => Subject::Node(n),
-                (None, Some(r), None, None) => Subject::Gateway(r),
-                (None, None, Some(r), None) => Subject::Etcd(r),
-                (None, None, None, Some(u)) => Subject::User(u),
-                _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
-            };
+            let subject = subject(node, gateway, etcd, user)?;
             let config = super::load_config(config)?;
             let cert = ca::issue(&ca_dir, &out, &config, &subject, valid)?;
             let info = ca::inspect(&cert)?;
@@ -139,13 +133,7 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             Ok(0)
         }
         Sub::Request { out, node, gateway, etcd, user } => {
-            let subject = match (node, gateway, etcd, user) {
-                (Some(n), None, None, None) => Subject::Node(n),
-                (None, Some(r), None, None) => Subject::Gateway(r),
-                (None, None, Some(r), None) => Subject::Etcd(r),
-                (None, None, None, Some(u)) => Subject::User(u),
-                _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
-            };
+            let subject = subject(node, gateway, etcd, user)?;
             let config = super::load_config(config)?;
             let csr = ca::request(&out, &config, &subject)?;
             println!(
@@ -295,4 +283,20 @@ async fn rotate(
         println!("every running process presents its new certificate; nothing was restarted");
     }
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// The one member named by `--node`, `--gateway`, `--etcd` or `--user`.
+fn subject(
+    node: Option<String>,
+    gateway: Option<String>,
+    etcd: Option<String>,
+    user: Option<String>,
+) -> Result<Subject> {
+    Ok(match (node, gateway, etcd, user) {
+        (Some(n), None, None, None) => Subject::Node(n),
+        (None, Some(r), None, None) => Subject::Gateway(r),
+        (None, None, Some(r), None) => Subject::Etcd(r),
+        (None, None, None, Some(u)) => Subject::User(u),
+        _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
+    })
 }

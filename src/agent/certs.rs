@@ -1,6 +1,6 @@
 //! The node's certificate after a renewal: the agent copies it for PostgreSQL
 //! (which reads only copies it owns, see `postgres::files::copy_tls`) and has
-//! the server reload, so rotation needs no restart. Checked every tick by
+//! the server reload (SIGHUP), so rotation needs no restart. Checked every tick by
 //! comparing the files, which costs two small reads.
 
 use anyhow::{Context, Result};
@@ -26,9 +26,12 @@ impl Agent {
             return Ok(());
         }
         self.server.copy_tls()?;
+        // SIGHUP is what pg_reload_conf() sends, without a connection that a hung
+        // server (which the self-probe handles) could hold the tick on.
         if self.running.is_some() {
-            let client = self.server.connect().await?;
-            client.simple_query("SELECT pg_reload_conf()").await.context("reload PostgreSQL's configuration")?;
+            let pid = crate::process::postmaster_pid(&self.server.data_dir)
+                .context("find the postmaster to reload after a certificate renewal")?;
+            crate::process::signal(pid, libc::SIGHUP);
         }
         tracing::info!("TLS: copied the renewed certificate of node {} for PostgreSQL and reloaded", self.server.node);
         Ok(())

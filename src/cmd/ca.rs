@@ -121,16 +121,7 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             let subject = subject(node, gateway, etcd, user)?;
             let config = super::load_config(config)?;
             let cert = ca::issue(&ca_dir, &out, &config, &subject, valid)?;
-            let info = ca::inspect(&cert)?;
-            println!(
-                "issued {} for {} ({} {}), valid {} days",
-                cert.display(),
-                subject.common_name(),
-                info.dns_names.join(" "),
-                info.ip_addresses.join(" "),
-                info.days_left
-            );
-            Ok(0)
+            made("issued", &cert, &subject)
         }
         Sub::Request { out, node, gateway, etcd, user } => {
             let subject = subject(node, gateway, etcd, user)?;
@@ -148,16 +139,7 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             let config = super::load_config(config)?;
             let (subject, pem) = ca::sign(&ca_dir, &csr, &config, valid)?;
             std::fs::write(&out, pem).map_err(|e| anyhow::anyhow!("write {}: {e}", out.display()))?;
-            let info = ca::inspect(&out)?;
-            println!(
-                "signed {} for {} ({} {}), valid {} days",
-                out.display(),
-                subject.common_name(),
-                info.dns_names.join(" "),
-                info.ip_addresses.join(" "),
-                info.days_left
-            );
-            Ok(0)
+            made("signed", &out, &subject)
         }
         Sub::Accept { dir, cert, ca_cert } => {
             ca::accept(&dir, &cert, &ca_cert)?;
@@ -299,4 +281,18 @@ fn subject(
         (None, None, None, Some(u)) => Subject::User(u),
         _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
     })
+}
+
+/// "issued FILE for node:a1 (names addresses), valid N days".
+fn made(verb: &str, cert: &Path, subject: &Subject) -> Result<i32> {
+    let info = ca::inspect(cert)?;
+    println!(
+        "{verb} {} for {} ({} {}), valid {} days",
+        cert.display(),
+        subject.common_name(),
+        info.dns_names.join(" "),
+        info.ip_addresses.join(" "),
+        info.days_left
+    );
+    Ok(0)
 }

@@ -235,7 +235,11 @@ pub struct PostgresConfig {
     /// The role gateways use for status, health and `verify`: pg_monitor plus its own schema.
     #[serde(default = "default_monitor_user")]
     pub monitor_user: String,
-    /// A TOML file (mode 0600) with `replication_password` and `monitor_password`.
+    /// The role the SQL proxies look up a client's SCRAM verifier with: it may
+    /// only run `meridian_auth.scram_verifier(name)`, nothing else.
+    #[serde(default = "default_auth_user")]
+    pub auth_user: String,
+    /// A TOML file (mode 0600) with `replication_password`, `monitor_password` and `auth_password`.
     /// Relative to the cluster file's directory.
     pub secrets_file: Option<PathBuf>,
     /// SQL run once on the new primary right after the cluster is created
@@ -256,6 +260,7 @@ impl Default for PostgresConfig {
             os_user: default_os_user(),
             replication_user: default_replication_user(),
             monitor_user: default_monitor_user(),
+            auth_user: default_auth_user(),
             secrets_file: None,
             bootstrap_sql: None,
             client_networks: Vec::new(),
@@ -275,6 +280,9 @@ fn default_replication_user() -> String {
 }
 fn default_monitor_user() -> String {
     "meridian".into()
+}
+fn default_auth_user() -> String {
+    "meridian_auth".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -590,7 +598,7 @@ impl Config {
             .secrets_file
             .as_ref()
             .map(|p| self.resolve(p))
-            .context("postgres.secrets_file is not set in the cluster file; it must name a 0600 file with replication_password and monitor_password")?;
+            .context("postgres.secrets_file is not set in the cluster file; it must name a 0600 file with replication_password, monitor_password and auth_password")?;
         Secrets::load(&path)
     }
 }
@@ -623,6 +631,7 @@ pub const MANAGED_SETTINGS: &[&str] = &[
 pub struct Secrets {
     pub replication_password: String,
     pub monitor_password: String,
+    pub auth_password: String,
 }
 
 impl fmt::Debug for Secrets {

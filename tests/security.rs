@@ -392,10 +392,95 @@ fn postgres_links_need_tls_and_a_cluster_certificate() {
     }
     assert_eq!(psql(&verified, &app_pass, "SELECT 7").unwrap(), "7");
 
+    the_proxy_logs_clients_in_and_speaks_tls_to_postgres(&mut lab, &config, &verified, &primary.name);
+
+    // An application cannot log in to a node without TLS, from anywhere.
+    lab.expect_error("no pg_hba.conf entry");
+    let plain_app = format!("host={host} port={port} user=app dbname=app sslmode=disable");
+    let err = psql(&plain_app, &app_pass, "SELECT 1").expect_err("an application login without TLS");
+    assert!(err.contains("no pg_hba.conf entry"), "{err}");
+
     // After all that the cluster serves and replicates.
     let out = lab.meridian(&["verify"]);
     assert!(out.status.success(), "{}", text(&out));
     lab.finish();
+}
+
+/// The proxy is the SCRAM server of its clients and their SCRAM client at
+/// PostgreSQL, over TLS on both legs: what PostgreSQL would refuse, it refuses.
+fn the_proxy_logs_clients_in_and_speaks_tls_to_postgres(
+    lab: &mut TestLab,
+    config: &Config,
+    verified: &str,
+    primary: &str,
+) {
+    let app_pass = lab.path().join("pgpass");
+    // channel_binding=require: the client's exchange is bound to the proxy's certificate.
+    let bound = format!("{verified} channel_binding=require");
+    let leg = psql(&bound, &app_pass, "SELECT ssl, client_dn IS NULL FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert_eq!(leg.unwrap(), "t|t", "the proxy's leg to PostgreSQL is TLS, and presents no certificate of its own");
+    let reader = config.regions[0].gateway.reader;
+    let to_reader = verified
+        .replace(&format!("port={}", config.regions[0].gateway.writer.port()), &format!("port={}", reader.port()));
+    assert_eq!(psql(&to_reader, &app_pass, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").unwrap(), "t");
+
+    lab.psql_superuser(
+        primary,
+        "CREATE ROLE expired LOGIN PASSWORD 'pw-expired' VALID UNTIL '2000-01-01';
+         CREATE ROLE boss SUPERUSER LOGIN PASSWORD 'pw-boss';
+         CREATE ROLE nologin PASSWORD 'pw-nologin';
+         SET password_encryption = 'md5'; CREATE ROLE legacy LOGIN PASSWORD 'pw-legacy'; RESET password_encryption;
+         CREATE ROLE fresh LOGIN PASSWORD 'pw-fresh';",
+    );
+    let secrets: toml::Value =
+        toml::from_str(&std::fs::read_to_string(lab.path().join("secrets.toml")).unwrap()).unwrap();
+    let mut logins = vec![
+        ("app", "not-the-password".to_string()),
+        ("nobody", "pw".to_string()),
+        ("expired", "pw-expired".to_string()),
+        ("boss", "pw-boss".to_string()),
+        ("nologin", "pw-nologin".to_string()),
+        ("legacy", "pw-legacy".to_string()),
+        ("postgres", "pw".to_string()),
+    ];
+    for (role, key) in
+        [("meridian", "monitor_password"), ("meridian_auth", "auth_password"), ("replicator", "replication_password")]
+    {
+        logins.push((role, secrets[key].as_str().unwrap().to_string()));
+    }
+    let passfile = lab.path().join("roles.pgpass");
+    let as_role = |role: &str, password: &str| {
+        meridian::ca::write_private(&passfile, &format!("*:*:*:{role}:{password}\n")).unwrap();
+        psql(
+            &verified.replace("user=app dbname=app", &format!("user={role} dbname=app")),
+            &passfile,
+            "SELECT current_user",
+        )
+    };
+    for (role, password) in &logins {
+        let err = as_role(role, password).expect_err(role);
+        assert!(err.contains(&format!("password authentication failed for user \"{role}\"")), "{role}: {err}");
+    }
+    let failed = https_metrics(lab, config)
+        .lines()
+        .find(|l| l.starts_with("meridian_proxy_login_failed_total") && l.contains("port=\"writer\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("a login_failed counter for the writer port");
+    assert!(failed >= logins.len() as u64, "{failed} refusals counted, {} made", logins.len());
+
+    // A role that may: logged in; a new password counts at the next login.
+    assert_eq!(as_role("fresh", "pw-fresh").unwrap(), "fresh");
+    lab.psql_superuser(primary, "ALTER ROLE fresh PASSWORD 'pw-fresh-2'");
+    assert!(as_role("fresh", "pw-fresh").is_err(), "the old password after a change");
+    assert_eq!(as_role("fresh", "pw-fresh-2").unwrap(), "fresh");
+
+    // What PostgreSQL refuses after the login reaches the client as it said it.
+    lab.expect_error("database \"nosuchdb\" does not exist");
+    let err =
+        psql(&verified.replace("dbname=app", "dbname=nosuchdb"), &app_pass, "SELECT 1").expect_err("no such database");
+    assert!(err.contains("database \"nosuchdb\" does not exist"), "{err}");
+    let err = psql(&format!("{verified} replication=database"), &app_pass, "IDENTIFY_SYSTEM").expect_err("replication");
+    assert!(err.contains("does not carry replication"), "{err}");
 }
 
 /// `ca rotate` renews every certificate with new keys, every process presents

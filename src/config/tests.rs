@@ -152,7 +152,7 @@ fn secrets_file_must_not_be_readable_by_others() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("secrets.toml");
-    std::fs::write(&path, "replication_password = \"a\"\nmonitor_password = \"b\"\n").unwrap();
+    std::fs::write(&path, "replication_password = \"a\"\nmonitor_password = \"b\"\nauth_password = \"c\"\n").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = Secrets::load(&path).unwrap_err().to_string();
     assert!(err.contains("chmod 600"), "{err}");

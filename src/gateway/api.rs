@@ -250,7 +250,7 @@ async fn verify(State(g): State<Gateway>, Json(req): Json<VerifyRequest>) -> Res
 async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
     let status = g.status().await.map_err(unavailable)?;
     let mut body = render_metrics(&status);
-    let counters: [(&str, &str, ProxyCounter); 4] = [
+    let counters: [(&str, &str, ProxyCounter); 5] = [
         ("meridian_proxy_connections_total", "Connections relayed to a backend.", |s| s.relayed.load(Relaxed)),
         ("meridian_proxy_refused_total", "Connections refused (no backend, no view of etcd).", |s| {
             s.refused.load(Relaxed)
@@ -258,6 +258,11 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
         ("meridian_proxy_cut_total", "Writer relays cut because the backend lost the leadership.", |s| {
             s.cut.load(Relaxed)
         }),
+        (
+            "meridian_proxy_login_failed_total",
+            "Logins the proxy refused (wrong password, unknown role, not allowed).",
+            |s| s.login_failed.load(Relaxed),
+        ),
         ("meridian_proxy_active", "Connections open now.", |s| s.active.load(Relaxed)),
     ];
     for (name, help, value) in counters {

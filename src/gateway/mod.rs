@@ -114,13 +114,21 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let coord = Coord::connect(&config, &identity).await?;
     let view = view::spawn(coord.clone(), shutdown.clone());
 
-    // The proxy ports present the gateway's certificate, as the API does.
-    let mut proxy_tls = (*crate::tls::server_config(&identity, crate::tls::ClientAuth::None)?).clone();
-    // libpq 17's direct TLS negotiates ALPN `postgresql`; older clients send none.
-    proxy_tls.alpn_protocols = vec![b"postgresql".to_vec()];
-    let proxy_tls = Arc::new(proxy_tls);
-    let proxy =
-        |port| Arc::new(Proxy::new(config.clone(), region.to_string(), port, view.clone(), Some(proxy_tls.clone())));
+    // The proxy ports present the gateway's certificate, as the API does, and
+    // log clients in themselves so that the leg to PostgreSQL is TLS too.
+    let proxy_cert = crate::tls::Reloading::open(&identity)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::proxy_server_config(proxy_cert.clone())?);
+    let logins = Arc::new(proxy::login::Authenticator::new(
+        &config,
+        &secrets,
+        pg_tls.clone(),
+        &identity.ca(),
+        Some(proxy_cert),
+    )?);
+    let proxy = |port| {
+        let security = proxy::Security { acceptor: acceptor.clone(), logins: logins.clone() };
+        Arc::new(Proxy::new(config.clone(), region.to_string(), port, view.clone(), Some(security)))
+    };
     let (writer, reader) = (proxy(Port::Writer), proxy(Port::Reader));
     let gateway = Gateway {
         config: config.clone(),

@@ -21,6 +21,9 @@
 //! view of etcd is older than half the lease TTL refuses writer connections
 //! rather than guess; and a relay to a node that lost the leadership is cut.
 
+pub mod login;
+mod scram;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -70,6 +73,7 @@ pub struct ProxyStats {
     pub refused: AtomicU64,
     pub active: AtomicU64,
     pub cut: AtomicU64,
+    pub login_failed: AtomicU64,
 }
 
 /// What every connection of one port shares.
@@ -81,13 +85,20 @@ pub struct Proxy {
     pub stats: Arc<ProxyStats>,
     /// Spreads reader connections over the usable standbys.
     next_reader: AtomicUsize,
-    /// TLS with the gateway's certificate, required of every client; None
-    /// only in tests of routing, which speak plain.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS with the gateway's certificate, required of every client, and the
+    /// logins on both legs; None only in tests of routing, which speak plain
+    /// to fake backends.
+    security: Option<Security>,
 }
 
-/// A client connection, plain or TLS.
-trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+/// What a proxy needs to speak TLS and SCRAM.
+pub struct Security {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub logins: Arc<login::Authenticator>,
+}
+
+/// A client connection, plain or TLS (also the server leg once logged in).
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 impl Proxy {
@@ -96,10 +107,9 @@ impl Proxy {
         region: String,
         port: Port,
         view: watch::Receiver<View>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        security: Option<Security>,
     ) -> Proxy {
-        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), tls }
+        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), security }
     }
 
     /// Older than this, the view no longer proves who the leader is.
@@ -136,13 +146,17 @@ impl Proxy {
 
     async fn handle(&self, client: TcpStream, shutdown: CancellationToken) -> Result<()> {
         client.set_nodelay(true)?;
-        let (mut client, startup) =
-            match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, self.tls.as_ref())).await {
-                Ok(Ok(Some(pair))) => pair,
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
-            };
+        let (mut client, startup) = match tokio::time::timeout(
+            STARTUP_TIMEOUT,
+            read_startup(client, self.security.as_ref().map(|s| &s.acceptor)),
+        )
+        .await
+        {
+            Ok(Ok(Some(pair))) => pair,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
+        };
         if startup.is_cancel {
             self.forward_cancel(&startup.bytes).await;
             return Ok(());
@@ -156,6 +170,83 @@ impl Proxy {
                 return Ok(());
             }
         };
+        let server: Box<dyn ClientStream> = match &self.security {
+            Some(security) => match self.log_in(&security.logins, &mut client, &startup, &backend).await? {
+                Some(server) => Box::new(server),
+                None => return Ok(()),
+            },
+            None => match self.connect_plain(&mut client, &startup, &backend).await? {
+                Some(server) => Box::new(server),
+                None => return Ok(()),
+            },
+        };
+        self.relay(client, server, &backend, shutdown).await
+    }
+
+    /// Logs the client in and the proxy in to `backend` as the same role;
+    /// `None` when the client was refused (and told why).
+    async fn log_in(
+        &self,
+        logins: &login::Authenticator,
+        client: &mut Box<dyn ClientStream>,
+        startup: &Startup,
+        backend: &Backend,
+    ) -> Result<Option<login::ServerStream>> {
+        let port = self.port.name();
+        let params = match login::StartupParams::parse(&startup.bytes) {
+            Ok(p) if !p.replication => p,
+            Ok(_) => {
+                let msg =
+                    format!("meridian {port}: the proxy does not carry replication connections; connect to a node");
+                client.write_all(&error_response("08P01", &msg)).await?;
+                return Ok(None);
+            }
+            Err(e) => {
+                client.write_all(&error_response("08P01", &format!("meridian {port}: {e:#}"))).await?;
+                return Ok(None);
+            }
+        };
+        let verifier = match logins.verifier(backend.address, &params.user).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("failed to look up a login on {}: {e:#}", backend.node);
+                let msg =
+                    format!("meridian {port}: cannot check logins on {} ({}): {e:#}", backend.node, backend.address);
+                client.write_all(&error_response("08006", &msg)).await?;
+                return Ok(None);
+            }
+        };
+        let why = match verifier {
+            Some(_) => "wrong password or a protocol error",
+            None => "no SCRAM password the proxy may use: no such role, not LOGIN, a superuser, a replication role, one of meridian's, past VALID UNTIL, or an MD5 password",
+        };
+        let login =
+            logins.login(client.as_mut(), startup.encrypted, &startup.bytes, &params, verifier, backend.address);
+        match tokio::time::timeout(STARTUP_TIMEOUT, login).await {
+            Ok(Ok((server, finish))) => {
+                client.write_all(&finish).await.context("finish the client's login")?;
+                Ok(Some(server))
+            }
+            Ok(Err(login::Refused::Client(message))) => {
+                self.stats.login_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("refused a {port} login as {:?} to {}: {why}", params.user, backend.node);
+                client.write_all(&message).await?;
+                Ok(None)
+            }
+            Ok(Err(login::Refused::Gone(e))) => Err(e),
+            Err(_) => bail!("the login did not finish within {STARTUP_TIMEOUT:?}"),
+        }
+    }
+
+    /// Without TLS (routing tests against fake backends): the startup packet
+    /// goes on as it came, and authentication is the backend's business.
+    async fn connect_plain(
+        &self,
+        client: &mut Box<dyn ClientStream>,
+        startup: &Startup,
+        backend: &Backend,
+    ) -> Result<Option<TcpStream>> {
         let mut server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.address)).await {
             Ok(Ok(s)) => s,
             failed => {
@@ -171,16 +262,28 @@ impl Proxy {
                     backend.address
                 );
                 client.write_all(&error_response("08006", &msg)).await?;
-                return Ok(());
+                return Ok(None);
             }
         };
         server.set_nodelay(true)?;
         server.write_all(&startup.bytes).await.context("send the startup packet")?;
+        Ok(Some(server))
+    }
+
+    /// Relays both ways until either side closes, the backend loses the
+    /// leadership (writer connections are cut), or shutdown.
+    async fn relay(
+        &self,
+        mut client: Box<dyn ClientStream>,
+        mut server: Box<dyn ClientStream>,
+        backend: &Backend,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         self.stats.relayed.fetch_add(1, Ordering::Relaxed);
         let relay = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, RELAY_BUFFER, RELAY_BUFFER);
         tokio::select! {
             r = relay => { r.context("relay")?; }
-            _ = self.until_not_leader(&backend) => {
+            _ = self.until_not_leader(backend) => {
                 self.stats.cut.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("cut a writer connection to {}: it no longer holds the leadership", backend.node);
             }
@@ -279,6 +382,8 @@ impl Proxy {
 struct Startup {
     bytes: Vec<u8>,
     is_cancel: bool,
+    /// The client switched to TLS before sending it.
+    encrypted: bool,
 }
 
 /// Reads packets until a startup or cancel packet, switching to TLS when the
@@ -312,13 +417,13 @@ async fn read_startup(
                 encrypted = true;
             }
             SSL_REQUEST | GSSENC_REQUEST => client.write_all(b"N").await?,
-            CANCEL_REQUEST => return Ok(Some((client, Startup { bytes, is_cancel: true }))),
+            CANCEL_REQUEST => return Ok(Some((client, Startup { bytes, is_cancel: true, encrypted }))),
             PROTOCOL_3 if tls.is_some() && !encrypted => {
                 let msg = "meridian: this proxy requires TLS (connect with sslmode=require, or verify-full with the cluster CA)";
                 client.write_all(&error_response("28000", msg)).await?;
                 return Ok(None);
             }
-            PROTOCOL_3 => return Ok(Some((client, Startup { bytes, is_cancel: false }))),
+            PROTOCOL_3 => return Ok(Some((client, Startup { bytes, is_cancel: false, encrypted }))),
             other => {
                 let msg = format!("meridian: unsupported frontend protocol {}.{}", other >> 16, other & 0xffff);
                 client.write_all(&error_response("08P01", &msg)).await?;

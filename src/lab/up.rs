@@ -215,10 +215,10 @@ fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
     }
     let mut rng = rand::rng();
     let mut password = || Alphanumeric.sample_string(&mut rng, 32);
-    let (repl, monitor, app) = (password(), password(), password());
+    let (repl, monitor, auth, app) = (password(), password(), password(), password());
     write_private(
         &dir.join("secrets.toml"),
-        &format!("replication_password = \"{repl}\"\nmonitor_password = \"{monitor}\"\n"),
+        &format!("replication_password = \"{repl}\"\nmonitor_password = \"{monitor}\"\nauth_password = \"{auth}\"\n"),
     )?;
     let verifier = postgres_protocol::password::scram_sha_256(app.as_bytes());
     write_private(

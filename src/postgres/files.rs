@@ -67,8 +67,8 @@ pub fn cluster_networks(config: &Config) -> Vec<String> {
 
 /// pg_hba.conf: the superuser only over the socket by peer; meridian's roles
 /// over TLS with a cluster certificate, from cluster addresses; application
-/// roles over TLS from `client_networks`, and from the gateways (their SQL
-/// proxies), where TLS is not yet possible; all with SCRAM. First match wins.
+/// roles over TLS from `client_networks` and from the gateways (their SQL
+/// proxies); all with SCRAM. First match wins.
 pub fn render_hba(config: &Config) -> String {
     let p = &config.postgres;
     let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
@@ -79,6 +79,7 @@ pub fn render_hba(config: &Config) -> String {
         let _ = writeln!(s, "hostnossl replication all        {any:<16} reject");
         let _ = writeln!(s, "hostnossl all        {:<12} {any:<16} reject", p.replication_user);
         let _ = writeln!(s, "hostnossl all        {:<12} {any:<16} reject", p.monitor_user);
+        let _ = writeln!(s, "hostnossl all        {:<12} {any:<16} reject", p.auth_user);
     }
     for net in cluster_networks(config) {
         // Replication and pg_rewind: TLS only, with a certificate from the cluster CA, and SCRAM.
@@ -90,10 +91,11 @@ pub fn render_hba(config: &Config) -> String {
         // Gateways (status, health probes, verify): TLS with a gateway's certificate, and SCRAM.
         let _ = writeln!(s, "hostssl postgres     {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.monitor_user);
     }
-    // The SQL proxies' leg, plain until the proxy authenticates clients itself
-    // (libpq's SCRAM channel binding cannot pass a TLS-terminating proxy; see gateway::proxy).
     for net in gateway_networks(config) {
-        let _ = writeln!(s, "host    all          all          {net:<16} scram-sha-256");
+        // The SQL proxies look up a client's SCRAM verifier: TLS with a gateway's certificate.
+        let _ = writeln!(s, "hostssl postgres     {:<12} {net:<16} scram-sha-256 clientcert=verify-ca", p.auth_user);
+        // ...and then log in as the client, over TLS, with SCRAM bound to this server's certificate.
+        let _ = writeln!(s, "hostssl all          all          {net:<16} scram-sha-256");
     }
     // Applications connecting directly: TLS only.
     for net in &p.client_networks {
@@ -260,7 +262,11 @@ impl Server {
     }
 }
 
-/// SQL that creates meridian's roles on a new cluster. Passwords go in as SCRAM
+/// SQL that creates meridian's roles on a new cluster, and the one function
+/// the SQL proxies' role may run: a login role's SCRAM verifier, only for an
+/// application role that may log in now (not a superuser, a replication role
+/// or one of meridian's, not past `VALID UNTIL`), with a fixed search_path
+/// (the traps of PgBouncer's auth_query, CVE-2025-12819 among them). Passwords go in as SCRAM
 /// verifiers computed here, so no plaintext password reaches the server's logs.
 /// The replication role also gets the four file functions pg_rewind needs; it
 /// can already read every byte of the cluster through a base backup, so this
@@ -269,6 +275,8 @@ pub fn roles_sql(config: &Config, secrets: &Secrets) -> String {
     let p = &config.postgres;
     let repl = postgres_protocol::password::scram_sha_256(secrets.replication_password.as_bytes());
     let mon = postgres_protocol::password::scram_sha_256(secrets.monitor_password.as_bytes());
+    let auth = postgres_protocol::password::scram_sha_256(secrets.auth_password.as_bytes());
+    let own_roles = [&p.replication_user, &p.monitor_user, &p.auth_user].map(|r| quote(r)).join(", ");
     format!(
         "CREATE ROLE {repl_user} WITH LOGIN REPLICATION PASSWORD '{repl}';
 CREATE ROLE {mon_user} WITH LOGIN PASSWORD '{mon}';
@@ -280,9 +288,26 @@ GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, b
 CREATE SCHEMA meridian AUTHORIZATION {mon_user};
 CREATE TABLE meridian.verify (id bigint PRIMARY KEY, written_at timestamptz NOT NULL DEFAULT now(), written_by text NOT NULL);
 ALTER TABLE meridian.verify OWNER TO {mon_user};
-REVOKE ALL ON SCHEMA public FROM PUBLIC;",
+REVOKE ALL ON SCHEMA public FROM PUBLIC;
+CREATE ROLE {auth_user} WITH LOGIN PASSWORD '{auth}';
+CREATE SCHEMA meridian_auth;
+REVOKE ALL ON SCHEMA meridian_auth FROM PUBLIC;
+CREATE FUNCTION meridian_auth.scram_verifier(username text) RETURNS text
+    LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT rolpassword FROM pg_catalog.pg_authid
+     WHERE rolname = username
+       AND rolcanlogin AND NOT rolsuper AND NOT rolreplication
+       AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())
+       AND rolname <> ALL (ARRAY[{own_roles}]::name[])
+       AND rolpassword LIKE 'SCRAM-SHA-256$%'
+$$;
+REVOKE ALL ON FUNCTION meridian_auth.scram_verifier(text) FROM PUBLIC;
+GRANT USAGE ON SCHEMA meridian_auth TO {auth_user};
+GRANT EXECUTE ON FUNCTION meridian_auth.scram_verifier(text) TO {auth_user};",
         repl_user = ident(&p.replication_user),
         mon_user = ident(&p.monitor_user),
+        auth_user = ident(&p.auth_user),
     )
 }
 
@@ -328,8 +353,10 @@ mod tests {
             "{hba}"
         );
         let reject = hba.find("reject").unwrap();
-        let app = hba.find("host    all          all").unwrap();
+        let app = hba.find("hostssl all          all").unwrap();
         assert!(reject < app, "the superuser reject comes before the application rule");
+        // No line lets anyone in without TLS but the superuser's local socket.
+        assert!(!hba.lines().any(|l| l.starts_with("host ") && !l.ends_with("reject")), "{hba}");
         for line in hba.lines().filter(|l| l.starts_with("host")) {
             let method = line.split_whitespace().nth(4).unwrap();
             assert!(method == "scram-sha-256" || method == "reject", "{line}");
@@ -337,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn off_loopback_applications_need_tls_except_from_the_gateways_proxies() {
+    fn applications_need_tls_from_their_networks_and_from_the_gateways_proxies() {
         let mut c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
         for (i, r) in c.regions.iter_mut().enumerate() {
             let gw: IpAddr = format!("10.{i}.0.2").parse().unwrap();
@@ -353,11 +380,17 @@ mod tests {
         c.postgres.client_networks = vec!["10.9.0.0/16".into()];
         let hba = render_hba(&c);
         assert!(hba.contains("hostssl all          all          10.9.0.0/16      scram-sha-256"), "{hba}");
-        assert!(hba.contains("host    all          all          10.0.0.2/32      scram-sha-256"), "{hba}");
+        assert!(hba.contains("hostssl all          all          10.0.0.2/32      scram-sha-256"), "{hba}");
+        let lookup = "hostssl postgres     meridian_auth 10.0.0.2/32      scram-sha-256 clientcert=verify-ca";
+        assert!(hba.contains(lookup), "the proxies' lookup role: a gateway certificate\n{hba}");
+        assert!(
+            !hba.lines().any(|l| l.contains("meridian_auth") && l.contains("10.0.0.11")),
+            "only from gateways: {hba}"
+        );
         assert!(!hba.contains("127.0.0.1"), "{hba}");
-        // meridian's roles never get the plain proxy rule: their hostnossl rejects come first.
-        let reject = hba.find("hostnossl all        meridian").unwrap();
-        assert!(reject < hba.find("host    all          all          10.0.0.2/32").unwrap(), "{hba}");
+        // meridian's roles never reach the proxies' rule without TLS: their hostnossl rejects come first.
+        let reject = hba.find("hostnossl all        meridian_auth").unwrap();
+        assert!(reject < hba.find("hostssl all          all          10.0.0.2/32").unwrap(), "{hba}");
         assert!(hba.find("hostnossl replication all").unwrap() < hba.find("hostssl replication").unwrap());
     }
 
@@ -382,7 +415,11 @@ mod tests {
     fn passwords_are_escaped_and_roles_get_verifiers_not_plaintext() {
         assert_eq!(pgpass_line("rep", "a:b\\c"), "*:*:*:rep:a\\:b\\\\c\n");
         let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
-        let secrets = Secrets { replication_password: "hunter2-repl".into(), monitor_password: "hunter2-mon".into() };
+        let secrets = Secrets {
+            replication_password: "hunter2-repl".into(),
+            monitor_password: "hunter2-mon".into(),
+            auth_password: "hunter2-auth".into(),
+        };
         let sql = roles_sql(&c, &secrets);
         assert!(!sql.contains("hunter2"), "{sql}");
         assert!(sql.contains("PASSWORD 'SCRAM-SHA-256$4096:"));

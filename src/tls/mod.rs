@@ -78,6 +78,9 @@ pub struct Reloading {
 
 struct State {
     key: Arc<CertifiedKey>,
+    /// The pair served before the last reload: a connection that began
+    /// before it may still bind to it (the SQL proxy's SCRAM channel binding).
+    previous: Option<Arc<CertifiedKey>>,
     /// (inode, mtime, length) of the certificate and key files when read.
     stamp: Stamp,
     checked: Instant,
@@ -97,7 +100,7 @@ impl Reloading {
         let key = read_pair(identity)?;
         Ok(Arc::new(Reloading {
             identity: identity.clone(),
-            state: Mutex::new(State { key, stamp, checked: Instant::now() }),
+            state: Mutex::new(State { key, previous: None, stamp, checked: Instant::now() }),
         }))
     }
 
@@ -111,7 +114,7 @@ impl Reloading {
                 if now != state.stamp {
                     match read_pair(&self.identity) {
                         Ok(key) => {
-                            state.key = key;
+                            state.previous = Some(std::mem::replace(&mut state.key, key));
                             state.stamp = now;
                             tracing::info!("TLS: reloaded the certificate of {}", self.identity.name);
                         }
@@ -122,6 +125,18 @@ impl Reloading {
             }
         }
         state.key.clone()
+    }
+
+    /// The leaf certificates served recently: the current one, then the one
+    /// before the last reload.
+    pub fn recent(&self) -> Vec<CertificateDer<'static>> {
+        let current = self.current();
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        [Some(&current), state.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.cert.first().cloned())
+            .collect()
     }
 }
 
@@ -195,6 +210,18 @@ pub fn server_config(identity: &Identity, clients: ClientAuth) -> Result<Arc<Ser
     };
     let mut config = builder.with_cert_resolver(Reloading::open(identity)?);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A server config for the SQL proxy: `resolver`'s certificate (which the
+/// proxy also needs for channel binding), no client certificates, and ALPN
+/// `postgresql` (libpq 17's direct TLS negotiates it; older clients send none).
+pub fn proxy_server_config(resolver: Arc<Reloading>) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Measures what TLS costs on the SQL path, in one lab and one run, alternating
 # so drift hits every path alike: pgbench directly against the primary without
-# TLS (the baseline: what meridian did before TLS), directly with TLS
+# TLS (the baseline: what meridian did before TLS; meridian's pg_hba admits no
+# plain application login, so the bench adds one line for `app` from 127.0.0.1
+# to this throw-away lab's primary and reloads it), directly with TLS
 # (sslmode=require, PostgreSQL's own TLS with the node's certificate), and
 # through the gateway's writer proxy, which terminates TLS with the gateway's
-# certificate (sslmode=verify-full against the cluster CA). Two workloads:
+# certificate (sslmode=verify-full against the cluster CA), logs the client in
+# with SCRAM itself and goes on to PostgreSQL over TLS. Two workloads:
 # select-only on long-lived connections (the steady cost of encryption), and
 # select-only with a new connection per transaction (-C: the handshake cost).
 # Prints each run, the medians and the ratios to the baseline.
@@ -31,6 +34,11 @@ trap cleanup EXIT
   { echo "lab up failed:" >&2; cat "$work/up.log" >&2; exit 1; }
 export PGPASSFILE=$lab/pgpass
 ca=$lab/tls/ca/ca.crt
+# The plain baseline: one pg_hba line on the primary (127.N.1.11, the lab's
+# first node), for this bench only; meridian rewrites pg_hba at the next start.
+primary_run=$lab/nodes/ap-south-1a/run
+echo "host all app 127.0.0.1/32 scram-sha-256   # bench/tls.sh: the plain baseline" >>"$primary_run/pg_hba.conf"
+psql -X -q -h "$primary_run" -U postgres -d postgres -c "SELECT pg_reload_conf()" >/dev/null
 declare -A conn=(
   [plain]="host=127.$net.1.11 port=5432 user=app dbname=app sslmode=disable"
   [tls]="host=127.$net.1.11 port=5432 user=app dbname=app sslmode=require"

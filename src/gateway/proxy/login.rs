@@ -31,6 +31,8 @@ const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
 const LOOKUP: &str = "SELECT meridian_auth.scram_verifier($1)";
+/// A lookup on a hung server must not hold the client's connection for ever.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server stream after login, TLS to PostgreSQL.
 pub type ServerStream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -119,6 +121,17 @@ impl Authenticator {
     /// The SCRAM verifier of `user` on the node at `node`, or `None` when the
     /// role may not log in through the proxy.
     pub async fn verifier(&self, node: SocketAddr, user: &str) -> Result<Option<Verifier>> {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(node, user)).await {
+            Ok(found) => found,
+            Err(_) => {
+                // Whatever the connection waits on, the next login starts afresh.
+                self.lookups.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+                bail!("no answer within {LOOKUP_TIMEOUT:?}")
+            }
+        }
+    }
+
+    async fn look_up(&self, node: SocketAddr, user: &str) -> Result<Option<Verifier>> {
         let cached = self.lookups.lock().unwrap_or_else(|p| p.into_inner()).get(&node).cloned();
         let client = match cached {
             Some(c) if !c.is_closed() => c,

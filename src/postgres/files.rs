@@ -266,7 +266,7 @@ impl Server {
 /// the SQL proxies' role may run: a login role's SCRAM verifier, only for an
 /// application role that may log in now (not a superuser, a replication role
 /// or one of meridian's, not past `VALID UNTIL`), with a fixed search_path
-/// (the traps of PgBouncer's auth_query, CVE-2025-12819 among them). Passwords go in as SCRAM
+/// (the traps PgBouncer's auth_query has had advisories about). Passwords go in as SCRAM
 /// verifiers computed here, so no plaintext password reaches the server's logs.
 /// The replication role also gets the four file functions pg_rewind needs; it
 /// can already read every byte of the cluster through a base backup, so this

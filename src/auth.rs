@@ -163,7 +163,8 @@ pub fn authorize(caller: &Caller, required: ApiRole, what: &str) -> Result<(), D
     Err(Denied::Forbidden(format!("{} has role {}; {what} needs {required}", caller.who, caller.role)))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equality that takes as long whatever the first difference (secrets, digests, SCRAM keys).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

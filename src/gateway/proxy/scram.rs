@@ -15,6 +15,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
+use crate::auth::constant_time_eq;
+
 pub const SCRAM: &str = "SCRAM-SHA-256";
 pub const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// PostgreSQL's SCRAM_RAW_NONCE_LEN.
@@ -120,10 +122,6 @@ fn nonce() -> String {
     let mut raw = [0u8; NONCE_BYTES];
     rand::rng().fill_bytes(&mut raw);
     B64.encode(raw)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The value of `key=` at the start of `attr`.

@@ -373,6 +373,8 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "terminating connection due to administrator command",
         "terminating walreceiver process due to administrator command",
         "could not receive data from WAL stream",
+        // The same loss seen while sending feedback; over TLS: "SSL SYSCALL error: EOF detected".
+        "could not send data to WAL stream",
         "could not connect to the primary server",
         "could not send end-of-streaming message to primary",
         // A walreceiver whose upstream went away between connecting and streaming.

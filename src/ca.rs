@@ -57,6 +57,9 @@ pub enum Subject {
     /// A person or tool (`user:<name>`): a client certificate only, no
     /// addresses; what it may do on the API is `[api] certificate_roles`.
     User(String),
+    /// A self-hosted S3 server holding a backup repository (`[[backup.repository]]`
+    /// by name): a server certificate naming its endpoint's host.
+    Repository(String),
 }
 
 impl Subject {
@@ -67,6 +70,7 @@ impl Subject {
             Subject::Gateway(r) => format!("gateway:{r}"),
             Subject::Etcd(r) => format!("etcd:{r}"),
             Subject::User(n) => format!("user:{n}"),
+            Subject::Repository(n) => format!("repository:{n}"),
         }
     }
 
@@ -100,6 +104,24 @@ impl Subject {
                     bail!("{n:?} is not a user name (lowercase letters, digits and '-')");
                 }
                 (Vec::new(), Vec::new())
+            }
+            Subject::Repository(n) => {
+                let repo = config
+                    .backup
+                    .iter()
+                    .flat_map(|b| &b.repositories)
+                    .find(|r| &r.name == n)
+                    .with_context(|| format!("no [[backup.repository]] named {n:?} in the cluster file"))?;
+                match repo.location().map_err(anyhow::Error::msg)? {
+                    crate::config::RepoLocation::S3 { host, .. } => {
+                        // pgBackRest 2.45 matches the DNS name; other clients may connect by address.
+                        let ips = if host == "localhost" { vec![IpAddr::from([127, 0, 0, 1])] } else { Vec::new() };
+                        (vec![host], ips)
+                    }
+                    crate::config::RepoLocation::Posix { .. } => {
+                        bail!("repository {n:?} is a directory; only an s3:// repository's server has a certificate")
+                    }
+                }
             }
         })
     }
@@ -180,6 +202,8 @@ fn leaf_params(config: &Config, subject: &Subject, valid: Duration) -> Result<Ce
     params.extended_key_usages = match subject {
         // A person or tool only ever connects.
         Subject::User(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        // An S3 server only ever answers.
+        Subject::Repository(_) => vec![ExtendedKeyUsagePurpose::ServerAuth],
         _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
@@ -214,6 +238,7 @@ impl Subject {
             "gateway" => Some(Subject::Gateway(rest)),
             "etcd" => Some(Subject::Etcd(rest)),
             "user" => Some(Subject::User(rest)),
+            "repository" => Some(Subject::Repository(rest)),
             _ => None,
         }
     }

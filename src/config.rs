@@ -17,8 +17,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod backup;
 mod routing;
 mod security;
+pub use backup::*;
 pub use routing::*;
 pub use security::*;
 
@@ -51,6 +53,8 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    /// Archiving and base backups; none without this section.
+    pub backup: Option<BackupConfig>,
     #[serde(rename = "region", default)]
     pub regions: Vec<Region>,
     /// Where the file was read from; relative paths in it resolve against its directory.
@@ -550,6 +554,7 @@ impl Config {
         p.extend(p2);
         routing::validate(self, &mut p);
         security::validate(self, &mut p);
+        backup::validate(self, &mut p);
         p
     }
 
@@ -623,6 +628,11 @@ pub const MANAGED_SETTINGS: &[&str] = &[
     "ssl_ca_file",
     // Set from [replication] synchronous.
     "synchronous_standby_names",
+    // Archiving belongs to [backup]: every node archives through pgBackRest, or none does.
+    "archive_mode",
+    "archive_command",
+    "archive_timeout",
+    "restore_command",
 ];
 
 /// Passwords, kept out of the cluster file so it can be shared and committed.
@@ -632,6 +642,20 @@ pub struct Secrets {
     pub replication_password: String,
     pub monitor_password: String,
     pub auth_password: String,
+    /// The key every backup repository is encrypted with (`[backup] encrypt`).
+    #[serde(default)]
+    pub backup_cipher_pass: Option<String>,
+    /// Credentials of each `s3://` backup repository, by its name: `[repository.NAME]`.
+    #[serde(default, rename = "repository")]
+    pub repositories: BTreeMap<String, RepositorySecrets>,
+}
+
+/// An S3 repository's access key.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySecrets {
+    pub s3_key: String,
+    pub s3_key_secret: String,
 }
 
 impl fmt::Debug for Secrets {

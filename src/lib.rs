@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod backup;
 pub mod ca;
 pub mod client;
 pub mod cluster;

@@ -23,6 +23,7 @@
 
 mod act;
 pub mod api;
+mod backup;
 mod certs;
 pub mod lease;
 mod observe;
@@ -111,6 +112,8 @@ struct Agent {
     /// Set by the self-probe when the primary's server hung (see `probe`);
     /// cleared once `leader` is released after the server is gone.
     hung: Arc<AtomicBool>,
+    /// The primary's pgBackRest stanza (`[backup]`).
+    archiving: backup::Archiving,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -168,6 +171,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         watchdog,
         hung,
         lease,
+        archiving: backup::Archiving::default(),
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -258,5 +262,6 @@ impl Agent {
         if let Err(e) = self.coord.revoke_lease(self.lease.id()).await {
             tracing::warn!("failed to {e:#}");
         }
+        self.stop_archivers().await;
     }
 }

@@ -21,6 +21,7 @@ impl Agent {
     pub(super) async fn primary_duties(&mut self, snapshot: Option<&Snapshot>) -> Result<()> {
         self.record_optime(snapshot).await?;
         self.place_etcd_leader().await;
+        self.archiving_duties().await;
         if let Some(s) = snapshot {
             self.apply_synchronous_standbys(s).await?;
             self.finish_requests(s, None).await?;

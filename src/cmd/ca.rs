@@ -42,6 +42,10 @@ enum Sub {
         /// (`[api] certificate_roles`) or etcd.
         #[arg(long, group = "subject")]
         user: Option<String>,
+        /// The S3 server of this backup repository (`[[backup.repository]]` name),
+        /// when it is self-hosted and trusts the cluster CA.
+        #[arg(long, group = "subject")]
+        repository: Option<String>,
         #[arg(long, default_value = "1y", value_parser = humantime::parse_duration)]
         valid: Duration,
     },
@@ -117,8 +121,11 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
             );
             Ok(0)
         }
-        Sub::Issue { ca: ca_dir, out, node, gateway, etcd, user, valid } => {
-            let subject = subject(node, gateway, etcd, user)?;
+        Sub::Issue { ca: ca_dir, out, node, gateway, etcd, user, repository, valid } => {
+            let subject = match repository {
+                Some(r) => Subject::Repository(r),
+                None => subject(node, gateway, etcd, user)?,
+            };
             let config = super::load_config(config)?;
             let cert = ca::issue(&ca_dir, &out, &config, &subject, valid)?;
             made("issued", &cert, &subject)
@@ -279,7 +286,7 @@ fn subject(
         (None, Some(r), None, None) => Subject::Gateway(r),
         (None, None, Some(r), None) => Subject::Etcd(r),
         (None, None, None, Some(u)) => Subject::User(u),
-        _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user"),
+        _ => anyhow::bail!("name exactly one of --node, --gateway, --etcd, --user (or, for `ca issue`, --repository)"),
     })
 }
 

@@ -84,6 +84,9 @@ enum Sub {
         /// [replication] synchronous: off, region or remote.
         #[arg(long, default_value = "off")]
         synchronous: crate::config::Synchronous,
+        /// No [backup]: no archiving, no repositories, no lab S3 server.
+        #[arg(long)]
+        no_backup: bool,
     },
     /// Stop every process of the lab by pid and remove its directory.
     Down {
@@ -124,6 +127,15 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// The lab's S3 server: moto behind a TLS front (started by `lab up`).
+    #[command(hide = true)]
+    S3 {
+        #[arg(long)]
+        port: u16,
+        /// The server's certificate and key (`D/tls/repository-<name>`).
+        #[arg(long)]
+        identity_dir: PathBuf,
+    },
     /// SIGCONT what `freeze` stopped (agent:NODE or postgres:NODE).
     Thaw {
         /// agent:NODE or postgres:NODE.
@@ -155,6 +167,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
             dr_trigger_region,
             s3_endpoint,
             synchronous,
+            no_backup,
         } => {
             let failover = FailoverConfig {
                 lease_ttl,
@@ -173,6 +186,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 dr_trigger_region,
                 s3_endpoint,
                 synchronous,
+                backup: !no_backup,
             };
             // A new lab goes where --dir says, never where an old cluster file points.
             crate::lab::up(dir.dir.as_deref().unwrap_or(Path::new(DEFAULT_DIR)), &shape).await?
@@ -184,6 +198,12 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
         Sub::Heal { dir } => crate::lab::heal(&dir.resolve(config)).await?,
         Sub::Freeze { target, dir } => crate::lab::freeze(&dir.resolve(config), &target).await?,
         Sub::Thaw { target, dir } => crate::lab::thaw(&dir.resolve(config), &target).await?,
+        Sub::S3 { port, identity_dir } => {
+            let name = identity_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let identity = crate::tls::Identity { name, dir: identity_dir };
+            let python = Path::new(crate::lab::MOTO_PYTHON);
+            crate::lab::s3::serve(port, &identity, python, super::shutdown_on_signal()).await?
+        }
         Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
     }
     Ok(0)

@@ -13,6 +13,7 @@ mod operations;
 mod status;
 mod token;
 mod verify;
+mod wal;
 
 use std::path::{Path, PathBuf};
 
@@ -72,6 +73,8 @@ pub enum Command {
     Token(token::Args),
     /// Who did what: every mutating API call and every automatic promotion.
     Audit(audit::Args),
+    /// WAL archiving helpers that PostgreSQL runs (see docs/backup.md).
+    Wal(wal::Args),
 }
 
 /// Runs a command and returns the process's exit status.
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Ca(a) => ca::run(&config, a).await,
         Command::Token(a) => token::run(&config, a).await,
         Command::Audit(a) => audit::run(&config, a).await,
+        Command::Wal(a) => wal::run(a).await,
     };
     match result {
         Ok(code) => code,

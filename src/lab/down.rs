@@ -37,6 +37,13 @@ pub(super) async fn stop_processes(lab: &Lab) {
         process::signal(*pid, libc::SIGQUIT);
     }
     process::stop_all(&postmasters, Duration::from_secs(10)).await;
+    // pgBackRest's asynchronous archive-push outlives a server whose agent was killed.
+    let archivers: Vec<u32> = lab
+        .config
+        .nodes()
+        .flat_map(|(_, n)| crate::backup::pgbackrest::running_pids(&lab.config.resolve(&n.run_dir())))
+        .collect();
+    process::stop_all(&archivers, Duration::from_secs(5)).await;
     // Stopped together, etcd members each wait seconds for their peers (leader
     // transfer). The lab's etcd data is thrown away, or restarted from disk
     // (which etcd is built to survive), so a short grace before SIGKILL will do.

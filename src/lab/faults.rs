@@ -79,6 +79,12 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
         for member in &started {
             match member {
                 Member::Etcd { .. } => {}
+                // moto keeps objects in memory: a restarted server starts empty and needs its bucket.
+                Member::S3 { region } => {
+                    for (repo, _) in lab.s3_repositories().into_iter().filter(|(r, _)| &r.region == region) {
+                        super::up::make_bucket(&lab, repo, Duration::from_secs(30)).await?;
+                    }
+                }
                 Member::Agent { node, .. } => {
                     wait_for(&coord, Duration::from_secs(90), &format!("{node} to be healthy"), &started_specs, |s| {
                         s.members.iter().any(|m| &m.node == node && m.healthy && m.revision > since).then_some(())

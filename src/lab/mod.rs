@@ -18,7 +18,8 @@
 //! D/tls/ca/              the lab's cluster CA (ca.crt, ca.key 0600)
 //! D/tls/<kind>-<name>/   tls.crt, tls.key (0600), ca.crt per node, gateway, etcd member,
 //!                        and user-lab, with which the lab's commands (and tests) reach etcd
-//! D/logs/<process>.log   etcd-<region>, agent-<node>, gateway-<region>
+//! D/backup/<region>/     the second region's backup repository (a directory)
+//! D/logs/<process>.log   s3-<region>, etcd-<region>, agent-<node>, gateway-<region>
 //! D/pids/<process>.pid
 //! ```
 
@@ -27,6 +28,7 @@ mod down;
 mod faults;
 mod freeze;
 pub mod partition;
+pub mod s3;
 pub mod topology;
 mod up;
 mod wait;
@@ -51,19 +53,35 @@ const MARKER: &str = ".meridian-lab";
 pub const LAB_IDENTITY: &str = "user-lab";
 /// The admin token `lab up` makes, relative to the lab directory.
 pub const ADMIN_TOKEN: &str = "admin.token";
+/// The Python with moto, the lab's S3 server (scripts/setup makes it).
+pub const MOTO_PYTHON: &str = "/opt/meridian/venv/bin/python3";
 
 /// One of the lab's processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Member {
-    Etcd { region: String },
-    Agent { node: String, region: String },
-    Gateway { region: String },
+    /// The S3 server (moto, over TLS) holding a region's backup repository.
+    S3 {
+        region: String,
+    },
+    Etcd {
+        region: String,
+    },
+    Agent {
+        node: String,
+        region: String,
+    },
+    Gateway {
+        region: String,
+    },
 }
 
 impl Member {
     pub fn region(&self) -> &str {
         match self {
-            Member::Etcd { region } | Member::Agent { region, .. } | Member::Gateway { region } => region,
+            Member::S3 { region }
+            | Member::Etcd { region }
+            | Member::Agent { region, .. }
+            | Member::Gateway { region } => region,
         }
     }
 }
@@ -112,7 +130,7 @@ impl Lab {
         self.config.regions.iter().map(|r| r.name.clone()).collect()
     }
 
-    /// Every process of the lab, in start order: etcd, agents, gateways.
+    /// Every process of the lab, in start order: S3, etcd, agents, gateways.
     pub fn processes(&self) -> Vec<(Member, ProcSpec)> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("meridian"));
         let config = self.config_path().display().to_string();
@@ -129,6 +147,16 @@ impl Lab {
         };
 
         let mut out = Vec::new();
+        for (repo, port) in self.s3_repositories() {
+            let tls = self.config.tls_identity(&format!("repository-{}", repo.name));
+            let dir = tls.dir.display().to_string();
+            let args = ["lab", "s3", "--port", &port.to_string(), "--identity-dir", &dir].map(OsString::from).to_vec();
+            let identity = format!("--identity-dir {dir}");
+            out.push((
+                Member::S3 { region: repo.region.clone() },
+                spec(format!("s3-{}", repo.region), exe.clone(), args, identity),
+            ));
+        }
         let etcd_regions: Vec<(&str, &str)> =
             self.config.regions.iter().filter_map(|r| r.etcd.as_deref().map(|u| (r.name.as_str(), u))).collect();
         let initial_cluster: Vec<String> =
@@ -219,7 +247,20 @@ impl Lab {
             .collect()
     }
 
-    /// The processes of a node or of a whole region.
+    /// The lab's S3 repositories (served by moto on 127.0.0.1), with their ports.
+    pub fn s3_repositories(&self) -> Vec<(&crate::config::Repository, u16)> {
+        let repos = self.config.backup.iter().flat_map(|b| &b.repositories);
+        repos
+            .filter_map(|r| match r.location() {
+                Ok(crate::config::RepoLocation::S3 { port, .. }) => Some((r, port)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The processes of a node or of a whole region. A region's S3 server is
+    /// only chosen by `s3:REGION`: like a cloud's object store, it outlives
+    /// the region's servers (and moto keeps its objects in memory only).
     fn select(&self, target: &str) -> Result<Vec<(Member, ProcSpec)>> {
         let all = self.processes();
         let chosen: Vec<_> = all
@@ -227,6 +268,8 @@ impl Lab {
             .filter(|(m, _)| match (m, target.split_once(':')) {
                 (Member::Etcd { region }, Some(("etcd", r))) => region == r,
                 (Member::Gateway { region }, Some(("gateway", r))) => region == r,
+                (Member::S3 { region }, Some(("s3", r))) => region == r,
+                (Member::S3 { .. }, None) => false,
                 (_, Some(_)) => false,
                 (Member::Agent { node, region }, None) => node == target || region == target,
                 (other, None) => other.region() == target,
@@ -235,7 +278,7 @@ impl Lab {
         if chosen.is_empty() {
             let regions: Vec<&str> = self.config.regions.iter().map(|r| r.name.as_str()).collect();
             bail!(
-                "{target:?} is neither a node ({}) nor a region ({}), nor etcd:REGION or gateway:REGION",
+                "{target:?} is neither a node ({}) nor a region ({}), nor etcd:REGION, gateway:REGION or s3:REGION",
                 self.config.node_names().join(", "),
                 regions.join(", ")
             );

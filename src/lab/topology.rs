@@ -31,6 +31,9 @@ pub struct LabShape {
     pub s3_endpoint: Option<String>,
     /// `[replication] synchronous`.
     pub synchronous: Synchronous,
+    /// `[backup]` with a repository in each of the first two regions: the
+    /// first on the lab's S3 server (moto, over TLS), the second a directory.
+    pub backup: bool,
 }
 
 impl Default for LabShape {
@@ -44,6 +47,7 @@ impl Default for LabShape {
             dr_trigger_region: None,
             s3_endpoint: None,
             synchronous: Synchronous::Off,
+            backup: true,
         }
     }
 }
@@ -79,6 +83,17 @@ impl LabShape {
         }
         Ok(())
     }
+}
+
+/// The bucket of the lab's S3 repository.
+pub const LAB_BUCKET: &str = "meridian-backup";
+
+/// The lab's S3 server (moto) listens on 127.0.0.1 and is reached as
+/// `localhost`: pgBackRest 2.45 verifies an S3 server's certificate by DNS
+/// name only, and `localhost` is the one name every machine resolves. So labs
+/// tell their servers apart by port.
+pub fn s3_port(net: u8) -> u16 {
+    19000 + net as u16
 }
 
 pub fn region_ip(net: u8, region_index: usize, host: u8) -> Ipv4Addr {
@@ -172,6 +187,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
             ..PostgresConfig::default()
         },
         tls: TlsConfig::default(),
+        backup: shape.backup.then(|| lab_backup(shape, dir)),
         api: ApiConfig {
             token_file: Some(PathBuf::from(super::ADMIN_TOKEN)),
             // The lab's own client certificate (D/tls/user-lab) is its operator's.
@@ -180,6 +196,41 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         },
         regions,
         source: Some(dir.join("meridian.toml")),
+    }
+}
+
+/// One repository per database region (the first two): the first region's
+/// in the lab's S3 server, the second's in a directory of the lab.
+fn lab_backup(shape: &LabShape, dir: &Path) -> BackupConfig {
+    let repositories = shape
+        .regions
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(i, region)| Repository {
+            name: region.clone(),
+            region: region.clone(),
+            url: if i == 0 {
+                format!("s3://{LAB_BUCKET}/{region}")
+            } else {
+                format!("file://{}", dir.join("backup").join(region).display())
+            },
+            endpoint: (i == 0).then(|| format!("https://localhost:{}", s3_port(shape.net))),
+            s3_region: "us-east-1".into(),
+            ca_file: None,
+        })
+        .collect();
+    BackupConfig {
+        run_on: RunOn::PreferStandby,
+        full_every: Duration::from_secs(7 * 24 * 3600),
+        diff_every: None,
+        incr_every: None,
+        retention_full: 2,
+        encrypt: true,
+        archive_timeout: Duration::from_secs(60),
+        process_max: 2,
+        pgbackrest: PathBuf::from("/usr/bin/pgbackrest"),
+        repositories,
     }
 }
 

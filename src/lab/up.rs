@@ -73,6 +73,16 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
 
 async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
     let procs = lab.processes();
+    let s3: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::S3 { .. })).collect();
+    if !s3.is_empty() {
+        progress.step(format!("starting the S3 server of {} backup repository(ies), over TLS", s3.len()));
+        for (_, spec) in &s3 {
+            process::start(spec)?;
+        }
+        for (repo, _) in lab.s3_repositories() {
+            make_bucket(lab, repo, Duration::from_secs(30)).await?;
+        }
+    }
     let etcd: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::Etcd { .. })).collect();
     progress.step(format!("starting etcd ({} members) and waiting for a quorum", etcd.len()));
     for (_, spec) in &etcd {
@@ -115,6 +125,31 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
         wait_for_health_settled(lab, Duration::from_secs(30)).await?;
     }
     Ok(())
+}
+
+/// Creates the bucket of a lab S3 repository on its moto server (which keeps
+/// objects in memory: a restarted server needs it again), waiting for the
+/// server to answer over TLS with its certificate from the lab's CA.
+pub(super) async fn make_bucket(lab: &Lab, repo: &crate::config::Repository, timeout: Duration) -> Result<()> {
+    let crate::config::RepoLocation::S3 { bucket, port, .. } = repo.location().map_err(anyhow::Error::msg)? else {
+        return Ok(());
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let https = crate::client::Https { tls: crate::tls::client_config(&lab.config.tls_ca_file(), None)?, token: None };
+    let deadline = Instant::now() + timeout;
+    let path = format!("/{bucket}");
+    loop {
+        let put = crate::client::request(addr, Some(&https), hyper::Method::PUT, &path, None, Duration::from_secs(5));
+        let last = match put.await {
+            Ok((status, _)) if status.is_success() || status == hyper::StatusCode::CONFLICT => return Ok(()),
+            Ok((status, body)) => format!("{status}: {}", String::from_utf8_lossy(&body).trim()),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!("the lab's S3 server on {addr} did not create bucket {bucket} within {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// An admin token for whoever ran `lab up`, straight into etcd (there is no
@@ -173,6 +208,14 @@ fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
             addrs.push(n.address);
         }
     }
+    if let Some(b) = &config.backup {
+        for r in &b.repositories {
+            if let Ok(crate::config::RepoLocation::S3 { port, .. }) = r.location() {
+                addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+                addrs.push(SocketAddr::from(([127, 0, 0, 1], super::s3::upstream_port(port))));
+            }
+        }
+    }
     for addr in addrs {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             bail!("{addr} is not free ({e}); another lab may use --net {net}: pick another --net or stop it");
@@ -198,6 +241,11 @@ fn write_certificates(dir: &Path, config: &Config) -> Result<()> {
         }
     }
     subjects.push((super::LAB_IDENTITY.to_string(), Subject::User("lab".into())));
+    for r in config.backup.iter().flat_map(|b| &b.repositories) {
+        if matches!(r.location(), Ok(crate::config::RepoLocation::S3 { .. })) {
+            subjects.push((format!("repository-{}", r.name), Subject::Repository(r.name.clone())));
+        }
+    }
     for (sub, subject) in subjects {
         ca::issue(&ca_dir, &tls.join(sub), config, &subject, YEAR)?;
     }
@@ -216,10 +264,32 @@ fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
     let mut rng = rand::rng();
     let mut password = || Alphanumeric.sample_string(&mut rng, 32);
     let (repl, monitor, auth, app) = (password(), password(), password(), password());
-    write_private(
-        &dir.join("secrets.toml"),
-        &format!("replication_password = \"{repl}\"\nmonitor_password = \"{monitor}\"\nauth_password = \"{auth}\"\n"),
-    )?;
+    let mut secrets =
+        format!("replication_password = \"{repl}\"\nmonitor_password = \"{monitor}\"\nauth_password = \"{auth}\"\n");
+    if let Some(b) = &config.backup {
+        secrets.push_str(&format!("backup_cipher_pass = \"{}\"\n", password()));
+        for r in &b.repositories {
+            if matches!(r.location(), Ok(crate::config::RepoLocation::S3 { .. })) {
+                // moto takes any key; a real S3 would need the repository's own.
+                secrets.push_str(&format!(
+                    "\n[repository.{}]\ns3_key = \"lab-{}\"\ns3_key_secret = \"{}\"\n",
+                    r.name,
+                    r.name,
+                    password()
+                ));
+            }
+        }
+        // The directory repositories' parent: PostgreSQL's user (pgBackRest) creates each in it.
+        let backup = dir.join("backup");
+        std::fs::create_dir_all(&backup).with_context(|| format!("create {}", backup.display()))?;
+        std::fs::set_permissions(&backup, std::fs::Permissions::from_mode(0o700))?;
+        if unsafe { libc::geteuid() } == 0 {
+            let (uid, gid) = crate::postgres::lookup_user(&config.postgres.os_user)?;
+            std::os::unix::fs::chown(&backup, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", backup.display()))?;
+        }
+    }
+    write_private(&dir.join("secrets.toml"), &secrets)?;
     let verifier = postgres_protocol::password::scram_sha_256(app.as_bytes());
     write_private(
         &dir.join("bootstrap.sql"),

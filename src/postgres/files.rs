@@ -128,7 +128,8 @@ pub fn render_ident(server: &Server, os_user: &str) -> String {
 }
 
 /// postgresql.auto.conf: cluster-wide settings, then the user's, then where to stream from.
-pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs) -> String {
+/// `meridian` is the program PostgreSQL's archive command runs on a standby.
+pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, meridian: &Path) -> String {
     let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
     let defaults = [
         ("max_wal_senders", "10"),
@@ -154,6 +155,11 @@ pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs) -> St
             other => other.to_string(),
         };
         let _ = writeln!(s, "{k} = {v}");
+    }
+    if let Some(backup) = &config.backup {
+        for (k, v) in crate::backup::pgbackrest::archive_settings(config, backup, &server.run_dir, meridian) {
+            let _ = writeln!(s, "{k} = {}", quote(&v));
+        }
     }
     if let StartAs::Standby { upstream: Some((_, addr)) } = start {
         let info =
@@ -185,8 +191,13 @@ impl Server {
             &self.passfile(),
             &pgpass_line(&config.postgres.replication_user, &secrets.replication_password),
         )?;
+        if let Some(backup) = &config.backup {
+            self.write_pgbackrest(config, backup, secrets)?;
+        }
         if self.is_initialized() {
-            self.write_private(&self.data_dir.join("postgresql.auto.conf"), &render_auto_conf(config, self, start))?;
+            let meridian = std::env::current_exe().context("find the meridian program (for the archive command)")?;
+            let conf = render_auto_conf(config, self, start, &meridian);
+            self.write_private(&self.data_dir.join("postgresql.auto.conf"), &conf)?;
             let signal = self.data_dir.join("standby.signal");
             match start {
                 StartAs::Primary => match std::fs::remove_file(&signal) {
@@ -216,6 +227,26 @@ impl Server {
         }
         self.write_private(&path, &new)?;
         Ok(true)
+    }
+
+    /// pgBackRest's configuration (0600: it holds the repositories' keys) and
+    /// its spool, lock and log directories, owned by the server's user.
+    fn write_pgbackrest(&self, config: &Config, backup: &crate::config::BackupConfig, secrets: &Secrets) -> Result<()> {
+        use crate::backup::pgbackrest as pgbr;
+        let node = pgbr::NodeFiles {
+            data_dir: &self.data_dir,
+            run_dir: &self.run_dir,
+            port: self.address.port(),
+            cluster_ca: self.tls_file(TLS_CA),
+        };
+        let text = pgbr::render_conf(config, backup, secrets, &node)?;
+        let dir = self.run_dir.join(pgbr::DIR);
+        for d in [dir.clone(), dir.join("spool"), dir.join("lock"), dir.join("log"), pgbr::include_path(&self.run_dir)]
+        {
+            std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+            self.chown(&d)?;
+        }
+        self.write_private(&pgbr::conf_path(&self.run_dir), &text)
     }
 
     pub fn tls_file(&self, name: &str) -> std::path::PathBuf {
@@ -399,7 +430,7 @@ mod tests {
         let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
         let s = server(&c);
         let up = ("ap-south-1a".to_string(), "127.0.1.11:5432".parse().unwrap());
-        let conf = render_auto_conf(&c, &s, &StartAs::Standby { upstream: Some(up) });
+        let conf = render_auto_conf(&c, &s, &StartAs::Standby { upstream: Some(up) }, Path::new("/bin/meridian"));
         assert!(conf.contains("primary_conninfo = 'host=127.0.1.11 port=5432 user=replicator passfile=/tmp/lab/nodes/ap-northeast-1a/run/pgpass application_name=ap-northeast-1a"), "{conf}");
         assert!(conf.contains("primary_slot_name = 'meridian_ap_northeast_1a'"));
         assert!(conf.contains("shared_buffers = '32MB'"));
@@ -407,7 +438,7 @@ mod tests {
         assert!(!conf.contains("password="));
         let tls = "sslmode=verify-full sslrootcert=/tmp/lab/nodes/ap-northeast-1a/run/tls/ca.crt sslcert=/tmp/lab/nodes/ap-northeast-1a/run/tls/node.crt sslkey=/tmp/lab/nodes/ap-northeast-1a/run/tls/node.key";
         assert!(conf.contains(tls), "replication verifies the upstream and presents the node's certificate: {conf}");
-        let primary = render_auto_conf(&c, &s, &StartAs::Primary);
+        let primary = render_auto_conf(&c, &s, &StartAs::Primary, Path::new("/bin/meridian"));
         assert!(!primary.contains("primary_conninfo"));
     }
 
@@ -419,6 +450,8 @@ mod tests {
             replication_password: "hunter2-repl".into(),
             monitor_password: "hunter2-mon".into(),
             auth_password: "hunter2-auth".into(),
+            backup_cipher_pass: None,
+            repositories: Default::default(),
         };
         let sql = roles_sql(&c, &secrets);
         assert!(!sql.contains("hunter2"), "{sql}");

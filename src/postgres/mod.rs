@@ -72,7 +72,12 @@ impl Server {
     /// A PostgreSQL program with a cleared environment, as the server's OS user,
     /// in a directory that user can read.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join(program));
+        self.command_at(&self.bin_dir.join(program))
+    }
+
+    /// Any program, run as `command` runs PostgreSQL's.
+    pub fn command_at(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
         cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8").current_dir(&self.run_dir);
         if let Some((uid, gid)) = self.os_ids {
             // std drops supplementary groups (setgroups(0)) when switching from root.
@@ -411,7 +416,7 @@ fn run_logged(mut cmd: Command, what: &str, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-fn lookup_user(name: &str) -> Result<(u32, u32)> {
+pub fn lookup_user(name: &str) -> Result<(u32, u32)> {
     let cname = std::ffi::CString::new(name)?;
     // getpwnam is not thread-safe, but this runs once at startup before other threads read the passwd db.
     let pw = unsafe { libc::getpwnam(cname.as_ptr()) };

@@ -1,0 +1,255 @@
+//! A node's pgBackRest configuration, rendered from the cluster file and the
+//! secrets file (pure; tested below), and the archive command PostgreSQL runs.
+//!
+//! Every node runs with `archive_mode = always`. A primary pushes each WAL
+//! file to every repository (asynchronously, so one unreachable repository
+//! does not stall the others); a standby *holds* each file it received until
+//! every repository has it (`meridian wal held`), so it never recycles a
+//! segment the repositories lack. When the standby is promoted, PostgreSQL
+//! removes `standby.signal` and the same command pushes what it held: the
+//! segments a dead primary never archived reach the repositories, and the WAL
+//! chain has no gap across the failover. Because standbys never push,
+//! pgBackRest's `archive-mode-check` (which refuses `always`) is turned off.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::config::{BackupConfig, Config, RepoLocation, Secrets};
+
+/// pgBackRest's own directories (spool, locks, logs) in a node's run directory.
+pub const DIR: &str = "pgbackrest";
+/// The rendered configuration, in the run directory (0600: it holds the keys).
+pub const CONF: &str = "pgbackrest.conf";
+
+/// What the rendering needs to know about a node.
+pub struct NodeFiles<'a> {
+    pub data_dir: &'a Path,
+    pub run_dir: &'a Path,
+    pub port: u16,
+    /// The cluster CA as the server's user can read it (the run directory's copy).
+    pub cluster_ca: PathBuf,
+}
+
+/// The stanza is the cluster's name: every node of the cluster archives into the same one.
+pub fn stanza(config: &Config) -> &str {
+    &config.cluster
+}
+
+pub fn conf_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(CONF)
+}
+
+/// An include directory of our own, so that nothing in `/etc/pgbackrest` applies.
+pub fn include_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(DIR).join("conf.d")
+}
+
+/// The whole `pgbackrest.conf` of a node. Fails when the secrets file lacks
+/// what a repository needs (its S3 key, or the cipher passphrase).
+pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, node: &NodeFiles) -> Result<String> {
+    let dir = node.run_dir.join(DIR);
+    let mut s = String::from("# Written by meridian; edit meridian.toml and the secrets file instead.\n[global]\n");
+    let mut line = |k: &str, v: &str| {
+        let _ = writeln!(s, "{k}={v}");
+    };
+    line("spool-path", &dir.join("spool").display().to_string());
+    line("lock-path", &dir.join("lock").display().to_string());
+    line("log-path", &dir.join("log").display().to_string());
+    line("log-level-console", "warn");
+    line("log-level-stderr", "off");
+    line("log-level-file", "info");
+    // One unreachable repository must not stall archiving to the others.
+    line("archive-async", "y");
+    // Standbys hold rather than push (see the module's comment), so archive_mode = always is safe.
+    line("archive-mode-check", "n");
+    line("process-max", &backup.process_max.to_string());
+    line("compress-type", "lz4");
+    // A backup starts with an immediate checkpoint, not whenever the next one comes.
+    line("start-fast", "y");
+    // A hung repository must not hold PostgreSQL's archiver (and so pg_wal) forever.
+    line("io-timeout", "30");
+    // How long PostgreSQL's archive command waits for the asynchronous push of
+    // its file before failing (PostgreSQL retries later; the push goes on). A
+    // fast shutdown waits for the archiver, so this bounds a switchover's stop
+    // while a repository is unreachable (the default is 60 s).
+    line("archive-timeout", "5");
+    line("db-timeout", "600");
+    for (i, repo) in backup.repositories.iter().enumerate() {
+        let r = format!("repo{}", i + 1);
+        match repo.location().map_err(anyhow::Error::msg)? {
+            RepoLocation::S3 { bucket, prefix, host, port } => {
+                let keys = secrets.repositories.get(&repo.name).with_context(|| {
+                    format!(
+                        "the secrets file has no [repository.{}] with s3_key and s3_key_secret for s3 repository {:?}",
+                        repo.name, repo.name
+                    )
+                })?;
+                line(&format!("{r}-type"), "s3");
+                line(&format!("{r}-path"), &prefix);
+                line(&format!("{r}-s3-bucket"), &bucket);
+                line(&format!("{r}-s3-endpoint"), &host);
+                line(&format!("{r}-storage-port"), &port.to_string());
+                line(&format!("{r}-s3-region"), &repo.s3_region);
+                line(&format!("{r}-s3-uri-style"), "path");
+                line(&format!("{r}-s3-key"), &keys.s3_key);
+                line(&format!("{r}-s3-key-secret"), &keys.s3_key_secret);
+                let ca = repo.ca_file.as_ref().map(|f| config.resolve(f)).unwrap_or_else(|| node.cluster_ca.clone());
+                line(&format!("{r}-storage-ca-file"), &ca.display().to_string());
+                // Verification stays on: the certificate must come from this CA and name `host`.
+                line(&format!("{r}-storage-verify-tls"), "y");
+            }
+            RepoLocation::Posix { path } => {
+                line(&format!("{r}-type"), "posix");
+                line(&format!("{r}-path"), &path.display().to_string());
+            }
+        }
+        line(&format!("{r}-retention-full"), &backup.retention_full.to_string());
+        if backup.encrypt {
+            let pass = secrets.backup_cipher_pass.as_deref().context(
+                "[backup] encrypt is on but the secrets file has no backup_cipher_pass (or set encrypt = false)",
+            )?;
+            line(&format!("{r}-cipher-type"), "aes-256-cbc");
+            line(&format!("{r}-cipher-pass"), pass);
+        }
+    }
+    let _ = writeln!(s, "\n[{}]", stanza(config));
+    let _ = writeln!(s, "pg1-path={}", node.data_dir.display());
+    let _ = writeln!(s, "pg1-socket-path={}", node.run_dir.display());
+    let _ = writeln!(s, "pg1-port={}", node.port);
+    let _ = writeln!(s, "pg1-user={}", crate::postgres::SUPERUSER);
+    Ok(s)
+}
+
+/// pgBackRest processes of this node still running: the asynchronous
+/// archive-push detaches from PostgreSQL and outlives it, so whoever stops the
+/// server stops these too. Found by pid, from pgBackRest's lock files (JSON
+/// with `pid`), and only if the process's command line names this node's
+/// configuration.
+pub fn running_pids(run_dir: &Path) -> Vec<u32> {
+    let conf = conf_path(run_dir).display().to_string();
+    let Ok(entries) = std::fs::read_dir(run_dir.join(DIR).join("lock")) else { return Vec::new() };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok()?.get("pid")?.as_u64())
+        .filter_map(|p| u32::try_from(p).ok())
+        .filter(|p| crate::process::is_ours(*p, &conf))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// PostgreSQL's `archive_command`: push as a primary, hold as a standby.
+/// PostgreSQL runs it with the data directory as its working directory, and
+/// removes `standby.signal` the moment it is promoted.
+pub fn archive_command(config: &Config, backup: &BackupConfig, run_dir: &Path, meridian: &Path) -> String {
+    let conf = conf_path(run_dir);
+    let stanza = stanza(config);
+    let pgbackrest = backup.pgbackrest.display();
+    format!(
+        "if test -f standby.signal; then exec {meridian} wal held --pgbackrest {pgbackrest} --pgbackrest-config {conf} --stanza {stanza} %f; else exec {pgbackrest} --config={conf} --config-include-path={inc} --stanza={stanza} archive-push %p; fi",
+        meridian = meridian.display(),
+        conf = conf.display(),
+        inc = include_path(run_dir).display(),
+    )
+}
+
+/// The settings meridian adds to `postgresql.auto.conf` when `[backup]` is on.
+pub fn archive_settings(
+    config: &Config,
+    backup: &BackupConfig,
+    run_dir: &Path,
+    meridian: &Path,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("archive_mode", "always".into()),
+        ("archive_command", archive_command(config, backup, run_dir, meridian)),
+        ("archive_timeout", format!("{}s", backup.archive_timeout.as_secs())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RepositorySecrets;
+    use crate::lab::topology::{lab_config, LabShape};
+
+    fn secrets() -> Secrets {
+        Secrets {
+            replication_password: "r".into(),
+            monitor_password: "m".into(),
+            auth_password: "a".into(),
+            backup_cipher_pass: Some("cipher-secret".into()),
+            repositories: [(
+                "ap-south-1".to_string(),
+                RepositorySecrets { s3_key: "AKIA-lab".into(), s3_key_secret: "s3-secret".into() },
+            )]
+            .into(),
+        }
+    }
+
+    fn node() -> NodeFiles<'static> {
+        NodeFiles {
+            data_dir: Path::new("/tmp/lab/nodes/a/data"),
+            run_dir: Path::new("/tmp/lab/nodes/a/run"),
+            port: 5432,
+            cluster_ca: PathBuf::from("/tmp/lab/nodes/a/run/tls/ca.crt"),
+        }
+    }
+
+    #[test]
+    fn the_lab_archives_to_s3_over_verified_tls_and_to_a_directory_encrypted() {
+        let c = lab_config(&LabShape { net: 7, ..LabShape::default() }, Path::new("/tmp/lab"));
+        let b = c.backup.as_ref().unwrap();
+        let conf = render_conf(&c, b, &secrets(), &node()).unwrap();
+        for want in [
+            "repo1-type=s3",
+            "repo1-s3-bucket=meridian-backup",
+            "repo1-path=/ap-south-1",
+            "repo1-s3-endpoint=localhost",
+            "repo1-storage-port=19007",
+            "repo1-s3-uri-style=path",
+            "repo1-storage-ca-file=/tmp/lab/nodes/a/run/tls/ca.crt",
+            "repo1-storage-verify-tls=y",
+            "repo2-type=posix",
+            "repo2-path=/tmp/lab/backup/ap-northeast-1",
+            "repo1-cipher-type=aes-256-cbc",
+            "repo2-cipher-pass=cipher-secret",
+            "archive-async=y",
+            "archive-mode-check=n",
+            "[lab]\npg1-path=/tmp/lab/nodes/a/data\npg1-socket-path=/tmp/lab/nodes/a/run\npg1-port=5432\npg1-user=postgres",
+        ] {
+            assert!(conf.contains(want), "missing {want:?} in\n{conf}");
+        }
+        // archive-push-queue-max drops WAL when reached: never set behind the operator's back.
+        assert!(!conf.contains("queue-max"), "{conf}");
+    }
+
+    #[test]
+    fn missing_secrets_are_named() {
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        let b = c.backup.as_ref().unwrap();
+        let mut s = secrets();
+        s.repositories.clear();
+        let e = render_conf(&c, b, &s, &node()).unwrap_err().to_string();
+        assert!(e.contains("[repository.ap-south-1]"), "{e}");
+        let mut s = secrets();
+        s.backup_cipher_pass = None;
+        let e = render_conf(&c, b, &s, &node()).unwrap_err().to_string();
+        assert!(e.contains("backup_cipher_pass"), "{e}");
+    }
+
+    #[test]
+    fn a_standby_holds_and_a_primary_pushes() {
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        let b = c.backup.as_ref().unwrap();
+        let cmd = archive_command(&c, b, Path::new("/r"), Path::new("/bin/meridian"));
+        assert_eq!(
+            cmd,
+            "if test -f standby.signal; then exec /bin/meridian wal held --pgbackrest /usr/bin/pgbackrest --pgbackrest-config /r/pgbackrest.conf --stanza lab %f; else exec /usr/bin/pgbackrest --config=/r/pgbackrest.conf --config-include-path=/r/pgbackrest/conf.d --stanza=lab archive-push %p; fi"
+        );
+    }
+}

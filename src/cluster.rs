@@ -118,6 +118,9 @@ pub struct MemberStatus {
     /// When the node's certificate expires, Unix seconds.
     #[serde(default)]
     pub cert_not_after: Option<u64>,
+    /// WAL archiving (`[backup]`), as this node's server reports it.
+    #[serde(default)]
+    pub archive: Option<ArchiveReport>,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
@@ -303,6 +306,25 @@ pub struct NodeStatus {
     /// When the node's certificate expires, Unix seconds, as its agent last said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_not_after: Option<u64>,
+    /// WAL archiving, as the node's agent last said (`[backup]` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveReport>,
+}
+
+/// What a node's server says of its WAL archiving (`pg_stat_archiver`, and
+/// pgBackRest's refusals). A primary archives by pushing to every repository;
+/// a standby by seeing that every repository has the file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveReport {
+    /// The last WAL file archived.
+    pub last_archived: Option<String>,
+    /// Seconds since then, by the server's clock.
+    pub last_archived_age_seconds: Option<f64>,
+    /// A file whose archiving failed after the last success; PostgreSQL keeps it and retries.
+    pub failing: Option<String>,
+    /// A repository holds this node's WAL file with other content: two servers
+    /// wrote the same timeline (a possible split brain).
+    pub conflict: Option<String>,
 }
 
 impl ClusterStatus {
@@ -332,6 +354,7 @@ impl ClusterStatus {
                     waiting: None,
                     failure: None,
                     cert_not_after: m.cert_not_after,
+                    archive: m.archive.clone(),
                 },
                 Some(m) => NodeStatus {
                     name: node.name.clone(),
@@ -346,6 +369,7 @@ impl ClusterStatus {
                     waiting: m.waiting.clone(),
                     failure: m.failure.clone(),
                     cert_not_after: m.cert_not_after,
+                    archive: m.archive.clone(),
                 },
                 None => NodeStatus {
                     name: node.name.clone(),
@@ -360,6 +384,7 @@ impl ClusterStatus {
                     waiting: None,
                     failure: None,
                     cert_not_after: None,
+                    archive: None,
                 },
             })
             .collect();
@@ -449,6 +474,15 @@ impl ClusterStatus {
         for n in &self.nodes {
             if let Some(warning) = n.cert_not_after.and_then(|t| certificate_warning(t, now)) {
                 out.push_str(&format!("WARNING: the certificate of node {} {warning}\n", n.name));
+            }
+            if let Some(f) = n.archive.as_ref().and_then(|a| a.failing.as_ref()).filter(|_| n.role == Role::Primary) {
+                out.push_str(&format!(
+                    "WARNING: primary {} could not archive {f} to every repository yet (PostgreSQL keeps it and retries)\n",
+                    n.name
+                ));
+            }
+            if let Some(c) = n.archive.as_ref().and_then(|a| a.conflict.as_ref()) {
+                out.push_str(&format!("ERROR: possible split brain: node {} {c}\n", n.name));
             }
         }
         out

@@ -126,6 +126,35 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
+/// Pids of live processes whose command line contains `identity` (a path
+/// unique to what is looked for, never a program's name), this one excepted.
+pub fn pids_mentioning(identity: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| *p != me && is_ours(*p, identity))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Asks the kernel to SIGKILL this process when its parent (thread) exits,
+/// and exits at once if the parent is already gone. For helpers a server runs
+/// (an archive command) that must not outlive it.
+pub fn die_with_parent() -> Result<()> {
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: prctl with these arguments has no memory-safety preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_PDEATHSIG)");
+    }
+    if parent == 1 || unsafe { libc::getppid() } != parent {
+        anyhow::bail!("the parent process is gone");
+    }
+    Ok(())
+}
+
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, sig) };

@@ -13,6 +13,8 @@ use crate::backup::pgbackrest;
 
 #[derive(Default)]
 pub(super) struct Archiving {
+    /// A push refused for other content in a repository, as last seen.
+    conflict: Option<String>,
     stanza_ready: bool,
     creating: Option<JoinHandle<Result<()>>>,
     not_before: Option<Instant>,
@@ -22,7 +24,11 @@ pub(super) struct Archiving {
 impl Agent {
     /// Creates the stanza once this node is primary; retried with a growing pause.
     pub(super) async fn archiving_duties(&mut self) {
-        if self.config.backup.is_none() || self.archiving.stanza_ready {
+        if self.config.backup.is_none() {
+            return;
+        }
+        self.check_archive_conflict();
+        if self.archiving.stanza_ready {
             return;
         }
         if let Some(task) = self.archiving.creating.take_if(|t| t.is_finished()) {
@@ -30,7 +36,17 @@ impl Agent {
                 Ok(()) => {
                     tracing::info!("pgBackRest stanza {} is ready in every repository", self.config.cluster);
                     self.archiving.stanza_ready = true;
+                    // The archiver waits up to a minute after failed tries (the files
+                    // written before the stanza existed); a reload wakes it now.
+                    if let Some(pid) = crate::process::postmaster_pid(&self.server.data_dir) {
+                        crate::process::signal(pid, libc::SIGHUP);
+                    }
                     return;
+                }
+                // The archiver of a promoted primary holds the stanza's lock while it pushes: try again soon.
+                Err(e) if format!("{e:#}").contains(&format!("[{:03}]", pgbackrest::LOCK_BUSY)) => {
+                    tracing::debug!("stanza-create waits for the archiver's lock: {e:#}");
+                    self.archiving.not_before = Some(Instant::now() + Duration::from_secs(2));
                 }
                 Err(e) => {
                     self.archiving.pause =
@@ -50,10 +66,37 @@ impl Agent {
         self.archiving.creating = Some(tokio::task::spawn_blocking(move || {
             let out = cmd.output().context("run pgbackrest stanza-create")?;
             if !out.status.success() {
-                bail!("pgbackrest stanza-create: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!("pgbackrest stanza-create: {}", pgbackrest::error_text(&out.stderr));
             }
             Ok(())
         }));
+    }
+
+    /// A refused push for other content is the one archiving failure that may
+    /// mean two servers wrote the same timeline: an ERROR, in the report (and
+    /// so `status`, `/metrics`) until the file is pushed.
+    fn check_archive_conflict(&mut self) {
+        let now = pgbackrest::archive_conflict(&self.server.run_dir, pgbackrest::stanza(&self.config));
+        if now.is_some() && now != self.archiving.conflict {
+            tracing::error!(
+                "possible split brain: {} (pgBackRest never overwrites an archived file; find out which server wrote it)",
+                now.as_deref().unwrap_or_default()
+            );
+        }
+        self.archiving.conflict = now;
+    }
+
+    /// What the report says of archiving: `pg_stat_archiver` from the last
+    /// observation, and a refusal for other content. None without `[backup]`.
+    pub(super) fn archive_report(&self) -> Option<crate::cluster::ArchiveReport> {
+        self.config.backup.as_ref()?;
+        let local = self.last_local.as_ref();
+        Some(crate::cluster::ArchiveReport {
+            last_archived: local.and_then(|l| l.last_archived.clone()),
+            last_archived_age_seconds: local.and_then(|l| l.last_archived_age_seconds),
+            failing: local.and_then(|l| l.archive_failing.clone()),
+            conflict: self.archiving.conflict.clone(),
+        })
     }
 
     /// Stops the asynchronous archive-push processes the stopped server left

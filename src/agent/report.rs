@@ -61,6 +61,7 @@ impl Agent {
             waiting: self.waiting.clone(),
             failure: self.failures.current().cloned(),
             cert_not_after: self.certificate_not_after(),
+            archive: self.archive_report(),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

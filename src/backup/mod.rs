@@ -3,6 +3,7 @@
 //! holds WAL on standbys until every repository has it (`held`). See
 //! docs/backup.md.
 
+pub mod chain;
 pub mod pgbackrest;
 
 use std::path::Path;
@@ -43,7 +44,7 @@ pub fn listing_holds(names: &[String], file: &str) -> bool {
     names.iter().any(|n| n == file || n.starts_with(&with_checksum))
 }
 
-/// `meridian wal held`: succeeds (exit 0) only when every repository of the
+/// A standby's archiving (`meridian wal archive`): succeeds only when every repository of the
 /// configuration holds `file`, so that a standby's PostgreSQL keeps (and
 /// retries) a WAL file the repositories lack. Never pushes.
 pub fn held(pgbackrest: &Path, conf: &Path, stanza: &str, file: &str) -> Result<()> {
@@ -55,7 +56,18 @@ pub fn held(pgbackrest: &Path, conf: &Path, stanza: &str, file: &str) -> Result<
     }
     let include = conf.parent().map(pgbackrest::include_path).unwrap_or_default();
     let ls = |repo: u32, path: &str| -> Result<Vec<String>> {
-        let out = Command::new(pgbackrest)
+        let mut cmd = Command::new(pgbackrest);
+        // SAFETY: the closure runs in the child before exec and only calls prctl.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd
             .arg(format!("--config={}", conf.display()))
             .arg(format!("--config-include-path={}", include.display()))
             .arg(format!("--stanza={stanza}"))

@@ -4,7 +4,7 @@
 //! Every node runs with `archive_mode = always`. A primary pushes each WAL
 //! file to every repository (asynchronously, so one unreachable repository
 //! does not stall the others); a standby *holds* each file it received until
-//! every repository has it (`meridian wal held`), so it never recycles a
+//! every repository has it (`meridian wal archive`), so it never recycles a
 //! segment the repositories lack. When the standby is promoted, PostgreSQL
 //! removes `standby.signal` and the same command pushes what it held: the
 //! segments a dead primary never archived reach the repositories, and the WAL
@@ -114,6 +114,10 @@ pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, no
             line(&format!("{r}-cipher-pass"), pass);
         }
     }
+    // PostgreSQL's log gets the archive command's output raw; pgBackRest's own
+    // log (`<run_dir>/pgbackrest/log/`) has the details, PostgreSQL's log a
+    // WARNING per failed try, and `status` the file that fails.
+    let _ = writeln!(s, "\n[global:archive-push]\nlog-level-console=off");
     let _ = writeln!(s, "\n[{}]", stanza(config));
     let _ = writeln!(s, "pg1-path={}", node.data_dir.display());
     let _ = writeln!(s, "pg1-socket-path={}", node.run_dir.display());
@@ -122,38 +126,67 @@ pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, no
     Ok(s)
 }
 
-/// pgBackRest processes of this node still running: the asynchronous
-/// archive-push detaches from PostgreSQL and outlives it, so whoever stops the
-/// server stops these too. Found by pid, from pgBackRest's lock files (JSON
-/// with `pid`), and only if the process's command line names this node's
-/// configuration.
+/// The processes working with this node's pgBackRest configuration: the
+/// asynchronous archive-push (which detaches from PostgreSQL and outlives it)
+/// and its workers, an archive command still running (`meridian wal archive`).
+/// Whoever stops the server for good stops these too. Found by pid: each names
+/// this node's configuration file, a path no other node's processes use.
 pub fn running_pids(run_dir: &Path) -> Vec<u32> {
-    let conf = conf_path(run_dir).display().to_string();
-    let Ok(entries) = std::fs::read_dir(run_dir.join(DIR).join("lock")) else { return Vec::new() };
-    let mut pids: Vec<u32> = entries
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok()?.get("pid")?.as_u64())
-        .filter_map(|p| u32::try_from(p).ok())
-        .filter(|p| crate::process::is_ours(*p, &conf))
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
+    crate::process::pids_mentioning(&conf_path(run_dir).display().to_string())
 }
 
-/// PostgreSQL's `archive_command`: push as a primary, hold as a standby.
-/// PostgreSQL runs it with the data directory as its working directory, and
-/// removes `standby.signal` the moment it is promoted.
+/// pgBackRest's error for a lock another of its processes holds.
+pub const LOCK_BUSY: u32 = 50;
+
+/// pgBackRest's stderr as one line without its own "ERROR: " level prefix
+/// (meridian logs it at its own level): "[050]: unable to acquire lock ...".
+pub fn error_text(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| l.strip_prefix("ERROR: ").or_else(|| l.strip_prefix("WARN: ")).unwrap_or(l))
+        .collect();
+    lines.join(" ")
+}
+
+/// pgBackRest's error for a WAL file that already exists in a repository
+/// with a different checksum (it never overwrites one).
+pub const DIFFERENT_CHECKSUM: u32 = 45;
+
+/// A push the asynchronous archiver refused because a repository holds the
+/// same WAL file with other content: another server wrote this timeline.
+/// pgBackRest leaves `<spool>/archive/<stanza>/out/<file>.error` holding
+/// "<code>\n<message>" until the file is pushed.
+pub fn archive_conflict(run_dir: &Path, stanza: &str) -> Option<String> {
+    let out = run_dir.join(DIR).join("spool").join("archive").join(stanza).join("out");
+    let mut found: Vec<(String, String)> = std::fs::read_dir(out)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let wal = name.strip_suffix(".error")?.to_string();
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let (code, message) = text.split_once('\n').unwrap_or((&text, ""));
+            (code.trim().parse::<u32>().ok()? == DIFFERENT_CHECKSUM).then(|| (wal, message.trim().to_string()))
+        })
+        .collect();
+    found.sort();
+    found.first().map(|(wal, message)| format!("could not archive {wal}: {message}"))
+}
+
+/// PostgreSQL's `archive_command`: `meridian wal archive`, which pushes as a
+/// primary, holds as a standby (PostgreSQL removes `standby.signal` the
+/// moment it is promoted) and fails at once on a stopping server. PostgreSQL
+/// runs it in the data directory.
 pub fn archive_command(config: &Config, backup: &BackupConfig, run_dir: &Path, meridian: &Path) -> String {
-    let conf = conf_path(run_dir);
-    let stanza = stanza(config);
-    let pgbackrest = backup.pgbackrest.display();
     format!(
-        "if test -f standby.signal; then exec {meridian} wal held --pgbackrest {pgbackrest} --pgbackrest-config {conf} --stanza {stanza} %f; else exec {pgbackrest} --config={conf} --config-include-path={inc} --stanza={stanza} archive-push %p; fi",
+        "exec {meridian} wal archive --pgbackrest {pgbackrest} --pgbackrest-config {conf} --stanza {stanza} %p %f",
         meridian = meridian.display(),
-        conf = conf.display(),
-        inc = include_path(run_dir).display(),
+        pgbackrest = backup.pgbackrest.display(),
+        conf = conf_path(run_dir).display(),
+        stanza = stanza(config),
     )
 }
 
@@ -220,6 +253,7 @@ mod tests {
             "repo2-cipher-pass=cipher-secret",
             "archive-async=y",
             "archive-mode-check=n",
+            "[global:archive-push]\nlog-level-console=off",
             "[lab]\npg1-path=/tmp/lab/nodes/a/data\npg1-socket-path=/tmp/lab/nodes/a/run\npg1-port=5432\npg1-user=postgres",
         ] {
             assert!(conf.contains(want), "missing {want:?} in\n{conf}");
@@ -243,13 +277,13 @@ mod tests {
     }
 
     #[test]
-    fn a_standby_holds_and_a_primary_pushes() {
+    fn the_archive_command_is_meridians_with_the_nodes_configuration() {
         let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
         let b = c.backup.as_ref().unwrap();
         let cmd = archive_command(&c, b, Path::new("/r"), Path::new("/bin/meridian"));
         assert_eq!(
             cmd,
-            "if test -f standby.signal; then exec /bin/meridian wal held --pgbackrest /usr/bin/pgbackrest --pgbackrest-config /r/pgbackrest.conf --stanza lab %f; else exec /usr/bin/pgbackrest --config=/r/pgbackrest.conf --config-include-path=/r/pgbackrest/conf.d --stanza=lab archive-push %p; fi"
+            "exec /bin/meridian wal archive --pgbackrest /usr/bin/pgbackrest --pgbackrest-config /r/pgbackrest.conf --stanza lab %p %f"
         );
     }
 }

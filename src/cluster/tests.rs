@@ -23,6 +23,7 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         waiting: None,
         failure: None,
         cert_not_after: None,
+        archive: None,
         updated_at_ms: 0,
         unchanged_ms: 0,
         revision: 1,

@@ -298,3 +298,43 @@ fn api_settings_are_checked() {
     let http = GOOD.replace("https://127.0.1.1:2379\", \"https", "http://127.0.1.1:2379\", \"https");
     assert!(problems(&http).iter().any(|p| p.contains("must start with https://")), "{:?}", problems(&http));
 }
+
+#[test]
+fn backup_sections_parse_and_every_mistake_is_named() {
+    let good = format!(
+        "{GOOD}\n[backup]\nretention_full = 3\n\n[[backup.repository]]\nname = \"ap-south-1\"\nregion = \"ap-south-1\"\nurl = \"s3://orders-backup/pg\"\nendpoint = \"https://s3.ap-south-1.amazonaws.com\"\n\n[[backup.repository]]\nname = \"ap-northeast-1\"\nregion = \"ap-northeast-1\"\nurl = \"file:///srv/backup\"\n"
+    );
+    assert!(problems(&good).is_empty(), "{:?}", problems(&good));
+    let c = Config::parse(&good).config.unwrap();
+    let b = c.backup.unwrap();
+    assert_eq!((b.retention_full, b.encrypt, b.archive_timeout), (3, true, Duration::from_secs(60)));
+    assert_eq!(
+        b.repositories[0].location().unwrap(),
+        RepoLocation::S3 {
+            bucket: "orders-backup".into(),
+            prefix: "/pg".into(),
+            host: "s3.ap-south-1.amazonaws.com".into(),
+            port: 443
+        }
+    );
+
+    let bad = format!(
+        "{GOOD}\n[backup]\nretention_full = 0\narchive_timeout = \"1s\"\nfull_every = \"1d\"\ndiff_every = \"2d\"\n\n[[backup.repository]]\nname = \"r\"\nregion = \"mars\"\nurl = \"s3://Bad_Bucket/x\"\n\n[[backup.repository]]\nname = \"r\"\nregion = \"ap-south-1\"\nurl = \"s3://good-bucket\"\nendpoint = \"http://127.0.0.1:9000\"\n\n[[backup.repository]]\nname = \"d\"\nregion = \"ap-south-1\"\nurl = \"file://relative\"\n\n[[backup.repository]]\nname = \"e\"\nregion = \"ap-south-1\"\nurl = \"s3://good-bucket\"\nendpoint = \"https://127.0.0.1:9000\"\n"
+    );
+    let found = problems(&bad);
+    for want in [
+        "backup.retention_full: must be between 1 and 100",
+        "backup.archive_timeout: must be between 10s and 1h",
+        "backup.diff_every: 2days must be at least 10m and shorter than 1day",
+        "backup.repository[0].region: \"mars\" is not one of the [[region]] names",
+        "backup.repository[0].url: \"s3://Bad_Bucket/x\": \"Bad_Bucket\" is not a bucket name",
+        "backup.repository[1].name: duplicate repository name \"r\"",
+        "backup.repository[1].url: endpoint \"http://127.0.0.1:9000\" must start with https://",
+        "backup.repository[2].url: \"file://relative\" must name an absolute directory",
+        "backup.repository[3].url: endpoint \"https://127.0.0.1:9000\": the host must be a DNS name",
+    ] {
+        assert!(found.iter().any(|p| p.starts_with(want)), "missing {want:?} in {found:#?}");
+    }
+    let managed = format!("{GOOD}\n[postgres.settings]\narchive_command = \"cp %p /tmp\"\n");
+    assert!(problems(&managed).iter().any(|p| p.starts_with("postgres.settings.archive_command: is managed")));
+}

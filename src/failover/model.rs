@@ -236,6 +236,7 @@ impl Model {
             waiting: None,
             failure: None,
             cert_not_after: None,
+            archive: None,
             updated_at_ms: self.now,
             unchanged_ms: 0,
             revision: 0,

@@ -138,6 +138,7 @@ mod tests {
             waiting: None,
             failure: None,
             cert_not_after: None,
+            archive: None,
             updated_at_ms: 0,
             unchanged_ms: 100,
             revision: 42,

@@ -323,7 +323,7 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             );
         }
     }
-    let gauges: [(&str, &str, NodeGauge); 4] = [
+    let gauges: [(&str, &str, NodeGauge); 6] = [
         ("meridian_node_lag_bytes", "WAL bytes the node has not replayed.", |n| n.lag_bytes.map(|b| b as f64)),
         ("meridian_node_lag_seconds", "Seconds since the last replayed commit, 0 when caught up.", |n| n.lag_seconds),
         ("meridian_node_healthy", "1 when the node is a serving primary or a streaming standby.", |n| {
@@ -333,6 +333,16 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             "meridian_node_certificate_expiry_timestamp_seconds",
             "When the node's certificate expires (Unix time).",
             |n| n.cert_not_after.map(|t| t as f64),
+        ),
+        (
+            "meridian_node_archive_conflict",
+            "1 when a repository refused the node's WAL file for other content (a possible split brain).",
+            |n| n.archive.as_ref().map(|a| f64::from(u8::from(a.conflict.is_some()))),
+        ),
+        (
+            "meridian_node_archive_age_seconds",
+            "Seconds since the node's server last archived a WAL file (a primary: pushed to every repository).",
+            |n| n.archive.as_ref().and_then(|a| a.last_archived_age_seconds),
         ),
     ];
     for (name, help, value) in gauges {
@@ -372,6 +382,7 @@ mod tests {
                 waiting: None,
                 failure: None,
                 cert_not_after: None,
+                archive: None,
             }],
         };
         let text = render_metrics(&s);

@@ -119,6 +119,7 @@ pub(crate) mod tests {
             waiting: None,
             failure: None,
             cert_not_after: None,
+            archive: None,
             updated_at_ms: NOW,
             unchanged_ms: 0,
             revision: 1,

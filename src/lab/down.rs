@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::process;
 
 /// Stops every process of the lab by pid (gateways and agents first, whose agents
-/// stop their PostgreSQL; then any orphaned postmaster; etcd last).
+/// stop their PostgreSQL; then any orphaned postmaster and pgBackRest process;
+/// the S3 servers; etcd last).
 pub(super) async fn stop_processes(lab: &Lab) {
     // A frozen server (`lab freeze postgres:NODE`) would hold its agent's stop
     // for every grace period in turn: continue it first.
@@ -24,8 +25,13 @@ pub(super) async fn stop_processes(lab: &Lab) {
         }
     }
     let running = lab.running();
-    let front: Vec<u32> =
-        running.iter().filter(|(m, _, _)| !matches!(m, Member::Etcd { .. })).map(|(_, _, p)| *p).collect();
+    // The S3 servers stay until the servers have stopped: a primary's clean
+    // shutdown switches to a new segment and archives the one it closed.
+    let front: Vec<u32> = running
+        .iter()
+        .filter(|(m, _, _)| !matches!(m, Member::Etcd { .. } | Member::S3 { .. }))
+        .map(|(_, _, p)| *p)
+        .collect();
     process::stop_all(&front, Duration::from_secs(30)).await;
     let postmasters: Vec<u32> = lab
         .config
@@ -44,6 +50,8 @@ pub(super) async fn stop_processes(lab: &Lab) {
         .flat_map(|(_, n)| crate::backup::pgbackrest::running_pids(&lab.config.resolve(&n.run_dir())))
         .collect();
     process::stop_all(&archivers, Duration::from_secs(5)).await;
+    let s3: Vec<u32> = running.iter().filter(|(m, _, _)| matches!(m, Member::S3 { .. })).map(|(_, _, p)| *p).collect();
+    process::stop_all(&s3, Duration::from_secs(5)).await;
     // Stopped together, etcd members each wait seconds for their peers (leader
     // transfer). The lab's etcd data is thrown away, or restarted from disk
     // (which etcd is built to survive), so a short grace before SIGKILL will do.

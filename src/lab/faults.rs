@@ -11,8 +11,9 @@ use super::{Lab, Member};
 use crate::process::{self, ProcSpec};
 use crate::progress::Progress;
 
-/// `lab kill NODE|REGION`: SIGKILL the processes of a node (its agent and
-/// PostgreSQL) or of a whole region (agents, gateway, etcd member).
+/// `lab kill NODE|REGION`: SIGKILL the processes of a node (its agent,
+/// PostgreSQL and pgBackRest's archive-push, which a lost machine loses too)
+/// or of a whole region (agents, gateway, etcd member).
 pub async fn kill(dir: &Path, target: &str) -> Result<()> {
     let lab = Lab::open(dir)?;
     let chosen = lab.select(target)?;
@@ -35,6 +36,15 @@ pub async fn kill(dir: &Path, target: &str) -> Result<()> {
                 process::signal(pm, libc::SIGKILL);
                 pids.push(pm);
                 killed.push(format!("postgres {node} (pid {pm})"));
+            }
+            if let Member::Agent { node, .. } = member {
+                let run_dir = lab.config.node(node).map(|(_, n)| lab.config.resolve(&n.run_dir()));
+                let archivers = run_dir.map(|d| crate::backup::pgbackrest::running_pids(&d));
+                for p in archivers.unwrap_or_default() {
+                    process::signal(p, libc::SIGKILL);
+                    pids.push(p);
+                    killed.push(format!("pgbackrest {node} (pid {p})"));
+                }
             }
         }
     }

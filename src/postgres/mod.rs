@@ -416,6 +416,15 @@ fn run_logged(mut cmd: Command, what: &str, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Whether the postmaster of `data_dir` is shutting down: line 8 of
+/// `postmaster.pid` (PostgreSQL's `LOCK_FILE_LINE_PM_STATUS`) says `stopping`.
+pub fn postmaster_stopping(data_dir: &Path) -> bool {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().nth(7).map(|l| l.trim() == "stopping"))
+        .unwrap_or(false)
+}
+
 pub fn lookup_user(name: &str) -> Result<(u32, u32)> {
     let cname = std::ffi::CString::new(name)?;
     // getpwnam is not thread-safe, but this runs once at startup before other threads read the passwd db.

@@ -20,6 +20,11 @@ pub struct LocalStatus {
     pub receiver_status: Option<String>,
     /// The host the walreceiver connects to.
     pub receiver_host: Option<String>,
+    /// `pg_stat_archiver`: the last file archived, how long ago, and the last
+    /// that failed if it failed after that.
+    pub last_archived: Option<String>,
+    pub last_archived_age_seconds: Option<f64>,
+    pub archive_failing: Option<String>,
 }
 
 const STATUS_SQL: &str = "
@@ -33,7 +38,11 @@ SELECT pg_is_in_recovery(),
        END,
        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
        (SELECT status FROM pg_stat_wal_receiver),
-       (SELECT sender_host FROM pg_stat_wal_receiver)";
+       (SELECT sender_host FROM pg_stat_wal_receiver),
+       a.last_archived_wal,
+       extract(epoch FROM now() - a.last_archived_time)::float8,
+       CASE WHEN a.last_failed_time > coalesce(a.last_archived_time, '-infinity') THEN a.last_failed_wal END
+  FROM pg_stat_archiver a";
 
 pub async fn query(client: &tokio_postgres::Client) -> Result<LocalStatus> {
     let row = client.query_one(STATUS_SQL, &[]).await.context("query server status")?;
@@ -50,5 +59,8 @@ pub async fn query(client: &tokio_postgres::Client) -> Result<LocalStatus> {
         replay_age_seconds: row.try_get(5)?,
         receiver_status: row.try_get(6)?,
         receiver_host: row.try_get(7)?,
+        last_archived: row.try_get(8)?,
+        last_archived_age_seconds: row.try_get(9)?,
+        archive_failing: row.try_get(10)?,
     })
 }

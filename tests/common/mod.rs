@@ -379,6 +379,10 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "could not send end-of-streaming message to primary",
         // A walreceiver whose upstream went away between connecting and streaming.
         "could not start WAL streaming",
+        // An immediate shutdown (SIGQUIT) also stops the archive command running
+        // then, and `lab kill` (SIGKILL) the node's archive command with its server.
+        "archive command was terminated by signal 3",
+        "archive command was terminated by signal 9",
     ];
     line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
 }

@@ -337,6 +337,13 @@ impl Node {
     }
 }
 
+/// Whether two nodes share a host: the same address, or both on loopback (a
+/// lab on one machine). A backup from a standby reads a few files from the
+/// primary's data directory, so it needs this.
+pub fn same_host(a: &Node, b: &Node) -> bool {
+    a.address.ip() == b.address.ip() || (a.address.ip().is_loopback() && b.address.ip().is_loopback())
+}
+
 /// One problem found in a cluster file, with the path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {

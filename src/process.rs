@@ -140,6 +140,22 @@ pub fn pids_mentioning(identity: &str) -> Vec<u32> {
     pids
 }
 
+/// Makes `cmd`'s child get SIGKILL when the thread that spawned it exits, so
+/// a helper (a pgBackRest listing, a verify) never outlives the meridian
+/// process that waits for it.
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child before exec and only calls prctl.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Asks the kernel to SIGKILL this process when its parent (thread) exits,
 /// and exits at once if the parent is already gone. For helpers a server runs
 /// (an archive command) that must not outlive it.

@@ -62,7 +62,7 @@ impl Agent {
         if self.archiving.creating.is_some() || self.archiving.not_before.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let mut cmd = self.pgbackrest_command("stanza-create");
+        let mut cmd = self.pgbackrest_command("stanza-create", "error");
         self.archiving.creating = Some(tokio::task::spawn_blocking(move || {
             let out = cmd.output().context("run pgbackrest stanza-create")?;
             if !out.status.success() {
@@ -111,14 +111,16 @@ impl Agent {
     }
 
     /// `pgbackrest <command>` with this node's configuration, as the server's user.
-    fn pgbackrest_command(&self, command: &str) -> std::process::Command {
+    /// `console` is pgBackRest's console log level: `info` to read what it did (a backup's label).
+    pub(super) fn pgbackrest_command(&self, command: &str, console: &str) -> std::process::Command {
         let backup = self.config.backup.as_ref().expect("called with [backup] only");
         let run_dir = &self.server.run_dir;
         let mut cmd = self.server.command_at(&backup.pgbackrest);
         cmd.arg(format!("--config={}", pgbackrest::conf_path(run_dir).display()))
             .arg(format!("--config-include-path={}", pgbackrest::include_path(run_dir).display()))
             .arg(format!("--stanza={}", pgbackrest::stanza(&self.config)))
-            .args(["--log-level-console=error", "--log-level-stderr=error", command]);
+            .arg(format!("--log-level-console={console}"))
+            .args(["--log-level-stderr=error", command]);
         cmd
     }
 }

@@ -24,6 +24,7 @@
 mod act;
 pub mod api;
 mod backup;
+mod backup_job;
 mod certs;
 pub mod lease;
 mod observe;
@@ -114,6 +115,8 @@ struct Agent {
     hung: Arc<AtomicBool>,
     /// The primary's pgBackRest stanza (`[backup]`).
     archiving: backup::Archiving,
+    /// The backup job this agent is carrying out.
+    backup_job: Option<backup_job::RunningJob>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -172,6 +175,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         hung,
         lease,
         archiving: backup::Archiving::default(),
+        backup_job: None,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -212,6 +216,7 @@ impl Agent {
             self.log_failure(&e);
         }
         self.report(snapshot.as_ref()).await;
+        self.backup_job_duties(snapshot.as_ref()).await;
         // Right after observing, so the recorded position is as fresh as the report.
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
             if let Err(e) = self.primary_duties(snapshot.as_ref()).await {

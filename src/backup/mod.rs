@@ -3,8 +3,11 @@
 //! holds WAL on standbys until every repository has it (`held`). See
 //! docs/backup.md.
 
+pub mod catalog;
 pub mod chain;
+pub mod job;
 pub mod pgbackrest;
+pub mod repo;
 
 use std::path::Path;
 use std::process::Command;
@@ -57,16 +60,7 @@ pub fn held(pgbackrest: &Path, conf: &Path, stanza: &str, file: &str) -> Result<
     let include = conf.parent().map(pgbackrest::include_path).unwrap_or_default();
     let ls = |repo: u32, path: &str| -> Result<Vec<String>> {
         let mut cmd = Command::new(pgbackrest);
-        // SAFETY: the closure runs in the child before exec and only calls prctl.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::process::kill_with_parent(&mut cmd);
         let out = cmd
             .arg(format!("--config={}", conf.display()))
             .arg(format!("--config-include-path={}", include.display()))

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::config::{BackupConfig, Config, RepoLocation, Secrets};
+use crate::config::{BackupConfig, Config, RepoLocation, Repository, Secrets};
 
 /// pgBackRest's own directories (spool, locks, logs) in a node's run directory.
 pub const DIR: &str = "pgbackrest";
@@ -49,7 +49,30 @@ pub fn include_path(run_dir: &Path) -> PathBuf {
 /// The whole `pgbackrest.conf` of a node. Fails when the secrets file lacks
 /// what a repository needs (its S3 key, or the cipher passphrase).
 pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, node: &NodeFiles) -> Result<String> {
-    let dir = node.run_dir.join(DIR);
+    let repos: Vec<&Repository> = backup.repositories.iter().collect();
+    let mut s = render_global(config, backup, secrets, &node.cluster_ca, &node.run_dir.join(DIR), &repos)?;
+    // PostgreSQL's log gets the archive command's output raw; pgBackRest's own
+    // log (`<run_dir>/pgbackrest/log/`) has the details, PostgreSQL's log a
+    // WARNING per failed try, and `status` the file that fails.
+    let _ = writeln!(s, "\n[global:archive-push]\nlog-level-console=off");
+    let _ = writeln!(s, "\n[{}]", stanza(config));
+    let _ = writeln!(s, "pg1-path={}", node.data_dir.display());
+    let _ = writeln!(s, "pg1-socket-path={}", node.run_dir.display());
+    let _ = writeln!(s, "pg1-port={}", node.port);
+    let _ = writeln!(s, "pg1-user={}", crate::postgres::SUPERUSER);
+    Ok(s)
+}
+
+/// `[global]`: pgBackRest's own directories under `dir`, how it works, and
+/// `repos` as `repo1`, `repo2`, ... in that order.
+pub fn render_global(
+    config: &Config,
+    backup: &BackupConfig,
+    secrets: &Secrets,
+    cluster_ca: &Path,
+    dir: &Path,
+    repos: &[&Repository],
+) -> Result<String> {
     let mut s = String::from("# Written by meridian; edit meridian.toml and the secrets file instead.\n[global]\n");
     let mut line = |k: &str, v: &str| {
         let _ = writeln!(s, "{k}={v}");
@@ -76,7 +99,7 @@ pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, no
     // while a repository is unreachable (the default is 60 s).
     line("archive-timeout", "5");
     line("db-timeout", "600");
-    for (i, repo) in backup.repositories.iter().enumerate() {
+    for (i, repo) in repos.iter().enumerate() {
         let r = format!("repo{}", i + 1);
         match repo.location().map_err(anyhow::Error::msg)? {
             RepoLocation::S3 { bucket, prefix, host, port } => {
@@ -95,7 +118,7 @@ pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, no
                 line(&format!("{r}-s3-uri-style"), "path");
                 line(&format!("{r}-s3-key"), &keys.s3_key);
                 line(&format!("{r}-s3-key-secret"), &keys.s3_key_secret);
-                let ca = repo.ca_file.as_ref().map(|f| config.resolve(f)).unwrap_or_else(|| node.cluster_ca.clone());
+                let ca = repo.ca_file.as_ref().map(|f| config.resolve(f)).unwrap_or_else(|| cluster_ca.to_path_buf());
                 line(&format!("{r}-storage-ca-file"), &ca.display().to_string());
                 // Verification stays on: the certificate must come from this CA and name `host`.
                 line(&format!("{r}-storage-verify-tls"), "y");
@@ -114,15 +137,6 @@ pub fn render_conf(config: &Config, backup: &BackupConfig, secrets: &Secrets, no
             line(&format!("{r}-cipher-pass"), pass);
         }
     }
-    // PostgreSQL's log gets the archive command's output raw; pgBackRest's own
-    // log (`<run_dir>/pgbackrest/log/`) has the details, PostgreSQL's log a
-    // WARNING per failed try, and `status` the file that fails.
-    let _ = writeln!(s, "\n[global:archive-push]\nlog-level-console=off");
-    let _ = writeln!(s, "\n[{}]", stanza(config));
-    let _ = writeln!(s, "pg1-path={}", node.data_dir.display());
-    let _ = writeln!(s, "pg1-socket-path={}", node.run_dir.display());
-    let _ = writeln!(s, "pg1-port={}", node.port);
-    let _ = writeln!(s, "pg1-user={}", crate::postgres::SUPERUSER);
     Ok(s)
 }
 
@@ -149,6 +163,11 @@ pub fn error_text(stderr: &[u8]) -> String {
         .map(|l| l.strip_prefix("ERROR: ").or_else(|| l.strip_prefix("WARN: ")).unwrap_or(l))
         .collect();
     lines.join(" ")
+}
+
+/// The label a `pgbackrest backup` printed at `info` level ("new backup label = 20261202-165504F").
+pub fn backup_label(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|l| Some(l.split_once("new backup label = ")?.1.trim().to_string()))
 }
 
 /// pgBackRest's error for a WAL file that already exists in a repository
@@ -260,6 +279,13 @@ mod tests {
         }
         // archive-push-queue-max drops WAL when reached: never set behind the operator's back.
         assert!(!conf.contains("queue-max"), "{conf}");
+    }
+
+    #[test]
+    fn a_backups_label_is_read_from_its_output() {
+        let out = "2026-12-02 16:55:07.185 P00   INFO: new backup label = 20261202-165504F\n2026-12-02 INFO: full backup size = 29.1MB";
+        assert_eq!(backup_label(out).as_deref(), Some("20261202-165504F"));
+        assert_eq!(backup_label("INFO: backup command end"), None);
     }
 
     #[test]

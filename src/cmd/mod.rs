@@ -2,6 +2,7 @@
 
 mod agent;
 mod audit;
+mod backup;
 mod ca;
 mod config;
 mod drill;
@@ -73,6 +74,8 @@ pub enum Command {
     Token(token::Args),
     /// Who did what: every mutating API call and every automatic promotion.
     Audit(audit::Args),
+    /// Backups: create, list, status, verify (pgBackRest; see docs/backup.md).
+    Backup(backup::Args),
     /// WAL archiving helpers that PostgreSQL runs (see docs/backup.md).
     Wal(wal::Args),
 }
@@ -99,6 +102,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Token(a) => token::run(&config, a).await,
         Command::Audit(a) => audit::run(&config, a).await,
         Command::Wal(a) => wal::run(a).await,
+        Command::Backup(a) => backup::run(&config, a).await,
     };
     match result {
         Ok(code) => code,

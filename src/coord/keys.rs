@@ -47,6 +47,10 @@ impl Keys {
     pub fn dr(&self) -> String {
         format!("{}dr", self.prefix)
     }
+    /// The current (or last) backup job; one at a time.
+    pub fn backup_job(&self) -> String {
+        format!("{}backup", self.prefix)
+    }
     pub fn history_prefix(&self) -> String {
         format!("{}history/", self.prefix)
     }
@@ -96,6 +100,7 @@ pub enum Key<'a> {
     Recopy,
     Switchover,
     Dr,
+    BackupJob,
     Member { node: &'a str },
     History { epoch: u64 },
     Health { check: &'a str, observer: &'a str },
@@ -113,6 +118,7 @@ impl<'a> Key<'a> {
             "recopy" => Key::Recopy,
             "switchover" => Key::Switchover,
             "dr" => Key::Dr,
+            "backup" => Key::BackupJob,
             _ => {
                 let (kind, rest) = rel.split_once('/')?;
                 match kind {

@@ -69,6 +69,7 @@ pub struct Snapshot {
     pub optime: Option<Optime>,
     pub switchover: Option<SwitchoverRequest>,
     pub dr: Option<DrSwitch>,
+    pub backup_job: Option<crate::backup::job::BackupJob>,
     /// Every gateway's live health verdicts.
     pub health: Vec<HealthReport>,
 }
@@ -262,6 +263,10 @@ impl Coord {
                 Key::Epoch => snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
                 Key::Switchover => snap.switchover = serde_json::from_slice(value).ok(),
                 Key::Dr => snap.dr = serde_json::from_slice(value).ok(),
+                Key::BackupJob => match serde_json::from_slice(value) {
+                    Ok(job) => snap.backup_job = Some(job),
+                    Err(e) => tracing::warn!("ignoring malformed backup job: {e}"),
+                },
                 Key::Optime => snap.optime = serde_json::from_slice(value).ok(),
                 Key::Initialize => snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned()),
                 Key::Health { .. } => match serde_json::from_slice::<HealthReport>(value) {
@@ -518,6 +523,21 @@ impl Coord {
         };
         let txn = Txn::new().when([Compare::value(key, CompareOp::Equal, serde_json::to_vec(old)?)]).and_then([op]);
         Ok(self.txn("update the switchover request in etcd", txn).await?.succeeded())
+    }
+
+    /// Writes the backup job `new` only if the key still holds `old` (None: no job yet).
+    pub async fn put_backup_job(
+        &self,
+        old: Option<&crate::backup::job::BackupJob>,
+        new: &crate::backup::job::BackupJob,
+    ) -> Result<bool> {
+        let key = self.keys.backup_job();
+        let cmp = match old {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(old) => Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(old)?),
+        };
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, serde_json::to_vec(new)?, None)]);
+        Ok(self.txn("write the backup job in etcd", txn).await?.succeeded())
     }
 
     /// Sets the DR switch (replacing what it said before).

@@ -188,6 +188,7 @@ impl Model {
             optime: self.etcd.optime.clone(),
             switchover: self.etcd.switchover.clone(),
             dr: self.etcd.dr.clone(),
+            backup_job: None,
             health: vec![],
         }
     }

@@ -1,5 +1,5 @@
-//! The HTTPS API: `GET /v1/cluster`, `POST /v1/verify`, `GET /healthz`, `GET /metrics`, tokens and
-//! the audit log. Every route but `/healthz` needs a credential and a role (`super::auth`).
+//! The HTTPS API: `GET /v1/cluster`, `POST /v1/verify`, `GET /healthz`, `GET /metrics`, tokens,
+//! the audit log and backups (`/v1/backups...`). Every route but `/healthz` needs a credential and a role (`super::auth`).
 //! Errors are JSON `{"error": "..."}` with a status code, so the CLI can show them as one line.
 
 use std::fmt::Write as _;
@@ -28,6 +28,10 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
         .route("/v1/audit", get(audit))
+        .route("/v1/backups", get(list_backups).post(create_backup))
+        .route("/v1/backups/job", get(backup_job))
+        .route("/v1/backups/status", get(backup_status))
+        .route("/v1/backups/verify", post(verify_backups))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/metrics", get(metrics))
@@ -101,6 +105,36 @@ async fn failover(
         .await
         .map(Json)
         .map_err(refused_or_unavailable)
+}
+
+async fn create_backup(
+    State(g): State<Gateway>,
+    Extension(caller): Extension<crate::auth::Caller>,
+    Json(req): Json<super::backup::CreateRequest>,
+) -> Result<Json<crate::backup::job::BackupJob>, ApiError> {
+    super::backup::create(&g, req.backup_type, req.repository.as_deref(), &caller.who)
+        .await
+        .map(Json)
+        .map_err(refused_or_unavailable)
+}
+
+async fn backup_job(State(g): State<Gateway>) -> Result<Json<Option<crate::backup::job::BackupJob>>, ApiError> {
+    super::backup::job(&g).await.map(Json).map_err(refused_or_unavailable)
+}
+
+async fn list_backups(State(g): State<Gateway>) -> Result<Json<crate::backup::catalog::Catalog>, ApiError> {
+    super::backup::catalog(&g).await.map(Json).map_err(refused_or_unavailable)
+}
+
+async fn backup_status(State(g): State<Gateway>) -> Result<Json<super::backup::BackupStatus>, ApiError> {
+    super::backup::status(&g).await.map(Json).map_err(refused_or_unavailable)
+}
+
+async fn verify_backups(
+    State(g): State<Gateway>,
+    Json(req): Json<super::backup::VerifyRequest>,
+) -> Result<Json<Vec<crate::backup::repo::Verified>>, ApiError> {
+    super::backup::verify(&g, req.repository).await.map(Json).map_err(refused_or_unavailable)
 }
 
 /// Healthy when this gateway can read etcd with a quorum.

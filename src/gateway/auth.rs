@@ -31,7 +31,9 @@ pub fn required(method: &Method, path: &str, metrics_open: bool) -> Option<ApiRo
         (_, "/metrics") if metrics_open => None,
         (_, p) if p == "/v1/tokens" || p.starts_with("/v1/tokens/") => Some(ApiRole::Admin),
         (&Method::GET | &Method::HEAD, _) => Some(ApiRole::Viewer),
-        (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover") => Some(ApiRole::Operator),
+        (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/backups" | "/v1/backups/verify") => {
+            Some(ApiRole::Operator)
+        }
         // Anything else that changes something: the highest bar.
         _ => Some(ApiRole::Admin),
     }

@@ -1,0 +1,185 @@
+//! Carrying out a backup job (`backup::job`) that names this node: one
+//! `pgbackrest backup` per repository, in order, in the background (the HA
+//! loop never waits for a repository). Every step is written back to the job
+//! in etcd by compare-and-swap, so the gateway shows progress and a job that
+//! someone replaced is left alone.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tokio::task::JoinHandle;
+
+use super::Agent;
+use crate::backup::job::{BackupJob, JobState, RepoOutcome};
+use crate::backup::pgbackrest;
+use crate::cluster::{now_ms, Role};
+use crate::coord::{Coord, Snapshot};
+
+/// The job this agent runs now.
+pub(super) struct RunningJob {
+    id: String,
+    task: JoinHandle<()>,
+}
+
+impl Agent {
+    pub(super) async fn backup_job_duties(&mut self, snapshot: Option<&Snapshot>) {
+        if self.backup_job.as_ref().is_some_and(|r| r.task.is_finished()) {
+            self.backup_job = None;
+        }
+        let Some(job) = snapshot.and_then(|s| s.backup_job.as_ref()) else { return };
+        if job.node != self.server.node || job.state.finished() {
+            return;
+        }
+        if self.backup_job.as_ref().is_some_and(|r| r.id == job.id) {
+            return;
+        }
+        if job.state == JobState::Running {
+            // Ours, running, but not by this process: the agent restarted midway
+            // (pgBackRest's process died with it). Say so rather than leave it hanging.
+            let failed = BackupJob {
+                state: JobState::Failed,
+                current: None,
+                error: Some("the agent restarted while the backup ran; ask again".into()),
+                ..job.clone()
+            };
+            if let Err(e) = self.coord.put_backup_job(Some(job), &failed).await {
+                tracing::warn!("failed to mark the interrupted backup job {} failed: {e:#}", job.id);
+            }
+            return;
+        }
+        let role = self.latest.borrow().as_ref().map(|r| r.role);
+        if role != Some(Role::Primary) && role != Some(Role::Replica) {
+            let failed = BackupJob {
+                state: JobState::Failed,
+                error: Some(format!("{} is not running as primary or standby", self.server.node)),
+                ..job.clone()
+            };
+            let _ = self.coord.put_backup_job(Some(job), &failed).await;
+            return;
+        }
+        if role == Some(Role::Primary) {
+            // A backup right after a promotion must not start from a checkpoint of the old timeline.
+            if let Err(e) = self.checkpoint().await {
+                tracing::warn!("failed to checkpoint before the backup: {e:#}");
+            }
+        }
+        let commands = match self.backup_commands(job, role == Some(Role::Replica)) {
+            Ok(c) => c,
+            Err(e) => {
+                let failed = BackupJob { state: JobState::Failed, error: Some(format!("{e:#}")), ..job.clone() };
+                let _ = self.coord.put_backup_job(Some(job), &failed).await;
+                return;
+            }
+        };
+        tracing::info!("starting backup job {} ({}, to {})", job.id, job.backup_type, job.repositories.join(", "));
+        let task = tokio::spawn(run_job(self.coord.clone(), job.clone(), commands));
+        self.backup_job = Some(RunningJob { id: job.id.clone(), task });
+    }
+
+    async fn checkpoint(&mut self) -> Result<()> {
+        self.client().await?.batch_execute("CHECKPOINT").await.context("CHECKPOINT")
+    }
+
+    /// One `pgbackrest backup` per repository of the job. From a standby,
+    /// pgBackRest also needs the primary (`pg2`), whose data directory is on
+    /// this host (`backup::job::choose_node` makes sure).
+    fn backup_commands(&self, job: &BackupJob, from_standby: bool) -> Result<Vec<(String, std::process::Command)>> {
+        let backup = self.config.backup.as_ref().context("the cluster file has no [backup]")?;
+        let mut out = Vec::new();
+        for name in &job.repositories {
+            let index = backup
+                .repositories
+                .iter()
+                .position(|r| &r.name == name)
+                .with_context(|| format!("no repository named {name:?} in [backup]"))?
+                + 1;
+            let mut cmd = self.pgbackrest_command("backup", "info");
+            cmd.arg(format!("--repo={index}"))
+                .arg(format!("--type={}", job.backup_type))
+                .arg(format!("--annotation=node={}", self.server.node))
+                .arg(format!("--annotation=job={}", job.id));
+            if from_standby {
+                let (_, p) = self.config.node(&job.primary)?;
+                cmd.arg("--backup-standby")
+                    .arg(format!("--pg2-path={}", p.data_dir.display()))
+                    .arg(format!("--pg2-socket-path={}", p.run_dir().display()))
+                    .arg(format!("--pg2-port={}", p.address.port()))
+                    .arg(format!("--pg2-user={}", crate::postgres::SUPERUSER));
+            }
+            crate::process::kill_with_parent(&mut cmd);
+            out.push((name.clone(), cmd));
+        }
+        Ok(out)
+    }
+}
+
+/// Runs the backups one after another, writing each step to etcd; stops
+/// writing if the job was replaced (the gateway gave up on this node).
+async fn run_job(coord: Coord, mut job: BackupJob, commands: Vec<(String, std::process::Command)>) {
+    let mut next = BackupJob { state: JobState::Running, started_at_ms: Some(now_ms()), ..job.clone() };
+    let mut all_ok = true;
+    for (name, mut cmd) in commands {
+        next.current = Some(name.clone());
+        if !write(&coord, &mut job, next.clone()).await {
+            return;
+        }
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
+            let out = cmd.output().context("run pgbackrest backup")?;
+            if !out.status.success() {
+                bail!("{}", pgbackrest::error_text(&out.stderr));
+            }
+            Ok(pgbackrest::backup_label(&String::from_utf8_lossy(&out.stdout)))
+        })
+        .await
+        .context("join pgbackrest backup")
+        .and_then(|r| r);
+        let ms = started.elapsed().as_millis() as u64;
+        let outcome = match result {
+            Ok(label) => {
+                tracing::info!("backup job {}: {} backup to {name} done in {ms} ms", job.id, job.backup_type);
+                RepoOutcome { repository: name, ok: true, label, error: None, ms, finished_at_ms: now_ms() }
+            }
+            Err(e) => {
+                all_ok = false;
+                tracing::error!("failed to back up to repository {name} (job {}): {e:#}", job.id);
+                RepoOutcome {
+                    repository: name,
+                    ok: false,
+                    label: None,
+                    error: Some(format!("{e:#}")),
+                    ms,
+                    finished_at_ms: now_ms(),
+                }
+            }
+        };
+        next.outcomes.push(outcome);
+    }
+    next.current = None;
+    next.state = if all_ok { JobState::Succeeded } else { JobState::Failed };
+    write(&coord, &mut job, next).await;
+}
+
+/// Compare-and-swap from `job` to `next`, retried while etcd is unreachable;
+/// false when someone else changed the job.
+async fn write(coord: &Coord, job: &mut BackupJob, next: BackupJob) -> bool {
+    for attempt in 0..30 {
+        match coord.put_backup_job(Some(job), &next).await {
+            Ok(true) => {
+                *job = next;
+                return true;
+            }
+            Ok(false) => {
+                tracing::warn!("backup job {} was replaced in etcd; this agent stops reporting on it", job.id);
+                return false;
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!("failed to record backup job {} progress (retrying): {e:#}", job.id);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,166 @@
+//! pgBackRest run against the repositories alone, with no PostgreSQL beside
+//! it: the gateway lists and verifies backups, `meridian restore` restores.
+//! The configuration is rendered into a private temporary directory (it
+//! holds the keys) that is removed when the value is dropped.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{parse_info, Catalog};
+use super::pgbackrest;
+use crate::config::{BackupConfig, Config, Repository, Secrets};
+
+pub struct Repositories {
+    dir: PrivateDir,
+    conf: PathBuf,
+    /// Names of `repo1`, `repo2`, ... in this configuration.
+    names: Vec<String>,
+    pgbackrest: PathBuf,
+    stanza: String,
+    /// The OS user pgBackRest runs as (restore writes the server's files as its user).
+    os_ids: Option<(u32, u32)>,
+}
+
+/// One repository's `pgbackrest verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verified {
+    pub repository: String,
+    pub ok: bool,
+    /// pgBackRest's report (or error), as it printed it.
+    pub report: String,
+    pub ms: u64,
+}
+
+impl Repositories {
+    /// Every repository of `[backup]`, or only `only` (a restore with one
+    /// repository's credentials: the others' are not needed, nor asked for).
+    pub fn open(
+        config: &Config,
+        secrets: &Secrets,
+        cluster_ca: &Path,
+        only: Option<&str>,
+        os_ids: Option<(u32, u32)>,
+    ) -> Result<Repositories> {
+        let backup: &BackupConfig = config.backup.as_ref().context("the cluster file has no [backup] section")?;
+        let repos: Vec<&Repository> = match only {
+            None => backup.repositories.iter().collect(),
+            Some(name) => {
+                let names: Vec<&str> = backup.repositories.iter().map(|r| r.name.as_str()).collect();
+                vec![backup.repositories.iter().find(|r| r.name == name).with_context(|| {
+                    format!("no repository named {name:?} in [backup] (repositories: {})", names.join(", "))
+                })?]
+            }
+        };
+        let dir = PrivateDir::new()?;
+        let mut text = pgbackrest::render_global(config, backup, secrets, cluster_ca, dir.path(), &repos)?;
+        text.push_str(&format!("\n[{}]\n", pgbackrest::stanza(config)));
+        let conf = dir.path().join(pgbackrest::CONF);
+        std::fs::write(&conf, text).with_context(|| format!("write {}", conf.display()))?;
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::create_dir(dir.path().join("conf.d"))?;
+        if let Some((uid, gid)) = os_ids {
+            for p in [dir.path().to_path_buf(), conf.clone(), dir.path().join("conf.d")] {
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
+            }
+        }
+        Ok(Repositories {
+            conf,
+            names: repos.iter().map(|r| r.name.clone()).collect(),
+            pgbackrest: backup.pgbackrest.clone(),
+            stanza: pgbackrest::stanza(config).to_string(),
+            os_ids,
+            dir,
+        })
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// `repoN` of a repository in this configuration.
+    pub fn index(&self, name: &str) -> Result<usize> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i + 1)
+            .with_context(|| format!("no repository named {name:?} (repositories: {})", self.names.join(", ")))
+    }
+
+    /// `pgbackrest <command>` with this configuration; output captured.
+    pub fn command(&self, command: &str) -> Command {
+        let mut cmd = Command::new(&self.pgbackrest);
+        cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8").current_dir(self.dir.path());
+        if let Some((uid, gid)) = self.os_ids {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.arg(format!("--config={}", self.conf.display()))
+            .arg(format!("--config-include-path={}", self.dir.path().join("conf.d").display()))
+            .arg(format!("--stanza={}", self.stanza))
+            .args(["--log-level-console=error", "--log-level-stderr=off"])
+            .arg(command)
+            .stdin(Stdio::null());
+        crate::process::kill_with_parent(&mut cmd);
+        cmd
+    }
+
+    /// What every repository holds. A repository that cannot be read is
+    /// named in the error (pgBackRest's own message).
+    pub fn info(&self) -> Result<Catalog> {
+        let out = self.command("info").arg("--output=json").output().context("run pgbackrest info")?;
+        if !out.status.success() {
+            bail!("pgbackrest info: {}", pgbackrest::error_text(&[out.stdout, out.stderr].concat()));
+        }
+        let catalog = parse_info(&out.stdout, &self.names)?;
+        // pgBackRest reports an unreadable repository as a status, not an error.
+        Ok(catalog)
+    }
+
+    /// `pgbackrest verify` of one repository: every backup's files and the archive's WAL.
+    pub fn verify(&self, name: &str) -> Result<Verified> {
+        let started = std::time::Instant::now();
+        let out = self
+            .command("verify")
+            .args([format!("--repo={}", self.index(name)?), "--output=text".into(), "--verbose".into()])
+            .output()
+            .context("run pgbackrest verify")?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ok = out.status.success() && text.lines().any(|l| l.trim() == "status: ok");
+        let report = if out.status.success() {
+            text
+        } else {
+            format!("{text}\n{}", pgbackrest::error_text(&out.stderr)).trim().to_string()
+        };
+        Ok(Verified { repository: name.to_string(), ok, report, ms: started.elapsed().as_millis() as u64 })
+    }
+}
+
+/// A directory only its owner can enter, removed on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> Result<PrivateDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("meridian-pgbackrest-{}-{nanos}-{n}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(PrivateDir(path))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!("failed to remove {}: {e}", self.0.display());
+        }
+    }
+}

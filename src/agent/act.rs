@@ -19,6 +19,7 @@ pub(super) fn label(action: &Action) -> Option<String> {
     Some(match action {
         Action::Keep | Action::Wait { .. } => return None,
         Action::Bootstrap => "initialize the cluster".into(),
+        Action::AdoptRestored => "start the restored data as primary".into(),
         Action::Clone { from } => format!("copy a base backup from {from}"),
         Action::StartPrimary => "start PostgreSQL as primary".into(),
         Action::StartStandby { .. } => "start PostgreSQL as a standby".into(),
@@ -48,6 +49,7 @@ impl Agent {
                 Ok(())
             }
             Action::Bootstrap => self.bootstrap(snapshot.map(|s| s.epoch).unwrap_or(0)).await,
+            Action::AdoptRestored => self.adopt_restored(snapshot.map(|s| s.epoch).unwrap_or(0)).await,
             Action::Clone { from } => self.clone_from(&from).await,
             Action::StartPrimary => self.start(StartAs::Primary).await,
             Action::StartStandby { upstream } => {
@@ -97,6 +99,23 @@ impl Agent {
         }
         self.ensure_slots().await?;
         tracing::info!("cluster initialized");
+        Ok(())
+    }
+
+    /// Starts restored data (`meridian restore`) as this new cluster's first
+    /// primary; its roles get this cluster's passwords.
+    async fn adopt_restored(&mut self, epoch: Epoch) -> Result<()> {
+        let me = self.server.node.clone();
+        let Some(epoch) = self.coord.acquire_leader(&me, epoch, self.lease.id()).await? else {
+            return Ok(()); // someone else is leader now; the next pass follows it
+        };
+        tracing::info!("starting the restored data as primary of epoch {epoch}");
+        self.start(StartAs::Primary).await?;
+        let roles =
+            format!("SET synchronous_commit = local;\n{}", files::role_passwords_sql(&self.config, &self.secrets));
+        self.client().await?.batch_execute(&roles).await.context("set the passwords of meridian's roles")?;
+        self.ensure_slots().await?;
+        tracing::info!("restored cluster started");
         Ok(())
     }
 

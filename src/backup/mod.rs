@@ -8,6 +8,7 @@ pub mod chain;
 pub mod job;
 pub mod pgbackrest;
 pub mod repo;
+pub mod restore;
 
 use std::path::Path;
 use std::process::Command;

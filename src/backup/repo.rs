@@ -78,6 +78,11 @@ impl Repositories {
         })
     }
 
+    /// The rendered configuration: every pgBackRest process started with it names this path.
+    pub fn conf_path(&self) -> &Path {
+        &self.conf
+    }
+
     pub fn names(&self) -> &[String] {
         &self.names
     }

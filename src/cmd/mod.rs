@@ -11,6 +11,7 @@ mod health;
 mod history;
 mod lab;
 mod operations;
+mod restore;
 mod status;
 mod token;
 mod verify;
@@ -76,6 +77,8 @@ pub enum Command {
     Audit(audit::Args),
     /// Backups: create, list, status, verify (pgBackRest; see docs/backup.md).
     Backup(backup::Args),
+    /// A new cluster from a repository: the latest data, a time, a WAL position or a backup.
+    Restore(restore::Args),
     /// WAL archiving helpers that PostgreSQL runs (see docs/backup.md).
     Wal(wal::Args),
 }
@@ -103,6 +106,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Audit(a) => audit::run(&config, a).await,
         Command::Wal(a) => wal::run(a).await,
         Command::Backup(a) => backup::run(&config, a).await,
+        Command::Restore(a) => restore::run(&config, a).await,
     };
     match result {
         Ok(code) => code,

@@ -121,6 +121,10 @@ pub enum Action {
     Keep,
     /// Create the cluster: take `initialize`, then `leader` with epoch 1, then initdb.
     Bootstrap,
+    /// `meridian restore` left a promoted copy of another cluster's data here
+    /// and named this node in `initialize`: take `leader` with epoch 1 and
+    /// start read-write on it (no initdb).
+    AdoptRestored,
     /// Copy the leader's data directory, then start as its standby.
     Clone { from: String },
     /// Nothing can be done now; the reason is shown in status.
@@ -266,6 +270,13 @@ fn decide_unguarded(v: &NodeView) -> Action {
         // pg_rewind finds out, and is quick when nothing diverged.
         (Local::Stopped, Some(l)) if behind_leader => Action::Rejoin { upstream: l.node.clone() },
         (Local::Stopped, Some(l)) => Action::StartStandby { upstream: Some(l.node.clone()) },
+        // Only a restore leaves data, `initialize` naming this node and no epoch yet:
+        // a bootstrap takes epoch 1 before its initdb writes anything.
+        (Local::Stopped, None)
+            if s.leader.is_none() && s.epoch == 0 && s.initialized_by.as_deref() == Some(v.me.as_str()) =>
+        {
+            Action::AdoptRestored
+        }
         (Local::Stopped, None) => Action::StartStandby { upstream: None },
         (Local::Primary, _) => Action::Keep,
         (Local::Standby { upstream }, Some(l)) if upstream.as_deref() != Some(l.node.as_str()) => {

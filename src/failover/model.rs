@@ -463,6 +463,8 @@ impl Model {
         let name = self.nodes[i].name.clone();
         match action {
             Action::Keep | Action::Wait { .. } | Action::Bootstrap | Action::Clone { .. } => {}
+            // Only `meridian restore` sets up what this needs: an ordinary history never must.
+            Action::AdoptRestored => return Err(format!("{name} would adopt restored data in an ordinary history")),
             Action::StartPrimary => self.nodes[i].local = Local::Primary,
             Action::StartStandby { upstream } => {
                 self.nodes[i].local = Local::Standby { upstream: upstream.clone() };

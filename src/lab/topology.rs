@@ -201,6 +201,37 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
 
 /// One repository per database region (the first two): the first region's
 /// in the lab's S3 server, the second's in a directory of the lab.
+/// The file `meridian lab up` writes for trying `meridian restore --into`:
+/// the lab's cluster under another name (`lab-restored`, its own etcd
+/// prefix in the same etcd), each node on the next port of its address, with
+/// data under `D/restored/`. Its agents are started by hand; nothing starts
+/// its gateways.
+pub fn restore_into_config(lab: &Config, dir: &Path) -> Config {
+    let mut c = lab.clone();
+    c.cluster = format!("{}-restored", lab.cluster);
+    let bump = |a: SocketAddr| SocketAddr::new(a.ip(), a.port() + 1);
+    for r in &mut c.regions {
+        r.gateway = GatewayAddrs {
+            api: bump(r.gateway.api),
+            dns: bump(r.gateway.dns),
+            writer: bump(r.gateway.writer),
+            reader: bump(r.gateway.reader),
+        };
+        for n in &mut r.nodes {
+            let nd = dir.join("restored").join(&n.name);
+            n.address = bump(n.address);
+            n.api = bump(n.api);
+            n.data_dir = nd.join("data");
+            n.run_dir = Some(nd.join("run"));
+        }
+    }
+    c.source = Some(dir.join(RESTORE_INTO));
+    c
+}
+
+/// Where `lab up` writes `restore_into_config`.
+pub const RESTORE_INTO: &str = "restore-into.toml";
+
 fn lab_backup(shape: &LabShape, dir: &Path) -> BackupConfig {
     let repositories = shape
         .regions

@@ -301,6 +301,14 @@ fn write_lab_files(dir: &Path, config: &Config) -> Result<()> {
         toml::to_string(config).context("render the cluster file")?
     );
     std::fs::write(dir.join("meridian.toml"), text)?;
+    if config.backup.is_some() {
+        let into = super::topology::restore_into_config(config, dir);
+        let text = format!(
+            "# A second cluster for `meridian restore --into`, written by `meridian lab up`. See docs/backup.md.\n{}",
+            toml::to_string(&into).context("render the restore cluster file")?
+        );
+        std::fs::write(dir.join(super::topology::RESTORE_INTO), text)?;
+    }
     std::fs::write(dir.join(MARKER), "a meridian lab directory; `meridian lab down` removes it\n")?;
     Ok(())
 }

@@ -342,6 +342,23 @@ GRANT EXECUTE ON FUNCTION meridian_auth.scram_verifier(text) TO {auth_user};",
     )
 }
 
+/// Gives meridian's roles in restored data (`meridian restore`, which copies
+/// the source cluster's roles) this cluster's passwords.
+pub fn role_passwords_sql(config: &Config, secrets: &Secrets) -> String {
+    let p = &config.postgres;
+    [
+        (&p.replication_user, &secrets.replication_password),
+        (&p.monitor_user, &secrets.monitor_password),
+        (&p.auth_user, &secrets.auth_password),
+    ]
+    .iter()
+    .map(|(role, password)| {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        format!("ALTER ROLE {} WITH PASSWORD '{verifier}';\n", ident(role))
+    })
+    .collect()
+}
+
 /// A double-quoted SQL identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

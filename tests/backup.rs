@@ -197,3 +197,200 @@ fn a_wal_file_archived_with_other_content_is_refused_and_raised_as_a_possible_sp
     assert_eq!(ready, "1", "the refused segment stays ready in pg_wal");
     lab.finish();
 }
+
+/// Now, as `--to-time` takes it; a time strictly after every commit already acknowledged.
+fn now_rfc3339() -> String {
+    std::thread::sleep(Duration::from_millis(20));
+    let t = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(Duration::from_millis(20));
+    t
+}
+
+/// A copy of the lab's cluster file in the lab directory (so relative paths
+/// still resolve) whose secrets file is `secrets`, derived from the lab's.
+fn cluster_file_with_secrets(lab: &TestLab, name: &str, edit: impl FnOnce(&mut toml::Table)) -> std::path::PathBuf {
+    let dir = lab.path();
+    let mut secrets: toml::Table = toml::from_str(&std::fs::read_to_string(dir.join("secrets.toml")).unwrap()).unwrap();
+    edit(&mut secrets);
+    let secrets_file = format!("{name}-secrets.toml");
+    std::fs::write(dir.join(&secrets_file), toml::to_string(&secrets).unwrap()).unwrap();
+    std::fs::set_permissions(dir.join(&secrets_file), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(lab.config()).unwrap();
+    let text = text.replace("secrets_file = \"secrets.toml\"", &format!("secrets_file = \"{secrets_file}\""));
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A second target cluster for restore, beside the lab's `restore-into.toml`.
+fn another_restore_target(lab: &TestLab, n: u16) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(lab.path().join("restore-into.toml")).unwrap();
+    let text = text
+        .replace("cluster = \"lab-restored\"", &format!("cluster = \"lab-restored{n}\""))
+        .replace("/restored/", &format!("/restored{n}/"))
+        .replace(":5433\"", &format!(":{}\"", 5433 + n))
+        .replace(":8009\"", &format!(":{}\"", 8009 + n));
+    let path = lab.path().join(format!("restore-into-{n}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn restore(source: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("--config").arg(source).arg("restore").args(args).env("CI", "true").output().unwrap()
+}
+
+/// The restored cluster's first agent, stopped by pid when dropped.
+struct RestoredAgent(std::process::Child);
+
+impl RestoredAgent {
+    fn start(lab: &TestLab, config: &std::path::Path, log: &str) -> RestoredAgent {
+        let log = std::fs::File::create(lab.path().join("logs").join(log)).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(["agent", "--node", "ap-south-1a"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        RestoredAgent(child)
+    }
+}
+
+impl Drop for RestoredAgent {
+    fn drop(&mut self) {
+        signal(self.0.id(), libc::SIGINT);
+        let _ = self.0.wait();
+    }
+}
+
+/// The rows of `orders` in a restored cluster, as (count, min, max).
+fn restored_rows(lab: &TestLab, port: u16) -> String {
+    let (host, _) = lab.node_addr("ap-south-1a");
+    wait_until("the restored cluster to answer", Duration::from_secs(30), || {
+        run_psql(
+            &host,
+            port,
+            "app",
+            "app",
+            Some(&lab.path().join("pgpass")),
+            "SELECT count(*), min(id), max(id) FROM orders",
+        )
+    })
+}
+
+fn data_dir_is_empty(lab: &TestLab, restored: &str) -> bool {
+    let d = lab.path().join(restored).join("ap-south-1a").join("data");
+    std::fs::read_dir(&d).map(|mut e| e.next().is_none()).unwrap_or(true)
+}
+
+/// PITR with every database server of the cluster stopped, from the second
+/// region's repository with only its credentials (pilot-light DR): to a time
+/// after a switchover (timeline 2) and to a time before it (timeline 1).
+/// Every row acknowledged before the target is there, none after it. Bad
+/// input first: each refused with its reason, nothing written.
+#[test]
+fn point_in_time_recovery_across_a_timeline_switch_from_one_surviving_repository() {
+    let mut lab = TestLab::up(112, &[]);
+    lab.expect_error("terminating connection due to unexpected postmaster exit");
+    lab.psql("ap-south-1a", "CREATE TABLE orders (id int PRIMARY KEY)");
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(1, 100)");
+    let out = lab.meridian(&["backup", "create", "--repository", "ap-northeast-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = lab.json(&["backup", "list"]);
+    let label = list["backups"][0]["label"].as_str().unwrap().to_string();
+    assert_eq!(list["backups"][0]["node"], "ap-northeast-1a", "a standby took it: {list}");
+    let before_switch = now_rfc3339();
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(101, 200)");
+    lab.wait_rows("ap-northeast-1a", "orders", 200, Duration::from_secs(20));
+    let out = lab.meridian(&["switchover", "--to", "ap-northeast-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_primary(&lab, "ap-northeast-1a", Duration::from_secs(30));
+    lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(201, 300)");
+    let after_switch = now_rfc3339();
+    lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(301, 400)");
+    let (tli, to) = switch_wal(&lab, "ap-northeast-1a");
+    assert_eq!(tli, 2);
+    wait_chain_complete(&lab, "ap-northeast-1a", tli, to, Duration::from_secs(60));
+
+    // Every database server goes.
+    for node in ["ap-south-1a", "ap-northeast-1a"] {
+        let out = lab.run_lab(&["kill", node]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let into = lab.path().join("restore-into.toml");
+    let into_arg = into.display().to_string();
+    let pilot = cluster_file_with_secrets(&lab, "pilot", |s| {
+        s.remove("repository");
+    });
+    let wrong = cluster_file_with_secrets(&lab, "wrong", |s| {
+        s["repository"]["ap-south-1"]["s3_key_secret"] = toml::Value::String("not-the-secret".into());
+    });
+
+    // Bad input: refused with its reason; the data directory stays empty, etcd untouched.
+    let main = lab.config();
+    let main_arg = main.display().to_string();
+    let cases: Vec<(&std::path::Path, Vec<&str>, &str)> = vec![
+        (
+            &pilot,
+            vec!["--backup", "20200101-000000F", "--repository", "ap-northeast-1"],
+            "no backup \"20200101-000000F\"",
+        ),
+        (
+            &pilot,
+            vec!["--to-time", "2020-01-01T00:00:00Z", "--repository", "ap-northeast-1"],
+            "before the restore window",
+        ),
+        (&pilot, vec!["--to-time", "2999-01-01T00:00:00Z", "--repository", "ap-northeast-1"], "in the future"),
+        (&pilot, vec!["--latest", "--repository", "nowhere"], "no repository named \"nowhere\""),
+        (&pilot, vec!["--latest", "--repository", "ap-south-1"], "[repository.ap-south-1]"),
+        (&wrong, vec!["--latest", "--repository", "ap-south-1"], "read repository ap-south-1"),
+        (&main, vec!["--latest", "--into", &main_arg], "must name a new cluster"),
+    ];
+    for (source, mut args, says) in cases {
+        if !args.contains(&"--into") {
+            args.extend(["--into", &into_arg]);
+        }
+        let started = std::time::Instant::now();
+        let out = restore(source, &args);
+        eprintln!("refused in {:?}: {args:?}", started.elapsed());
+        assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?}: want {says:?} in: {}", text(&out));
+        assert!(data_dir_is_empty(&lab, "restored"), "{args:?} left data behind");
+    }
+    // An unreachable repository.
+    let out = lab.run_lab(&["kill", "s3:ap-south-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let started = std::time::Instant::now();
+    let out = restore(&lab.config(), &["--latest", "--repository", "ap-south-1", "--into", &into_arg]);
+    eprintln!("unreachable repository refused in {:?}", started.elapsed());
+    assert!(!out.status.success() && text(&out).contains("read repository ap-south-1"), "{}", text(&out));
+    assert!(data_dir_is_empty(&lab, "restored"));
+
+    // After the switch, on timeline 2: rows 1..300, not 301..400.
+    let out =
+        restore(&pilot, &["--to-time", &after_switch, "--repository", "ap-northeast-1", "--into", &into_arg, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["backup"], label.as_str(), "{report}");
+    assert_eq!(report["timeline"], 3, "a timeline after the source's two: {report}");
+    let agent = RestoredAgent::start(&lab, &into, "restored-agent.log");
+    assert_eq!(restored_rows(&lab, 5433), "300|1|300");
+    drop(agent);
+
+    // Before the switch, on timeline 1: rows 1..100.
+    let into2 = another_restore_target(&lab, 2);
+    let out = restore(
+        &pilot,
+        &["--to-time", &before_switch, "--repository", "ap-northeast-1", "--into", &into2.display().to_string()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let agent = RestoredAgent::start(&lab, &into2, "restored2-agent.log");
+    assert_eq!(restored_rows(&lab, 5435), "100|1|100");
+    drop(agent);
+
+    // A restored cluster's prefix is taken: restoring into it again is refused.
+    let out = restore(&pilot, &["--latest", "--repository", "ap-northeast-1", "--into", &into2.display().to_string()]);
+    assert!(!out.status.success() && text(&out).contains("not empty"), "{}", text(&out));
+    lab.finish();
+}

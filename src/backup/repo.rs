@@ -15,6 +15,9 @@ use super::catalog::{parse_info, Catalog};
 use super::pgbackrest;
 use crate::config::{BackupConfig, Config, Repository, Secrets};
 
+/// pgBackRest's `io-timeout` for `info`.
+pub const INFO_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Repositories {
     dir: PrivateDir,
     conf: PathBuf,
@@ -116,13 +119,33 @@ impl Repositories {
     /// What every repository holds. A repository that cannot be read is
     /// named in the error (pgBackRest's own message).
     pub fn info(&self) -> Result<Catalog> {
-        let out = self.command("info").arg("--output=json").output().context("run pgbackrest info")?;
+        // Small reads that a healthy repository answers at once; pgBackRest tries
+        // about four times, so an unreachable repository is named within ~12 s.
+        let out = self
+            .command("info")
+            .args([format!("--io-timeout={}", INFO_IO_TIMEOUT.as_secs()), "--output=json".into()])
+            .output()
+            .context("run pgbackrest info")?;
         if !out.status.success() {
             bail!("pgbackrest info: {}", pgbackrest::error_text(&[out.stdout, out.stderr].concat()));
         }
         let catalog = parse_info(&out.stdout, &self.names)?;
         // pgBackRest reports an unreadable repository as a status, not an error.
         Ok(catalog)
+    }
+
+    /// Deletes the stanza (every backup and archived WAL file) from the one
+    /// repository this value was opened with. pgBackRest wants its stop file
+    /// first; `--force` because no PostgreSQL is configured here to check
+    /// (the caller made sure none of the cluster runs).
+    pub fn delete_stanza(&self) -> Result<()> {
+        for (cmd, extra) in [("stop", vec![]), ("stanza-delete", vec!["--repo=1", "--force"])] {
+            let out = self.command(cmd).args(extra).output().with_context(|| format!("run pgbackrest {cmd}"))?;
+            if !out.status.success() {
+                bail!("pgbackrest {cmd}: {}", pgbackrest::error_text(&out.stderr));
+            }
+        }
+        Ok(())
     }
 
     /// `pgbackrest verify` of one repository: every backup's files and the archive's WAL.

@@ -191,7 +191,7 @@ pub async fn run(
         );
     }
     progress.step(format!("reading what cluster {}'s repositories hold", source.cluster));
-    let ca = source.tls_identity("ca").ca();
+    let ca = source.tls_ca_file();
     let ca = if ca.exists() { ca } else { server.tls.ca() };
     let (repo, catalog) = open_repository(source, &source_secrets, &ca, req.repository.as_deref(), server.os_ids)?;
     let name = repo.names()[0].clone();

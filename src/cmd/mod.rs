@@ -5,6 +5,7 @@ mod audit;
 mod backup;
 mod ca;
 mod config;
+mod destroy;
 mod drill;
 mod gateway;
 mod health;
@@ -79,6 +80,8 @@ pub enum Command {
     Backup(backup::Args),
     /// A new cluster from a repository: the latest data, a time, a WAL position or a backup.
     Restore(restore::Args),
+    /// Remove a stopped cluster: its etcd keys, its data directories, with --repositories its backups.
+    Destroy(destroy::Args),
     /// WAL archiving helpers that PostgreSQL runs (see docs/backup.md).
     Wal(wal::Args),
 }
@@ -107,6 +110,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Wal(a) => wal::run(a).await,
         Command::Backup(a) => backup::run(&config, a).await,
         Command::Restore(a) => restore::run(&config, a).await,
+        Command::Destroy(a) => destroy::run(&config, a).await,
     };
     match result {
         Ok(code) => code,

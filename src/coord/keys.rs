@@ -15,6 +15,10 @@ impl Keys {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+    /// Tokens and the audit log (see `token`).
+    pub fn security_prefix(&self) -> &str {
+        &self.security
+    }
     pub fn members_prefix(&self) -> String {
         format!("{}members/", self.prefix)
     }

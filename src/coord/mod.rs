@@ -540,6 +540,22 @@ impl Coord {
         Ok(self.txn("write the backup job in etcd", txn).await?.succeeded())
     }
 
+    /// Removes every key of the cluster: its prefix and its security prefix
+    /// (tokens, audit). Returns how many keys were deleted.
+    pub async fn delete_cluster(&self) -> Result<i64> {
+        let mut deleted = 0;
+        for prefix in [self.keys.prefix().to_string(), self.keys.security_prefix().to_string()] {
+            let resp = self
+                .call("delete the cluster's keys in etcd", |c| {
+                    let prefix = prefix.clone();
+                    async move { c.kv_client().delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix())).await }
+                })
+                .await?;
+            deleted += resp.deleted();
+        }
+        Ok(deleted)
+    }
+
     /// Sets the DR switch (replacing what it said before).
     pub async fn put_dr(&self, dr: &DrSwitch) -> Result<()> {
         let (key, value) = (self.keys.dr(), serde_json::to_vec(dr)?);

@@ -318,7 +318,14 @@ fn lab_cgroup(net: u8) -> Option<PathBuf> {
 }
 
 /// The real psql, one command, unaligned tuples only; stdout or stderr.
-fn run_psql(host: &str, port: u16, user: &str, db: &str, passfile: Option<&Path>, sql: &str) -> Result<String, String> {
+pub fn run_psql(
+    host: &str,
+    port: u16,
+    user: &str,
+    db: &str,
+    passfile: Option<&Path>,
+    sql: &str,
+) -> Result<String, String> {
     run_psql_with(host, port, user, db, passfile, &[], sql)
 }
 

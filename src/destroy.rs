@@ -102,7 +102,8 @@ pub async fn run(config: &Config, coord: &Coord, plan: Plan, progress: &mut crat
         for name in &plan.repositories {
             progress.step(format!("deleting the backups of {} in repository {name}", config.cluster));
             let repo = Repositories::open(config, &secrets, &ca, Some(name), os_ids)?;
-            repo.delete_stanza().with_context(|| format!("delete stanza {} in repository {name}", config.cluster))?;
+            let pg = config.bootstrap_node().map(|n| config.resolve(&n.data_dir)).unwrap_or_default();
+            repo.delete_stanza(&pg).with_context(|| format!("delete stanza {} in repository {name}", config.cluster))?;
         }
     }
     for d in &plan.directories {

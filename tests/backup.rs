@@ -367,6 +367,9 @@ fn point_in_time_recovery_across_a_timeline_switch_from_one_surviving_repository
     assert!(!out.status.success() && text(&out).contains("read repository ap-south-1"), "{}", text(&out));
     assert!(data_dir_is_empty(&lab, "restored"));
 
+    let out = lab.run_lab(&["start", "s3:ap-south-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
     // After the switch, on timeline 2: rows 1..300, not 301..400.
     let out =
         restore(&pilot, &["--to-time", &after_switch, "--repository", "ap-northeast-1", "--into", &into_arg, "--json"]);
@@ -387,10 +390,43 @@ fn point_in_time_recovery_across_a_timeline_switch_from_one_surviving_repository
     assert!(out.status.success(), "{}", text(&out));
     let agent = RestoredAgent::start(&lab, &into2, "restored2-agent.log");
     assert_eq!(restored_rows(&lab, 5435), "100|1|100");
+    let stanza = lab.path().join("backup/ap-northeast-1/archive/lab-restored2");
+    wait_until("the restored cluster's stanza", Duration::from_secs(30), || {
+        stanza.exists().then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+
+    // destroy: refused while the cluster runs, and without --yes off a terminal.
+    let destroy = |config: &std::path::Path, args: &[&str]| {
+        Command::new(BIN).arg("--config").arg(config).arg("destroy").args(args).env("CI", "true").output().unwrap()
+    };
+    let out = destroy(&into2, &["--yes", "--repositories"]);
+    assert!(!out.status.success() && text(&out).contains("is not stopped"), "{}", text(&out));
+    let out = destroy(&main, &["--yes"]);
+    assert!(!out.status.success() && text(&out).contains("is not stopped"), "{}", text(&out));
     drop(agent);
+    let out = destroy(&into2, &["--repositories"]);
+    assert!(!out.status.success() && text(&out).contains("--yes"), "{}", text(&out));
+    assert!(stanza.exists());
+    // Once its agent's lease is gone, it goes, backups included; the source's stay.
+    let out = wait_until("destroy to find lab-restored2 stopped", Duration::from_secs(30), || {
+        let out = destroy(&into2, &["--yes", "--repositories", "--json"]);
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(text(&out))
+        }
+    });
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(done["etcd_keys"].as_i64().unwrap() > 0, "{done}");
+    assert!(!stanza.exists(), "the stanza is gone from the directory repository");
+    assert!(!lab.path().join("restored2").join("ap-south-1a").join("data").exists());
+    assert!(lab.path().join("backup/ap-northeast-1/archive/lab").exists(), "the source's archive stays");
 
     // A restored cluster's prefix is taken: restoring into it again is refused.
-    let out = restore(&pilot, &["--latest", "--repository", "ap-northeast-1", "--into", &into2.display().to_string()]);
+    let out = restore(&pilot, &["--latest", "--repository", "ap-northeast-1", "--into", &into_arg]);
     assert!(!out.status.success() && text(&out).contains("not empty"), "{}", text(&out));
+    // After destroy, the name is free again.
+    let out = restore(&pilot, &["--latest", "--repository", "ap-northeast-1", "--into", &into2.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
     lab.finish();
 }

@@ -138,8 +138,10 @@ impl Repositories {
     /// repository this value was opened with. pgBackRest wants its stop file
     /// first; `--force` because no PostgreSQL is configured here to check
     /// (the caller made sure none of the cluster runs).
-    pub fn delete_stanza(&self) -> Result<()> {
-        for (cmd, extra) in [("stop", vec![]), ("stanza-delete", vec!["--repo=1", "--force"])] {
+    /// `pg_path` is a data directory of the cluster (pgBackRest asks for one even with `--force`).
+    pub fn delete_stanza(&self, pg_path: &Path) -> Result<()> {
+        let pg1 = format!("--pg1-path={}", pg_path.display());
+        for (cmd, extra) in [("stop", vec![]), ("stanza-delete", vec!["--repo=1", "--force", pg1.as_str()])] {
             let out = self.command(cmd).args(extra).output().with_context(|| format!("run pgbackrest {cmd}"))?;
             if !out.status.success() {
                 bail!("pgbackrest {cmd}: {}", pgbackrest::error_text(&out.stderr));

@@ -103,7 +103,8 @@ pub async fn run(config: &Config, coord: &Coord, plan: Plan, progress: &mut crat
             progress.step(format!("deleting the backups of {} in repository {name}", config.cluster));
             let repo = Repositories::open(config, &secrets, &ca, Some(name), os_ids)?;
             let pg = config.bootstrap_node().map(|n| config.resolve(&n.data_dir)).unwrap_or_default();
-            repo.delete_stanza(&pg).with_context(|| format!("delete stanza {} in repository {name}", config.cluster))?;
+            repo.delete_stanza(&pg)
+                .with_context(|| format!("delete stanza {} in repository {name}", config.cluster))?;
         }
     }
     for d in &plan.directories {

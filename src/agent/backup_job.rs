@@ -142,7 +142,8 @@ async fn run_job(coord: Coord, mut job: BackupJob, commands: Vec<(String, std::p
             }
             Err(e) => {
                 all_ok = false;
-                tracing::error!("failed to back up to repository {name} (job {}): {e:#}", job.id);
+                // The job (and so `backup status`) says so; the schedule tries again.
+                tracing::warn!("failed to back up to repository {name} (job {}): {e:#}", job.id);
                 RepoOutcome {
                     repository: name,
                     ok: false,

@@ -195,3 +195,139 @@ mod tests {
         assert!(e.contains(&s1), "{e}");
     }
 }
+
+/// What the schedule asks for next (pure; tested below): for the first
+/// repository in the configuration that is due, the largest type that is —
+/// a full backup when it has none or its last full is `full_every` old, a
+/// differential when the last full or differential is `diff_every` old, an
+/// incremental when the last backup of any type is `incr_every` old. Backups
+/// are known from the repositories' catalog and from the last job (which the
+/// catalog may not show yet: it was read before the job ended). `readable`
+/// says which repositories answered; one that did not is skipped.
+pub fn due(
+    backup: &BackupConfig,
+    catalog: &super::catalog::Catalog,
+    readable: &dyn Fn(&str) -> bool,
+    last_job: Option<&BackupJob>,
+    now_s: u64,
+) -> Option<(BackupType, String)> {
+    let from_job = |repo: &str, types: &[BackupType]| -> Option<u64> {
+        let job = last_job.filter(|j| types.contains(&j.backup_type))?;
+        let o = job.outcomes.iter().find(|o| o.repository == repo && o.ok)?;
+        Some(o.finished_at_ms / 1000)
+    };
+    let last = |repo: &str, types: &[BackupType]| -> Option<u64> {
+        let in_catalog = catalog
+            .backups
+            .iter()
+            .filter(|b| b.repository == repo && types.iter().any(|t| t.as_str() == b.backup_type))
+            .map(|b| b.stopped_at)
+            .max();
+        in_catalog.max(from_job(repo, types))
+    };
+    let older =
+        |at: Option<u64>, every: std::time::Duration| at.is_none_or(|t| now_s.saturating_sub(t) >= every.as_secs());
+    use BackupType::*;
+    for r in backup.repositories.iter().filter(|r| readable(&r.name)) {
+        let name = &r.name;
+        if older(last(name, &[Full]), backup.full_every) {
+            return Some((Full, name.clone()));
+        }
+        if let Some(every) = backup.diff_every {
+            if older(last(name, &[Full, Diff]), every) {
+                return Some((Diff, name.clone()));
+            }
+        }
+        if let Some(every) = backup.incr_every {
+            if older(last(name, &[Full, Diff, Incr]), every) {
+                return Some((Incr, name.clone()));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+    use crate::backup::catalog::{BackupSet, Catalog};
+    use crate::lab::topology::{lab_config, LabShape};
+    use std::time::Duration;
+
+    fn set(repo: &str, kind: &str, stopped_at: u64) -> BackupSet {
+        BackupSet {
+            label: format!("{stopped_at}{kind}"),
+            repository: repo.into(),
+            backup_type: kind.into(),
+            started_at: stopped_at,
+            stopped_at,
+            lsn_start: None,
+            lsn_stop: None,
+            timeline: Some(1),
+            database_bytes: 1,
+            repository_bytes: 1,
+            prior: None,
+            node: None,
+            error: false,
+        }
+    }
+
+    #[test]
+    fn the_schedule_asks_for_the_largest_type_due_in_the_first_repository_due() {
+        let c = lab_config(&LabShape::default(), std::path::Path::new("/tmp/lab"));
+        let mut b = c.backup.clone().unwrap();
+        b.full_every = Duration::from_secs(7 * 86400);
+        b.diff_every = Some(Duration::from_secs(86400));
+        b.incr_every = Some(Duration::from_secs(3600));
+        let (r1, r2) = (b.repositories[0].name.clone(), b.repositories[1].name.clone());
+        let all = |_: &str| true;
+        let day = 86400;
+        let now = 100 * day;
+        // Nothing yet: a full backup, first repository first.
+        assert_eq!(due(&b, &Catalog::default(), &all, None, now), Some((BackupType::Full, r1.clone())));
+        // An unreadable repository is skipped.
+        let only_r2 = |n: &str| n == r2;
+        assert_eq!(due(&b, &Catalog::default(), &only_r2, None, now), Some((BackupType::Full, r2.clone())));
+        // A fresh full in r1 (half an hour ago), none in r2.
+        let mut cat = Catalog { backups: vec![set(&r1, "full", now - 1800)], ..Catalog::default() };
+        assert_eq!(due(&b, &cat, &all, None, now), Some((BackupType::Full, r2.clone())));
+        cat.backups.push(set(&r2, "full", now - 60));
+        // r1's full is an hour old: an incremental is due there.
+        cat.backups[0].stopped_at = now - 3600;
+        assert_eq!(due(&b, &cat, &all, None, now), Some((BackupType::Incr, r1.clone())));
+        // Two days old: a differential.
+        cat.backups[0].stopped_at = now - 2 * day;
+        assert_eq!(due(&b, &cat, &all, None, now), Some((BackupType::Diff, r1.clone())));
+        // Eight days: a full again.
+        cat.backups[0].stopped_at = now - 8 * day;
+        assert_eq!(due(&b, &cat, &all, None, now), Some((BackupType::Full, r1.clone())));
+        // ... unless the last job just took it, before the catalog was read.
+        let job = BackupJob {
+            id: "j".into(),
+            backup_type: BackupType::Full,
+            repositories: vec![r1.clone()],
+            node: "n".into(),
+            primary: "n".into(),
+            requested_by: "schedule".into(),
+            requested_at_ms: 0,
+            state: JobState::Succeeded,
+            current: None,
+            started_at_ms: None,
+            outcomes: vec![RepoOutcome {
+                repository: r1.clone(),
+                ok: true,
+                label: None,
+                error: None,
+                ms: 1,
+                finished_at_ms: (now - 10) * 1000,
+            }],
+            error: None,
+        };
+        assert_eq!(due(&b, &cat, &all, Some(&job), now), None);
+        // Without diff and incr schedules only fulls are asked for.
+        b.diff_every = None;
+        b.incr_every = None;
+        cat.backups[0].stopped_at = now - 2 * day;
+        assert_eq!(due(&b, &cat, &all, None, now), None);
+    }
+}

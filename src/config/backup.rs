@@ -27,6 +27,10 @@ pub struct BackupConfig {
     /// How often an incremental backup (changes since the last backup) is taken; none if unset.
     #[serde(default, with = "humantime_serde::option")]
     pub incr_every: Option<Duration>,
+    /// How long after a gateway starts its schedule first looks (then every
+    /// minute): a cluster just coming up does not start a backup at once.
+    #[serde(default = "default_schedule_delay", with = "humantime_serde")]
+    pub schedule_delay: Duration,
     /// Full backups kept per repository (with their differentials,
     /// incrementals and the WAL they need); older ones are expired.
     #[serde(default = "default_retention_full")]
@@ -74,6 +78,10 @@ fn default_retention_full() -> u32 {
 fn yes() -> bool {
     true
 }
+fn default_schedule_delay() -> Duration {
+    Duration::from_secs(300)
+}
+
 fn default_archive_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -204,6 +212,9 @@ pub(super) fn validate(config: &Config, p: &mut Vec<Problem>) {
     }
     if !(1..=100).contains(&b.retention_full) {
         push("backup.retention_full".into(), "must be between 1 and 100 full backups".into());
+    }
+    if b.schedule_delay > Duration::from_secs(24 * 3600) {
+        push("backup.schedule_delay".into(), "must be at most 1 day".into());
     }
     if b.archive_timeout < Duration::from_secs(10) || b.archive_timeout > Duration::from_secs(3600) {
         push("backup.archive_timeout".into(), "must be between 10s and 1h".into());

@@ -46,6 +46,10 @@ pub enum CheckKind {
     ObjectExists,
     /// Healthy when at least `min_healthy` of `children` are (aggregated results).
     Calculated,
+    /// Backups and archiving are recent: `target` names a `[[backup.repository]]`;
+    /// the primary archived within `max_archive_age` and that repository holds a
+    /// full backup younger than `max_full_age` (each when set).
+    Backup,
 }
 
 impl std::fmt::Display for CheckKind {
@@ -56,6 +60,7 @@ impl std::fmt::Display for CheckKind {
             CheckKind::Postgres => "postgres",
             CheckKind::ObjectExists => "object-exists",
             CheckKind::Calculated => "calculated",
+            CheckKind::Backup => "backup",
         })
     }
 }
@@ -85,6 +90,12 @@ pub struct HealthCheck {
     #[serde(default)]
     pub children: Vec<String>,
     pub min_healthy: Option<MinHealthy>,
+    /// `backup`: the primary's last archived WAL file may be at most this old.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_archive_age: Option<Duration>,
+    /// `backup`: the repository's last full backup may be at most this old.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_full_age: Option<Duration>,
 }
 
 impl HealthCheck {
@@ -104,6 +115,8 @@ impl HealthCheck {
             max_lag: None,
             children: Vec::new(),
             min_healthy: None,
+            max_archive_age: None,
+            max_full_age: None,
         }
     }
 }
@@ -384,9 +397,40 @@ pub(super) fn validate(c: &Config, p: &mut Vec<Problem>) {
             stray("max_lag", k.max_lag.is_some(), &[CheckKind::Postgres]),
             stray("children", !k.children.is_empty(), &[CheckKind::Calculated]),
             stray("min_healthy", k.min_healthy.is_some(), &[CheckKind::Calculated]),
+            stray("max_archive_age", k.max_archive_age.is_some(), &[CheckKind::Backup]),
+            stray("max_full_age", k.max_full_age.is_some(), &[CheckKind::Backup]),
         ];
         for (at, m) in strays.into_iter().flatten() {
             push(at, m);
+        }
+        if k.kind == CheckKind::Backup {
+            match (&c.backup, &k.target) {
+                (None, _) => push(format!("{at}.kind"), "a backup check needs a [backup] section".into()),
+                (Some(b), Some(t)) if !b.repositories.iter().any(|r| &r.name == t) => {
+                    push(format!("{at}.target"), format!("no [[backup.repository]] is named {t:?}"))
+                }
+                (Some(b), _) => {
+                    if let Some(age) = k.max_archive_age.filter(|a| *a <= b.archive_timeout) {
+                        push(
+                            format!("{at}.max_archive_age"),
+                            format!(
+                                "{} is not above backup.archive_timeout ({}): a quiet primary archives only that often",
+                                humantime::format_duration(age),
+                                humantime::format_duration(b.archive_timeout)
+                            ),
+                        );
+                    }
+                }
+            }
+            if k.max_archive_age.is_none() && k.max_full_age.is_none() {
+                push(at.clone(), "a backup check needs max_archive_age, max_full_age or both".into());
+            }
+            if k.interval < Duration::from_secs(10) {
+                push(
+                    format!("{at}.interval"),
+                    "must be at least 10s for a backup check (it reads the repository)".into(),
+                );
+            }
         }
         if matches!(k.max_lag, Some(LagBudget::Time(_))) {
             push(format!("{at}.max_lag"), "must be a size (16MB): lag is measured in WAL bytes here".into());
@@ -478,7 +522,7 @@ fn check_target(kind: CheckKind, t: &str) -> Result<(), String> {
             }
         }
         CheckKind::ObjectExists => t.parse::<ObjectUrl>().map(|_| ()),
-        CheckKind::Calculated => Ok(()),
+        CheckKind::Calculated | CheckKind::Backup => Ok(()),
     }
 }
 

@@ -338,3 +338,34 @@ fn backup_sections_parse_and_every_mistake_is_named() {
     let managed = format!("{GOOD}\n[postgres.settings]\narchive_command = \"cp %p /tmp\"\n");
     assert!(problems(&managed).iter().any(|p| p.starts_with("postgres.settings.archive_command: is managed")));
 }
+
+#[test]
+fn backup_health_checks_name_a_repository_and_their_limits() {
+    let backup = "\n[backup]\narchive_timeout = \"60s\"\n\n[[backup.repository]]\nname = \"ap-south-1\"\nregion = \"ap-south-1\"\nurl = \"file:///srv/backup\"\n";
+    let check = |body: &str| format!("{GOOD}{backup}\n[[health.check]]\nname = \"backups\"\nkind = \"backup\"\n{body}");
+    let good = check("target = \"ap-south-1\"\ninterval = \"30s\"\nmax_archive_age = \"5m\"\nmax_full_age = \"8d\"\n");
+    assert!(problems(&good).is_empty(), "{:?}", problems(&good));
+    let c = Config::parse(&good).config.unwrap();
+    assert_eq!(c.health.checks[0].max_full_age, Some(Duration::from_secs(8 * 86400)));
+    let found = problems(&check("target = \"nowhere\"\ninterval = \"1s\"\nmax_archive_age = \"30s\"\n"));
+    for want in [
+        "health.check[0].target: no [[backup.repository]] is named \"nowhere\"",
+        "health.check[0].interval: must be at least 10s for a backup check",
+    ] {
+        assert!(found.iter().any(|p| p.starts_with(want)), "missing {want:?} in {found:#?}");
+    }
+    let found = problems(&check("target = \"ap-south-1\"\ninterval = \"30s\"\nmax_archive_age = \"30s\"\n"));
+    assert!(found.iter().any(|p| p.contains("is not above backup.archive_timeout")), "{found:#?}");
+    let found = problems(&check("target = \"ap-south-1\"\ninterval = \"30s\"\n"));
+    assert!(found.iter().any(|p| p.contains("needs max_archive_age, max_full_age or both")), "{found:#?}");
+    let stray = format!(
+        "{GOOD}\n[[health.check]]\nname = \"t\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\nmax_full_age = \"1d\"\n"
+    );
+    assert!(
+        problems(&stray).iter().any(|p| p.contains("max_full_age: does not apply to a tcp check")),
+        "{:?}",
+        problems(&stray)
+    );
+    let no_backup = format!("{GOOD}\n[[health.check]]\nname = \"b\"\nkind = \"backup\"\ntarget = \"r\"\ninterval = \"30s\"\nmax_full_age = \"1d\"\n");
+    assert!(problems(&no_backup).iter().any(|p| p.contains("needs a [backup] section")), "{:?}", problems(&no_backup));
+}

@@ -182,3 +182,53 @@ pub struct CreateRequest {
 pub struct VerifyRequest {
     pub repository: Option<String>,
 }
+
+/// How often the schedule looks.
+pub const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Takes the backups `[backup]`'s schedule asks for (`backup::job::due`).
+/// Every gateway runs it; the job key lets one job run at a time, and the
+/// last job counts as taken even before the catalog shows it, so two
+/// gateways do not take the same backup twice.
+pub async fn schedule(g: Gateway, shutdown: tokio_util::sync::CancellationToken) {
+    let Some(backup) = g.config.backup.clone() else { return };
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(backup.schedule_delay) => {}
+    }
+    loop {
+        if let Err(e) = schedule_once(&g, &backup).await {
+            tracing::warn!("failed to run the backup schedule: {e:#}");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SCHEDULE_EVERY) => {}
+        }
+    }
+}
+
+async fn schedule_once(g: &Gateway, backup: &crate::config::BackupConfig) -> Result<()> {
+    let s = g.coord.snapshot().await?;
+    if s.leader.is_none() || s.backup_job.as_ref().is_some_and(|j| !j.replaceable(&s.members)) {
+        return Ok(());
+    }
+    let catalog = catalog(g).await?;
+    // Read after the catalog: a job that ended meanwhile is seen here.
+    let s = g.coord.snapshot().await?;
+    // 0 ok, 2 no valid backups yet: both can take a backup.
+    let readable =
+        |name: &str| catalog.repositories.iter().any(|r| r.repository == name && (r.code == 0 || r.code == 2));
+    let now_s = now_ms() / 1000;
+    let Some((backup_type, repository)) =
+        crate::backup::job::due(backup, &catalog, &readable, s.backup_job.as_ref(), now_s)
+    else {
+        return Ok(());
+    };
+    match create(g, backup_type, Some(&repository), &format!("schedule (gateway {})", g.region)).await {
+        Ok(job) => tracing::info!("the schedule started a {backup_type} backup to {repository} (job {})", job.id),
+        // Another gateway's schedule, or an operator, was first.
+        Err(e) if e.downcast_ref::<Refused>().is_some() => tracing::debug!("scheduled backup not started: {e:#}"),
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}

@@ -143,6 +143,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         etcd_certs: Arc::default(),
     };
     tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
+    tokio::spawn(backup::schedule(gateway.clone(), shutdown.clone()));
     if let Some(keep) = config.api.audit_retention {
         tokio::spawn(trim_audit(gateway.clone(), keep, shutdown.clone()));
     }

@@ -259,6 +259,7 @@ fn lab_backup(shape: &LabShape, dir: &Path) -> BackupConfig {
         retention_full: 2,
         encrypt: true,
         archive_timeout: Duration::from_secs(60),
+        schedule_delay: Duration::from_secs(300),
         process_max: 2,
         pgbackrest: PathBuf::from("/usr/bin/pgbackrest"),
         repositories,

@@ -104,6 +104,7 @@ pub async fn start(g: &crate::gateway::Gateway, shutdown: CancellationToken) {
             object,
             https: https.clone(),
             pg_tls: pg_tls.clone(),
+            backup: config.backup.as_ref().map(|_| (config.clone(), secrets.clone(), identity.ca())),
         };
         tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
     }

@@ -22,6 +22,9 @@ pub struct ProbeContext {
     pub https: Option<crate::client::Https>,
     /// TLS for `postgres` checks: required, verified, with the gateway's certificate.
     pub pg_tls: crate::tls::PgTls,
+    /// For `backup` checks: the cluster file, the secrets and the CA pgBackRest reads the repository with.
+    pub backup:
+        Option<(std::sync::Arc<crate::config::Config>, std::sync::Arc<crate::config::Secrets>, std::path::PathBuf)>,
 }
 
 /// Route 53 searches the first 5120 bytes of the body.
@@ -50,6 +53,9 @@ pub async fn probe(check: &HealthCheck, ctx: &ProbeContext, snap: Option<&Snapsh
         let target = check.target.as_deref().unwrap_or_default();
         return postgres(check, ctx, target, snap).await.unwrap_or_else(Probed::Failed);
     }
+    if check.kind == CheckKind::Backup {
+        return backup(check, ctx, snap).await;
+    }
     probe_plain(check, ctx).await.into()
 }
 
@@ -72,7 +78,64 @@ async fn probe_plain(check: &HealthCheck, ctx: &ProbeContext) -> Result<String, 
             }
         }
         CheckKind::Calculated => Err("calculated checks are not probed".into()),
+        CheckKind::Backup => Err("backup checks are probed with the snapshot".into()),
     }
+}
+
+/// A `backup` check: the primary's archiver (from its report) and the
+/// repository's last full backup (pgbackrest info, with the gateway's clock
+/// against the backup's stop time: hours, not seconds).
+async fn backup(check: &HealthCheck, ctx: &ProbeContext, snap: Option<&Snapshot>) -> Probed {
+    let repository = check.target.clone().unwrap_or_default();
+    let mut details = Vec::new();
+    if let Some(max) = check.max_archive_age {
+        let Some(primary) = snap.and_then(|s| s.members.iter().find(|m| m.role == Role::Primary && m.is_fresh()))
+        else {
+            return Probed::NoData("no primary reports its archiver".into());
+        };
+        let archive = primary.archive.as_ref();
+        match archive.and_then(|a| a.last_archived_age_seconds) {
+            None => return Probed::Failed(format!("{} has archived nothing yet", primary.node)),
+            Some(age) if age > max.as_secs_f64() => {
+                let failing =
+                    archive.and_then(|a| a.failing.as_deref()).map(|f| format!(", failing on {f}")).unwrap_or_default();
+                return Probed::Failed(format!(
+                    "last WAL archived {age:.0}s ago (over {}){failing}",
+                    humantime::format_duration(max)
+                ));
+            }
+            Some(age) => details.push(format!("archived {age:.0}s ago")),
+        }
+    }
+    if let Some(max) = check.max_full_age {
+        let Some((config, secrets, ca)) = ctx.backup.clone() else {
+            return Probed::Failed("the cluster file has no [backup]".into());
+        };
+        let name = repository.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            crate::backup::repo::Repositories::open(&config, &secrets, &ca, Some(&name), None)?.info()
+        })
+        .await;
+        let catalog = match info {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Probed::Failed(format!("{e:#}")),
+            Err(e) => return Probed::Failed(format!("join pgbackrest info: {e}")),
+        };
+        let now = crate::cluster::now_ms() / 1000;
+        match catalog.last(&repository, Some("full")) {
+            None => return Probed::Failed(format!("{repository} holds no full backup")),
+            Some(b) if now.saturating_sub(b.stopped_at) > max.as_secs() => {
+                return Probed::Failed(format!(
+                    "last full backup {} in {repository} is {} old (over {})",
+                    b.label,
+                    humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(b.stopped_at))),
+                    humantime::format_duration(max)
+                ))
+            }
+            Some(b) => details.push(format!("full backup {} {}s old", b.label, now.saturating_sub(b.stopped_at))),
+        }
+    }
+    Probed::Passed(details.join(", "))
 }
 
 async fn http(check: &HealthCheck, ctx: &ProbeContext, url: &str) -> Result<String, String> {

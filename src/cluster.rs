@@ -283,6 +283,9 @@ pub struct ClusterStatus {
     /// Why there is no primary, when there is none.
     pub reason: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Per repository, from the gateway's last reading of the catalog (`[backup]` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<crate::backup::catalog::RepoSummary>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -408,7 +411,7 @@ impl ClusterStatus {
             }
             (None, Some(l)) => Some(format!("leader {} is not running as primary yet", l.node)),
         };
-        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes }
+        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, backups: Vec::new() }
     }
 
     /// The status as a plain-text table, grouped by region.
@@ -471,6 +474,9 @@ impl ClusterStatus {
             out.push_str(&line(row));
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        for b in &self.backups {
+            out.push_str(&b.render(now));
+        }
         for n in &self.nodes {
             if let Some(warning) = n.cert_not_after.and_then(|t| certificate_warning(t, now)) {
                 out.push_str(&format!("WARNING: the certificate of node {} {warning}\n", n.name));

@@ -79,6 +79,68 @@ impl Catalog {
     }
 }
 
+/// One repository in `meridian status`: what the gateway read from the
+/// catalog last (`as_of_seconds` ago), with the archive lag against the
+/// primary's current position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoSummary {
+    pub repository: String,
+    /// pgBackRest's status of the repository, or why it could not be read.
+    pub status: String,
+    pub last_backup: Option<String>,
+    pub last_backup_type: Option<String>,
+    /// Unix seconds.
+    pub last_backup_stopped_at: Option<u64>,
+    pub last_archived: Option<String>,
+    pub archive_lag_bytes: Option<u64>,
+    pub as_of_seconds: u64,
+}
+
+impl RepoSummary {
+    pub fn build(catalog: &Catalog, repository: &str, write_lsn: Option<u64>, as_of_seconds: u64) -> RepoSummary {
+        let last = catalog.last(repository, None);
+        RepoSummary {
+            repository: repository.to_string(),
+            status: catalog
+                .repositories
+                .iter()
+                .find(|r| r.repository == repository)
+                .map(|r| r.message.clone())
+                .unwrap_or_default(),
+            last_backup: last.map(|b| b.label.clone()),
+            last_backup_type: last.map(|b| b.backup_type.clone()),
+            last_backup_stopped_at: last.map(|b| b.stopped_at),
+            last_archived: catalog.archived_max(repository).map(String::from),
+            archive_lag_bytes: match (write_lsn, catalog.archived_through(repository)) {
+                (Some(w), Some(a)) => Some(w.saturating_sub(a)),
+                _ => None,
+            },
+            as_of_seconds,
+        }
+    }
+
+    /// One line of `meridian status`.
+    pub fn render(&self, now_s: u64) -> String {
+        let backup = match (&self.last_backup, &self.last_backup_type, self.last_backup_stopped_at) {
+            (Some(l), Some(t), Some(at)) => {
+                format!(
+                    "last backup {l} ({t}, {} ago)",
+                    humantime::format_duration(std::time::Duration::from_secs(now_s.saturating_sub(at)))
+                )
+            }
+            _ => "no backup".into(),
+        };
+        format!(
+            "repository {}: {}; {backup}; archived to {}, {} behind (read {}s ago)\n",
+            self.repository,
+            self.status,
+            self.last_archived.as_deref().unwrap_or("-"),
+            self.archive_lag_bytes.map(crate::cluster::human_bytes).unwrap_or_else(|| "?".into()),
+            self.as_of_seconds
+        )
+    }
+}
+
 #[derive(Deserialize)]
 struct Stanza {
     #[serde(default)]

@@ -403,6 +403,7 @@ mod tests {
             epoch: 3,
             primary: Some("a".into()),
             reason: None,
+            backups: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "a".into(),
                 region: "r1".into(),

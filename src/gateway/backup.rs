@@ -192,29 +192,36 @@ pub const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(6
 /// gateways do not take the same backup twice.
 pub async fn schedule(g: Gateway, shutdown: tokio_util::sync::CancellationToken) {
     let Some(backup) = g.config.backup.clone() else { return };
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = tokio::time::sleep(backup.schedule_delay) => {}
-    }
+    let started = std::time::Instant::now();
     loop {
-        if let Err(e) = schedule_once(&g, &backup).await {
+        // The catalog is read every round, also for `meridian status`; backups
+        // are asked for only once `schedule_delay` has passed.
+        if let Err(e) = schedule_once(&g, &backup, started.elapsed() >= backup.schedule_delay).await {
             tracing::warn!("failed to run the backup schedule: {e:#}");
         }
+        let next = if started.elapsed() < backup.schedule_delay {
+            SCHEDULE_EVERY.min(backup.schedule_delay - started.elapsed())
+        } else {
+            SCHEDULE_EVERY
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(SCHEDULE_EVERY) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
 
-async fn schedule_once(g: &Gateway, backup: &crate::config::BackupConfig) -> Result<()> {
+async fn schedule_once(g: &Gateway, backup: &crate::config::BackupConfig, take: bool) -> Result<()> {
+    let catalog = catalog(g).await?;
+    *g.catalog.lock().unwrap() = Some((std::time::Instant::now(), catalog.clone()));
+    if !take {
+        return Ok(());
+    }
+    // Read after the catalog: a job that ended meanwhile is seen here.
     let s = g.coord.snapshot().await?;
     if s.leader.is_none() || s.backup_job.as_ref().is_some_and(|j| !j.replaceable(&s.members)) {
         return Ok(());
     }
-    let catalog = catalog(g).await?;
-    // Read after the catalog: a job that ended meanwhile is seen here.
-    let s = g.coord.snapshot().await?;
     // 0 ok, 2 no valid backups yet: both can take a backup.
     let readable =
         |name: &str| catalog.repositories.iter().any(|r| r.repository == name && (r.code == 0 || r.code == 2));

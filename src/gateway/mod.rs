@@ -50,6 +50,8 @@ pub struct Gateway {
     pub identity: crate::tls::Identity,
     /// When each etcd member's certificate ends, as it presents it (`etcd_certificates`).
     pub etcd_certs: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+    /// The repositories' catalog as the backup schedule last read it, and when.
+    pub catalog: Arc<std::sync::Mutex<Option<(std::time::Instant, crate::backup::catalog::Catalog)>>>,
 }
 
 /// Removes audit entries older than `[api] audit_retention`, every 10 minutes.
@@ -94,7 +96,18 @@ impl Gateway {
     /// The cluster's status from one consistent etcd read.
     pub async fn status(&self) -> Result<ClusterStatus> {
         let snap = self.coord.snapshot().await?;
-        Ok(ClusterStatus::build(&self.config, snap.leader.as_ref().map(|l| &l.leader), snap.epoch, &snap.members))
+        let mut status =
+            ClusterStatus::build(&self.config, snap.leader.as_ref().map(|l| &l.leader), snap.epoch, &snap.members);
+        if let (Some(backup), Some((at, catalog))) = (&self.config.backup, self.catalog.lock().unwrap().as_ref()) {
+            let primary = snap.members.iter().find(|m| m.role == crate::cluster::Role::Primary && m.is_fresh());
+            let write = primary.and_then(|p| p.write_lsn).map(|l| l.0);
+            status.backups = backup
+                .repositories
+                .iter()
+                .map(|r| crate::backup::catalog::RepoSummary::build(catalog, &r.name, write, at.elapsed().as_secs()))
+                .collect();
+        }
+        Ok(status)
     }
 }
 
@@ -141,6 +154,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         pg_tls: pg_tls.clone(),
         identity: identity.clone(),
         etcd_certs: Arc::default(),
+        catalog: Arc::default(),
     };
     tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
     tokio::spawn(backup::schedule(gateway.clone(), shutdown.clone()));

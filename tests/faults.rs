@@ -215,7 +215,13 @@ fn clocks_skewed_30_seconds_either_way_change_nothing() {
 /// empty a data directory for a leader that does not answer.
 #[test]
 fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
-    let lab = hang_lab(96, 1);
+    let mut lab = hang_lab(96, 1);
+    // The old primary may rejoin the second one before it hangs, then follow the
+    // third while still on the second's timeline: the third's walsender refuses
+    // the second timeline's last segment once ("requested WAL segment ... has
+    // already been removed") until the agent sees the mismatch and rewinds
+    // (seen once in CI, healed within 2 s; the assertions below are the promise).
+    lab.expect_error("has already been removed");
     let out = lab.run_lab(&["kill", "ap-south-1a"]);
     assert!(out.status.success(), "{}", text(&out));
     let s = wait_until("a new primary after the kill", Duration::from_secs(30), || {

@@ -31,6 +31,28 @@ pub struct BackupSet {
     pub error: bool,
 }
 
+impl BackupSet {
+    /// A backup for tests of what is decided from the catalog.
+    #[cfg(test)]
+    pub fn sample(label: &str, repository: &str, kind: &str, stopped_at: u64, lsn_stop: Option<&str>) -> BackupSet {
+        BackupSet {
+            label: label.into(),
+            repository: repository.into(),
+            backup_type: kind.into(),
+            started_at: stopped_at.saturating_sub(5),
+            stopped_at,
+            lsn_start: None,
+            lsn_stop: lsn_stop.map(String::from),
+            timeline: Some(1),
+            database_bytes: 1,
+            repository_bytes: 1,
+            prior: None,
+            node: None,
+            error: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveRange {
     pub repository: String,

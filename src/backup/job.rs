@@ -138,26 +138,8 @@ mod tests {
 
     fn member(node: &str, region: &str, role: Role, upstream: Option<&str>, lag: u64) -> MemberStatus {
         MemberStatus {
-            node: node.into(),
-            region: region.into(),
-            role,
-            timeline: Some(1),
-            write_lsn: None,
-            flush_lsn: None,
-            replay_lsn: None,
-            lag_bytes: Some(lag),
-            lag_seconds: None,
             upstream: upstream.map(String::from),
-            epoch_seen: 1,
-            healthy: true,
-            detail: None,
-            waiting: None,
-            failure: None,
-            cert_not_after: None,
-            archive: None,
-            updated_at_ms: 0,
-            unchanged_ms: 0,
-            revision: 1,
+            ..crate::gateway::routing::tests::member(node, region, role, lag)
         }
     }
 
@@ -255,21 +237,7 @@ mod schedule_tests {
     use std::time::Duration;
 
     fn set(repo: &str, kind: &str, stopped_at: u64) -> BackupSet {
-        BackupSet {
-            label: format!("{stopped_at}{kind}"),
-            repository: repo.into(),
-            backup_type: kind.into(),
-            started_at: stopped_at,
-            stopped_at,
-            lsn_start: None,
-            lsn_stop: None,
-            timeline: Some(1),
-            database_bytes: 1,
-            repository_bytes: 1,
-            prior: None,
-            node: None,
-            error: false,
-        }
+        BackupSet::sample(&format!("{stopped_at}{kind}"), repo, kind, stopped_at, None)
     }
 
     #[test]

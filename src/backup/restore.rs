@@ -433,21 +433,7 @@ mod tests {
     use super::*;
 
     fn set(label: &str, repo: &str, stopped_at: u64, lsn_stop: &str) -> BackupSet {
-        BackupSet {
-            label: label.into(),
-            repository: repo.into(),
-            backup_type: "full".into(),
-            started_at: stopped_at.saturating_sub(5),
-            stopped_at,
-            lsn_start: None,
-            lsn_stop: Some(lsn_stop.into()),
-            timeline: Some(1),
-            database_bytes: 1,
-            repository_bytes: 1,
-            prior: None,
-            node: None,
-            error: false,
-        }
+        BackupSet::sample(label, repo, "full", stopped_at, Some(lsn_stop))
     }
 
     #[test]

@@ -175,10 +175,11 @@ struct PrivateDir(PathBuf);
 impl PrivateDir {
     fn new() -> Result<PrivateDir> {
         use std::sync::atomic::{AtomicU64, Ordering};
+        sweep_dead();
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("meridian-pgbackrest-{}-{nanos}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("{PRIVATE_PREFIX}{}-{nanos}-{n}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(PrivateDir(path))
     }
@@ -187,10 +188,46 @@ impl PrivateDir {
     }
 }
 
+const PRIVATE_PREFIX: &str = "meridian-pgbackrest-";
+
+/// Removes the private directories of processes that died before they could
+/// (SIGKILL): they hold repository keys.
+fn sweep_dead() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(PRIVATE_PREFIX).and_then(|r| r.split('-').next()?.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !crate::process::is_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for PrivateDir {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.0) {
             tracing::warn!("failed to remove {}: {e}", self.0.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_processs_private_directory_is_removed_and_a_new_one_is_private() {
+        // Beyond Linux's largest pid (2^22), so never alive.
+        let dead = std::env::temp_dir().join(format!("{PRIVATE_PREFIX}4194999-1-0"));
+        std::fs::create_dir_all(dead.join("conf.d")).unwrap();
+        let d = PrivateDir::new().unwrap();
+        assert!(!dead.exists(), "{} is left", dead.display());
+        let mode = std::fs::metadata(d.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let path = d.path().to_path_buf();
+        drop(d);
+        assert!(!path.exists());
     }
 }

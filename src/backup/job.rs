@@ -43,6 +43,17 @@ pub enum JobState {
     Failed,
 }
 
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Requested => "requested",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        })
+    }
+}
+
 impl JobState {
     pub fn finished(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed)

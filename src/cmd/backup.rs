@@ -166,8 +166,7 @@ fn print_job(job: &BackupJob, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(job)?);
         return Ok(());
     }
-    let state = serde_json::to_string(&job.state)?;
-    println!("backup job {} ({}, on {}): {}", job.id, job.backup_type, job.node, state.trim_matches('"'));
+    println!("backup job {} ({}, on {}): {}", job.id, job.backup_type, job.node, job.state);
     for o in &job.outcomes {
         match (&o.label, &o.error) {
             (_, Some(e)) => println!("  {}: FAILED after {:.1}s: {e}", o.repository, o.ms as f64 / 1000.0),
@@ -244,7 +243,6 @@ fn print_status(s: &BackupStatus) {
         );
     }
     if let Some(j) = &s.job {
-        let state = serde_json::to_string(&j.state).unwrap_or_default();
-        println!("job {}: {} on {}, {}", j.id, j.backup_type, j.node, state.trim_matches('"'));
+        println!("job {}: {} on {}, {}", j.id, j.backup_type, j.node, j.state);
     }
 }

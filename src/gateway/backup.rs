@@ -41,10 +41,7 @@ pub async fn create(
         if !job.replaceable(&s.members) {
             return Err(Refused(format!(
                 "backup job {} ({} on {}) is {}; wait for it to finish",
-                job.id,
-                job.backup_type,
-                job.node,
-                serde_json::to_string(&job.state)?.trim_matches('"')
+                job.id, job.backup_type, job.node, job.state
             ))
             .into());
         }

@@ -77,6 +77,90 @@ pub fn archived_name(file: &str) -> &str {
     base.split_once('-').map(|(n, _)| n).unwrap_or(base)
 }
 
+/// What a repository's archive holds of the chain a recovery replays: from
+/// `first` (the oldest backup's start) to the newest segment of the newest
+/// timeline, across its switches. `missing` names what a recovery through
+/// that range would not find, history files included.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainCheck {
+    pub timeline: u32,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    /// Segments the chain needs (and the archive was checked for).
+    pub segments: usize,
+    pub missing: Vec<String>,
+}
+
+impl ChainCheck {
+    pub fn complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+impl std::fmt::Display for ChainCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (first, last) = (self.first.as_deref().unwrap_or("-"), self.last.as_deref().unwrap_or("-"));
+        if self.complete() {
+            write!(f, "WAL chain complete: {} segments, {first} .. {last} (timeline {})", self.segments, self.timeline)
+        } else {
+            let shown: Vec<&str> = self.missing.iter().take(10).map(String::as_str).collect();
+            write!(
+                f,
+                "WAL chain BROKEN between {first} and {last} (timeline {}): {} missing: {}{}",
+                self.timeline,
+                self.missing.len(),
+                shown.join(", "),
+                if self.missing.len() > shown.len() { ", ..." } else { "" }
+            )
+        }
+    }
+}
+
+/// The newest timeline an archive (WAL file names, checksums stripped) knows of.
+pub fn newest_timeline(archived: &BTreeSet<String>) -> Option<u32> {
+    archived
+        .iter()
+        .filter_map(|n| match n.strip_suffix(".history") {
+            Some(t) if t.len() == 8 => u32::from_str_radix(t, 16).ok(),
+            _ => parse_segment(n).map(|(t, _)| t),
+        })
+        .max()
+}
+
+/// Checks the chain of timeline `tli` (whose history is `history`, `None`
+/// when the archive lacks its history file) from segment `from` (default:
+/// the oldest segment of the chain's timelines) to the newest segment any
+/// of them holds.
+pub fn check(archived: &BTreeSet<String>, tli: u32, history: Option<&[Switch]>, from: Option<u64>) -> ChainCheck {
+    let switches = history.unwrap_or_default();
+    let on_chain = |t: u32| t == tli || switches.iter().any(|s| s.parent == t);
+    let segnos: Vec<u64> =
+        archived.iter().filter_map(|n| parse_segment(n)).filter(|(t, _)| on_chain(*t)).map(|(_, s)| s).collect();
+    let mut missing = Vec::new();
+    if tli > 1 {
+        let mut timelines: Vec<u32> = switches.iter().map(|s| s.parent).filter(|t| *t > 1).collect();
+        timelines.push(tli);
+        for t in timelines {
+            let name = format!("{t:08X}.history");
+            if !archived.contains(&name) {
+                missing.push(name);
+            }
+        }
+    }
+    let (Some(lo), Some(hi)) = (from.or_else(|| segnos.iter().min().copied()), segnos.iter().max().copied()) else {
+        return ChainCheck { timeline: tli, first: None, last: None, segments: 0, missing };
+    };
+    let need = needed(switches, tli, lo, (hi + 1) * SEGMENT_SIZE);
+    missing.extend(self::missing(archived, &need));
+    ChainCheck {
+        timeline: tli,
+        first: need.first().cloned(),
+        last: need.last().cloned(),
+        segments: need.len(),
+        missing,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +201,43 @@ mod tests {
         let archived: BTreeSet<String> =
             need.iter().filter(|n| !n.ends_with('4')).cloned().chain(["000000010000000000000005".into()]).collect();
         assert_eq!(missing(&archived, &need), ["000000010000000000000004"], "the old timeline's copy of 5 is not 2's");
+    }
+    #[test]
+    fn a_chain_is_checked_from_the_oldest_backup_across_switches_and_history_files() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+        let history = parse_history("1\t0/5000060\tfailover\n");
+        let mut archive = names(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005", // the old primary's copy past the switch: not on the chain
+            "00000002.history",
+            "000000020000000000000005",
+            "000000020000000000000006",
+        ]);
+        assert_eq!(newest_timeline(&archive), Some(2));
+        let ok = check(&archive, 2, Some(&history), Some(3));
+        assert!(ok.complete(), "{ok}");
+        assert_eq!(
+            (ok.first.as_deref(), ok.last.as_deref(), ok.segments),
+            (Some("000000010000000000000003"), Some("000000020000000000000006"), 4)
+        );
+        // Without a starting point: from the oldest segment on the chain.
+        assert_eq!(check(&archive, 2, Some(&history), None).segments, 5);
+
+        archive.remove("000000010000000000000004");
+        archive.remove("00000002.history");
+        let broken = check(&archive, 2, None, Some(3));
+        assert_eq!(
+            broken.missing,
+            ["00000002.history", "000000020000000000000003", "000000020000000000000004"],
+            "no history: timeline 2 owns every segment"
+        );
+        let broken = check(&archive, 2, Some(&history), Some(3));
+        assert_eq!(broken.missing, ["00000002.history", "000000010000000000000004"]);
+        assert!(broken.to_string().contains("BROKEN"), "{broken}");
+
+        let empty = check(&BTreeSet::new(), 1, None, None);
+        assert!(empty.complete() && empty.segments == 0);
     }
 }

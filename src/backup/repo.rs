@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{parse_info, Catalog};
+use super::chain::{self, ChainCheck};
 use super::pgbackrest;
 use crate::config::{BackupConfig, Config, Repository, Secrets};
 
@@ -36,6 +37,10 @@ pub struct Verified {
     pub ok: bool,
     /// pgBackRest's report (or error), as it printed it.
     pub report: String,
+    /// meridian's own check of the WAL chain (pgBackRest's verify checks
+    /// each file and each backup's own WAL, not the gaps between backups).
+    #[serde(default)]
+    pub chain: Option<ChainCheck>,
     pub ms: u64,
 }
 
@@ -150,8 +155,10 @@ impl Repositories {
         Ok(())
     }
 
-    /// `pgbackrest verify` of one repository: every backup's files and the archive's WAL.
-    pub fn verify(&self, name: &str) -> Result<Verified> {
+    /// `pgbackrest verify` of one repository (every backup's files and the
+    /// archive's WAL files), then the WAL chain from the oldest backup in
+    /// `catalog` to the newest archived segment.
+    pub fn verify(&self, name: &str, catalog: Option<&Catalog>) -> Result<Verified> {
         let started = std::time::Instant::now();
         let out = self
             .command("verify")
@@ -159,13 +166,81 @@ impl Repositories {
             .output()
             .context("run pgbackrest verify")?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let ok = out.status.success() && text.lines().any(|l| l.trim() == "status: ok");
-        let report = if out.status.success() {
+        let mut ok = out.status.success() && text.lines().any(|l| l.trim() == "status: ok");
+        let mut report = if out.status.success() {
             text
         } else {
             format!("{text}\n{}", pgbackrest::error_text(&out.stderr)).trim().to_string()
         };
-        Ok(Verified { repository: name.to_string(), ok, report, ms: started.elapsed().as_millis() as u64 })
+        let oldest = catalog.and_then(|c| {
+            c.backups
+                .iter()
+                .filter(|b| b.repository == name)
+                .filter_map(|b| b.lsn_start.as_deref().and_then(chain::parse_lsn))
+                .min()
+        });
+        let chain = match self.chain(name, oldest.map(|l| l / chain::SEGMENT_SIZE)) {
+            Ok(c) => {
+                ok &= c.complete();
+                report.push_str(&format!("\n{c}"));
+                Some(c)
+            }
+            Err(e) => {
+                ok = false;
+                report.push_str(&format!("\nWAL chain not checked: {e:#}"));
+                None
+            }
+        };
+        Ok(Verified { repository: name.to_string(), ok, report, chain, ms: started.elapsed().as_millis() as u64 })
+    }
+
+    /// The WAL chain of the newest archive (one per database identity and
+    /// version, `15-1`) of repository `name`, from segment `from`.
+    pub fn chain(&self, name: &str, from: Option<u64>) -> Result<ChainCheck> {
+        let repo = format!("--repo={}", self.index(name)?);
+        let archive = format!("archive/{}", self.stanza);
+        let out = self
+            .command("repo-ls")
+            .args([repo.as_str(), "--recurse", "--output=json", archive.as_str()])
+            .output()
+            .context("run pgbackrest repo-ls")?;
+        if !out.status.success() {
+            bail!("list {archive}: {}", pgbackrest::error_text(&out.stderr));
+        }
+        let listing: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&out.stdout).context("parse pgbackrest repo-ls")?;
+        let id_number = |id: &str| id.rsplit('-').next().and_then(|n| n.parse::<u32>().ok());
+        let newest = listing.keys().filter_map(|k| k.split_once('/')).filter_map(|(id, _)| id_number(id)).max();
+        let Some(newest) = newest else {
+            return Ok(chain::check(&Default::default(), 1, None, from));
+        };
+        let id = listing
+            .keys()
+            .filter_map(|k| k.split_once('/').map(|(id, _)| id))
+            .find(|id| id_number(id) == Some(newest))
+            .expect("the newest id came from a key")
+            .to_string();
+        let archived: std::collections::BTreeSet<String> = listing
+            .iter()
+            .filter(|(k, v)| k.starts_with(&format!("{id}/")) && v["type"] == "file")
+            .map(|(k, _)| chain::archived_name(k).to_string())
+            .collect();
+        let tli = chain::newest_timeline(&archived).unwrap_or(1);
+        let history = if tli > 1 && archived.contains(&format!("{tli:08X}.history")) {
+            let file = format!("{archive}/{id}/{tli:08X}.history");
+            let out = self
+                .command("repo-get")
+                .args([repo.as_str(), file.as_str()])
+                .output()
+                .context("run pgbackrest repo-get")?;
+            if !out.status.success() {
+                bail!("read {file}: {}", pgbackrest::error_text(&out.stderr));
+            }
+            Some(chain::parse_history(&String::from_utf8_lossy(&out.stdout)))
+        } else {
+            None
+        };
+        Ok(chain::check(&archived, tli, history.as_deref(), from))
     }
 }
 

@@ -101,7 +101,9 @@ pub async fn verify(g: &Gateway, repository: Option<String>) -> Result<Vec<Verif
             }
             None => r.names().to_vec(),
         };
-        names.iter().map(|n| r.verify(n)).collect()
+        // The oldest backup of each repository is where its WAL chain must begin.
+        let catalog = r.info().ok();
+        names.iter().map(|n| r.verify(n, catalog.as_ref())).collect()
     })
     .await
 }

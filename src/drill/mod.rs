@@ -16,7 +16,9 @@
 //! (`switchover`, `dr-failover`) run, through the gateways' API.
 
 pub mod analysis;
+mod backups;
 mod checks;
+mod restore;
 pub mod report;
 pub mod scenario;
 pub mod workload;
@@ -129,6 +131,11 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<report::DrillR
     if let Some(s) = plan.iter().find(|s| s.needs_lab()) {
         if lab.is_none() {
             bail!("scenario {s} injects faults and runs only against `meridian lab`; on any cluster use switchover or dr-failover");
+        }
+    }
+    if let Some(s) = plan.iter().find(|s| s.needs_backup()) {
+        if config.backup.is_none() {
+            bail!("scenario {s} needs backups: the cluster file has no [backup] section (see docs/backup.md)");
         }
     }
     let drill = Drill {
@@ -286,6 +293,9 @@ impl Drill {
 
     async fn round(&self, n: u32, scenario: Scenario) -> Result<RoundReport> {
         let key = self.first_key + n - 1;
+        if scenario == Scenario::Restore {
+            return self.restore_round(n, key).await;
+        }
         let before = self.wait_healthy(REDUNDANCY_TIMEOUT).await?;
         let old_primary = before.primary.clone().expect("healthy means a primary");
         let old_region = self.region_of(&old_primary);
@@ -305,6 +315,21 @@ impl Drill {
                 .collect();
             checks::DataWatch::start(dirs)
         });
+        // A failover in the middle of a backup: the backup first.
+        let backup_job = match scenario {
+            Scenario::BackupDuringFailover => match self.start_backup().await {
+                Ok(job) => {
+                    let at = job.started_at_ms.unwrap_or_else(now_ms);
+                    events.push(Event::at(at, &format!("full backup on {} started", job.node)));
+                    Some(job)
+                }
+                Err(e) => {
+                    workload.stop().await;
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let fault_ms = now_ms();
         let outcome = self.inject(scenario, &before, &old_primary, &old_region, &mut events).await;
         let recovered = match outcome {
@@ -415,6 +440,9 @@ impl Drill {
         if healthy.is_ok() {
             checks.extend(self.consistency(key).await);
         }
+        if let Some(job) = &backup_job {
+            checks.extend(self.backup_checks(&job.id, fault_ms).await);
+        }
         let commit_ms: Vec<u64> = record
             .acks
             .iter()
@@ -452,6 +480,7 @@ impl Drill {
             checks,
             events,
             series,
+            restore: None,
         })
     }
 
@@ -505,6 +534,11 @@ impl Drill {
                 self.lab(&["kill", old_primary]).await?;
                 format!("killed {old_primary}; every standby's clock 30 s off")
             }
+            Scenario::BackupDuringFailover => {
+                self.lab(&["kill", old_primary]).await?;
+                format!("killed {old_primary} during the backup")
+            }
+            Scenario::Restore => bail!("a restore round injects no fault"),
             Scenario::Switchover => {
                 let target = before
                     .nodes
@@ -570,7 +604,7 @@ impl Drill {
     /// Undoes the fault: restart what was killed, heal partitions.
     async fn restore(&self, scenario: Scenario, old_primary: &str, old_region: &str) -> Result<()> {
         match scenario {
-            Scenario::PrimaryNodeKill => self.lab(&["start", old_primary]).await,
+            Scenario::PrimaryNodeKill | Scenario::BackupDuringFailover => self.lab(&["start", old_primary]).await,
             Scenario::PrimaryRegionKill => self.lab(&["start", old_region]).await,
             Scenario::PrimaryRegionPartition | Scenario::ReplicaRegionPartition => self.lab(&["heal"]).await,
             Scenario::EtcdMemberLoss => {
@@ -583,7 +617,7 @@ impl Drill {
             // agent, a second failover. Skewed clocks are harmless by design;
             // `lab skew NODE 0` puts one right.
             Scenario::ClockSkew => self.lab(&["start", old_primary]).await,
-            Scenario::Switchover | Scenario::DrFailover => Ok(()),
+            Scenario::Switchover | Scenario::DrFailover | Scenario::Restore => Ok(()),
         }
     }
 

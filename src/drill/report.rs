@@ -97,6 +97,9 @@ pub struct RoundReport {
     pub checks: Vec<Check>,
     pub events: Vec<Event>,
     pub series: Series,
+    /// What a `restore` round restored and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::restore::RestoreOutcome>,
 }
 
 impl RoundReport {
@@ -129,12 +132,26 @@ impl RoundReport {
             checks: vec![Check::new("round ran", false, why)],
             events: Vec::new(),
             series: Series::default(),
+            restore: None,
         }
     }
 
     pub fn one_line(&self) -> String {
         let secs = |ms: Option<u64>| ms.map(|m| format!("{:.2}s", m as f64 / 1000.0)).unwrap_or("-".into());
         let failed: Vec<&str> = self.checks.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+        let verdict =
+            if failed.is_empty() { "all checks passed".to_string() } else { format!("FAILED: {}", failed.join(", ")) };
+        if let Some(r) = &self.restore {
+            return format!(
+                "{} restored from {} to {} in {} (answering after {}), {} acknowledged during the round, {verdict}",
+                r.backup,
+                r.repository,
+                r.target,
+                secs(Some(r.restore_ms)),
+                secs(r.serving_ms),
+                self.acknowledged,
+            );
+        }
         format!(
             "{} -> {}: RTO {}, {} acknowledged, {} lost ({} WAL bytes), redundancy after {}, {}",
             self.old_primary,
@@ -144,7 +161,7 @@ impl RoundReport {
             self.missing_acknowledged,
             self.wal_lost_bytes,
             secs(self.redundancy_ms),
-            if failed.is_empty() { "all checks passed".to_string() } else { format!("FAILED: {}", failed.join(", ")) }
+            verdict
         )
     }
 }
@@ -305,6 +322,23 @@ impl DrillReport {
                 );
             }
             h.push_str("</table>");
+            if let Some(x) = &r.restore {
+                let _ = write!(
+                    h,
+                    "<p>Restore of {} from repository {} to {} into cluster {}: {:.1} s, answering SQL after {}.</p>\
+                     <table><tr><th>step</th><th>ms</th></tr>",
+                    esc(&x.backup),
+                    esc(&x.repository),
+                    esc(&x.target),
+                    esc(&x.cluster),
+                    x.restore_ms as f64 / 1000.0,
+                    x.serving_ms.map(|m| format!("{:.1} s", m as f64 / 1000.0)).unwrap_or("-".into())
+                );
+                for (step, ms) in &x.steps {
+                    let _ = write!(h, "<tr><td>{}</td><td>{ms}</td></tr>", esc(step));
+                }
+                h.push_str("</table>");
+            }
             h.push_str(&timeline_svg(r));
         }
         h.push_str("</body></html>\n");

@@ -19,9 +19,11 @@ pub enum Scenario {
     PrimaryAgentFreeze,
     PrimaryHang,
     ClockSkew,
+    BackupDuringFailover,
+    Restore,
 }
 
-pub const ALL: [Scenario; 10] = [
+pub const ALL: [Scenario; 12] = [
     Scenario::PrimaryNodeKill,
     Scenario::PrimaryRegionKill,
     Scenario::PrimaryRegionPartition,
@@ -32,6 +34,8 @@ pub const ALL: [Scenario; 10] = [
     Scenario::PrimaryAgentFreeze,
     Scenario::PrimaryHang,
     Scenario::ClockSkew,
+    Scenario::BackupDuringFailover,
+    Scenario::Restore,
 ];
 
 impl Scenario {
@@ -47,7 +51,15 @@ impl Scenario {
             Scenario::PrimaryAgentFreeze => "primary-agent-freeze",
             Scenario::PrimaryHang => "primary-hang",
             Scenario::ClockSkew => "clock-skew",
+            Scenario::BackupDuringFailover => "backup-during-failover",
+            Scenario::Restore => "restore",
         }
+    }
+
+    /// Scenarios that need `[backup]`: they are left out of `random`, which
+    /// must run on every cluster (and a restore round takes a minute).
+    pub fn needs_backup(self) -> bool {
+        matches!(self, Scenario::BackupDuringFailover | Scenario::Restore)
     }
 
     /// Scenarios that inject faults need the lab; operator actions work on any cluster.
@@ -57,7 +69,7 @@ impl Scenario {
 
     /// Whether the primary is expected to move.
     pub fn expects_new_primary(self) -> bool {
-        !matches!(self, Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss)
+        !matches!(self, Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss | Scenario::Restore)
     }
 
     /// Whether this round must lose no acknowledged write, given the
@@ -66,7 +78,9 @@ impl Scenario {
     /// promises none for the losses it covers; no scenario without failover may lose any.
     pub fn promises_no_loss(self, sync: Synchronous, same_region: bool) -> bool {
         match self {
-            Scenario::Switchover | Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss => true,
+            Scenario::Switchover | Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss | Scenario::Restore => {
+                true
+            }
             _ => match sync {
                 Synchronous::Off => false,
                 Synchronous::Remote => !same_region,
@@ -109,7 +123,8 @@ pub fn rounds(plan: Plan, rounds: usize, seed: u64, lab: bool) -> Vec<Scenario> 
     match plan {
         Plan::One(s) => vec![s; rounds],
         Plan::Random => {
-            let allowed: Vec<Scenario> = ALL.iter().copied().filter(|s| lab || !s.needs_lab()).collect();
+            let allowed: Vec<Scenario> =
+                ALL.iter().copied().filter(|s| (lab || !s.needs_lab()) && !s.needs_backup()).collect();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             (0..rounds).map(|_| allowed[rng.random_range(0..allowed.len())]).collect()
         }
@@ -127,6 +142,7 @@ mod tests {
         assert_ne!(a, rounds(Plan::Random, 20, 8, true));
         let outside = rounds(Plan::Random, 50, 7, false);
         assert!(outside.iter().all(|s| !s.needs_lab()), "{outside:?}");
+        assert!(rounds(Plan::Random, 200, 7, true).iter().all(|s| !s.needs_backup()));
         assert_eq!(rounds(Plan::One(Scenario::Switchover), 3, 0, false), vec![Scenario::Switchover; 3]);
     }
 

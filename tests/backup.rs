@@ -138,6 +138,28 @@ fn archiving_leaves_no_gap_across_a_failover_and_a_switchover() {
     let (tli, to) = switch_wal(&lab, "ap-south-1a");
     assert_eq!(tli, 3);
     wait_chain_complete(&lab, "ap-south-1a", tli, to, Duration::from_secs(60));
+
+    // backup verify sees the same complete chain, across both switches...
+    let out = lab.meridian(&["backup", "verify", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let verified: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for r in verified.as_array().unwrap() {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["chain"]["timeline"], 3, "{r}");
+        assert_eq!(r["chain"]["missing"].as_array().unwrap().len(), 0, "{r}");
+    }
+    // ...and names a segment taken out of the middle of it.
+    let dir = lab.path().join("backup/ap-northeast-1/archive/lab/15-1/0000000200000000");
+    let file = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let segment = chain::archived_name(file.file_name().unwrap().to_str().unwrap()).to_string();
+    let aside = lab.path().join("segment-aside");
+    std::fs::rename(&file, &aside).unwrap();
+    let out = lab.meridian(&["backup", "verify", "--repository", "ap-northeast-1", "--json"]);
+    std::fs::rename(&aside, &file).unwrap();
+    assert!(!out.status.success(), "verify passed without {segment}: {}", text(&out));
+    let verified: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verified[0]["chain"]["missing"], serde_json::json!([segment]), "{verified}");
+    assert!(verified[0]["report"].as_str().unwrap().contains("WAL chain BROKEN"), "{verified}");
     lab.finish();
 }
 

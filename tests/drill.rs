@@ -80,6 +80,49 @@ fn frozen_agent_hung_primary_and_clock_skew_drills_keep_every_promise() {
     lab.finish();
 }
 
+/// A failover in the middle of a full backup, then a table dropped under
+/// the workload and restored to just before the drop into a new cluster.
+#[test]
+fn backup_during_failover_and_restore_drills_keep_every_promise() {
+    let mut lab = TestLab::up(118, &[]);
+    lab.expect_error("terminating connection due to unexpected postmaster exit");
+    let (code, report) = drill(&lab, &["--scenario", "backup-during-failover", "--writers", "3", "--rate", "40"]);
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
+    let round = &report["rounds"][0];
+    assert_ne!(round["new_primary"], round["old_primary"], "{round}");
+    for name in [
+        "no acknowledged write lost",
+        "no split brain",
+        "backup completed or marked failed",
+        "fault hit the backup mid-way",
+        "backup verify: files and WAL chain complete",
+    ] {
+        assert_eq!(check(round, name)["passed"], true, "{name}: {}", check(round, name));
+    }
+    let job = lab.json(&["backup", "status"]);
+    assert!(["succeeded", "failed"].contains(&job["job"]["state"].as_str().unwrap()), "{job}");
+
+    let (code, report) = drill(&lab, &["--scenario", "restore", "--writers", "3", "--rate", "40"]);
+    assert_eq!(code, 0, "{}", serde_json::to_string_pretty(&report).unwrap());
+    let round = &report["rounds"][0];
+    for name in [
+        "dropped table restored",
+        "every write acknowledged before T restored",
+        "nothing written after T restored",
+        "restored rows identical to the source's",
+        "restored cluster removed",
+    ] {
+        assert_eq!(check(round, name)["passed"], true, "{name}: {}", check(round, name));
+    }
+    let restore = &round["restore"];
+    assert!(restore["restore_ms"].as_u64().unwrap() > 0, "{restore}");
+    assert!(restore["serving_ms"].as_u64().unwrap() >= restore["restore_ms"].as_u64().unwrap(), "{restore}");
+    let html = std::fs::read_to_string(lab.path().join("drill-report/drill.html")).unwrap();
+    assert!(html.contains("pgbackrest restore"), "the report lists the restore's steps");
+    assert!(!lab.path().join("restored/ap-south-1a/data").exists(), "the restored cluster is destroyed");
+    lab.finish();
+}
+
 #[test]
 fn synchronous_remote_loses_nothing_when_the_primary_region_is_cut_off() {
     let lab = TestLab::up(87, &["--synchronous", "remote"]);

@@ -52,7 +52,11 @@ impl Drill {
         tokio::time::sleep(INTO_THE_BACKUP.saturating_sub(running_since.elapsed())).await;
         let job = self.backup_job().await?.context("the backup job disappeared from etcd")?;
         if job.state != JobState::Running {
-            bail!("backup job {} was {} already, {INTO_THE_BACKUP:?} in; the fault would not hit it", job.id, job.state);
+            bail!(
+                "backup job {} was {} already, {INTO_THE_BACKUP:?} in; the fault would not hit it",
+                job.id,
+                job.state
+            );
         }
         Ok(job)
     }
@@ -125,7 +129,8 @@ impl Drill {
                 !v.is_empty() && v.iter().all(|r| r.ok),
                 v.iter()
                     .map(|r| {
-                        let chain = r.chain.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "chain not checked".into());
+                        let chain =
+                            r.chain.as_ref().map(|c| c.to_string()).unwrap_or_else(|| "chain not checked".into());
                         let status = if r.ok { "ok" } else { "FAILED" };
                         let bad: Vec<&str> = r
                             .report
@@ -133,7 +138,11 @@ impl Drill {
                             .map(str::trim)
                             .filter(|l| !r.ok && (l.contains("invalid") || l.starts_with("status:")))
                             .collect();
-                        format!("{}: {status}, {chain}{}", r.repository, if bad.is_empty() { String::new() } else { format!(" [{}]", bad.join("; ")) })
+                        format!(
+                            "{}: {status}, {chain}{}",
+                            r.repository,
+                            if bad.is_empty() { String::new() } else { format!(" [{}]", bad.join("; ")) }
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join("; "),

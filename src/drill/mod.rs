@@ -18,8 +18,8 @@
 pub mod analysis;
 mod backups;
 mod checks;
-mod restore;
 pub mod report;
+mod restore;
 pub mod scenario;
 pub mod workload;
 

@@ -93,11 +93,8 @@ impl Drill {
             ))
             .await
             .context("create the table the drill drops")?;
-        let victim = writer
-            .query_one(VICTIM_SUM, &[])
-            .await
-            .context("checksum the table the drill drops")?
-            .get::<_, String>(0);
+        let victim =
+            writer.query_one(VICTIM_SUM, &[]).await.context("checksum the table the drill drops")?.get::<_, String>(0);
 
         let workload = Workload::start(self.spec(key, &primary));
         events.push(Event::at(now_ms(), "workload starts"));

@@ -452,3 +452,58 @@ fn point_in_time_recovery_across_a_timeline_switch_from_one_surviving_repository
     assert!(out.status.success(), "{}", text(&out));
     lab.finish();
 }
+
+/// `clone_from = "repository"`: a wiped replica is rebuilt from its region's
+/// repository, replays the archived WAL and then streams; where the region's
+/// repository holds no backup, the node copies from the primary instead.
+/// Neither keeps the archive's restore_command once it streams.
+#[test]
+fn a_wiped_replica_is_rebuilt_from_its_regions_repository_or_else_from_the_primary() {
+    let lab = TestLab::up(113, &["--nodes-per-region", "2"]);
+    lab.psql("ap-south-1a", "CREATE TABLE orders AS SELECT generate_series(1, 100000) id");
+    let out = lab.meridian(&["backup", "create", "--repository", "ap-northeast-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let label = lab.json(&["backup", "list"])["backups"][0]["label"].as_str().unwrap().to_string();
+    // Written after the backup: the rebuilt node needs the archive (and then streaming) for it.
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(100001, 300000)");
+    let (tli, to) = switch_wal(&lab, "ap-south-1a");
+    wait_chain_complete(&lab, "ap-south-1a", tli, to, Duration::from_secs(30));
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(300001, 310000)");
+
+    let config = std::fs::read_to_string(lab.config()).unwrap();
+    assert!(config.contains("clone_from = \"primary\""), "the lab's default");
+    std::fs::write(lab.config(), config.replace("clone_from = \"primary\"", "clone_from = \"repository\"")).unwrap();
+    for node in ["ap-northeast-1b", "ap-south-1b"] {
+        let out = lab.run_lab(&["kill", node]);
+        assert!(out.status.success(), "{}", text(&out));
+        let data = lab.path().join("nodes").join(node).join("data");
+        for e in std::fs::read_dir(&data).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap()
+            } else {
+                std::fs::remove_file(&p).unwrap()
+            }
+        }
+        let out = lab.run_lab(&["start", node]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for node in ["ap-northeast-1b", "ap-south-1b"] {
+        lab.wait_rows(node, "orders", 310_000, Duration::from_secs(60));
+        let auto =
+            std::fs::read_to_string(lab.path().join("nodes").join(node).join("data/postgresql.auto.conf")).unwrap();
+        assert!(!auto.contains("restore_command"), "{node} streams without the archive: {auto}");
+    }
+    let log = |node: &str| std::fs::read_to_string(lab.path().join("logs").join(format!("agent-{node}.log"))).unwrap();
+    let far = log("ap-northeast-1b");
+    assert!(far.contains(&format!("built from backup {label} of repository ap-northeast-1")), "{far}");
+    let pg = std::fs::read_to_string(lab.path().join("nodes/ap-northeast-1b/run/postgresql.log")).unwrap();
+    assert!(pg.contains("from archive"), "ap-northeast-1b replayed archived WAL");
+    let near = log("ap-south-1b");
+    assert!(
+        near.contains("failed to build this node from repository ap-south-1")
+            && near.contains("copying a base backup from ap-south-1a instead"),
+        "{near}"
+    );
+    lab.finish();
+}

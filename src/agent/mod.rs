@@ -26,6 +26,7 @@ pub mod api;
 mod backup;
 mod backup_job;
 mod certs;
+mod clone;
 pub mod lease;
 mod observe;
 mod primary;

@@ -17,20 +17,42 @@ const UPSTREAM_PROBE: Duration = Duration::from_secs(2);
 const REWIND_RETRY: Duration = Duration::from_secs(10);
 
 impl Agent {
-    /// Copies the leader's data directory, then starts as its standby.
+    /// Fills the empty data directory from the leader (a base backup) or,
+    /// with `clone_from = "repository"`, from a backup repository (falling
+    /// back to the leader when that fails), then starts as its standby. The
+    /// directory is marked while it fills, so a crash midway leaves no half
+    /// copy to start from (`Server::recover_swap`).
     pub(super) async fn clone_from(&mut self, from: &str) -> Result<()> {
         let upstream = self.upstream(from)?;
-        self.set_starting(&format!("copying a base backup from {from}"));
-        self.empty_data_dir().await?;
-        // The passfile must exist before pg_basebackup reads it.
-        self.server.write_files(&self.config, &self.secrets, &StartAs::Standby { upstream: Some(upstream.clone()) })?;
-        let server = self.server.clone();
-        let user = self.config.postgres.replication_user.clone();
-        let addr = upstream.1;
-        if let Err(e) = tokio::task::spawn_blocking(move || server.base_backup(addr, &user)).await? {
-            self.empty_data_dir().await?;
-            return Err(e);
+        self.server.begin_clone()?;
+        let mut copied = false;
+        if let Some(repository) = self.clone_repository() {
+            let name = repository.1.clone();
+            match self.clone_from_repository(repository, &upstream).await {
+                Ok(()) => copied = true,
+                Err(e) => tracing::warn!(
+                    "failed to build this node from repository {name} ({e:#}); copying a base backup from {from} instead"
+                ),
+            }
         }
+        if !copied {
+            self.set_starting(&format!("copying a base backup from {from}"));
+            self.empty_data_dir().await?;
+            // The passfile must exist before pg_basebackup reads it.
+            self.server.write_files(
+                &self.config,
+                &self.secrets,
+                &StartAs::Standby { upstream: Some(upstream.clone()) },
+            )?;
+            let server = self.server.clone();
+            let user = self.config.postgres.replication_user.clone();
+            let addr = upstream.1;
+            if let Err(e) = tokio::task::spawn_blocking(move || server.base_backup(addr, &user)).await? {
+                self.empty_data_dir().await?;
+                return Err(e);
+            }
+        }
+        self.server.end_clone()?;
         self.start(StartAs::Standby { upstream: Some(upstream) }).await
     }
 

@@ -18,6 +18,13 @@ pub struct BackupConfig {
     /// is healthy, else the primary (`prefer-standby`), or always the primary.
     #[serde(default)]
     pub run_on: RunOn,
+    /// Where a node with an empty data directory gets its copy: a base
+    /// backup from the primary, or the newest backup in its region's
+    /// repository (else the first) replayed from the archive until it
+    /// streams, so a far replica does not pull the database across the WAN.
+    /// A repository that fails or holds no backup falls back to the primary.
+    #[serde(default)]
+    pub clone_from: CloneFrom,
     /// How often a full backup is taken.
     #[serde(default = "default_full_every", with = "humantime_serde")]
     pub full_every: Duration,
@@ -66,6 +73,22 @@ impl fmt::Display for RunOn {
             RunOn::PreferStandby => "prefer-standby",
             RunOn::Primary => "primary",
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneFrom {
+    #[default]
+    Primary,
+    Repository,
+}
+
+impl BackupConfig {
+    /// The repository a node of `region` clones from: its region's, else the first.
+    pub fn nearest_repository(&self, region: &str) -> Option<(usize, &Repository)> {
+        let i = self.repositories.iter().position(|r| r.region == region).unwrap_or(0);
+        self.repositories.get(i).map(|r| (i + 1, r))
     }
 }
 

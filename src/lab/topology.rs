@@ -253,6 +253,7 @@ fn lab_backup(shape: &LabShape, dir: &Path) -> BackupConfig {
         .collect();
     BackupConfig {
         run_on: RunOn::PreferStandby,
+        clone_from: CloneFrom::Primary,
         full_every: Duration::from_secs(7 * 24 * 3600),
         diff_every: None,
         incr_every: None,

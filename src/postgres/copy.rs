@@ -7,12 +7,16 @@
 //! ```text
 //! <data_dir>.new/   pg_basebackup writes here
 //! <data_dir>.old/   the previous copy, only between the two renames of the swap
+//! <data_dir>.cloning while a clone fills an *empty* data directory (a base
+//!                   backup, or a restore from a repository and its catch-up)
 //! ```
 //!
 //! `recover_swap` runs before the agent looks at its data directory, so a
 //! crash at any point leaves one complete copy in `<data_dir>`: an unfinished
 //! `.new` is removed, an `.old` left by an interrupted swap is put back if
-//! `<data_dir>` is missing and removed if the swap had finished.
+//! `<data_dir>` is missing and removed if the swap had finished. A data
+//! directory found with `.cloning` beside it never became a copy (it was
+//! empty before the clone began): it is emptied, and the node clones again.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -74,8 +78,43 @@ impl Server {
         Ok(())
     }
 
-    /// Finishes or undoes a swap a crash interrupted (see the module docs).
+    /// Marks the (empty) data directory as being filled by a clone.
+    pub fn begin_clone(&self) -> Result<()> {
+        let marker = self.sibling(".cloning");
+        std::fs::write(&marker, b"").with_context(|| format!("create {}", marker.display()))
+    }
+
+    /// The clone is a complete copy (it streams): the mark goes.
+    pub fn end_clone(&self) -> Result<()> {
+        let marker = self.sibling(".cloning");
+        match std::fs::remove_file(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("remove {}", marker.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Finishes or undoes a swap a crash interrupted, and empties a data
+    /// directory a crash left half cloned (see the module docs).
     pub fn recover_swap(&self) -> Result<()> {
+        let marker = self.sibling(".cloning");
+        if marker.exists() {
+            tracing::warn!(
+                "{} was being cloned when the agent stopped; emptying it to clone again",
+                self.data_dir.display()
+            );
+            if self.data_dir.exists() {
+                for entry in
+                    std::fs::read_dir(&self.data_dir).with_context(|| format!("list {}", self.data_dir.display()))?
+                {
+                    let path = entry?.path();
+                    let r = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                    r.with_context(|| format!("remove {}", path.display()))?;
+                }
+            }
+            self.end_clone()?;
+        }
         let (new, old) = (self.sibling(".new"), self.sibling(".old"));
         if old.exists() {
             if self.data_dir.exists() {
@@ -155,5 +194,24 @@ mod tests {
         s.swap_in_copy().unwrap();
         assert_eq!(marker(&s.data_dir).as_deref(), Some("fresh"));
         assert!(!old.exists() && !new.exists());
+    }
+
+    #[test]
+    fn a_clone_interrupted_midway_is_emptied_and_a_finished_one_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let s = server(base.path());
+        s.begin_clone().unwrap();
+        put(&s.data_dir, "half");
+        std::fs::create_dir_all(s.data_dir.join("base/1")).unwrap();
+        s.recover_swap().unwrap();
+        assert!(s.data_dir.exists(), "the directory stays, empty");
+        assert_eq!(std::fs::read_dir(&s.data_dir).unwrap().count(), 0);
+        assert!(!s.sibling(".cloning").exists());
+
+        s.begin_clone().unwrap();
+        put(&s.data_dir, "complete");
+        s.end_clone().unwrap();
+        s.recover_swap().unwrap();
+        assert_eq!(marker(&s.data_dir).as_deref(), Some("complete"));
     }
 }

@@ -196,6 +196,33 @@ pub struct SwitchoverRequest {
     pub aborted: Option<String>,
 }
 
+/// `meridian restore --replace` in progress, at `restore`, under the lease of
+/// the `meridian restore` process carrying it out: if that process dies, the
+/// request goes with its lease and the cluster carries on with its own data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The node that will hold the restored data and become primary.
+    pub node: String,
+    pub requested_by: String,
+    pub requested_at_ms: u64,
+    /// The backup restored from, and the recovery target, for people and history.
+    pub backup: String,
+    pub target: String,
+    pub state: RestoreStep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreStep {
+    /// Waiting for the primary to step down and `node`'s server to stop.
+    Stopping,
+    /// `meridian restore` is writing the restored data beside `node`'s.
+    Restoring,
+    /// The restored data is in place, promoted on a new timeline: `node`
+    /// takes `leader` with the next epoch and starts it read-write.
+    Restored { timeline: u32, lsn: Lsn },
+}
+
 /// The DR switch, at `dr`: the region an operator declared active, and the node
 /// to promote there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +269,8 @@ pub enum PromotionKind {
     Switchover,
     /// Declared by an operator (`meridian failover --to-region`).
     Dr,
+    /// The cluster's data replaced by a restore (`meridian restore --replace`).
+    Restore,
 }
 
 impl fmt::Display for PromotionKind {
@@ -250,6 +279,7 @@ impl fmt::Display for PromotionKind {
             PromotionKind::Failover => "failover",
             PromotionKind::Switchover => "switchover",
             PromotionKind::Dr => "dr",
+            PromotionKind::Restore => "restore",
         })
     }
 }

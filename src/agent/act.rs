@@ -29,6 +29,8 @@ pub(super) fn label(action: &Action) -> Option<String> {
         Action::StepDown { .. } => "step down".into(),
         Action::Rejoin { upstream } => format!("rejoin {upstream}"),
         Action::Fence { .. } => "fence".into(),
+        Action::StopForRestore => "stop for the restore".into(),
+        Action::TakeRestored => "start the restored data as primary".into(),
     })
 }
 
@@ -58,6 +60,12 @@ impl Agent {
             }
             Action::Follow { upstream } => self.follow(&upstream).await,
             Action::Fence { reason } => self.fence(&reason, snapshot).await,
+            Action::StopForRestore => {
+                tracing::warn!("stopping PostgreSQL: a restore will replace this node's data");
+                self.stop().await;
+                Ok(())
+            }
+            Action::TakeRestored => self.take_restored(snapshot).await,
         }
     }
 

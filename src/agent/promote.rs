@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::Agent;
-use crate::cluster::{HistoryEntry, Lsn, PromotionKind, SwitchoverRequest};
+use crate::cluster::{HistoryEntry, Lsn, PromotionKind, RestoreStep, SwitchoverRequest};
 use crate::coord::Snapshot;
 use crate::failover::duties::{self, Completion, HandOver};
 use crate::postgres::files::StartAs;
@@ -74,6 +74,7 @@ impl Agent {
             PromotionKind::Switchover => (snap.switchover.as_ref().map(|r| r.requested_at_ms), Some(0)),
             PromotionKind::Dr => (snap.dr.as_ref().map(|d| d.at_ms), lost),
             PromotionKind::Failover => (last.map(|o| o.at_ms), lost),
+            PromotionKind::Restore => (snap.restore.as_ref().map(|r| r.requested_at_ms), lost),
         };
         let entry = HistoryEntry {
             epoch,
@@ -87,9 +88,15 @@ impl Agent {
             finished_at_ms: crate::cluster::now_ms(),
         };
         tracing::info!("promoted: primary of epoch {epoch} ({kind})");
-        // History is a record for people; a failed write must not leave the
-        // request standing, so it does not stop the clearing below.
-        if let Err(e) = self.coord.put_history(&entry).await {
+        self.record_promotion(&entry).await;
+        self.finish_requests(snap, Some(epoch)).await
+    }
+
+    /// Writes a promotion to `history/<epoch>` and the audit log. History is a
+    /// record for people: a failed write is logged and does not stop the caller.
+    async fn record_promotion(&self, entry: &HistoryEntry) {
+        let me = &self.server.node;
+        if let Err(e) = self.coord.put_history(entry).await {
             tracing::warn!("failed to {e:#}; the promotion is not in history");
         }
         let audit = crate::auth::AuditEntry {
@@ -97,18 +104,63 @@ impl Agent {
             who: format!("agent:{me}"),
             role: None,
             source: None,
-            action: format!("promote ({kind})"),
+            action: format!("promote ({})", entry.kind),
             target: Some(format!("node:{me}")),
             result: "ok".into(),
-            detail: Some(reason.to_string()),
-            epoch: Some(epoch),
+            detail: Some(entry.reason.clone()),
+            epoch: Some(entry.epoch),
             recorded_by: format!("node:{me}"),
         };
         tracing::info!(target: "meridian::audit", "{}", serde_json::to_string(&audit).unwrap_or_default());
         if let Err(e) = self.coord.append_audit(&audit).await {
             tracing::warn!("failed to {e:#}; the promotion is not in the audit log");
         }
-        self.finish_requests(snap, Some(epoch)).await
+    }
+
+    /// `meridian restore --replace` left restored data here, promoted on a
+    /// new timeline: take `leader` with the next epoch, start it read-write,
+    /// give meridian's roles this cluster's passwords (the data may predate
+    /// a change), and record it in history.
+    pub(super) async fn take_restored(&mut self, snapshot: Option<&Snapshot>) -> Result<()> {
+        let Some(snap) = snapshot else { return Ok(()) };
+        let Some(req) = snap.restore.as_ref() else { return Ok(()) };
+        let RestoreStep::Restored { timeline, lsn } = &req.state else { return Ok(()) };
+        let me = self.server.node.clone();
+        let Some(epoch) = self.coord.acquire_leader(&me, snap.epoch, self.lease.id()).await? else {
+            return Ok(()); // someone else holds leader; the next pass sees why
+        };
+        self.epoch_seen = self.epoch_seen.max(epoch);
+        tracing::info!(
+            "starting the restored data (backup {}, {}) as primary of epoch {epoch}",
+            req.backup,
+            req.target
+        );
+        self.start(StartAs::Primary).await?;
+        let roles = format!(
+            "SET synchronous_commit = local;\n{}",
+            crate::postgres::files::role_passwords_sql(&self.config, &self.secrets)
+        );
+        self.client().await?.batch_execute(&roles).await.context("set the passwords of meridian's roles")?;
+        self.ensure_slots().await?;
+        let last = snap.optime.as_ref();
+        let entry = HistoryEntry {
+            epoch,
+            kind: PromotionKind::Restore,
+            from: last.map(|o| o.node.clone()),
+            to: me,
+            reason: format!(
+                "{} restored backup {} to {} (timeline {timeline}) as the cluster's data",
+                req.requested_by, req.backup, req.target
+            ),
+            lsn: Some(*lsn),
+            // What the replaced data had beyond the restore point.
+            lost_bytes_estimate: last.map(|o| o.lsn.0.saturating_sub(lsn.0)),
+            started_at_ms: req.requested_at_ms,
+            finished_at_ms: crate::cluster::now_ms(),
+        };
+        tracing::info!("restored data started: primary of epoch {epoch} ({})", entry.kind);
+        self.record_promotion(&entry).await;
+        Ok(())
     }
 
     /// On the leader running read-write: clears the `switchover`/`dr`

@@ -51,6 +51,10 @@ impl Keys {
     pub fn dr(&self) -> String {
         format!("{}dr", self.prefix)
     }
+    /// A `restore --replace` in progress, under its process's lease.
+    pub fn restore(&self) -> String {
+        format!("{}restore", self.prefix)
+    }
     /// The current (or last) backup job; one at a time.
     pub fn backup_job(&self) -> String {
         format!("{}backup", self.prefix)
@@ -104,6 +108,7 @@ pub enum Key<'a> {
     Recopy,
     Switchover,
     Dr,
+    Restore,
     BackupJob,
     Member { node: &'a str },
     History { epoch: u64 },
@@ -122,6 +127,7 @@ impl<'a> Key<'a> {
             "recopy" => Key::Recopy,
             "switchover" => Key::Switchover,
             "dr" => Key::Dr,
+            "restore" => Key::Restore,
             "backup" => Key::BackupJob,
             _ => {
                 let (kind, rest) = rel.split_once('/')?;

@@ -69,6 +69,7 @@ pub struct Snapshot {
     pub optime: Option<Optime>,
     pub switchover: Option<SwitchoverRequest>,
     pub dr: Option<DrSwitch>,
+    pub restore: Option<crate::cluster::RestoreRequest>,
     pub backup_job: Option<crate::backup::job::BackupJob>,
     /// Every gateway's live health verdicts.
     pub health: Vec<HealthReport>,
@@ -263,6 +264,10 @@ impl Coord {
                 Key::Epoch => snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
                 Key::Switchover => snap.switchover = serde_json::from_slice(value).ok(),
                 Key::Dr => snap.dr = serde_json::from_slice(value).ok(),
+                Key::Restore => match serde_json::from_slice(value) {
+                    Ok(r) => snap.restore = Some(r),
+                    Err(e) => tracing::warn!("ignoring malformed restore request: {e}"),
+                },
                 Key::BackupJob => match serde_json::from_slice(value) {
                     Ok(job) => snap.backup_job = Some(job),
                     Err(e) => tracing::warn!("ignoring malformed backup job: {e}"),
@@ -510,7 +515,9 @@ impl Coord {
             None => Compare::version(key.clone(), CompareOp::Equal, 0),
             Some(old) => Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(old)?),
         };
-        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, serde_json::to_vec(req)?, None)]);
+        // Not while a restore replaces the data.
+        let no_restore = Compare::version(self.keys.restore(), CompareOp::Equal, 0);
+        let txn = Txn::new().when([cmp, no_restore]).and_then([TxnOp::put(key, serde_json::to_vec(req)?, None)]);
         Ok(self.txn("request a switchover in etcd", txn).await?.succeeded())
     }
 
@@ -523,6 +530,35 @@ impl Coord {
         };
         let txn = Txn::new().when([Compare::value(key, CompareOp::Equal, serde_json::to_vec(old)?)]).and_then([op]);
         Ok(self.txn("update the switchover request in etcd", txn).await?.succeeded())
+    }
+
+    /// Creates the `restore` request under `lease`, unless one exists or a
+    /// switchover is pending.
+    pub async fn request_restore(&self, req: &crate::cluster::RestoreRequest, lease: LeaseId) -> Result<bool> {
+        let key = self.keys.restore();
+        let txn = Txn::new()
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::version(self.keys.switchover(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(key, serde_json::to_vec(req)?, Some(PutOptions::new().with_lease(lease)))]);
+        Ok(self.txn("request a restore in etcd", txn).await?.succeeded())
+    }
+
+    /// Replaces the `restore` request `old` with `new` (keeping its lease;
+    /// None: deletes it), only if it is still `old`.
+    pub async fn update_restore(
+        &self,
+        old: &crate::cluster::RestoreRequest,
+        new: Option<&crate::cluster::RestoreRequest>,
+    ) -> Result<bool> {
+        let key = self.keys.restore();
+        let op = match new {
+            Some(n) => TxnOp::put(key.clone(), serde_json::to_vec(n)?, Some(PutOptions::new().with_ignore_lease())),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let txn = Txn::new().when([Compare::value(key, CompareOp::Equal, serde_json::to_vec(old)?)]).and_then([op]);
+        Ok(self.txn("update the restore request in etcd", txn).await?.succeeded())
     }
 
     /// Writes the backup job `new` only if the key still holds `old` (None: no job yet).

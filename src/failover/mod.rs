@@ -19,7 +19,7 @@ pub mod view;
 pub use reason::{FenceReason, NoFailover, Refusal, RefusalReason, WaitReason};
 pub use rewind::{after_rewind_failure, AfterRewindFailure};
 
-use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, SwitchoverRequest};
+use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, RestoreRequest, RestoreStep, SwitchoverRequest};
 use crate::config::{FailoverMode, LagBudget};
 
 /// The local server, as the agent last saw it.
@@ -95,6 +95,8 @@ pub struct Shared {
     pub switchover: Option<SwitchoverRequest>,
     /// A DR switch not carried out yet.
     pub dr: Option<DrSwitch>,
+    /// `meridian restore --replace` in progress.
+    pub restore: Option<RestoreRequest>,
 }
 
 /// Everything `decide` looks at.
@@ -146,6 +148,11 @@ pub enum Action {
     Rejoin { upstream: String },
     /// Restart a read-write server as a standby: it must not take writes.
     Fence { reason: FenceReason },
+    /// A restore will replace this node's data: stop the server, leave it stopped.
+    StopForRestore,
+    /// `meridian restore --replace` put restored, promoted data here: take
+    /// `leader` with the next epoch and start it read-write.
+    TakeRestored,
 }
 
 pub fn decide(v: &NodeView) -> Action {
@@ -153,7 +160,9 @@ pub fn decide(v: &NodeView) -> Action {
         // A promotion is armed with the lease's deadline: on a lease that is not
         // fresh the supervisor would stop the new primary at once, leaving
         // `leader` held by a stopped server. Take it only with a fresh lease.
-        Action::Promote { .. } if !v.lease_fresh => Action::Wait { reason: WaitReason::LeaseNotFresh },
+        Action::Promote { .. } | Action::TakeRestored if !v.lease_fresh => {
+            Action::Wait { reason: WaitReason::LeaseNotFresh }
+        }
         action => action,
     }
 }
@@ -183,6 +192,10 @@ fn decide_unguarded(v: &NodeView) -> Action {
             _ => Action::Keep,
         };
     };
+
+    if let Some(action) = s.restore.as_ref().and_then(|r| during_restore(v, s, r, holds_leader)) {
+        return action;
+    }
 
     if holds_leader {
         if let Some(dr) = s.dr.as_ref().filter(|d| d.target != v.me) {
@@ -306,6 +319,32 @@ fn decide_unguarded(v: &NodeView) -> Action {
             Err(why) => Action::Wait { reason: WaitReason::NoFailover { why } },
         },
     }
+}
+
+/// While `meridian restore --replace` runs: the primary steps down, the
+/// restore's node stops and stays stopped until its restored data is in
+/// place, then takes `leader`; nobody else promotes in between. Once the
+/// restored node leads, the ordinary rules bring the others along (a rewind
+/// to the new timeline, or a fresh copy). None: the ordinary rules apply.
+fn during_restore(v: &NodeView, s: &Shared, r: &RestoreRequest, holds_leader: bool) -> Option<Action> {
+    let restored = matches!(r.state, RestoreStep::Restored { .. });
+    let waiting = || Action::Wait { reason: WaitReason::RestoreInProgress { node: r.node.clone() } };
+    if holds_leader {
+        if r.node == v.me && restored {
+            return None;
+        }
+        return Some(Action::StepDown {
+            reason: format!("{} replaces the cluster's data with backup {} ({})", r.requested_by, r.backup, r.target),
+        });
+    }
+    if r.node == v.me {
+        return Some(match &v.local {
+            Local::Primary | Local::Standby { .. } => Action::StopForRestore,
+            Local::Stopped if restored && s.leader.is_none() => Action::TakeRestored,
+            Local::Stopped | Local::Empty => waiting(),
+        });
+    }
+    s.leader.is_none().then(waiting)
 }
 
 /// The standby to promote when the leader is gone, or why there is none.

@@ -188,6 +188,7 @@ impl Model {
             optime: self.etcd.optime.clone(),
             switchover: self.etcd.switchover.clone(),
             dr: self.etcd.dr.clone(),
+            restore: None,
             backup_job: None,
             health: vec![],
         }
@@ -465,6 +466,10 @@ impl Model {
             Action::Keep | Action::Wait { .. } | Action::Bootstrap | Action::Clone { .. } => {}
             // Only `meridian restore` sets up what this needs: an ordinary history never must.
             Action::AdoptRestored => return Err(format!("{name} would adopt restored data in an ordinary history")),
+            // Only `meridian restore --replace` asks for these; the model never does.
+            Action::StopForRestore | Action::TakeRestored => {
+                return Err(format!("{name} acted on a restore that was never requested: {action:?}"))
+            }
             Action::StartPrimary => self.nodes[i].local = Local::Primary,
             Action::StartStandby { upstream } => {
                 self.nodes[i].local = Local::Standby { upstream: upstream.clone() };
@@ -599,6 +604,7 @@ impl Model {
                 }
             }
             PromotionKind::Dr => {}
+            PromotionKind::Restore => return Err(format!("{} promoted as a restore nobody requested", n.name)),
         }
         Ok(())
     }

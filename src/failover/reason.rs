@@ -40,6 +40,8 @@ pub enum WaitReason {
     LeaseNotFresh,
     /// The server crashed too often; it is left stopped.
     GaveUp { crashes: usize, window_s: u64, log: String },
+    /// `meridian restore --replace` is replacing the data; `node` will lead.
+    RestoreInProgress { node: String },
 }
 
 impl WaitReason {
@@ -50,6 +52,9 @@ impl WaitReason {
             WaitReason::NoFailover { why } => Some(format!("no automatic failover: {why}")),
             WaitReason::OtherCandidate { node } => Some(format!("{node} should take over")),
             WaitReason::FinalPositions => Some("waiting for every standby to report its final position".into()),
+            WaitReason::RestoreInProgress { node } => {
+                Some(format!("a restore is replacing the data; {node} will lead"))
+            }
             _ => None,
         }
     }
@@ -68,6 +73,9 @@ impl fmt::Display for WaitReason {
             WaitReason::Initializing { holder } => write!(f, "{holder} is initializing the cluster"),
             WaitReason::SwitchoverInProgress { from, to } => write!(f, "switchover from {from} to {to} in progress"),
             WaitReason::DrInProgress { target } => write!(f, "DR failover to {target} in progress"),
+            WaitReason::RestoreInProgress { node } => {
+                write!(f, "a restore is replacing the cluster's data; {node} will lead with it")
+            }
             WaitReason::FinalPositions => {
                 f.write_str("no leader; waiting for every standby to report its final position")
             }

@@ -26,6 +26,7 @@ fn shared(leader: Option<Leader>, mine: bool, epoch: Epoch) -> Option<Shared> {
         leaderless_since_revision: None,
         switchover: None,
         dr: None,
+        restore: None,
     })
 }
 
@@ -69,6 +70,7 @@ fn leaderless(candidates: Vec<Candidate>) -> Option<Shared> {
         leaderless_since_revision: Some(10),
         switchover: None,
         dr: None,
+        restore: None,
     })
 }
 
@@ -357,6 +359,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 leaderless_since_revision: None,
                 switchover: None,
                 dr: None,
+                restore: None,
             },
         ),
     );
@@ -493,4 +496,77 @@ fn switchover_and_dr_requests() {
         ..view("a", Local::Primary, with(Some(switchover(None)), None, leader("a", 1), true))
     };
     assert!(matches!(decide(&stale), Action::Fence { .. }));
+}
+
+/// `restore --replace` onto `b`: the primary `a` steps down, `b` stops and
+/// waits, nobody promotes meanwhile; once the data is in place `b` takes
+/// `leader`, and the others follow it by the ordinary rules.
+#[test]
+fn a_restore_replacing_the_data_stops_everyone_until_the_restored_node_leads() {
+    use crate::cluster::{RestoreRequest, RestoreStep};
+    let req = |state| RestoreRequest {
+        node: "b".into(),
+        requested_by: "ops".into(),
+        requested_at_ms: 1,
+        backup: "20261203-074035F".into(),
+        target: "just before 2026-12-03 07:40:50".into(),
+        state,
+    };
+    let during = |leader_: Option<Leader>, mine: bool, state| {
+        let epoch = leader_.as_ref().map_or(1, |l| l.epoch);
+        Some(Shared { restore: Some(req(state)), ..shared(leader_, mine, epoch).unwrap() })
+    };
+    let restored = || RestoreStep::Restored { timeline: 3, lsn: Lsn(0x500_0000) };
+    let wait_for_b = Action::Wait { reason: WaitReason::RestoreInProgress { node: "b".into() } };
+    let cases: Vec<(&str, NodeView, Action)> = vec![
+        (
+            "the primary steps down",
+            view("a", Local::Primary, during(leader("a", 1), true, RestoreStep::Stopping)),
+            Action::StepDown {
+                reason:
+                    "ops replaces the cluster's data with backup 20261203-074035F (just before 2026-12-03 07:40:50)"
+                        .into(),
+            },
+        ),
+        (
+            "the restore's node stops",
+            view("b", standby(), during(None, false, RestoreStep::Stopping)),
+            Action::StopForRestore,
+        ),
+        (
+            "and stays stopped while the data is written",
+            view("b", Local::Stopped, during(None, false, RestoreStep::Restoring)),
+            wait_for_b.clone(),
+        ),
+        (
+            "no other standby promotes meanwhile",
+            view("c", standby(), during(None, false, RestoreStep::Restoring)),
+            wait_for_b.clone(),
+        ),
+        (
+            "nor starts as primary when stopped",
+            view("a", Local::Stopped, during(None, false, RestoreStep::Stopping)),
+            wait_for_b.clone(),
+        ),
+        (
+            "the restored node takes leader",
+            view("b", Local::Stopped, during(None, false, restored())),
+            Action::TakeRestored,
+        ),
+        (
+            "and runs as primary once it holds it",
+            view("b", Local::Primary, during(leader("b", 2), true, restored())),
+            Action::Keep,
+        ),
+        (
+            "the others follow it by the ordinary rules",
+            view("a", Local::Standby { upstream: None }, during(leader("b", 2), false, restored())),
+            Action::Follow { upstream: "b".into() },
+        ),
+    ];
+    for (what, v, want) in cases {
+        assert_eq!(decide(&v), want, "{what}");
+    }
+    let stale = NodeView { lease_fresh: false, ..view("b", Local::Stopped, during(None, false, restored())) };
+    assert_eq!(decide(&stale), Action::Wait { reason: WaitReason::LeaseNotFresh }, "leader only on a fresh lease");
 }

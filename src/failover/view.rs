@@ -85,6 +85,7 @@ fn shared(config: &Config, facts: &Facts, s: &Snapshot) -> Shared {
         leaderless_since_revision: facts.leaderless_since_revision,
         switchover: s.switchover.clone().filter(|sw| sw.aborted.is_none()),
         dr: s.dr.clone().filter(|d| d.done_epoch.is_none()),
+        restore: s.restore.clone(),
     }
 }
 

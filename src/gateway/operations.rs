@@ -106,6 +106,13 @@ pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<Oper
         ))
         .into());
     }
+    if let Some(r) = &s.restore {
+        return Err(Refused(format!(
+            "a restore is replacing the cluster's data (onto {}); try again after it",
+            r.node
+        ))
+        .into());
+    }
     let replace = match &s.switchover {
         Some(sw) if sw.aborted.is_none() => {
             return Err(Refused(format!("a switchover from {} to {} is already in progress", sw.from, sw.to)).into())

@@ -507,3 +507,109 @@ fn a_wiped_replica_is_rebuilt_from_its_regions_repository_or_else_from_the_prima
     );
     lab.finish();
 }
+
+/// `restore --replace`: a `restore` SIGKILLed midway changes nothing (its
+/// request goes with its lease; the cluster carries on with every row); bad
+/// input is refused; then the cluster's data is replaced by the backup
+/// recovered to a time T: the primary steps down, the restored data leads in
+/// the next epoch with a `restore` entry in history, the standby rewinds to
+/// it, the previous data is kept, and the archive's chain continues on the
+/// new timeline.
+#[test]
+fn restore_replace_makes_the_restored_data_the_clusters_and_a_killed_restore_changes_nothing() {
+    let mut lab = TestLab::up(114, &[]);
+    // The standby, ahead of the restore point on its own timeline, first follows the
+    // restored primary as any standby follows a new one; the primary refuses a
+    // history it does not have, and the agent rewinds the standby.
+    lab.expect_error("is not in this server's history");
+    lab.psql("ap-south-1a", "CREATE TABLE orders (id int PRIMARY KEY)");
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(1, 100)");
+    let out = lab.meridian(&["backup", "create", "--repository", "ap-northeast-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(101, 200)");
+    let t = now_rfc3339();
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(201, 300)");
+    let (tli, to) = switch_wal(&lab, "ap-south-1a");
+    wait_chain_complete(&lab, "ap-south-1a", tli, to, Duration::from_secs(30));
+    lab.wait_rows("ap-northeast-1a", "orders", 300, Duration::from_secs(20));
+    let replace = |extra: &[&str]| {
+        let mut args = vec!["--to-time", t.as_str(), "--repository", "ap-northeast-1", "--replace"];
+        args.extend_from_slice(extra);
+        restore(&lab.config(), &args)
+    };
+
+    // Bad input: refused with its reason; the cluster untouched.
+    for (extra, says) in [(vec![], "--yes"), (vec!["--yes", "--node", "nowhere"], "nowhere")] {
+        let out = replace(&extra);
+        assert!(!out.status.success() && text(&out).contains(says), "{extra:?}: want {says:?}: {}", text(&out));
+    }
+    let out = restore(&lab.config(), &["--to-time", "2999-01-01T00:00:00Z", "--replace", "--yes"]);
+    assert!(!out.status.success() && text(&out).contains("in the future"), "{}", text(&out));
+    let out = restore(&lab.config(), &["--latest", "--repository", "elsewhere", "--replace", "--yes"]);
+    assert!(!out.status.success() && text(&out).contains("no repository named \"elsewhere\""), "{}", text(&out));
+    let s = lab.status();
+    assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-south-1a"), Some(1)), "{s}");
+
+    // A restore killed midway: the request goes with its lease, the cluster with all its rows comes back.
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(lab.config())
+        .args(["restore", "--to-time", &t, "--repository", "ap-northeast-1", "--replace", "--yes"])
+        .env("CI", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the primary to step down for the restore", Duration::from_secs(20), || {
+        let s = lab.try_status()?;
+        if s["primary"].is_null() {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+    wait_until("a primary again, the restore's lease gone", Duration::from_secs(60), || {
+        let s = lab.try_status()?;
+        if !s["primary"].is_null() && s["nodes"].as_array().unwrap().iter().all(|n| n["healthy"] == true) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let primary = lab.status()["primary"].as_str().unwrap().to_string();
+    assert_eq!(lab.psql(&primary, "SELECT count(*) FROM orders"), "300", "nothing lost to the killed restore");
+    let epoch_before = lab.status()["epoch"].as_u64().unwrap();
+
+    // The real thing.
+    let out = replace(&["--yes", "--json", "--node", "ap-south-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["node"], "ap-south-1a", "{report}");
+    assert!(report["epoch"].as_u64().unwrap() > epoch_before, "{report}");
+    let previous = std::path::PathBuf::from(report["previous_data"].as_str().unwrap());
+    assert!(previous.join("PG_VERSION").exists(), "the previous data is kept: {report}");
+    assert_eq!(lab.psql("ap-south-1a", "SELECT count(*), min(id), max(id) FROM orders"), "200|1|200");
+    lab.wait_rows("ap-northeast-1a", "orders", 200, Duration::from_secs(60));
+    wait_until("ap-northeast-1a to follow the restored primary", Duration::from_secs(60), || {
+        let s = lab.try_status()?;
+        let n = common::node(&s, "ap-northeast-1a");
+        if n["healthy"] == true && n["timeline"] == common::node(&s, "ap-south-1a")["timeline"] {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let history = lab.json(&["history"]);
+    let last = history.as_array().unwrap().last().unwrap().clone();
+    assert_eq!((last["kind"].as_str(), last["to"].as_str()), (Some("restore"), Some("ap-south-1a")), "{last}");
+    // Writes go on, and the archive's chain continues on the restored timeline.
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(1001, 1100)");
+    let (tli, to) = switch_wal(&lab, "ap-south-1a");
+    assert_eq!(tli, report["timeline"].as_u64().unwrap() as u32);
+    wait_chain_complete(&lab, "ap-south-1a", tli, to, Duration::from_secs(60));
+    let out = lab.meridian(&["backup", "verify", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.finish();
+}

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod chain;
 pub mod job;
 pub mod pgbackrest;
+pub mod replace;
 pub mod repo;
 pub mod restore;
 

@@ -108,7 +108,7 @@ pub fn choose_backup<'a>(catalog: &'a Catalog, repository: &str, target: &Target
 
 /// A time as `recovery_target_time` takes it: to the microsecond, with a
 /// space and a numeric zone (it refuses RFC 3339's nanoseconds and `Z`).
-fn canonical(target: Target) -> Result<Target> {
+pub(super) fn canonical(target: Target) -> Result<Target> {
     Ok(match target {
         Target::Time(t) => {
             let at = humantime::parse_rfc3339_weak(&t).with_context(|| format!("--to-time {t:?} is not a time"))?;
@@ -254,7 +254,7 @@ pub async fn run(
 
 /// Restores `set` into the (empty) data directory and recovers to `target`.
 #[allow(clippy::too_many_arguments)]
-async fn restore_and_recover(
+pub(super) async fn restore_and_recover(
     server: &Server,
     repo: &Repositories,
     set: &BackupSet,
@@ -295,7 +295,7 @@ async fn restore_and_recover(
 }
 
 /// Removes everything inside `dir`, keeping `dir`.
-fn empty_dir(dir: &Path) {
+pub(super) fn empty_dir(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let p = e.path();
@@ -306,7 +306,7 @@ fn empty_dir(dir: &Path) {
     }
 }
 
-fn describe(t: &Target) -> String {
+pub(super) fn describe(t: &Target) -> String {
     match t {
         Target::Latest => "the end of the archive".into(),
         Target::Time(t) => format!("just before {t}"),
@@ -317,7 +317,7 @@ fn describe(t: &Target) -> String {
 
 /// The repository to restore from and what it holds: the one asked for, or
 /// the first in the cluster file that can be read and holds a backup.
-fn open_repository(
+pub(super) fn open_repository(
     source: &Config,
     secrets: &crate::config::Secrets,
     ca: &Path,
@@ -354,6 +354,12 @@ fn open_repository(
 async fn recover(server: &Server, timeout: Duration) -> Result<(u32, String)> {
     server.clear_stale_lock()?;
     let mut cmd = server.postmaster_command()?;
+    // On the unix socket alone: nothing else (a standby of the node's address,
+    // a gateway's probe) may talk to a server that is still recovering.
+    cmd.arg("-c").arg("listen_addresses=");
+    // Dies with this process: a recovery server must never outlive the restore
+    // (with --replace it would hold the node's socket and port).
+    crate::process::kill_with_parent(&mut cmd);
     let child = cmd.spawn().context("start PostgreSQL for recovery")?;
     let mut pm = Postmaster(Some(child));
     let deadline = Instant::now() + timeout;
@@ -366,15 +372,17 @@ async fn recover(server: &Server, timeout: Duration) -> Result<(u32, String)> {
             bail!("recovery did not finish within {timeout:?}; see {}", log.display());
         }
         if let Ok(c) = server.connect().await {
+            // WAL control functions fail (an ERROR in the server's log) during recovery.
             if let Ok(row) = c
                 .query_one(
-                    "SELECT pg_is_in_recovery(), pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text",
+                    "SELECT CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_lsn()) END, \
+                            CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END",
                     &[],
                 )
                 .await
             {
-                if !row.get::<_, bool>(0) {
-                    break (row.get::<_, String>(1), row.get::<_, String>(2));
+                if let (Some(file), Some(lsn)) = (row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1)) {
+                    break (file, lsn);
                 }
             }
         }

@@ -19,44 +19,10 @@ use anyhow::{bail, Context, Result};
 use super::Agent;
 use crate::backup::pgbackrest;
 use crate::postgres::files::StartAs;
+use crate::postgres::scratch::ScratchServer;
 
 /// How long replay may make no progress (and not stream) before the catch-up is given up.
 const STALLED: Duration = Duration::from_secs(60);
-
-/// The catch-up server; SIGQUIT (immediate shutdown) if dropped while running.
-struct CatchUp(Option<std::process::Child>);
-
-impl CatchUp {
-    /// A fast shutdown (SIGINT): a standby writes a restartpoint and exits.
-    async fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.0.take() else { return Ok(()) };
-        crate::process::signal(child.id(), libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    bail!("the catch-up server exited with {status} when stopped");
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                crate::process::signal(child.id(), libc::SIGQUIT);
-                let _ = child.wait();
-                bail!("the catch-up server did not stop within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for CatchUp {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            crate::process::signal(child.id(), libc::SIGQUIT);
-            let _ = child.wait();
-        }
-    }
-}
 
 impl Agent {
     /// The repository to clone from, when the cluster file asks for one.
@@ -135,11 +101,10 @@ impl Agent {
         self.server.clear_stale_lock()?;
 
         let cmd = self.server.postmaster_command()?;
-        let mut server = CatchUp(Some(self.spawner.spawn(cmd).await.context("start the catch-up server")?));
+        let mut server = ScratchServer::new(self.spawner.spawn(cmd).await.context("start the catch-up server")?);
         let mut progress = (None::<String>, Instant::now());
         loop {
-            if let Some(status) = server.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                server.0 = None;
+            if let Some(status) = server.exited() {
                 bail!("the catch-up server stopped ({status}); see {}", self.server.log_path().display());
             }
             let state = match self.server.connect().await {
@@ -174,7 +139,7 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        server.stop().await?;
+        server.stop(Duration::from_secs(60)).await.context("stop the catch-up server")?;
         Ok(label)
     }
 }

@@ -251,8 +251,6 @@ async fn replace(
         steps,
     )
     .await;
-    let leftovers = crate::process::pids_mentioning(&repo.conf_path().display().to_string());
-    crate::process::stop_all(&leftovers, Duration::from_secs(5)).await;
     let (timeline, lsn) = match restored {
         Ok(r) => r,
         Err(e) => {

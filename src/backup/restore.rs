@@ -214,9 +214,6 @@ pub async fn run(
         &mut steps,
     )
     .await;
-    // pgBackRest's asynchronous archive-get may still be prefetching for the stopped server.
-    let leftovers = crate::process::pids_mentioning(&repo.conf_path().display().to_string());
-    crate::process::stop_all(&leftovers, Duration::from_secs(5)).await;
     let (timeline, lsn) = match restored {
         Ok(r) => r,
         Err(e) => {
@@ -287,7 +284,11 @@ pub(super) async fn restore_and_recover(
     let mut text = std::fs::read_to_string(&auto)?;
     text.push_str(&recovery);
     std::fs::write(&auto, text)?;
-    let (timeline, lsn) = recover(server, timeout).await?;
+    let recovered = recover(server, timeout).await;
+    // pgBackRest's asynchronous archive-get may still be prefetching for the stopped server.
+    let leftovers = crate::process::pids_mentioning(&repo.conf_path().display().to_string());
+    crate::process::stop_all(&leftovers, Duration::from_secs(5)).await;
+    let (timeline, lsn) = recovered?;
     // The next start (the agent's) must not recover to the target again.
     server.write_files(into, into_secrets, &StartAs::Primary)?;
     steps.push(("recovery".into(), since.elapsed().as_millis() as u64));
@@ -361,11 +362,11 @@ async fn recover(server: &Server, timeout: Duration) -> Result<(u32, String)> {
     // (with --replace it would hold the node's socket and port).
     crate::process::kill_with_parent(&mut cmd);
     let child = cmd.spawn().context("start PostgreSQL for recovery")?;
-    let mut pm = Postmaster(Some(child));
+    let mut pm = crate::postgres::scratch::ScratchServer::new(child);
     let deadline = Instant::now() + timeout;
     let log = server.log_path();
     let promoted = loop {
-        if let Some(status) = pm.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(status) = pm.exited() {
             bail!("PostgreSQL stopped during recovery ({status}): {}", log_tail(&log));
         }
         if Instant::now() >= deadline {
@@ -400,40 +401,6 @@ fn log_tail(path: &Path) -> String {
         text.lines().filter(|l| l.contains("FATAL") || l.contains("ERROR") || l.contains("PANIC")).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
     format!("{tail} (see {})", path.display())
-}
-
-/// The recovery server: stopped fast when done, and on every error path.
-struct Postmaster(Option<std::process::Child>);
-
-impl Postmaster {
-    async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(mut child) = self.0.take() else { return Ok(()) };
-        crate::process::signal(child.id(), libc::SIGINT);
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    bail!("PostgreSQL exited with {status} when stopped after recovery");
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                crate::process::signal(child.id(), libc::SIGQUIT);
-                let _ = child.wait();
-                bail!("PostgreSQL did not stop within {grace:?} after recovery");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Postmaster {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            crate::process::signal(child.id(), libc::SIGQUIT);
-            let _ = child.wait();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 
 mod copy;
 pub mod files;
+pub mod scratch;
 pub mod spawner;
 pub mod status;
 pub mod supervisor;

@@ -127,9 +127,21 @@ pub async fn run(
         bail!("another restore or a switchover is in progress; nothing was changed");
     }
     let epoch_before = snap.epoch;
-    let result =
-        replace(config, &coord, &server, &repo, &set, &target, &req, &secrets, &mut request, progress, &mut steps)
-            .await;
+    let result = replace(
+        config,
+        &coord,
+        &server,
+        &repo,
+        &set,
+        &target,
+        &req,
+        &secrets,
+        &mut request,
+        lease,
+        progress,
+        &mut steps,
+    )
+    .await;
     let (timeline, lsn, previous_data) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -208,6 +220,7 @@ async fn replace(
     req: &Request,
     secrets: &crate::config::Secrets,
     request: &mut RestoreRequest,
+    lease: crate::coord::LeaseId,
     progress: &mut crate::progress::Progress,
     steps: &mut Vec<(String, u64)>,
 ) -> Result<(u32, Lsn, PathBuf)> {
@@ -261,7 +274,20 @@ async fn replace(
     };
     let lsn: Lsn = lsn.parse().map_err(|e| anyhow::anyhow!("{e}")).context("the restored position")?;
 
-    // The swap: the node's server is stopped, and stays so while the request says so.
+    // The swap: the node's server is stopped, and stays so while the request
+    // stands. A restore frozen past its lease (SIGSTOP, a stalled machine)
+    // finds the request gone and the node possibly running again: it must not
+    // move the data from under it. A fresh renewal leaves seconds of lease
+    // for what takes milliseconds.
+    let ttl = coord.renew_lease(lease).await?;
+    let current = coord.snapshot().await?.restore;
+    if ttl < (LEASE_TTL.as_secs() / 2) as i64 || current.as_ref() != Some(request) {
+        bail!(
+            "the restore request expired while the data was being restored (was this process stopped?); \
+             the cluster went on with its own data, and the restored data stays in {}",
+            beside.display()
+        );
+    }
     if crate::process::postmaster_pid(&server.data_dir).is_some() {
         bail!("{node}'s server is running again; the restored data stays in {}", beside.display());
     }

@@ -88,9 +88,10 @@ fn wait_primary(lab: &TestLab, node: &str, timeout: Duration) {
 /// The gap other HA stacks have: a primary dies before archiving its last
 /// segments; the standby had them by streaming. Here the standby held them
 /// (its archive command succeeds only once every repository has a file) and
-/// pushes them once promoted; then a switchover adds a third timeline.
+/// pushes them once promoted; then a rejoin and a switchover add a third
+/// timeline, a DR failover a fourth; `backup verify` checks the whole chain.
 #[test]
-fn archiving_leaves_no_gap_across_a_failover_and_a_switchover() {
+fn archiving_leaves_no_gap_across_a_failover_a_switchover_and_a_dr_failover() {
     let mut lab = TestLab::up(110, &[]);
     lab.expect_error("terminating connection due to unexpected postmaster exit");
     let (tli, to) = switch_wal(&lab, "ap-south-1a");
@@ -139,13 +140,22 @@ fn archiving_leaves_no_gap_across_a_failover_and_a_switchover() {
     assert_eq!(tli, 3);
     wait_chain_complete(&lab, "ap-south-1a", tli, to, Duration::from_secs(60));
 
-    // backup verify sees the same complete chain, across both switches...
+    // A DR failover to the other region makes timeline 4.
+    let out = lab.meridian(&["failover", "--to-region", "ap-northeast-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_primary(&lab, "ap-northeast-1a", Duration::from_secs(30));
+    lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(401, 500)");
+    let (tli, to) = switch_wal(&lab, "ap-northeast-1a");
+    assert_eq!(tli, 4);
+    wait_chain_complete(&lab, "ap-northeast-1a", tli, to, Duration::from_secs(60));
+
+    // backup verify sees the same complete chain, across every switch...
     let out = lab.meridian(&["backup", "verify", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let verified: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for r in verified.as_array().unwrap() {
         assert_eq!(r["ok"], true, "{r}");
-        assert_eq!(r["chain"]["timeline"], 3, "{r}");
+        assert_eq!(r["chain"]["timeline"], 4, "{r}");
         assert_eq!(r["chain"]["missing"].as_array().unwrap().len(), 0, "{r}");
     }
     // ...and names a segment taken out of the middle of it.

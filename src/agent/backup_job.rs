@@ -72,7 +72,8 @@ impl Agent {
             }
         };
         tracing::info!("starting backup job {} ({}, to {})", job.id, job.backup_type, job.repositories.join(", "));
-        let task = tokio::spawn(run_job(self.coord.clone(), job.clone(), commands));
+        let primary = self.config.node(&job.primary).map(|(_, n)| n.address).ok();
+        let task = tokio::spawn(run_job(self.coord.clone(), job.clone(), primary, commands));
         self.backup_job = Some(RunningJob { id: job.id.clone(), task });
     }
 
@@ -115,10 +116,31 @@ impl Agent {
 
 /// Runs the backups one after another, writing each step to etcd; stops
 /// writing if the job was replaced (the gateway gave up on this node).
-async fn run_job(coord: Coord, mut job: BackupJob, commands: Vec<(String, std::process::Command)>) {
+async fn run_job(
+    coord: Coord,
+    mut job: BackupJob,
+    primary: Option<std::net::SocketAddr>,
+    commands: Vec<(String, std::process::Command)>,
+) {
     let mut next = BackupJob { state: JobState::Running, started_at_ms: Some(now_ms()), ..job.clone() };
     let mut all_ok = true;
     for (name, mut cmd) in commands {
+        // The commands were made for the primary of the job's start (a standby's
+        // backup reads from it): once another node leads, the rest cannot succeed.
+        if let Some(moved) = primary_gone(&coord, &job.primary, primary).await {
+            all_ok = false;
+            tracing::warn!("backup job {}: skipping repository {name}: {moved}", job.id);
+            let error = Some(format!("skipped: {moved}"));
+            next.outcomes.push(RepoOutcome {
+                repository: name,
+                ok: false,
+                label: None,
+                error,
+                ms: 0,
+                finished_at_ms: now_ms(),
+            });
+            continue;
+        }
         next.current = Some(name.clone());
         if !write(&coord, &mut job, next.clone()).await {
             return;
@@ -159,6 +181,24 @@ async fn run_job(coord: Coord, mut job: BackupJob, commands: Vec<(String, std::p
     next.current = None;
     next.state = if all_ok { JobState::Succeeded } else { JobState::Failed };
     write(&coord, &mut job, next).await;
+}
+
+/// Why the job's primary can no longer serve its backups: another node
+/// leads, or its server does not answer (killed: `leader` outlives it for a
+/// few seconds). An unreadable etcd says nothing; pgBackRest finds out itself.
+async fn primary_gone(coord: &Coord, primary: &str, address: Option<std::net::SocketAddr>) -> Option<String> {
+    let snap = coord.snapshot().await.ok()?;
+    match snap.leader.as_ref().map(|l| l.leader.node.as_str()) {
+        Some(p) if p != primary => return Some(format!("the primary moved from {primary} to {p} during the job")),
+        None => return Some(format!("{primary} no longer leads and no primary has taken over yet")),
+        Some(_) => {}
+    }
+    match address {
+        Some(a) if !crate::postgres::answers(a, std::time::Duration::from_secs(2)).await => {
+            Some(format!("the primary {primary} does not answer at {a}"))
+        }
+        _ => None,
+    }
 }
 
 /// Compare-and-swap from `job` to `next`, retried while etcd is unreachable;

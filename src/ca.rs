@@ -115,8 +115,15 @@ impl Subject {
                 match repo.location().map_err(anyhow::Error::msg)? {
                     crate::config::RepoLocation::S3 { host, .. } => {
                         // pgBackRest 2.45 matches the DNS name; other clients may connect by address.
-                        let ips = if host == "localhost" { vec![IpAddr::from([127, 0, 0, 1])] } else { Vec::new() };
-                        (vec![host], ips)
+                        let mut ips = if host == "localhost" { vec![IpAddr::from([127, 0, 0, 1])] } else { Vec::new() };
+                        let mut names = vec![host];
+                        if let Some(ip) = repo.storage_host {
+                            // pgBackRest checks the address it connects to (`repo-storage-host`)
+                            // against the certificate's DNS names only: name it there too.
+                            names.push(ip.to_string());
+                            ips.push(ip);
+                        }
+                        (names, ips)
                     }
                     crate::config::RepoLocation::Posix { .. } => {
                         bail!("repository {n:?} is a directory; only an s3:// repository's server has a certificate")

@@ -42,6 +42,8 @@ pub struct ProcSpec {
     pub identity: String,
     /// A cgroup v2 directory to place the process in before exec, when partitions are possible.
     pub cgroup: Option<PathBuf>,
+    /// A network namespace to run in (`/run/netns/NAME`): the netns lab's hosts.
+    pub netns: Option<PathBuf>,
     /// Variables set beyond the allowlist (the lab's clock skew: libfaketime's).
     pub env: Vec<(String, String)>,
 }
@@ -69,9 +71,23 @@ pub fn start(spec: &ProcSpec) -> Result<u32> {
         p.push("\0");
         p.into_encoded_bytes()
     });
-    // SAFETY: only async-signal-safe calls (setsid, open, write, close) in the child.
+    // Opened here, joined in the child: close-on-exec, so the program never holds it.
+    let netns =
+        match &spec.netns {
+            Some(path) => Some(std::fs::File::open(path).with_context(|| {
+                format!("open network namespace {} (is the netns lab's network up?)", path.display())
+            })?),
+            None => None,
+        };
+    let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: only async-signal-safe calls (setsid, open, write, close, setns) in the child.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -91,6 +107,7 @@ pub fn start(spec: &ProcSpec) -> Result<u32> {
         });
     }
     let child = cmd.spawn().with_context(|| format!("start {} ({})", spec.name, spec.program.display()))?;
+    drop(netns);
     let pid = child.id();
     std::fs::write(&spec.pid_file, format!("{pid}\n")).with_context(|| format!("write {}", spec.pid_file.display()))?;
     // The child is detached; dropping the handle neither waits for nor kills it.

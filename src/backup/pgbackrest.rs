@@ -114,6 +114,9 @@ pub fn render_global(
                 line(&format!("{r}-s3-bucket"), &bucket);
                 line(&format!("{r}-s3-endpoint"), &host);
                 line(&format!("{r}-storage-port"), &port.to_string());
+                if let Some(ip) = repo.storage_host {
+                    line(&format!("{r}-storage-host"), &ip.to_string());
+                }
                 line(&format!("{r}-s3-region"), &repo.s3_region);
                 line(&format!("{r}-s3-uri-style"), "path");
                 line(&format!("{r}-s3-key"), &keys.s3_key);

@@ -1,9 +1,9 @@
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::config::{FailoverConfig, FailoverMode, LagBudget};
-use crate::lab::topology::LabShape;
+use crate::lab::topology::{Hosts, LabShape};
 
 fn parse_mode(s: &str) -> Result<FailoverMode, String> {
     match s {
@@ -52,7 +52,7 @@ enum Sub {
     Up {
         #[command(flatten)]
         dir: DirArg,
-        /// Second octet of the lab's loopback addresses (127.NET.REGION.HOST).
+        /// Second octet of the lab's addresses (127.NET.REGION.HOST; 10.NET.REGION.HOST with --hosts netns).
         #[arg(long, default_value_t = 0)]
         net: u8,
         /// Database regions, the first preferred for the primary; a witness is added below three.
@@ -87,6 +87,20 @@ enum Sub {
         /// No [backup]: no archiving, no repositories, no lab S3 server.
         #[arg(long)]
         no_backup: bool,
+        /// loopback: every process on its own loopback address in one network
+        /// stack; netns: every process in its own network namespace (10.NET.REGION.HOST),
+        /// a bridge per region and a router between them (root, iproute2, nftables).
+        #[arg(long, value_enum, default_value_t = Hosts::Loopback)]
+        hosts: Hosts,
+        /// netns: one-way delay between regions (40ms: a round trip takes 80ms), by a relay on the router.
+        #[arg(long)]
+        wan_latency: Option<String>,
+        /// netns: each packet's delay varies by up to this much (never reordered).
+        #[arg(long, requires = "wan_latency")]
+        wan_jitter: Option<String>,
+        /// netns: the share of packets between regions dropped (0.5%).
+        #[arg(long, requires = "wan_latency")]
+        wan_loss: Option<String>,
     },
     /// Stop every process of the lab by pid and remove its directory.
     Down {
@@ -100,7 +114,7 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
-    /// Cut a region off from every other region (root: cgroup v2 + nftables).
+    /// Cut a region off from every other region (root: cgroup v2 + nftables; netns: nftables on the router).
     Partition {
         region: String,
         #[command(flatten)]
@@ -135,6 +149,15 @@ enum Sub {
         /// The server's certificate and key (`D/tls/repository-<name>`).
         #[arg(long)]
         identity_dir: PathBuf,
+        /// Listen on this address too (the netns lab's observer link), beside 127.0.0.1.
+        #[arg(long)]
+        also_listen: Option<std::net::IpAddr>,
+    },
+    /// The netns lab's WAN relay: delays packets between regions (started by `lab up` in the router namespace).
+    #[command(hide = true)]
+    WanRelay {
+        #[command(flatten)]
+        dir: DirArg,
     },
     /// SIGCONT what `freeze` stopped (agent:NODE or postgres:NODE).
     Thaw {
@@ -168,7 +191,15 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
             s3_endpoint,
             synchronous,
             no_backup,
+            hosts,
+            wan_latency,
+            wan_jitter,
+            wan_loss,
         } => {
+            let wan = wan_latency
+                .as_deref()
+                .map(|l| crate::lab::wan::Wan::parse(l, wan_jitter.as_deref(), wan_loss.as_deref()))
+                .transpose()?;
             let failover = FailoverConfig {
                 lease_ttl,
                 within_region,
@@ -187,6 +218,8 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 s3_endpoint,
                 synchronous,
                 backup: !no_backup,
+                hosts,
+                wan,
             };
             // A new lab goes where --dir says, never where an old cluster file points.
             crate::lab::up(dir.dir.as_deref().unwrap_or(Path::new(DEFAULT_DIR)), &shape).await?
@@ -198,11 +231,17 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
         Sub::Heal { dir } => crate::lab::heal(&dir.resolve(config)).await?,
         Sub::Freeze { target, dir } => crate::lab::freeze(&dir.resolve(config), &target).await?,
         Sub::Thaw { target, dir } => crate::lab::thaw(&dir.resolve(config), &target).await?,
-        Sub::S3 { port, identity_dir } => {
+        Sub::S3 { port, identity_dir, also_listen } => {
             let name = identity_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let identity = crate::tls::Identity { name, dir: identity_dir };
             let python = Path::new(crate::lab::MOTO_PYTHON);
-            crate::lab::s3::serve(port, &identity, python, super::shutdown_on_signal()).await?
+            crate::lab::s3::serve(port, also_listen, &identity, python, super::shutdown_on_signal()).await?
+        }
+        Sub::WanRelay { dir } => {
+            let lab = crate::lab::Lab::open(&dir.resolve(config))?;
+            let wan = lab.network.wan.context("this lab has no WAN (lab up --hosts netns --wan-latency ...)")?;
+            // Blocking reads and a writer thread: off the async runtime.
+            tokio::task::spawn_blocking(move || crate::lab::wan::relay(crate::lab::netns::WAN_DEVICE, wan)).await??
         }
         Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
     }

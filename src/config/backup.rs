@@ -135,6 +135,13 @@ pub struct Repository {
     /// the cluster CA (`[tls]`), which is what the lab's S3 server uses; a
     /// public endpoint needs the system's CAs (`/etc/ssl/certs/ca-certificates.crt`).
     pub ca_file: Option<PathBuf>,
+    /// For `s3://`: connect to this address instead of the endpoint's host
+    /// (pgBackRest's `repo-storage-host`; requests still name the endpoint's
+    /// host): a private address for a public endpoint, or the netns lab, whose
+    /// hosts reach the lab's S3 server on the observer link. pgBackRest 2.45
+    /// verifies the certificate against this address, as a DNS name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_host: Option<std::net::IpAddr>,
 }
 
 fn default_s3_region() -> String {

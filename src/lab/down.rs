@@ -67,6 +67,17 @@ pub(super) async fn stop_processes(lab: &Lab) {
     if !stuck.is_empty() {
         tracing::error!("etcd pids {stuck:?} are still alive after SIGKILL");
     }
+    // The WAN relay last: until everything else has stopped, regions still talk.
+    let relay: Vec<u32> = running.iter().filter(|(m, _, _)| matches!(m, Member::Wan)).map(|(_, _, p)| *p).collect();
+    process::stop_all(&relay, Duration::from_secs(5)).await;
+    if lab.network.hosts == super::topology::Hosts::Netns {
+        let net = lab.net();
+        match tokio::task::spawn_blocking(move || super::netns::teardown(net)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("{e:#}"),
+            Err(e) => tracing::error!("failed to remove the netns lab's network: {e}"),
+        }
+    }
     if let Some(groups) = partition::Groups::detect(lab.net()) {
         let regions = lab.region_names();
         // nft runs a process and removing a cgroup is retried: off the async workers.
@@ -97,7 +108,18 @@ pub async fn down(dir: &Path) -> Result<()> {
         let names: Vec<String> = left.iter().map(|(_, s, p)| format!("{} (pid {p})", s.name)).collect();
         bail!("could not stop {}; the lab directory is kept", names.join(", "));
     }
-    let listening = still_listening(&lab.config).await;
+    let listening = if lab.network.hosts == super::topology::Hosts::Netns {
+        // Its addresses went with its namespaces: probing them now would send
+        // packets out of this machine by the default route. What is left to
+        // check is the namespaces themselves.
+        let left = super::netns::leftovers(lab.net());
+        if !left.is_empty() {
+            bail!("could not remove {}; the lab directory is kept (run `meridian lab down` again)", left.join(", "));
+        }
+        Vec::new()
+    } else {
+        still_listening(&lab.config).await
+    };
     remove_lab_dir(&dir)?;
     println!("stopped {n} processes and removed {}", dir.display());
     if !listening.is_empty() {

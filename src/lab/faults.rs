@@ -88,7 +88,7 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
         let since = coord.snapshot().await?.revision;
         for member in &started {
             match member {
-                Member::Etcd { .. } => {}
+                Member::Etcd { .. } | Member::Wan => {}
                 // moto keeps objects in memory: a restarted server starts empty and needs its bucket.
                 Member::S3 { region } => {
                     for (repo, _) in lab.s3_repositories().into_iter().filter(|(r, _)| &r.region == region) {
@@ -135,6 +135,12 @@ pub async fn partition(dir: &Path, region: &str) -> Result<()> {
     let Some(ri) = regions.iter().position(|r| r == region) else {
         bail!("no region named {region:?} in the lab (regions: {})", regions.join(", "));
     };
+    if lab.network.hosts == super::topology::Hosts::Netns {
+        let net = lab.net();
+        tokio::task::spawn_blocking(move || super::netns::partition(net, ri)).await??;
+        println!("partitioned {region}: the router drops what it sends to other regions and what they send it (`meridian lab heal` to undo)");
+        return Ok(());
+    }
     let Some(groups) = super::partition::Groups::detect(lab.net()) else {
         bail!("lab partition needs root and cgroup v2 (it places each region in its own cgroup and drops its traffic with nftables); nothing was changed");
     };
@@ -161,6 +167,16 @@ pub async fn partition(dir: &Path, region: &str) -> Result<()> {
 /// `lab heal`: remove every partition.
 pub async fn heal(dir: &Path) -> Result<()> {
     let lab = Lab::open(dir)?;
+    if lab.network.hosts == super::topology::Hosts::Netns {
+        let net = lab.net();
+        let healed = tokio::task::spawn_blocking(move || {
+            let had = super::netns::has_partition(net);
+            super::netns::heal(net).map(|()| had)
+        })
+        .await??;
+        println!("{}", if healed { "healed: every region reaches every other again" } else { "no partition to heal" });
+        return Ok(());
+    }
     match super::partition::Groups::detect(lab.net()) {
         Some(groups) => {
             let healed = tokio::task::spawn_blocking(move || {

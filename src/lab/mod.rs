@@ -19,19 +19,26 @@
 //! D/tls/<kind>-<name>/   tls.crt, tls.key (0600), ca.crt per node, gateway, etcd member,
 //!                        and user-lab, with which the lab's commands (and tests) reach etcd
 //! D/backup/<region>/     the second region's backup repository (a directory)
-//! D/logs/<process>.log   s3-<region>, etcd-<region>, agent-<node>, gateway-<region>
+//! D/logs/<process>.log   s3-<region>, etcd-<region>, agent-<node>, gateway-<region>, wan
 //! D/pids/<process>.pid
+//! D/network.toml         loopback or netns, and the WAN between regions (netns only)
 //! ```
+//!
+//! With `--hosts netns` every process but the S3 server runs in a network
+//! namespace of its own (see `netns`), and the WAN relay (`wan`) runs in the
+//! router's when the WAN has a delay.
 
 mod clock;
 mod down;
 mod faults;
 mod freeze;
+pub mod netns;
 pub mod partition;
 pub mod s3;
 pub mod topology;
 mod up;
 mod wait;
+pub mod wan;
 
 pub use clock::skew;
 pub use down::down;
@@ -73,16 +80,55 @@ pub enum Member {
     Gateway {
         region: String,
     },
+    /// The netns lab's WAN relay, in the router namespace (only when the WAN has a delay).
+    Wan,
 }
 
 impl Member {
+    /// The member's region; the WAN relay is between regions, in none.
     pub fn region(&self) -> &str {
         match self {
             Member::S3 { region }
             | Member::Etcd { region }
             | Member::Agent { region, .. }
             | Member::Gateway { region } => region,
+            Member::Wan => "",
         }
+    }
+}
+
+/// How the lab's hosts are connected (`D/network.toml`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Network {
+    pub hosts: topology::Hosts,
+    /// Between regions; netns only.
+    pub wan: Option<wan::Wan>,
+}
+
+impl Network {
+    const FILE: &str = "network.toml";
+
+    fn load(dir: &Path) -> Result<Network> {
+        let path = dir.join(Self::FILE);
+        match std::fs::read_to_string(&path) {
+            // Labs made before `--hosts` existed are loopback labs.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Network::default()),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+            Ok(text) => toml::from_str(&text).with_context(|| format!("parse {}", path.display())),
+        }
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let text = format!(
+            "# How `meridian lab up` connected the lab's hosts; read by every `meridian lab` command.\n{}",
+            toml::to_string(self).context("render network.toml")?
+        );
+        std::fs::write(dir.join(Self::FILE), text).with_context(|| format!("write {}", dir.join(Self::FILE).display()))
+    }
+
+    /// Whether packets between regions go through the WAN relay.
+    pub fn has_delay(&self) -> bool {
+        self.hosts == topology::Hosts::Netns && self.wan.is_some_and(|w| !w.latency.is_zero())
     }
 }
 
@@ -97,6 +143,7 @@ pub fn is_lab(dir: &Path) -> bool {
 pub struct Lab {
     pub dir: PathBuf,
     pub config: Config,
+    pub network: Network,
 }
 
 impl Lab {
@@ -106,7 +153,8 @@ impl Lab {
             bail!("no lab in {} (run `meridian lab up --dir {}` first)", dir.display(), dir.display());
         }
         let config = Config::load(&dir.join("meridian.toml"))?;
-        Ok(Lab { dir, config })
+        let network = Network::load(&dir)?;
+        Ok(Lab { dir, config, network })
     }
 
     fn config_path(&self) -> PathBuf {
@@ -134,7 +182,8 @@ impl Lab {
     pub fn processes(&self) -> Vec<(Member, ProcSpec)> {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("meridian"));
         let config = self.config_path().display().to_string();
-        let groups = partition::Groups::detect(self.net());
+        let netns = self.network.hosts == topology::Hosts::Netns;
+        let groups = if netns { None } else { partition::Groups::detect(self.net()) };
         let spec = |name: String, program: PathBuf, args: Vec<OsString>, identity: String| ProcSpec {
             log: self.dir.join("logs").join(format!("{name}.log")),
             pid_file: self.dir.join("pids").join(format!("{name}.pid")),
@@ -143,14 +192,25 @@ impl Lab {
             args,
             identity,
             cgroup: None,
+            netns: None,
             env: Vec::new(),
         };
 
         let mut out = Vec::new();
+        if self.network.has_delay() {
+            let dir = self.dir.display().to_string();
+            let args = ["lab", "wan-relay", "--dir", &dir].map(OsString::from).to_vec();
+            out.push((Member::Wan, spec("wan".into(), exe.clone(), args, format!("wan-relay --dir {dir}"))));
+        }
         for (repo, port) in self.s3_repositories() {
             let tls = self.config.tls_identity(&format!("repository-{}", repo.name));
             let dir = tls.dir.display().to_string();
-            let args = ["lab", "s3", "--port", &port.to_string(), "--identity-dir", &dir].map(OsString::from).to_vec();
+            let mut args =
+                ["lab", "s3", "--port", &port.to_string(), "--identity-dir", &dir].map(OsString::from).to_vec();
+            if netns {
+                // The hosts reach it on the observer link (`storage_host` in the repository).
+                args.extend(["--also-listen".into(), topology::observer_ip(self.net()).to_string().into()]);
+            }
             let identity = format!("--identity-dir {dir}");
             out.push((
                 Member::S3 { region: repo.region.clone() },
@@ -232,9 +292,14 @@ impl Lab {
                 spec(format!("gateway-{}", region.name), exe.clone(), args, identity),
             ));
         }
-        // Each region's processes in the region's group, so partitions can tell them apart.
         for (member, spec) in &mut out {
-            spec.cgroup = groups.as_ref().map(|g| g.region_dir(member.region()));
+            if netns {
+                // Each process on a host of its own.
+                spec.netns = netns::namespace_of(self.net(), member).map(|ns| netns::path(&ns));
+            } else if !matches!(member, Member::Wan) {
+                // Each region's processes in the region's group, so partitions can tell them apart.
+                spec.cgroup = groups.as_ref().map(|g| g.region_dir(member.region()));
+            }
         }
         out
     }
@@ -269,7 +334,7 @@ impl Lab {
                 (Member::Etcd { region }, Some(("etcd", r))) => region == r,
                 (Member::Gateway { region }, Some(("gateway", r))) => region == r,
                 (Member::S3 { region }, Some(("s3", r))) => region == r,
-                (Member::S3 { .. }, None) => false,
+                (Member::S3 { .. } | Member::Wan, _) => false,
                 (_, Some(_)) => false,
                 (Member::Agent { node, region }, None) => node == target || region == target,
                 (other, None) => other.region() == target,

@@ -24,11 +24,29 @@ pub fn upstream_port(port: u16) -> u16 {
     port + 1000
 }
 
-/// Runs moto on `upstream_port(port)` and the TLS front on `127.0.0.1:port` until `shutdown`.
-pub async fn serve(port: u16, identity: &Identity, python: &Path, shutdown: CancellationToken) -> Result<()> {
+/// Runs moto on `upstream_port(port)` and the TLS front on `127.0.0.1:port`
+/// (and on `also:port`: the netns lab's observer link) until `shutdown`.
+pub async fn serve(
+    port: u16,
+    also: Option<std::net::IpAddr>,
+    identity: &Identity,
+    python: &Path,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port(port)));
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    let second = match also {
+        Some(ip) => {
+            let addr = SocketAddr::new(ip, port);
+            Some(TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?)
+        }
+        None => None,
+    };
+    let accept_second = async |l: &Option<TcpListener>| match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    };
     let tls = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(identity, ClientAuth::None)?);
     let mut cmd = std::process::Command::new(python);
     cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &upstream.port().to_string()]);
@@ -39,7 +57,7 @@ pub async fn serve(port: u16, identity: &Identity, python: &Path, shutdown: Canc
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => {
+            accepted = async { tokio::select! { a = listener.accept() => a, a = accept_second(&second) => a } } => {
                 let Ok((client, peer)) = accepted else { continue };
                 let tls = tls.clone();
                 tokio::spawn(async move {

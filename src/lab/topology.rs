@@ -1,6 +1,6 @@
-//! The lab's addressing plan (DESIGN.md "Lab"): region i owns `127.<net>.<i>.0/24`,
-//! with etcd at `.1`, the gateway at `.2` and node k at `.10 + k`. Pure: a shape
-//! in, a cluster file out.
+//! The lab's addressing plan (DESIGN.md "Lab"): region i owns `127.<net>.<i>.0/24`
+//! (`10.<net>.<i>.0/24` on the netns lab), with etcd at `.1`, the gateway at
+//! `.2` and node k at `.10 + k`. Pure: a shape in, a cluster file out.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,11 +13,36 @@ pub const WITNESS: &str = "witness";
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 
+/// Where the lab's processes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Hosts {
+    /// One network stack, each process on its own loopback address (`127.<net>.<region>.<host>`).
+    #[default]
+    Loopback,
+    /// One network namespace per process (`10.<net>.<region>.<host>`), one
+    /// bridge per region, a router namespace between regions (see `netns`).
+    Netns,
+}
+
+impl std::fmt::Display for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hosts::Loopback => "loopback",
+            Hosts::Netns => "netns",
+        })
+    }
+}
+
 /// What `lab up` was asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LabShape {
     /// The second octet of every lab address, so parallel labs never collide.
     pub net: u8,
+    /// Loopback addresses in one network stack, or a namespace per process.
+    pub hosts: Hosts,
+    /// Between regions on the netns lab: delay, jitter, loss.
+    pub wan: Option<super::wan::Wan>,
     /// Database regions, the first one preferred for the primary.
     pub regions: Vec<String>,
     pub nodes_per_region: usize,
@@ -48,6 +73,8 @@ impl Default for LabShape {
             s3_endpoint: None,
             synchronous: Synchronous::Off,
             backup: true,
+            hosts: Hosts::Loopback,
+            wan: None,
         }
     }
 }
@@ -81,6 +108,10 @@ impl LabShape {
         if let Some(r) = &self.dr_trigger_region {
             anyhow::ensure!(self.regions.contains(r), "--dr-trigger-region: {r:?} is not one of --regions");
         }
+        anyhow::ensure!(
+            self.wan.is_none() || self.hosts == Hosts::Netns,
+            "--wan-latency needs --hosts netns: on loopback every process shares one network stack"
+        );
         Ok(())
     }
 }
@@ -96,16 +127,28 @@ pub fn s3_port(net: u8) -> u16 {
     19000 + net as u16
 }
 
+/// A loopback lab's address.
 pub fn region_ip(net: u8, region_index: usize, host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, net, region_index as u8 + 1, host)
+    host_ip(Hosts::Loopback, net, region_index, host)
 }
 
-pub fn etcd_client_url(net: u8, region_index: usize) -> String {
-    format!("https://{}:{ETCD_CLIENT_PORT}", region_ip(net, region_index, 1))
+/// Host `host` of region `region_index` (0-based).
+pub fn host_ip(hosts: Hosts, net: u8, region_index: usize, host: u8) -> Ipv4Addr {
+    let first = match hosts {
+        Hosts::Loopback => 127,
+        Hosts::Netns => 10,
+    };
+    Ipv4Addr::new(first, net, region_index as u8 + 1, host)
 }
 
-pub fn etcd_peer_url(net: u8, region_index: usize) -> String {
-    format!("https://{}:{ETCD_PEER_PORT}", region_ip(net, region_index, 1))
+pub fn etcd_client_url(hosts: Hosts, net: u8, region_index: usize) -> String {
+    format!("https://{}:{ETCD_CLIENT_PORT}", host_ip(hosts, net, region_index, 1))
+}
+
+/// The netns lab's outside: the CLI, tests and the lab's S3 server, on the
+/// root namespace's end of the link to the router.
+pub fn observer_ip(net: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, net, 0, 1)
 }
 
 /// Node k (0-based) of a region: the region name plus a letter, as cloud zones are named.
@@ -120,9 +163,9 @@ pub fn node_dir(dir: &Path, node: &str) -> PathBuf {
 
 /// The cluster file for a lab of this shape whose state lives in `dir`.
 pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
-    let net = shape.net;
+    let (net, hosts) = (shape.net, shape.hosts);
     let all = shape.all_regions();
-    let addr = |ri: usize, host: u8, port: u16| SocketAddr::new(region_ip(net, ri, host).into(), port);
+    let addr = |ri: usize, host: u8, port: u16| SocketAddr::new(host_ip(hosts, net, ri, host).into(), port);
     let regions: Vec<Region> = all
         .iter()
         .enumerate()
@@ -148,7 +191,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
             Region {
                 name: name.clone(),
                 priority: is_db.then_some(ri as u32 + 1),
-                etcd: Some(etcd_client_url(net, ri)),
+                etcd: Some(etcd_client_url(hosts, net, ri)),
                 gateway: GatewayAddrs {
                     api: addr(ri, 2, 8080),
                     dns: addr(ri, 2, 5353),
@@ -171,7 +214,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
     let (health, records) = lab_routing(shape, &regions, &trigger);
     Config {
         cluster: "lab".into(),
-        etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(net, ri)).collect() },
+        etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(hosts, net, ri)).collect() },
         dns: DnsConfig { zone: "lab.meridian.internal.".into(), records, ..DnsConfig::default() },
         health,
         proxy: ProxyConfig::default(),
@@ -181,8 +224,12 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         postgres: PostgresConfig {
             secrets_file: Some(PathBuf::from("secrets.toml")),
             bootstrap_sql: Some(PathBuf::from("bootstrap.sql")),
-            // Loopback clients connect from 127.0.0.1 whatever address they target.
-            client_networks: vec!["127.0.0.1/32".into()],
+            client_networks: vec![match hosts {
+                // Loopback clients connect from 127.0.0.1 whatever address they target.
+                Hosts::Loopback => "127.0.0.1/32".into(),
+                // The lab's hosts, and whoever runs the CLI, on the observer link.
+                Hosts::Netns => format!("10.{net}.0.0/16"),
+            }],
             settings,
             ..PostgresConfig::default()
         },
@@ -249,6 +296,8 @@ fn lab_backup(shape: &LabShape, dir: &Path) -> BackupConfig {
             endpoint: (i == 0).then(|| format!("https://localhost:{}", s3_port(shape.net))),
             s3_region: "us-east-1".into(),
             ca_file: None,
+            // The lab's S3 server runs outside the namespaces, on the observer link.
+            storage_host: (i == 0 && shape.hosts == Hosts::Netns).then(|| observer_ip(shape.net).into()),
         })
         .collect();
     BackupConfig {
@@ -333,6 +382,21 @@ mod tests {
     }
 
     #[test]
+    fn the_netns_lab_uses_routable_addresses_and_reaches_s3_on_the_observer_link() {
+        let shape = LabShape { net: 42, hosts: Hosts::Netns, ..LabShape::default() };
+        let c = lab_config(&shape, Path::new("/tmp/lab"));
+        assert_eq!(c.validate(), vec![]);
+        assert_eq!(c.regions[0].nodes[0].address.to_string(), "10.42.1.11:5432");
+        assert_eq!(c.etcd.endpoints[2], "https://10.42.3.1:2379");
+        assert_eq!(c.postgres.client_networks, ["10.42.0.0/16"]);
+        let s3 = &c.backup.as_ref().unwrap().repositories[0];
+        assert_eq!(s3.storage_host, Some("10.42.0.1".parse().unwrap()));
+        // The loopback lab's S3 server is reached as itself.
+        let c = lab_config(&LabShape::default(), Path::new("/tmp/lab"));
+        assert_eq!(c.backup.as_ref().unwrap().repositories[0].storage_host, None);
+    }
+
+    #[test]
     fn bad_shapes_are_refused() {
         let bad = [
             LabShape { regions: vec![], ..LabShape::default() },
@@ -340,6 +404,7 @@ mod tests {
             LabShape { regions: vec!["Upper".into()], ..LabShape::default() },
             LabShape { regions: vec!["witness".into()], ..LabShape::default() },
             LabShape { nodes_per_region: 0, ..LabShape::default() },
+            LabShape { wan: Some(crate::lab::wan::Wan::parse("40ms", None, None).unwrap()), ..LabShape::default() },
         ];
         for shape in bad {
             assert!(shape.check().is_err(), "{shape:?} should be refused");

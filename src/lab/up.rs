@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::down::{remove_lab_dir, stop_processes};
-use super::topology::{lab_config, LabShape};
+use super::topology::{lab_config, Hosts, LabShape};
 use super::wait::{wait_for, wait_for_etcd, wait_for_http};
-use super::{Lab, Member, MARKER};
+use super::{netns, Lab, Member, Network, MARKER};
 use crate::ca::write_private;
 use crate::cluster::Role;
 use crate::config::{CheckKind, Config};
@@ -53,13 +53,35 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
 
     progress.step(format!("writing the cluster file {}", dir.join("meridian.toml").display()));
     let config = lab_config(shape, &dir);
+    let network = Network { hosts: shape.hosts, wan: shape.wan };
+    if shape.hosts == Hosts::Netns {
+        anyhow::ensure!(
+            unsafe { libc::geteuid() } == 0,
+            "--hosts netns needs root (it makes network namespaces, veths, bridges and nftables rules); nothing was changed"
+        );
+        netns::check_free(shape.net)?;
+    }
     check_addresses_free(&config, shape.net)?;
     write_lab_files(&dir, &config)?;
+    network.write(&dir)?;
     progress.step("making the cluster CA and a certificate per node, gateway and etcd member");
     write_certificates(&dir, &config)?;
     let lab = Lab::open(&dir)?;
 
-    let result = start_everything(&lab, &mut progress).await;
+    let result = async {
+        if lab.network.hosts == Hosts::Netns {
+            progress.step(match &lab.network.wan {
+                Some(w) if lab.network.has_delay() => {
+                    format!("making a namespace per process, a bridge per region and a router; WAN {w}")
+                }
+                _ => "making a namespace per process, a bridge per region and a router".to_string(),
+            });
+            let (net, config, delay) = (lab.net(), lab.config.clone(), lab.network.has_delay());
+            tokio::task::spawn_blocking(move || netns::setup(net, &config, delay)).await??;
+        }
+        start_everything(&lab, &mut progress).await
+    }
+    .await;
     if let Err(e) = result {
         progress.fail();
         eprintln!("stopping what was started; logs are kept in {}", dir.join("logs").display());
@@ -73,6 +95,11 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
 
 async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
     let procs = lab.processes();
+    if let Some((_, relay)) = procs.iter().find(|(m, _)| matches!(m, Member::Wan)) {
+        progress.step("starting the WAN relay on the router");
+        process::start(relay)?;
+        wait_relay_attached(lab, relay, Duration::from_secs(10)).await?;
+    }
     let s3: Vec<_> = procs.iter().filter(|(m, _)| matches!(m, Member::S3 { .. })).collect();
     if !s3.is_empty() {
         progress.step(format!("starting the S3 server of {} backup repository(ies), over TLS", s3.len()));
@@ -125,6 +152,34 @@ async fn start_everything(lab: &Lab, progress: &mut Progress) -> Result<()> {
         wait_for_health_settled(lab, Duration::from_secs(30)).await?;
     }
     Ok(())
+}
+
+/// Until the relay holds the WAN device (before, every packet between regions is lost).
+async fn wait_relay_attached(lab: &Lab, relay: &ProcSpec, timeout: Duration) -> Result<()> {
+    let router = netns::router(lab.net());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = tokio::process::Command::new("ip")
+            .args(["-n", &router, "-o", "link", "show", "dev", netns::WAN_DEVICE])
+            .output()
+            .await
+            .context("run ip")?;
+        let line = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && !line.contains("NO-CARRIER") {
+            return Ok(());
+        }
+        if process::running_pid(&relay.pid_file, &relay.identity).is_none() {
+            bail!("the WAN relay exited; see {}", relay.log.display());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the WAN relay did not attach to {} within {timeout:?}; see {}",
+                netns::WAN_DEVICE,
+                relay.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Creates the bucket of a lab S3 repository on its moto server (which keeps
@@ -216,7 +271,8 @@ fn check_addresses_free(config: &Config, net: u8) -> Result<()> {
             }
         }
     }
-    for addr in addrs {
+    // The netns lab's own addresses live in its namespaces (`netns::check_free`).
+    for addr in addrs.into_iter().filter(|a| a.ip().is_loopback()) {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             bail!("{addr} is not free ({e}); another lab may use --net {net}: pick another --net or stop it");
         }

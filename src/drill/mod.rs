@@ -171,7 +171,8 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<report::DrillR
             break;
         }
     }
-    let report = report::DrillReport::new(&drill.config, &drill.options, rounds);
+    let mut report = report::DrillReport::new(&drill.config, &drill.options, rounds);
+    report.network = drill.lab.as_deref().and_then(|d| crate::lab::Lab::open(d).ok()).map(|l| l.network);
     if let Some(dir) = &drill.options.report_dir {
         report.write(dir)?;
         drill.say(format!("report: {}", dir.join("drill.html").display()));

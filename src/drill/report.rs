@@ -190,6 +190,9 @@ pub struct DrillReport {
     pub writers: u32,
     pub rate_per_writer: f64,
     pub seed: u64,
+    /// On a lab: its hosts (loopback or netns) and the WAN between regions.
+    #[serde(default)]
+    pub network: Option<crate::lab::Network>,
     pub summary: Summary,
     pub rounds: Vec<RoundReport>,
 }
@@ -230,9 +233,20 @@ impl DrillReport {
             writers: options.writers,
             rate_per_writer: options.rate,
             seed: options.seed,
+            network: None,
             summary,
             rounds,
         }
+    }
+
+    /// "hosts netns, WAN 20 ms each way (40 ms round trip)", on a lab.
+    pub fn network_line(&self) -> Option<String> {
+        let n = self.network.as_ref()?;
+        Some(match &n.wan {
+            Some(w) => format!("hosts {}, WAN {w}", n.hosts),
+            None if n.hosts == crate::lab::topology::Hosts::Netns => format!("hosts {}, no WAN delay", n.hosts),
+            None => format!("hosts {} (one network stack, no WAN delay)", n.hosts),
+        })
     }
 
     /// Every round passed every check.
@@ -273,6 +287,9 @@ impl DrillReport {
             s.split_brain_rounds,
             self.synchronous
         );
+        if let Some(line) = self.network_line() {
+            let _ = writeln!(out, "  {line}");
+        }
         out
     }
 

@@ -51,7 +51,6 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
         bail!("{} exists and is not a lab directory; choose another --dir", dir.display());
     }
 
-    progress.step(format!("writing the cluster file {}", dir.join("meridian.toml").display()));
     let config = lab_config(shape, &dir);
     let network = Network { hosts: shape.hosts, wan: shape.wan };
     if shape.hosts == Hosts::Netns {
@@ -62,6 +61,7 @@ pub async fn up(dir: &Path, shape: &LabShape) -> Result<()> {
         netns::check_free(shape.net)?;
     }
     check_addresses_free(&config, shape.net)?;
+    progress.step(format!("writing the cluster file {}", dir.join("meridian.toml").display()));
     write_lab_files(&dir, &config)?;
     network.write(&dir)?;
     progress.step("making the cluster CA and a certificate per node, gateway and etcd member");

@@ -38,6 +38,10 @@ impl TestLab {
         let net_arg = net.to_string();
         let mut args = vec!["up", "--net", net_arg.as_str()];
         args.extend_from_slice(extra);
+        // MERIDIAN_TEST_HOSTS=netns runs every scenario on isolated hosts.
+        if !extra.contains(&"--hosts") && std::env::var("MERIDIAN_TEST_HOSTS").as_deref() == Ok("netns") {
+            args.extend_from_slice(&["--hosts", "netns"]);
+        }
         let mut cmd = Command::new(BIN);
         cmd.arg("lab").args(&args).arg("--dir").arg(lab.path()).env("CI", "true");
         for (k, v) in env {
@@ -282,6 +286,8 @@ impl TestLab {
         if let Some(group) = lab_cgroup(self.net) {
             assert!(!group.exists(), "lab down left its cgroup {} behind", group.display());
         }
+        let net_left = netns_leftovers(self.net);
+        assert!(net_left.is_empty(), "lab down left network namespaces or links behind: {net_left:?}");
         assert!(errors.is_empty(), "unexpected ERROR lines in component logs:\n{}", errors.join("\n"));
     }
 }
@@ -302,9 +308,30 @@ impl Drop for TestLab {
                     let pid: i32 = p.split(':').next().unwrap().parse().unwrap();
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
+                // And its network, by the names only this lab's --net uses.
+                for name in netns_leftovers(self.net) {
+                    match name.strip_prefix("interface ") {
+                        Some(link) => drop(Command::new("ip").args(["link", "del", link]).status()),
+                        None => drop(Command::new("ip").args(["netns", "del", &name]).status()),
+                    }
+                }
             }
         }
     }
+}
+
+/// What a netns lab on `--net net` left: its namespaces (`mlab<net>-*`) and
+/// the root end of its observer link (`mlab<net>`).
+pub fn netns_leftovers(net: u8) -> Vec<String> {
+    let prefix = format!("mlab{net}-");
+    let mut out: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+        .unwrap_or_default();
+    let link = format!("mlab{net}");
+    if Path::new("/sys/class/net").join(&link).exists() {
+        out.push(format!("interface {link}"));
+    }
+    out
 }
 
 /// Where `lab up` (as root) puts this lab's cgroups: under the cgroup2 mount.

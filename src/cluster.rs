@@ -121,6 +121,9 @@ pub struct MemberStatus {
     /// WAL archiving (`[backup]`), as this node's server reports it.
     #[serde(default)]
     pub archive: Option<ArchiveReport>,
+    /// The primary's commit-lag guard (`[replication] max_commit_lag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_hold: Option<crate::agent::commit_lag::CommitHold>,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
@@ -342,6 +345,9 @@ pub struct NodeStatus {
     /// WAL archiving, as the node's agent last said (`[backup]` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveReport>,
+    /// The primary's commit-lag guard, as its agent last said (`max_commit_lag` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_hold: Option<crate::agent::commit_lag::CommitHold>,
 }
 
 /// What a node's server says of its WAL archiving (`pg_stat_archiver`, and
@@ -388,6 +394,7 @@ impl ClusterStatus {
                     failure: None,
                     cert_not_after: m.cert_not_after,
                     archive: m.archive.clone(),
+                    commit_hold: m.commit_hold.clone(),
                 },
                 Some(m) => NodeStatus {
                     name: node.name.clone(),
@@ -403,6 +410,7 @@ impl ClusterStatus {
                     failure: m.failure.clone(),
                     cert_not_after: m.cert_not_after,
                     archive: m.archive.clone(),
+                    commit_hold: m.commit_hold.clone(),
                 },
                 None => NodeStatus {
                     name: node.name.clone(),
@@ -418,6 +426,7 @@ impl ClusterStatus {
                     failure: None,
                     cert_not_after: None,
                     archive: None,
+                    commit_hold: None,
                 },
             })
             .collect();
@@ -516,6 +525,11 @@ impl ClusterStatus {
                     "WARNING: primary {} could not archive {f} to every repository yet (PostgreSQL keeps it and retries)\n",
                     n.name
                 ));
+            }
+            if let Some(w) = n.commit_hold.as_ref().filter(|_| n.role == Role::Primary).and_then(|h| h.warning(&n.name))
+            {
+                out.push_str(&w);
+                out.push('\n');
             }
             if let Some(c) = n.archive.as_ref().and_then(|a| a.conflict.as_ref()) {
                 out.push_str(&format!("ERROR: possible split brain: node {} {c}\n", n.name));

@@ -440,6 +440,28 @@ impl Config {
                 );
             }
         }
+        if let Some(bound) = self.replication.max_commit_lag {
+            if bound < Duration::from_secs(1) {
+                push(
+                    "replication.max_commit_lag".into(),
+                    format!("{bound:?} must be at least 1s (the primary measures lag once a second)"),
+                );
+            }
+            let commit = self.postgres.settings.get("synchronous_commit").and_then(|v| v.as_str());
+            if matches!(commit, Some("off" | "local")) {
+                push(
+                    "replication.max_commit_lag".into(),
+                    "holds commits by synchronous replication, which postgres.settings.synchronous_commit = off or local skips".into(),
+                );
+            }
+            let regions_with_nodes = self.regions.iter().filter(|r| !r.nodes.is_empty()).count();
+            if regions_with_nodes < 2 {
+                push(
+                    "replication.max_commit_lag".into(),
+                    "needs database nodes in at least two regions: it holds commits until a standby in another region has them".into(),
+                );
+            }
+        }
         for (i, n) in self.postgres.client_networks.iter().enumerate() {
             if parse_cidr(n).is_none() {
                 push(format!("postgres.client_networks[{i}]"), format!("{n:?} is not a CIDR like 10.0.0.0/8"));
@@ -633,7 +655,7 @@ pub const MANAGED_SETTINGS: &[&str] = &[
     "ssl_cert_file",
     "ssl_key_file",
     "ssl_ca_file",
-    // Set from [replication] synchronous.
+    // Set from [replication] synchronous and max_commit_lag.
     "synchronous_standby_names",
     // Archiving belongs to [backup]: every node archives through pgBackRest, or none does.
     "archive_mode",

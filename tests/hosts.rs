@@ -164,3 +164,59 @@ fn bad_netns_input_is_refused_and_a_crashed_netns_lab_is_removed_by_down() {
     });
     lab.finish();
 }
+
+/// The primary's commit-lag guard as `status --json` shows it.
+fn commit_hold(lab: &TestLab) -> Result<Value, String> {
+    let s = lab.try_status()?;
+    let primary = s["primary"].as_str().ok_or("no primary")?.to_string();
+    Ok(node(&s, &primary)["commit_hold"].clone())
+}
+
+#[test]
+fn the_commit_lag_guard_holds_commits_while_the_remote_region_is_cut_off_and_lets_them_go_after() {
+    let mut lab =
+        TestLab::up(122, &["--hosts", "netns", "--wan-latency", "20ms", "--max-commit-lag", "3s", "--no-backup"]);
+    lab.expect_error("could not receive data from WAL stream");
+    lab.try_psql_via("ap-south-1", "writer", "CREATE TABLE guarded (id int PRIMARY KEY)").unwrap();
+    wait_until("the guard to let commits go", Duration::from_secs(30), || match commit_hold(&lab)? {
+        h if h["holding"] == false => Ok(()),
+        h => Err(format!("{h}")),
+    });
+    lab.try_psql_via("ap-south-1", "writer", "INSERT INTO guarded VALUES (1)").unwrap();
+
+    // The remote region cut off: within the budget (3 s) and a tick, commits are held.
+    let out = lab.run_lab(&["partition", "ap-northeast-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("the guard to hold commits", Duration::from_secs(20), || match commit_hold(&lab)? {
+        h if h["holding"] == true => Ok(()),
+        h => Err(format!("{h}")),
+    });
+    let status = text(&lab.meridian(&["status"]));
+    assert!(status.contains("WARNING: primary ap-south-1a holds commits"), "{status}");
+    let (writer, port) = lab.gateway_addr("ap-south-1", "writer");
+    let passfile = lab.path().join("pgpass");
+    let held = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let r = run_psql(&writer, port, "app", "app", Some(&passfile), "INSERT INTO guarded VALUES (2)");
+        (r, started.elapsed())
+    });
+    // Held, not refused: still waiting well past a WAN round trip.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!held.is_finished(), "a commit went through while no remote standby was within the budget");
+
+    // The region back: the held commit completes, and the guard lets commits go again (no deadlock).
+    let out = lab.run_lab(&["heal"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (result, took) = held.join().unwrap();
+    assert!(result.is_ok(), "the held commit failed: {result:?}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    wait_until("the guard to let commits go again", Duration::from_secs(30), || match commit_hold(&lab)? {
+        h if h["holding"] == false => Ok(()),
+        h => Err(format!("{h}")),
+    });
+    lab.try_psql_via("ap-south-1", "writer", "INSERT INTO guarded VALUES (3)").unwrap();
+    let rows =
+        lab.try_psql_via("ap-south-1", "writer", "SELECT string_agg(id::text, ',' ORDER BY id) FROM guarded").unwrap();
+    assert_eq!(rows, "1,2,3");
+    lab.finish();
+}

@@ -27,6 +27,7 @@ mod backup;
 mod backup_job;
 mod certs;
 mod clone;
+pub mod commit_lag;
 pub mod lease;
 mod observe;
 mod primary;
@@ -118,6 +119,9 @@ struct Agent {
     archiving: backup::Archiving,
     /// The backup job this agent is carrying out.
     backup_job: Option<backup_job::RunningJob>,
+    /// While primary with `max_commit_lag`: its WAL positions over time, and the guard's last verdict.
+    commit_log: Option<commit_lag::PositionLog>,
+    commit_hold: Option<commit_lag::CommitHold>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -177,6 +181,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         lease,
         archiving: backup::Archiving::default(),
         backup_job: None,
+        commit_log: None,
+        commit_hold: None,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -223,6 +229,10 @@ impl Agent {
             if let Err(e) = self.primary_duties(snapshot.as_ref()).await {
                 self.log_failure(&e);
             }
+        } else {
+            // A primary again later starts a new log: its old one says nothing of the new server.
+            self.commit_log = None;
+            self.commit_hold = None;
         }
     }
 

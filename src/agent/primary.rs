@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::Agent;
+use super::{commit_lag, Agent};
 use crate::cluster::Optime;
 use crate::coord::Snapshot;
 use crate::failover::duties;
@@ -22,10 +22,72 @@ impl Agent {
         self.record_optime(snapshot).await?;
         self.place_etcd_leader().await;
         self.archiving_duties().await;
+        if let Err(e) = self.commit_guard().await {
+            // Unmeasured is not within the bound: keep the last verdict.
+            tracing::warn!("failed to measure the remote standbys' commit lag: {e:#}");
+        }
+        self.apply_synchronous_standbys(snapshot).await?;
         if let Some(s) = snapshot {
-            self.apply_synchronous_standbys(s).await?;
             self.finish_requests(s, None).await?;
         }
+        Ok(())
+    }
+
+    /// `[replication] max_commit_lag`: logs the primary's position, measures
+    /// how far behind the closest standby in another region is, and decides
+    /// whether commits must wait for one (see `commit_lag`).
+    async fn commit_guard(&mut self) -> Result<()> {
+        let Some(bound) = self.config.replication.max_commit_lag else {
+            self.commit_hold = None;
+            return Ok(());
+        };
+        let column = match self.config.replication.commit_lag_by {
+            commit_lag::CommitLagBy::Replay => "replay_lsn",
+            commit_lag::CommitLagBy::Receive => "flush_lsn",
+        };
+        let client = self.client().await?;
+        let current: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .context("read the current WAL position")?
+            .get(0);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT application_name::text, {column}::text FROM pg_stat_replication WHERE {column} IS NOT NULL"
+                ),
+                &[],
+            )
+            .await
+            .context("read pg_stat_replication")?;
+        let now = Instant::now();
+        let current: crate::cluster::Lsn = current.parse().map_err(anyhow::Error::msg)?;
+        let log =
+            self.commit_log.get_or_insert_with(|| commit_lag::PositionLog::new(bound * 4 + Duration::from_secs(60)));
+        log.record(now, current);
+        let positions: Vec<(String, crate::cluster::Lsn)> =
+            rows.iter().filter_map(|r| Some((r.get::<_, String>(0), r.get::<_, String>(1).parse().ok()?))).collect();
+        let remotes: Vec<(String, Option<crate::cluster::Lsn>)> = self
+            .config
+            .nodes()
+            .filter(|(r, _)| r.name != self.region)
+            .map(|(_, n)| (n.name.clone(), positions.iter().find(|(a, _)| *a == n.name).map(|(_, l)| *l)))
+            .collect();
+        let verdict = commit_lag::evaluate(log, now, bound, &remotes);
+        let was = self.commit_hold.as_ref().is_some_and(|h| h.holding);
+        if verdict.holding && !was {
+            tracing::warn!(
+                "{}",
+                verdict.warning(&self.server.node).unwrap_or_default().trim_start_matches("WARNING: ")
+            );
+        } else if was && !verdict.holding {
+            tracing::info!(
+                "commits flow again: {} is {:.1}s behind, within max_commit_lag {bound:?}",
+                verdict.best.as_deref().unwrap_or("?"),
+                verdict.best_lag_ms.unwrap_or(0) as f64 / 1000.0
+            );
+        }
+        self.commit_hold = Some(verdict);
         Ok(())
     }
 
@@ -57,12 +119,31 @@ impl Agent {
     /// Without a view of etcd the set is left as it is: a partitioned primary
     /// keeps waiting for its synchronous standby, so it acknowledges nothing
     /// that a failover elsewhere would lose.
-    async fn apply_synchronous_standbys(&mut self, s: &Snapshot) -> Result<()> {
+    ///
+    /// While the commit-lag guard holds commits, every standby in another
+    /// region is named, streaming or not, so commits wait until one of them
+    /// has the WAL (replayed, with `commit_lag_by = "replay"`).
+    async fn apply_synchronous_standbys(&mut self, s: Option<&Snapshot>) -> Result<()> {
         let me = self.server.node.clone();
-        let streaming = duties::streaming_standbys(&s.members, &me);
-        let names = crate::config::synchronous_standby_names(&self.config, &me, &streaming);
-        if self.server.set_synchronous_standby_names(names.as_deref())? {
-            tracing::info!("synchronous standbys: {}", names.as_deref().unwrap_or("none (asynchronous)"));
+        let hold = self.commit_hold.as_ref().is_some_and(|h| h.holding);
+        let names = if hold {
+            crate::config::remote_standby_names(&self.config, &me)
+        } else if let Some(s) = s {
+            let streaming = duties::streaming_standbys(&s.members, &me);
+            crate::config::synchronous_standby_names(&self.config, &me, &streaming)
+        } else {
+            return Ok(());
+        };
+        let level = (hold && self.config.replication.commit_lag_by == commit_lag::CommitLagBy::Replay)
+            .then_some("remote_apply");
+        let names_changed = self.server.set_synchronous_standby_names(names.as_deref())?;
+        let level_changed = self.server.set_guard_commit_level(level)?;
+        if names_changed || level_changed {
+            tracing::info!(
+                "synchronous standbys: {}{}",
+                names.as_deref().unwrap_or("none (asynchronous)"),
+                if hold { " (holding commits: max_commit_lag)" } else { "" }
+            );
             self.client().await?.batch_execute("SELECT pg_reload_conf()").await.context("reload the configuration")?;
         }
         Ok(())

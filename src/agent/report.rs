@@ -62,6 +62,7 @@ impl Agent {
             failure: self.failures.current().cloned(),
             cert_not_after: self.certificate_not_after(),
             archive: self.archive_report(),
+            commit_hold: self.commit_hold.clone(),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

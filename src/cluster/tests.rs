@@ -24,6 +24,7 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         failure: None,
         cert_not_after: None,
         archive: None,
+        commit_hold: None,
         updated_at_ms: 0,
         unchanged_ms: 0,
         revision: 1,

@@ -87,6 +87,9 @@ enum Sub {
         /// No [backup]: no archiving, no repositories, no lab S3 server.
         #[arg(long)]
         no_backup: bool,
+        /// [replication] max_commit_lag: hold commits while no standby in another region is within this (5s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_commit_lag: Option<std::time::Duration>,
         /// loopback: every process on its own loopback address in one network
         /// stack; netns: every process in its own network namespace (10.NET.REGION.HOST),
         /// a bridge per region and a router between them (root, iproute2, nftables).
@@ -191,6 +194,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
             s3_endpoint,
             synchronous,
             no_backup,
+            max_commit_lag,
             hosts,
             wan_latency,
             wan_jitter,
@@ -218,6 +222,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 s3_endpoint,
                 synchronous,
                 backup: !no_backup,
+                max_commit_lag,
                 hosts,
                 wan,
             };

@@ -248,6 +248,15 @@ pub struct ObjectStoreConfig {
 pub struct ReplicationConfig {
     #[serde(default)]
     pub synchronous: Synchronous,
+    /// The data-loss budget at commit (off when absent): when no standby in
+    /// another region has replayed (or received: `commit_lag_by`) the WAL
+    /// written longer ago than this, the primary holds new commits until one
+    /// has (see `agent::commit_lag`).
+    #[serde(default, with = "crate::config::humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub max_commit_lag: Option<std::time::Duration>,
+    /// `replay` (default) or `receive`.
+    #[serde(default)]
+    pub commit_lag_by: crate::agent::commit_lag::CommitLagBy,
 }
 
 /// Which standbys a commit waits for: none, any one standby of the primary's
@@ -305,6 +314,17 @@ pub fn synchronous_standby_names(config: &Config, primary: &str, streaming: &[&s
         })
         .map(|(_, n)| format!("\"{}\"", n.name))
         .collect();
+    names.sort();
+    (!names.is_empty()).then(|| format!("ANY 1 ({})", names.join(", ")))
+}
+
+/// `synchronous_standby_names` while the commit-lag guard holds commits:
+/// `ANY 1 (...)` over every standby in another region than `primary`'s,
+/// streaming or not; None when there is none.
+pub fn remote_standby_names(config: &Config, primary: &str) -> Option<String> {
+    let (own, _) = config.node(primary).ok()?;
+    let mut names: Vec<String> =
+        config.nodes().filter(|(r, _)| r.name != own.name).map(|(_, n)| format!("\"{}\"", n.name)).collect();
     names.sort();
     (!names.is_empty()).then(|| format!("ANY 1 ({})", names.join(", ")))
 }

@@ -239,6 +239,7 @@ impl Model {
             failure: None,
             cert_not_after: None,
             archive: None,
+            commit_hold: None,
             updated_at_ms: self.now,
             unchanged_ms: 0,
             revision: 0,

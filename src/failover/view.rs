@@ -140,6 +140,7 @@ mod tests {
             failure: None,
             cert_not_after: None,
             archive: None,
+            commit_hold: None,
             updated_at_ms: 0,
             unchanged_ms: 100,
             revision: 42,

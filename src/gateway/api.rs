@@ -357,7 +357,7 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             );
         }
     }
-    let gauges: [(&str, &str, NodeGauge); 6] = [
+    let gauges: [(&str, &str, NodeGauge); 8] = [
         ("meridian_node_lag_bytes", "WAL bytes the node has not replayed.", |n| n.lag_bytes.map(|b| b as f64)),
         ("meridian_node_lag_seconds", "Seconds since the last replayed commit, 0 when caught up.", |n| n.lag_seconds),
         ("meridian_node_healthy", "1 when the node is a serving primary or a streaming standby.", |n| {
@@ -372,6 +372,16 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
             "meridian_node_archive_conflict",
             "1 when a repository refused the node's WAL file for other content (a possible split brain).",
             |n| n.archive.as_ref().map(|a| f64::from(u8::from(a.conflict.is_some()))),
+        ),
+        (
+            "meridian_node_commit_hold",
+            "1 while the primary holds commits: no standby in another region within max_commit_lag.",
+            |n| n.commit_hold.as_ref().map(|h| f64::from(u8::from(h.holding))),
+        ),
+        (
+            "meridian_node_remote_commit_lag_seconds",
+            "How far behind the primary's closest standby in another region is (max_commit_lag only).",
+            |n| n.commit_hold.as_ref().and_then(|h| h.best_lag_ms).map(|ms| ms as f64 / 1000.0),
         ),
         (
             "meridian_node_archive_age_seconds",
@@ -418,9 +428,17 @@ mod tests {
                 failure: None,
                 cert_not_after: None,
                 archive: None,
+                commit_hold: Some(crate::agent::commit_lag::CommitHold {
+                    holding: true,
+                    bound_ms: 5000,
+                    best: Some("b".into()),
+                    best_lag_ms: Some(7250),
+                }),
             }],
         };
         let text = render_metrics(&s);
+        assert!(text.contains("meridian_node_commit_hold{node=\"a\",region=\"r1\"} 1\n"), "{text}");
+        assert!(text.contains("meridian_node_remote_commit_lag_seconds{node=\"a\",region=\"r1\"} 7.25\n"), "{text}");
         assert!(text.contains("meridian_cluster_epoch{cluster=\"lab\"} 3\n"));
         assert!(text.contains("meridian_node_role{node=\"a\",region=\"r1\",role=\"primary\"} 1\n"));
         assert!(text.contains("meridian_node_role{node=\"a\",region=\"r1\",role=\"replica\"} 0\n"));

@@ -120,6 +120,7 @@ pub(crate) mod tests {
             failure: None,
             cert_not_after: None,
             archive: None,
+            commit_hold: None,
             updated_at_ms: NOW,
             unchanged_ms: 0,
             revision: 1,

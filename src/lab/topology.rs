@@ -56,6 +56,8 @@ pub struct LabShape {
     pub s3_endpoint: Option<String>,
     /// `[replication] synchronous`.
     pub synchronous: Synchronous,
+    /// `[replication] max_commit_lag`.
+    pub max_commit_lag: Option<Duration>,
     /// `[backup]` with a repository in each of the first two regions: the
     /// first on the lab's S3 server (moto, over TLS), the second a directory.
     pub backup: bool,
@@ -72,6 +74,7 @@ impl Default for LabShape {
             dr_trigger_region: None,
             s3_endpoint: None,
             synchronous: Synchronous::Off,
+            max_commit_lag: None,
             backup: true,
             hosts: Hosts::Loopback,
             wan: None,
@@ -219,7 +222,11 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         health,
         proxy: ProxyConfig::default(),
         object_store: ObjectStoreConfig { s3_endpoint: shape.s3_endpoint.clone(), s3_region: None },
-        replication: ReplicationConfig { synchronous: shape.synchronous },
+        replication: ReplicationConfig {
+            synchronous: shape.synchronous,
+            max_commit_lag: shape.max_commit_lag,
+            ..ReplicationConfig::default()
+        },
         failover,
         postgres: PostgresConfig {
             secrets_file: Some(PathBuf::from("secrets.toml")),

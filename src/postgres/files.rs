@@ -215,18 +215,36 @@ impl Server {
     /// Sets `synchronous_standby_names` in postgresql.auto.conf (removes it
     /// for `None`); returns whether the file changed. The caller reloads.
     pub fn set_synchronous_standby_names(&self, names: Option<&str>) -> Result<bool> {
+        let line = names.map(|n| format!("synchronous_standby_names = {}", quote(n)));
+        self.set_auto_conf_line(|l| l.starts_with("synchronous_standby_names"), line)
+    }
+
+    /// Replaces the lines of postgresql.auto.conf that `ours` picks with
+    /// `line` (appended), unless they already are just that line, wherever it
+    /// stands (so two such settings do not reorder each other every pass).
+    fn set_auto_conf_line(&self, ours: impl Fn(&str) -> bool, line: Option<String>) -> Result<bool> {
         let path = self.data_dir.join("postgresql.auto.conf");
         let old = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        let mut new: String =
-            old.lines().filter(|l| !l.starts_with("synchronous_standby_names")).map(|l| format!("{l}\n")).collect();
-        if let Some(n) = names {
-            let _ = writeln!(new, "synchronous_standby_names = {}", quote(n));
-        }
-        if new == old {
+        let present: Vec<&str> = old.lines().filter(|l| ours(l)).collect();
+        if present == line.as_deref().into_iter().collect::<Vec<&str>>() {
             return Ok(false);
+        }
+        let mut new: String = old.lines().filter(|l| !ours(l)).map(|l| format!("{l}\n")).collect();
+        if let Some(line) = line {
+            let _ = writeln!(new, "{line}");
         }
         self.write_private(&path, &new)?;
         Ok(true)
+    }
+
+    /// While the commit-lag guard holds commits by replay, they wait for a
+    /// remote standby to replay them (`synchronous_commit = remote_apply`);
+    /// `None` removes meridian's line (the user's setting, or `on`, applies
+    /// again). Returns whether the file changed. The caller reloads.
+    pub fn set_guard_commit_level(&self, level: Option<&str>) -> Result<bool> {
+        const MARK: &str = "# meridian: max_commit_lag";
+        let line = level.map(|level| format!("synchronous_commit = {}  {MARK}", quote(level)));
+        self.set_auto_conf_line(|l| l.ends_with(MARK), line)
     }
 
     /// pgBackRest's configuration (0600: it holds the repositories' keys) and

@@ -131,7 +131,10 @@ fn synchronous_remote_loses_nothing_when_the_primary_region_is_cut_off() {
     let round = &report["rounds"][0];
     assert_eq!(report["synchronous"], "remote");
     assert_eq!(round["missing_acknowledged"], 0, "synchronous = remote promises no loss here: {round}");
-    assert_eq!(round["wal_lost_bytes"], 0, "{round}");
+    // WAL the new primary lacks can only be what the writers' last, never
+    // acknowledged transactions wrote locally while waiting for the remote
+    // standby (an insert and a commit record each: well under 1 kB a writer).
+    assert!(round["wal_lost_bytes"].as_u64().unwrap() <= 3 * 1024, "{round}");
     assert_eq!(check(round, "no acknowledged write lost")["passed"], true);
     lab.finish();
 }

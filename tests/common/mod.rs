@@ -58,6 +58,11 @@ impl TestLab {
         self.dir.path()
     }
 
+    /// Whether the lab runs each process on a host of its own (`--hosts netns`).
+    pub fn is_netns(&self) -> bool {
+        std::fs::read_to_string(self.path().join("network.toml")).is_ok_and(|t| t.contains("hosts = \"netns\""))
+    }
+
     pub fn config(&self) -> PathBuf {
         self.path().join("meridian.toml")
     }

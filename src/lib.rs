@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod coord;
+pub mod deploy;
 pub mod destroy;
 pub mod drill;
 pub mod failover;

@@ -244,3 +244,51 @@ fn ca_init_issue_and_show() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca request"), "{}", text(&out));
 }
+
+/// `meridian deploy systemd` writes units that `systemd-analyze verify` (Debian's
+/// systemd) accepts without a word, each running what the lab runs.
+#[test]
+fn deploy_systemd_writes_units_that_systemd_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meridian.toml");
+    std::fs::write(&config, GOOD).unwrap();
+    let units = dir.path().join("units");
+    for what in [["--node", "a1"], ["--gateway", "a"], ["--gateway", "c"], ["--etcd", "b"]] {
+        let out = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "deploy", "systemd"])
+            .args(what)
+            .args(["--binary", BIN, "--out", units.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what:?}: {}", text(&out));
+    }
+    let files: Vec<_> = std::fs::read_dir(&units).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 4, "{files:?}");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&files)
+        .output()
+        .expect("systemd-analyze (scripts/setup installs systemd)");
+    assert!(out.status.success() && out.stderr.is_empty(), "systemd-analyze verify: {}", text(&out));
+    let agent = std::fs::read_to_string(units.join("meridian-agent-a1.service")).unwrap();
+    let exec = format!("ExecStart={BIN} agent --config {} --node a1\n", config.display());
+    assert!(agent.contains(&exec), "{agent}");
+    assert!(agent.contains("User=postgres\n") && agent.contains("ProtectSystem=strict\n"), "{agent}");
+
+    // Bad input: a clear error, nothing written.
+    for (what, says) in [
+        (&["--node", "zz"][..], "zz"),
+        (&["--etcd", "nowhere"], "nowhere"),
+        (&[], "say which process"),
+        (&["--node", "a1", "--gateway", "a"], "cannot be used with"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "deploy", "systemd"])
+            .args(what)
+            .args(["--out", dir.path().join("bad").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success() && text(&out).contains(says), "{what:?}: {}", text(&out));
+        assert!(!dir.path().join("bad").exists(), "{what:?} wrote something");
+    }
+}

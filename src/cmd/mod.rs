@@ -5,6 +5,7 @@ mod audit;
 mod backup;
 mod ca;
 mod config;
+mod deploy;
 mod destroy;
 mod drill;
 mod gateway;
@@ -82,6 +83,8 @@ pub enum Command {
     Restore(restore::Args),
     /// Remove a stopped cluster: its etcd keys, its data directories, with --repositories its backups.
     Destroy(destroy::Args),
+    /// Unit files for real machines: systemd units for an agent, a gateway or an etcd member (docs/deploy.md).
+    Deploy(deploy::Args),
     /// WAL archiving helpers that PostgreSQL runs (see docs/backup.md).
     Wal(wal::Args),
 }
@@ -111,6 +114,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Backup(a) => backup::run(&config, a).await,
         Command::Restore(a) => restore::run(&config, a).await,
         Command::Destroy(a) => destroy::run(&config, a).await,
+        Command::Deploy(a) => deploy::run(&config, a),
     };
     match result {
         Ok(code) => code,

@@ -217,79 +217,36 @@ impl Lab {
                 spec(format!("s3-{}", repo.region), exe.clone(), args, identity),
             ));
         }
-        let etcd_regions: Vec<(&str, &str)> =
-            self.config.regions.iter().filter_map(|r| r.etcd.as_deref().map(|u| (r.name.as_str(), u))).collect();
-        let initial_cluster: Vec<String> =
-            etcd_regions.iter().map(|(name, url)| format!("{name}={}", peer_url(url))).collect();
-        for (name, url) in &etcd_regions {
-            let data = self.dir.join("etcd").join(name);
-            let tls = self.config.tls_identity(&format!("etcd-{name}"));
-            let (cert, key, ca) =
-                (tls.cert().display().to_string(), tls.key().display().to_string(), tls.ca().display().to_string());
-            let args: Vec<OsString> = [
-                "--name",
-                name,
-                "--data-dir",
-                &data.display().to_string(),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                &peer_url(url),
-                "--initial-advertise-peer-urls",
-                &peer_url(url),
-                "--initial-cluster",
-                &initial_cluster.join(","),
-                "--initial-cluster-token",
-                &format!("meridian-{}", self.dir.display()),
-                "--initial-cluster-state",
-                "new",
-                // A member that rejoins after a partition must not depose a healthy leader.
-                "--pre-vote",
-                // TLS for clients and peers, each required to present a certificate from the cluster CA.
-                "--cert-file",
-                &cert,
-                "--key-file",
-                &key,
-                "--trusted-ca-file",
-                &ca,
-                "--client-cert-auth",
-                "--peer-cert-file",
-                &cert,
-                "--peer-key-file",
-                &key,
-                "--peer-trusted-ca-file",
-                &ca,
-                "--peer-client-cert-auth",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        // The same command lines as the units of `meridian deploy systemd`.
+        let config_file = self.config_path();
+        let token = format!("meridian-{}", self.dir.display());
+        for region in self.config.regions.iter().filter(|r| r.etcd.is_some()) {
+            let data = self.dir.join("etcd").join(&region.name);
+            let line = crate::deploy::etcd_command(Path::new("etcd"), &self.config, &region.name, &data, &token)
+                .expect("the region has an etcd member");
             let identity = format!("--data-dir {}", data.display());
+            let args = line.args.into_iter().map(OsString::from).collect();
             out.push((
-                Member::Etcd { region: name.to_string() },
-                spec(format!("etcd-{name}"), PathBuf::from("etcd"), args, identity),
+                Member::Etcd { region: region.name.clone() },
+                spec(format!("etcd-{}", region.name), line.program, args, identity),
             ));
         }
         for (region, node) in self.config.nodes() {
-            let args = ["agent", "--config", &config, "--node", &node.name].map(OsString::from).to_vec();
+            let line = crate::deploy::agent_command(&exe, &config_file, &node.name);
             let identity = format!("--config {config} --node {}", node.name);
             let member = Member::Agent { node: node.name.clone(), region: region.name.clone() };
-            let mut agent = spec(format!("agent-{}", node.name), exe.clone(), args, identity);
+            let args = line.args.into_iter().map(OsString::from).collect();
+            let mut agent = spec(format!("agent-{}", node.name), line.program, args, identity);
             agent.env = clock::faketime_env(&self.dir, &node.name);
             out.push((member, agent));
         }
         for region in &self.config.regions {
-            let args = ["gateway", "--config", &config, "--region", &region.name].map(OsString::from).to_vec();
+            let line = crate::deploy::gateway_command(&exe, &config_file, &region.name);
             let identity = format!("--config {config} --region {}", region.name);
+            let args = line.args.into_iter().map(OsString::from).collect();
             out.push((
                 Member::Gateway { region: region.name.clone() },
-                spec(format!("gateway-{}", region.name), exe.clone(), args, identity),
+                spec(format!("gateway-{}", region.name), line.program, args, identity),
             ));
         }
         for (member, spec) in &mut out {
@@ -354,8 +311,4 @@ impl Lab {
     fn data_dir(&self, node: &str) -> Option<PathBuf> {
         self.config.node(node).ok().map(|(_, n)| self.config.resolve(&n.data_dir))
     }
-}
-
-fn peer_url(client_url: &str) -> String {
-    client_url.replace(&format!(":{}", topology::ETCD_CLIENT_PORT), &format!(":{}", topology::ETCD_PEER_PORT))
 }

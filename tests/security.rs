@@ -257,8 +257,21 @@ fn the_api_refuses_bad_credentials_and_bad_input_and_keeps_serving() {
 use std::process::Command;
 
 /// psql with a connection string; its output or its error.
+/// The network namespace psql runs in: on the netns lab, a node's host, so its
+/// connections come from a cluster address as a standby's would (each test is
+/// its own process under nextest).
+static FROM_HOST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn psql(conninfo: &str, passfile: &std::path::Path, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
+    let mut cmd = match FROM_HOST.lock().unwrap().as_deref() {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "psql"]);
+            c
+        }
+        None => Command::new("psql"),
+    };
+    let out = cmd
         .args(["-X", "-A", "-t", "-d", conninfo, "-c", sql])
         .env("PGPASSFILE", passfile)
         .env("PGCONNECT_TIMEOUT", "5")
@@ -278,6 +291,9 @@ fn postgres_links_need_tls_and_a_cluster_certificate() {
     let (_, primary) = config.nodes().next().unwrap();
     let (host, port) = (primary.address.ip().to_string(), primary.address.port());
     let other_node = config.nodes().nth(1).unwrap().1.name.clone();
+    if lab.is_netns() {
+        *FROM_HOST.lock().unwrap() = Some(format!("mlab{}-{other_node}", lab.net));
+    }
     let tls = lab.path().join("tls");
     let ca = tls.join("ca").join("ca.crt");
     let cert = tls.join(format!("node-{other_node}"));

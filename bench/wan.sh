@@ -37,7 +37,7 @@ up() { # $1 net, $2 wan, $3 synchronous
   local wan=()
   [ "$2" = 0ms ] || wan=(--wan-latency "$2")
   "$bin" lab up --net "$1" --dir "$lab" --hosts netns "${wan[@]}" --nodes-per-region 2 --no-backup \
-    --synchronous "$3" >/dev/null
+    --synchronous "$3" >/dev/null 2>>"$work/progress.log" || { cat "$work/progress.log" >&2; return 1; }
   export PGPASSFILE=$lab/pgpass PGSSLMODE=require
 }
 down() { "$bin" lab down --dir "$lab" >/dev/null; lab=""; }
@@ -60,11 +60,12 @@ commits() { # $1 net
   wait "$pid"
   local lat
   lat=$(cat "$out"/pgbench_log.* | awk '{print $3 / 1000}')
-  echo "$(pct 50 <<<"$lat") $(pct 99 <<<"$lat") $(grep -c . <<<"$lat") $(pct 50 <"$lags") $(pct 100 <"$lags")"
+  printf '%.1f %.1f %d %.1f %.1f\n' "$(pct 50 <<<"$lat")" "$(pct 99 <<<"$lat")" "$(grep -c . <<<"$lat")" \
+    "$(pct 50 <"$lags")" "$(pct 100 <"$lags")"
 }
 
 drill_rto() { # $1 scenario -> RTO in ms
-  MERIDIAN_CONFIG=$lab/meridian.toml "$bin" drill --json --scenario "$1" --writers 3 --rate 40 \
+  MERIDIAN_CONFIG=$lab/meridian.toml "$bin" drill --json --scenario "$1" --writers 3 --rate 40 2>>"$work/progress.log" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin)["rounds"][0]; print("%s ms, %d acknowledged writes lost" % (r.get("rto_ms") or "-", r["missing_acknowledged"]))'
 }
 

@@ -286,15 +286,7 @@ fn link_exists(ns: Option<&str>, name: &str) -> bool {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("run ip (install iproute2: scripts/setup)")?;
-    if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    ip_output(args).map(drop)
 }
 
 fn ip_output(args: &[&str]) -> Result<String> {
@@ -323,21 +315,8 @@ fn in_namespace(ns: &str, script: &str) -> Result<()> {
 }
 
 /// Runs an nftables script in a namespace, atomically.
-pub fn nft_in(ns: &str, script: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("run nft (install nftables: scripts/setup)")?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("nft failed in {ns}: {}\nscript:\n{script}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+fn nft_in(ns: &str, script: &str) -> Result<()> {
+    super::partition::nft(Some(ns), script)
 }
 
 /// The name of the router's partition table.

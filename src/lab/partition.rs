@@ -89,13 +89,13 @@ impl Groups {
                 self.nft_path(other)
             ));
         }
-        nft(&script)
+        nft(None, &script)
     }
 
     /// Removes every partition rule of this lab.
     pub fn heal(&self) -> Result<()> {
         if self.has_rules() {
-            nft(&format!("delete table inet {}\n", self.table()))?;
+            nft(None, &format!("delete table inet {}\n", self.table()))?;
         }
         Ok(())
     }
@@ -134,9 +134,17 @@ impl Groups {
     }
 }
 
-/// Runs an nft script atomically.
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
+/// Runs an nft script atomically, in network namespace `ns` when given.
+pub(super) fn nft(ns: Option<&str>, script: &str) -> Result<()> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let mut child = cmd
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -172,7 +172,6 @@ pub fn unit_file(config: &Config, unit: &Unit, paths: &Paths) -> Result<String> 
     let mut s = String::new();
     let _ = writeln!(s, "# Written by `meridian deploy systemd`; see docs/deploy.md.");
     let _ = writeln!(s, "[Unit]\nDescription={}", escape(&description));
-    let _ = writeln!(s, "Documentation=man:systemd.service(5)");
     let _ = writeln!(s, "Wants=network-online.target\nAfter=network-online.target");
     // Restart for ever (below): a node that keeps failing shows in `meridian status`.
     let _ = writeln!(s, "StartLimitIntervalSec=0");

@@ -380,6 +380,14 @@ fn print_summary(lab: &Lab, took: Duration) {
         c.nodes().count(),
         lab.dir.display()
     );
+    if lab.network.hosts == Hosts::Netns {
+        match lab.network.wan.filter(|_| lab.network.has_delay()) {
+            Some(w) => {
+                println!("  hosts: a network namespace per process (mlab{}-*); WAN between regions: {w}", lab.net())
+            }
+            None => println!("  hosts: a network namespace per process (mlab{}-*); no WAN delay", lab.net()),
+        }
+    }
     for r in &c.regions {
         println!(
             "  region {:<16} gateway https://{}  dns {}  writer {}  reader {}",

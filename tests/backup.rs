@@ -277,7 +277,15 @@ struct RestoredAgent(std::process::Child);
 impl RestoredAgent {
     fn start(lab: &TestLab, config: &std::path::Path, log: &str) -> RestoredAgent {
         let log = std::fs::File::create(lab.path().join("logs").join(log)).unwrap();
-        let child = Command::new(BIN)
+        // On the netns lab the node's address lives in its namespace: the restored agent runs there too.
+        let mut cmd = if lab.is_netns() {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &format!("mlab{}-ap-south-1a", lab.net), BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let child = cmd
             .arg("--config")
             .arg(config)
             .args(["agent", "--node", "ap-south-1a"])

@@ -277,7 +277,21 @@ impl Drill {
     fn start_restored_agent(&self, exe: &Path, into: &Path, node: &str, lab: &Path) -> Result<RestoredAgent> {
         let log_path = lab.join("logs").join("drill-restored-agent.log");
         let log = std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-        let child = tokio::process::Command::new(exe)
+        // On the netns lab the node's address lives in its namespace: the restored agent runs there too.
+        let netns = crate::lab::Lab::open(lab).ok().filter(|l| l.network.hosts == crate::lab::topology::Hosts::Netns);
+        let mut cmd = match netns.as_ref().and_then(|l| {
+            let (region, _) = l.config.node(node).ok()?;
+            let member = crate::lab::Member::Agent { node: node.to_string(), region: region.name.clone() };
+            crate::lab::netns::namespace_of(l.net(), &member)
+        }) {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", &ns]).arg(exe);
+                c
+            }
+            None => tokio::process::Command::new(exe),
+        };
+        let child = cmd
             .arg("--config")
             .arg(into)
             .args(["agent", "--node", node])

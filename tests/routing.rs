@@ -230,17 +230,24 @@ struct Moto {
 }
 
 impl Moto {
-    fn start() -> Moto {
+    /// A free port, then the endpoint moto will serve on `host` (start it with `start`).
+    fn endpoint(host: &str) -> String {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        format!("http://{host}:{port}")
+    }
+
+    fn start(endpoint: &str) -> Moto {
+        let (host, port) = endpoint.trim_start_matches("http://").rsplit_once(':').unwrap();
         let child = Command::new(PYTHON)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", "moto.server", "-H", host, "-p", port])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto (scripts/setup installs it)");
-        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let moto = Moto { child, endpoint: endpoint.to_string() };
+        let addr = format!("{host}:{port}");
         wait_until("moto to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+            std::net::TcpStream::connect(&addr).map(|_| ()).map_err(|e| e.to_string())
         });
         moto
     }
@@ -265,14 +272,17 @@ impl Drop for Moto {
 
 #[test]
 fn trigger_object_on_s3_switches_dns_both_ways() {
-    let moto = Moto::start();
-    moto.s3("s3.create_bucket(Bucket='meridian-dr')");
+    // Isolated hosts reach this machine only on the observer link, which `lab up`
+    // makes: there moto starts after the lab (until then the gateways' probe fails,
+    // which the inverted check reads as "no trigger").
+    let net = 83;
+    let host = if netns_requested() { format!("10.{net}.0.1") } else { "127.0.0.1".into() };
+    let endpoint = Moto::endpoint(&host);
     let env = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
-    let lab = TestLab::up_with_env(
-        83,
-        &["--trigger-object", "s3://meridian-dr/trigger", "--s3-endpoint", &moto.endpoint],
-        &env,
-    );
+    let lab =
+        TestLab::up_with_env(net, &["--trigger-object", "s3://meridian-dr/trigger", "--s3-endpoint", &endpoint], &env);
+    let moto = Moto::start(&endpoint);
+    moto.s3("s3.create_bucket(Bucket='meridian-dr')");
     let (first, _) = lab.gateway_addr("ap-south-1", "writer");
     let (second, _) = lab.gateway_addr("ap-northeast-1", "writer");
     let answers = |want: &str| wait_for_answer(&lab, "ap-northeast-1", "app", want, Duration::from_secs(15));

@@ -115,8 +115,27 @@ impl LabShape {
             self.wan.is_none() || self.hosts == Hosts::Netns,
             "--wan-latency needs --hosts netns: on loopback every process shares one network stack"
         );
+        if let Some(endpoint) = self.s3_endpoint.as_deref().filter(|_| self.hosts == Hosts::Netns) {
+            anyhow::ensure!(
+                !is_loopback_endpoint(endpoint),
+                "--s3-endpoint {endpoint}: the isolated hosts have loopbacks of their own and cannot reach this \
+                 machine's; serve it on the lab's observer address {} (made by `lab up`) or another routed address",
+                observer_ip(self.net)
+            );
+        }
         Ok(())
     }
+}
+
+/// Whether an endpoint URL (`http://127.0.0.1:9000`, `https://localhost/…`) names a loopback host.
+fn is_loopback_endpoint(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The bucket of the lab's S3 repository.
@@ -403,8 +422,15 @@ mod tests {
         assert_eq!(c.backup.as_ref().unwrap().repositories[0].storage_host, None);
     }
 
+    fn netns(s3_endpoint: &str) -> LabShape {
+        LabShape { hosts: Hosts::Netns, s3_endpoint: Some(s3_endpoint.into()), ..LabShape::default() }
+    }
+
     #[test]
     fn bad_shapes_are_refused() {
+        // What the isolated hosts can reach, and any endpoint on loopback.
+        assert!(netns("http://10.42.0.1:9000").check().is_ok());
+        assert!(LabShape { s3_endpoint: Some("http://127.0.0.1:9000".into()), ..LabShape::default() }.check().is_ok());
         let bad = [
             LabShape { regions: vec![], ..LabShape::default() },
             LabShape { regions: vec!["a".into(), "a".into()], ..LabShape::default() },
@@ -412,6 +438,9 @@ mod tests {
             LabShape { regions: vec!["witness".into()], ..LabShape::default() },
             LabShape { nodes_per_region: 0, ..LabShape::default() },
             LabShape { wan: Some(crate::lab::wan::Wan::parse("40ms", None, None).unwrap()), ..LabShape::default() },
+            netns("http://127.0.0.1:9000"),
+            netns("https://localhost/bucket"),
+            netns("http://[::1]:9000"),
         ];
         for shape in bad {
             assert!(shape.check().is_err(), "{shape:?} should be refused");

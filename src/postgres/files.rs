@@ -142,6 +142,9 @@ pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, merid
         ("wal_log_hints", "on"),
         ("password_encryption", "'scram-sha-256'"),
         ("recovery_target_timeline", "'latest'"),
+        // Which process said it (walreceiver, startup, client backend, ...): a
+        // FATAL line alone does not tell a standby's walreceiver from a client.
+        ("log_line_prefix", "'%m [%p] %b '"),
     ];
     for (k, v) in defaults {
         if !config.postgres.settings.contains_key(k) {

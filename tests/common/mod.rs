@@ -38,8 +38,7 @@ impl TestLab {
         let net_arg = net.to_string();
         let mut args = vec!["up", "--net", net_arg.as_str()];
         args.extend_from_slice(extra);
-        // MERIDIAN_TEST_HOSTS=netns runs every scenario on isolated hosts.
-        if !extra.contains(&"--hosts") && std::env::var("MERIDIAN_TEST_HOSTS").as_deref() == Ok("netns") {
+        if !extra.contains(&"--hosts") && netns_requested() {
             args.extend_from_slice(&["--hosts", "netns"]);
         }
         let mut cmd = Command::new(BIN);
@@ -254,13 +253,18 @@ impl TestLab {
         let mut found = Vec::new();
         for log in self.component_logs() {
             let Ok(text) = std::fs::read_to_string(&log) else { continue };
-            for line in text.lines() {
+            let name = log.strip_prefix(self.path()).unwrap_or(&log).display().to_string();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
                 let is_error = line.contains(" ERROR ")
                     || line.contains("ERROR:")
                     || line.contains("PANIC:")
                     || is_unexpected_fatal(line);
                 if is_error && !self.expected_errors.iter().any(|e| line.contains(e.as_str())) {
-                    found.push(format!("{}: {line}", log.file_name().unwrap_or_default().to_string_lossy()));
+                    // With the lines before it: CI shows only this report, not the lab's files.
+                    let context =
+                        lines[i.saturating_sub(4)..i].iter().map(|l| format!("      {l}\n")).collect::<String>();
+                    found.push(format!("{name}: {line}\n    after:\n{context}"));
                 }
             }
         }
@@ -323,6 +327,11 @@ impl Drop for TestLab {
             }
         }
     }
+}
+
+/// Whether MERIDIAN_TEST_HOSTS=netns asks to run every scenario on isolated hosts.
+pub fn netns_requested() -> bool {
+    std::env::var("MERIDIAN_TEST_HOSTS").as_deref() == Ok("netns")
 }
 
 /// What a netns lab on `--net net` left: its namespaces (`mlab<net>-*`) and

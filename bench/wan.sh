@@ -12,6 +12,7 @@
 #   - the TCP round trip between regions (what a packet sees).
 #
 #   bench/wan.sh [WAN ...]    (default: 0ms 40ms; root; one-way delays)
+#   MERIDIAN_WAN_ROUNDS=N     drill rounds per scenario (default 3; the median is printed)
 #
 # Each lab runs on its own --net and is stopped by `lab down` even on failure.
 # The client (pgbench, drill) runs in the root namespace, which reaches every
@@ -64,9 +65,17 @@ commits() { # $1 net
     "$(pct 50 <"$lags")" "$(pct 100 <"$lags")"
 }
 
-drill_rto() { # $1 scenario -> RTO in ms
-  MERIDIAN_CONFIG=$lab/meridian.toml "$bin" drill --json --scenario "$1" --writers 3 --rate 40 2>>"$work/progress.log" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin)["rounds"][0]; print("%s ms, %d acknowledged writes lost" % (r.get("rto_ms") or "-", r["missing_acknowledged"]))'
+rounds=${MERIDIAN_WAN_ROUNDS:-3}
+drill_rto() { # $1 scenario -> RTO in ms: median and range of $rounds rounds
+  MERIDIAN_CONFIG=$lab/meridian.toml "$bin" drill --json --scenario "$1" --rounds "$rounds" --writers 3 --rate 40 \
+    2>>"$work/progress.log" | python3 -c '
+import json, sys
+rounds = json.load(sys.stdin)["rounds"]
+rtos = sorted(r["rto_ms"] for r in rounds if r.get("rto_ms") is not None)
+lost = sum(r["missing_acknowledged"] for r in rounds)
+mid = "%d" % rtos[len(rtos) // 2] if rtos else "-"
+span = " (%d..%d)" % (rtos[0], rtos[-1]) if len(rtos) > 1 else ""
+print("%s ms%s over %d rounds, %d acknowledged writes lost" % (mid, span, len(rounds), lost))'
 }
 
 rtt() { # $1 net -> TCP connect round trip between regions, ms (p50 of 20)

@@ -56,6 +56,13 @@ pub async fn serve_https(
         connections.spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
+                // Closed before saying anything: a TCP liveness probe (the standbys'
+                // check of a leader's API, a load balancer's). Every second, forever:
+                // not worth a log line.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!("a connection from {addr} closed before its TLS handshake");
+                    return;
+                }
                 Ok(Err(e)) => {
                     tracing::info!("refused a TLS connection from {addr}: {e}");
                     return;

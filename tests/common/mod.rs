@@ -38,8 +38,13 @@ impl TestLab {
         let net_arg = net.to_string();
         let mut args = vec!["up", "--net", net_arg.as_str()];
         args.extend_from_slice(extra);
+        let wan = std::env::var("MERIDIAN_TEST_WAN").unwrap_or_default();
         if !extra.contains(&"--hosts") && netns_requested() {
             args.extend_from_slice(&["--hosts", "netns"]);
+            // MERIDIAN_TEST_WAN=20ms puts the regions a WAN apart as well.
+            if !wan.is_empty() && !extra.contains(&"--wan-latency") {
+                args.extend_from_slice(&["--wan-latency", wan.as_str()]);
+            }
         }
         let mut cmd = Command::new(BIN);
         cmd.arg("lab").args(&args).arg("--dir").arg(lab.path()).env("CI", "true");
@@ -329,7 +334,8 @@ impl Drop for TestLab {
     }
 }
 
-/// Whether MERIDIAN_TEST_HOSTS=netns asks to run every scenario on isolated hosts.
+/// Whether MERIDIAN_TEST_HOSTS=netns asks to run every scenario on isolated hosts
+/// (and MERIDIAN_TEST_WAN=<one-way delay>, a WAN apart).
 pub fn netns_requested() -> bool {
     std::env::var("MERIDIAN_TEST_HOSTS").as_deref() == Ok("netns")
 }
@@ -425,8 +431,10 @@ fn is_unexpected_fatal(line: &str) -> bool {
         "could not send data to WAL stream",
         "could not connect to the primary server",
         "could not send end-of-streaming message to primary",
-        // A walreceiver whose upstream went away between connecting and streaming.
+        // A walreceiver whose upstream went away between connecting and streaming
+        // (over a WAN the handshake takes round trips, and the window is wider).
         "could not start WAL streaming",
+        "could not receive database system identifier and timeline ID from the primary server",
         // An immediate shutdown (SIGQUIT) also stops the archive command running
         // then, and `lab kill` (SIGKILL) the node's archive command with its server.
         "archive command was terminated by signal 3",

@@ -90,6 +90,26 @@ fn isolated_hosts_a_wan_apart_fail_over_switch_over_and_survive_a_partition() {
     assert!(within[10] < 5.0, "round trip within a region p50 {:.1} ms: {within:?}", within[10]);
     assert_ne!(primary, remote);
 
+    // Killing the relay is a WAN outage: nothing crosses between regions until it is back.
+    let out = lab.run_lab(&["kill", "wan"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let probe = format!(
+        "import socket\ns = socket.socket(); s.settimeout(1)\ntry:\n    s.connect(('{remote}', 5432)); print('through')\nexcept OSError as e:\n    print('cut', e)\n"
+    );
+    let cut = Command::new("ip").args(["netns", "exec", "mlab120-ap-south-1a", PYTHON, "-c", &probe]).output().unwrap();
+    assert!(String::from_utf8_lossy(&cut.stdout).starts_with("cut"), "with the relay killed: {}", text(&cut));
+    let out = lab.run_lab(&["start", "wan"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("a connection across the WAN again", Duration::from_secs(10), || {
+        let out = Command::new("ip").args(["netns", "exec", "mlab120-ap-south-1a", PYTHON, "-c", &probe]).output();
+        let stdout = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        if stdout.starts_with("through") {
+            Ok(())
+        } else {
+            Err(stdout)
+        }
+    });
+
     // The drill runs unchanged and says which network it ran on.
     let report = drill(&lab, "primary-region-partition");
     assert_eq!(report["network"]["hosts"], "netns", "{report}");

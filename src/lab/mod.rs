@@ -291,6 +291,8 @@ impl Lab {
                 (Member::Etcd { region }, Some(("etcd", r))) => region == r,
                 (Member::Gateway { region }, Some(("gateway", r))) => region == r,
                 (Member::S3 { region }, Some(("s3", r))) => region == r,
+                // The WAN relay: killed, every packet between regions is dropped (a WAN outage).
+                (Member::Wan, None) => target == "wan",
                 (Member::S3 { .. } | Member::Wan, _) => false,
                 (_, Some(_)) => false,
                 (Member::Agent { node, region }, None) => node == target || region == target,
@@ -300,9 +302,10 @@ impl Lab {
         if chosen.is_empty() {
             let regions: Vec<&str> = self.config.regions.iter().map(|r| r.name.as_str()).collect();
             bail!(
-                "{target:?} is neither a node ({}) nor a region ({}), nor etcd:REGION, gateway:REGION or s3:REGION",
+                "{target:?} is neither a node ({}) nor a region ({}), nor etcd:REGION, gateway:REGION or s3:REGION{}",
                 self.config.node_names().join(", "),
-                regions.join(", ")
+                regions.join(", "),
+                if self.network.has_delay() { ", nor wan (the WAN relay)" } else { "" }
             );
         }
         Ok(chosen)

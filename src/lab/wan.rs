@@ -6,13 +6,17 @@
 //! see `netns`), and this relay, running in the router namespace, reads each
 //! packet, holds it for the configured one-way delay (plus jitter), and writes
 //! it back; the kernel then routes it on to the destination region. Packets
-//! are never reordered (a packet leaves no earlier than the one before it,
-//! whatever its jitter), and a share of them (`loss`) is dropped.
+//! of one flow are never reordered (a packet leaves no earlier than the one
+//! before it in its flow, whatever its jitter: TCP reads reordering as loss);
+//! flows are independent (one global order would hold every packet behind
+//! the last one of every other flow, and turn jitter into extra delay); a
+//! share of the packets (`loss`) is dropped.
 //!
 //! The delay is one way, as netem's is: a round trip between two regions
 //! takes twice `latency`.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
@@ -76,7 +80,7 @@ impl Wan {
     }
 
     /// When a packet read at `now` may leave, or None to drop it; `last` is
-    /// when the previous packet left (packets are not reordered).
+    /// when the previous packet of its flow leaves (no reordering in a flow).
     pub fn schedule(&self, now: Instant, last: Instant, rng: &mut impl Rng) -> Option<Instant> {
         if self.loss > 0.0 && rng.random_bool(self.loss) {
             return None;
@@ -129,28 +133,48 @@ fn open_tun(name: &str) -> Result<OwnedFd> {
     }
 }
 
+/// A packet's flow: IPv4 source and destination, protocol, and for TCP and
+/// UDP the ports (anything else, which the lab does not route across
+/// regions, is one flow).
+fn flow_of(packet: &[u8]) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    if packet.len() >= 20 && packet[0] >> 4 == 4 {
+        key[..8].copy_from_slice(&packet[12..20]);
+        key[8] = packet[9];
+        let ihl = usize::from(packet[0] & 0x0f) * 4;
+        if matches!(packet[9], 6 | 17) && packet.len() >= ihl + 4 {
+            key[9..13].copy_from_slice(&packet[ihl..ihl + 4]);
+        }
+    }
+    key
+}
+
+/// A packet waiting in the relay: due time, then arrival order (so packets due
+/// at the same instant leave in the order they came).
+type Held = Reverse<(Instant, u64, Vec<u8>)>;
+
 /// `meridian lab wan-relay`: runs until killed. One thread reads packets and
 /// stamps each with its departure time, another writes them back when due.
 pub fn relay(device: &str, wan: Wan) -> Result<()> {
     let fd = open_tun(device)?;
     let raw = fd.as_raw_fd();
     tracing::info!("WAN relay on {device}: {wan}");
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let (tx, rx) = mpsc::channel::<Held>();
     let writer = std::thread::Builder::new().name("wan-out".into()).spawn(move || {
-        let mut queue: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+        let mut queue: BinaryHeap<Held> = BinaryHeap::new();
         loop {
-            let next = match queue.front() {
-                Some((due, _)) => rx.recv_timeout(due.saturating_duration_since(Instant::now())),
+            let next = match queue.peek() {
+                Some(Reverse((due, _, _))) => rx.recv_timeout(due.saturating_duration_since(Instant::now())),
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok(item) => queue.push_back(item),
+                Ok(item) => queue.push(item),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
             let now = Instant::now();
-            while queue.front().is_some_and(|(due, _)| *due <= now) {
-                let (_, packet) = queue.pop_front().expect("checked");
+            while queue.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
+                let Reverse((_, _, packet)) = queue.pop().expect("checked");
                 // SAFETY: writing a buffer we own to an fd that outlives this thread (held by `relay`).
                 let n = unsafe { libc::write(raw, packet.as_ptr().cast(), packet.len()) };
                 if n < 0 {
@@ -160,7 +184,9 @@ pub fn relay(device: &str, wan: Wan) -> Result<()> {
         }
     })?;
     let mut rng = rand::rng();
-    let mut last = Instant::now();
+    // When the last packet of each flow leaves; flows with nothing in flight are forgotten now and then.
+    let mut last: HashMap<[u8; 13], Instant> = HashMap::new();
+    let mut seq = 0u64;
     let mut buf = vec![0u8; 65536];
     loop {
         // SAFETY: reading into a buffer we own.
@@ -175,9 +201,15 @@ pub fn relay(device: &str, wan: Wan) -> Result<()> {
             bail!("WAN relay: read from {device}: {e}");
         }
         let now = Instant::now();
-        if let Some(due) = wan.schedule(now, last, &mut rng) {
-            last = due;
-            if tx.send((due, buf[..n as usize].to_vec())).is_err() {
+        let packet = &buf[..n as usize];
+        if last.len() > 4096 {
+            last.retain(|_, due| *due > now);
+        }
+        let flow = last.entry(flow_of(packet)).or_insert(now);
+        if let Some(due) = wan.schedule(now, *flow, &mut rng) {
+            *flow = due;
+            seq += 1;
+            if tx.send(Reverse((due, seq, packet.to_vec()))).is_err() {
                 bail!("WAN relay: the writer thread stopped");
             }
         }
@@ -224,6 +256,25 @@ mod tests {
         }
         // Not held back more than the worst jitter beyond the last packet read.
         assert!(last <= start + Duration::from_micros(9_999 * 100) + Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_packets_flow_is_its_addresses_protocol_and_ports() {
+        let mut tcp = [0u8; 40];
+        tcp[0] = 0x45;
+        tcp[9] = 6;
+        tcp[12..16].copy_from_slice(&[10, 42, 1, 11]);
+        tcp[16..20].copy_from_slice(&[10, 42, 2, 11]);
+        tcp[20..24].copy_from_slice(&[0xc3, 0x50, 0x15, 0x38]); // 50000 -> 5432
+        assert_eq!(flow_of(&tcp), [10, 42, 1, 11, 10, 42, 2, 11, 6, 0xc3, 0x50, 0x15, 0x38]);
+        let mut other = tcp;
+        other[21] = 0x51;
+        assert_ne!(flow_of(&tcp), flow_of(&other), "another source port, another flow");
+        let mut icmp = tcp;
+        icmp[9] = 1;
+        assert_eq!(flow_of(&icmp)[9..], [0, 0, 0, 0], "no ports outside TCP and UDP");
+        assert_eq!(flow_of(&tcp[..10]), [0; 13], "too short for a header");
+        assert_eq!(flow_of(&[0x60; 40]), [0; 13], "IPv6");
     }
 
     #[test]

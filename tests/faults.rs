@@ -212,7 +212,8 @@ fn clocks_skewed_30_seconds_either_way_change_nothing() {
 
 /// The incident of issue 11: right after a failover the new primary hangs,
 /// and the old primary comes back needing a rewind against it. Nobody may
-/// empty a data directory for a leader that does not answer.
+/// empty a data directory for a leader that does not answer, and epoch 3 is
+/// led by a server that answers.
 #[test]
 fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
     let mut lab = hang_lab(96, 1);
@@ -252,13 +253,21 @@ fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let agent_log = std::fs::read_to_string(lab.path().join("logs/agent-ap-south-1a.log")).unwrap_or_default();
-    eprintln!(
-        "ap-south-1a during the hang:\n{}",
-        agent_log.lines().filter(|l| !l.contains("DEBUG")).rev().take(12).collect::<Vec<_>>().join("\n")
-    );
+    for node in ["ap-south-1a", second.as_str()] {
+        let agent_log = std::fs::read_to_string(lab.path().join(format!("logs/agent-{node}.log"))).unwrap_or_default();
+        eprintln!(
+            "{node} during the hang:\n{}",
+            agent_log.lines().filter(|l| !l.contains("DEBUG")).rev().take(16).collect::<Vec<_>>().join("\n")
+        );
+    }
     let third = third.expect("a third primary while the second hung");
-    assert_ne!(third, second);
+    if third == second {
+        // Its supervisor killed the hung server and the agent started a new one,
+        // which has the most WAL (the writes of epoch 2 exist only there): it
+        // rightly leads again. Seen on the netns lab, where the WAN delays the others.
+        let now = postmaster_pid(&lab, &second) as i32;
+        assert!(!pids.contains(&now), "{second} leads epoch 3 with its hung server (postmaster {now})");
+    }
     signal(&pids, libc::SIGCONT);
     for n in NODES {
         if n != third {

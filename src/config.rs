@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
 mod backup;
+pub mod change;
 mod routing;
 mod security;
 pub use backup::*;

@@ -5,11 +5,16 @@
 pub struct Keys {
     prefix: String,
     security: String,
+    config: String,
 }
 
 impl Keys {
     pub fn new(cluster: &str) -> Keys {
-        Keys { prefix: format!("/meridian/{cluster}/"), security: format!("/meridian-security/{cluster}/") }
+        Keys {
+            prefix: format!("/meridian/{cluster}/"),
+            security: format!("/meridian-security/{cluster}/"),
+            config: format!("/meridian-config/{cluster}/"),
+        }
     }
     /// The cluster's whole key range, for one consistent read of everything.
     pub fn prefix(&self) -> &str {
@@ -84,6 +89,19 @@ impl Keys {
     }
     pub fn audit_prefix(&self) -> String {
         format!("{}audit/", self.security)
+    }
+    /// The published cluster file (`meridian config apply`): `current`, and
+    /// every version under `versions/`. Outside the cluster prefix too (files
+    /// are kilobytes, and the agents read that prefix every tick).
+    pub fn config_prefix(&self) -> &str {
+        &self.config
+    }
+    pub fn config_current(&self) -> String {
+        format!("{}current", self.config)
+    }
+    /// Zero-padded, so that etcd's byte order is version order.
+    pub fn config_version(&self, version: u64) -> String {
+        format!("{}versions/{version:020}", self.config)
     }
 
     /// The part of a full key after the prefix, e.g. `members/ap-south-1a`.

@@ -2,6 +2,8 @@
 //! member reports, each changed by a single transaction so that a partitioned
 //! minority can change nothing (every request requires an etcd leader).
 
+mod config_store;
+pub use config_store::PublishedConfig;
 pub mod keys;
 mod security;
 

@@ -33,6 +33,7 @@ mod observe;
 mod primary;
 mod probe;
 mod promote;
+mod published;
 mod rejoin;
 mod report;
 mod supervise;
@@ -122,6 +123,8 @@ struct Agent {
     /// While primary with `max_commit_lag`: its WAL positions over time, and the guard's last verdict.
     commit_log: Option<commit_lag::PositionLog>,
     commit_hold: Option<commit_lag::CommitHold>,
+    /// The published cluster file's version this agent runs with.
+    published: published::Published,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -183,6 +186,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         backup_job: None,
         commit_log: None,
         commit_hold: None,
+        published: Default::default(),
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     while !shutdown.is_cancelled() {
@@ -224,6 +228,9 @@ impl Agent {
         }
         self.report(snapshot.as_ref()).await;
         self.backup_job_duties(snapshot.as_ref()).await;
+        if let Err(e) = self.published_config_duties().await {
+            self.log_failure(&e);
+        }
         // Right after observing, so the recorded position is as fresh as the report.
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
             if let Err(e) = self.primary_duties(snapshot.as_ref()).await {

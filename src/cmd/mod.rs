@@ -49,7 +49,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Check a cluster file.
+    /// Check a cluster file; show, diff and apply the running one.
     Config(config::Args),
     /// Show every node's role, position and lag.
     Status(status::Args),
@@ -96,7 +96,7 @@ pub async fn run(cli: Cli) -> i32 {
         crate::client::set_token_file(f);
     }
     let result = match cli.command {
-        Command::Config(a) => config::run(a).await,
+        Command::Config(a) => config::run(&config, a).await,
         Command::Status(a) => status::run(&config, a).await,
         Command::Verify(a) => verify::run(&config, a).await,
         Command::History(a) => history::run(&config, a).await,

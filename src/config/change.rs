@@ -92,7 +92,7 @@ impl fmt::Display for Cost {
 /// One changed field: its path (`postgres.settings.work_mem`,
 /// `region[ap-south-1].node[ap-south-1b]`), the values before and after (None
 /// when absent), and what it costs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub path: String,
     pub before: Option<String>,
@@ -100,7 +100,7 @@ pub struct Change {
     pub cost: Cost,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub changes: Vec<Change>,
     /// Why the new file may not replace the running one; empty when it may.

@@ -28,6 +28,8 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
         .route("/v1/audit", get(audit))
+        .route("/v1/config", get(show_config).post(apply_config))
+        .route("/v1/config/plan", post(plan_config))
         .route("/v1/backups", get(list_backups).post(create_backup))
         .route("/v1/backups/job", get(backup_job))
         .route("/v1/backups/status", get(backup_status))
@@ -105,6 +107,37 @@ async fn failover(
         .await
         .map(Json)
         .map_err(refused_or_unavailable)
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+async fn show_config(
+    State(g): State<Gateway>,
+    Query(q): Query<VersionQuery>,
+) -> Result<Json<crate::coord::PublishedConfig>, ApiError> {
+    let shown = match q.version {
+        Some(v) => super::config_api::version(&g, v).await,
+        None => super::config_api::running(&g).await,
+    };
+    shown.map(Json).map_err(refused_or_unavailable)
+}
+
+async fn plan_config(
+    State(g): State<Gateway>,
+    Json(req): Json<super::config_api::PlanRequest>,
+) -> Result<Json<super::config_api::PlanAnswer>, ApiError> {
+    super::config_api::plan(&g, &req).await.map(Json).map_err(refused_or_unavailable)
+}
+
+async fn apply_config(
+    State(g): State<Gateway>,
+    Extension(caller): Extension<crate::auth::Caller>,
+    Json(req): Json<super::config_api::PlanRequest>,
+) -> Result<Json<super::config_api::PlanAnswer>, ApiError> {
+    super::config_api::apply(&g, &req, &caller.who).await.map(Json).map_err(refused_or_unavailable)
 }
 
 async fn create_backup(

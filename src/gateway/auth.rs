@@ -31,6 +31,8 @@ pub fn required(method: &Method, path: &str, metrics_open: bool) -> Option<ApiRo
         (_, "/metrics") if metrics_open => None,
         (_, p) if p == "/v1/tokens" || p.starts_with("/v1/tokens/") => Some(ApiRole::Admin),
         (&Method::GET | &Method::HEAD, _) => Some(ApiRole::Viewer),
+        // A plan reads: what a file would change.
+        (&Method::POST, "/v1/config/plan") => Some(ApiRole::Viewer),
         (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/backups" | "/v1/backups/verify") => {
             Some(ApiRole::Operator)
         }
@@ -195,6 +197,9 @@ mod tests {
             assert_eq!(required(&Method::POST, p, false), Some(ApiRole::Operator), "{p}");
         }
         assert_eq!(required(&Method::GET, "/v1/tokens", false), Some(ApiRole::Admin));
+        // A plan only reads; publishing a cluster file is the highest bar.
+        assert_eq!(required(&Method::POST, "/v1/config/plan", false), Some(ApiRole::Viewer));
+        assert_eq!(required(&Method::POST, "/v1/config", false), Some(ApiRole::Admin));
         assert_eq!(required(&Method::POST, "/v1/tokens/abc/revoke", false), Some(ApiRole::Admin));
         assert_eq!(required(&Method::POST, "/v1/anything-new", false), Some(ApiRole::Admin));
         assert_eq!(required(&Method::DELETE, "/v1/cluster", false), Some(ApiRole::Admin));

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod backup;
+pub mod config_api;
 pub mod dns;
 pub mod health;
 pub mod operations;

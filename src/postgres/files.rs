@@ -127,10 +127,13 @@ pub fn render_ident(server: &Server, os_user: &str) -> String {
     s
 }
 
-/// postgresql.auto.conf: cluster-wide settings, then the user's, then where to stream from.
-/// `meridian` is the program PostgreSQL's archive command runs on a standby.
-pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, meridian: &Path) -> String {
-    let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
+/// Marks the lines of meridian's defaults and `postgres.settings` in
+/// postgresql.auto.conf, so a published cluster file can replace them
+/// (`set_settings`) without touching the lines meridian keeps for itself.
+const SETTINGS_MARK: &str = "# meridian: settings";
+
+/// meridian's defaults the user did not override, then `postgres.settings`, each line marked.
+fn settings_lines(config: &Config) -> Vec<String> {
     let defaults = [
         ("max_wal_senders", "10"),
         ("max_replication_slots", "10"),
@@ -146,9 +149,10 @@ pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, merid
         // FATAL line alone does not tell a standby's walreceiver from a client.
         ("log_line_prefix", "'%m [%p] %b '"),
     ];
+    let mut lines = Vec::new();
     for (k, v) in defaults {
         if !config.postgres.settings.contains_key(k) {
-            let _ = writeln!(s, "{k} = {v}");
+            lines.push(format!("{k} = {v}  {SETTINGS_MARK}"));
         }
     }
     for (k, v) in &config.postgres.settings {
@@ -157,7 +161,17 @@ pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, merid
             toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
             other => other.to_string(),
         };
-        let _ = writeln!(s, "{k} = {v}");
+        lines.push(format!("{k} = {v}  {SETTINGS_MARK}"));
+    }
+    lines
+}
+
+/// postgresql.auto.conf: cluster-wide settings, then the user's, then where to stream from.
+/// `meridian` is the program PostgreSQL's archive command runs on a standby.
+pub fn render_auto_conf(config: &Config, server: &Server, start: &StartAs, meridian: &Path) -> String {
+    let mut s = String::from("# Written by meridian before every start; edit meridian.toml instead.\n");
+    for line in settings_lines(config) {
+        let _ = writeln!(s, "{line}");
     }
     if let Some(backup) = &config.backup {
         for (k, v) in crate::backup::pgbackrest::archive_settings(config, backup, &server.run_dir, meridian) {
@@ -244,6 +258,23 @@ impl Server {
     /// remote standby to replay them (`synchronous_commit = remote_apply`);
     /// `None` removes meridian's line (the user's setting, or `on`, applies
     /// again). Returns whether the file changed. The caller reloads.
+    /// Replaces meridian's defaults and `postgres.settings` in
+    /// postgresql.auto.conf with `config`'s (a newly published cluster file),
+    /// leaving every other line. Returns whether the file changed. The caller reloads.
+    pub fn set_settings(&self, config: &Config) -> Result<bool> {
+        let path = self.data_dir.join("postgresql.auto.conf");
+        let old = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let mut new: String = old.lines().filter(|l| !l.ends_with(SETTINGS_MARK)).map(|l| format!("{l}\n")).collect();
+        for line in settings_lines(config) {
+            let _ = writeln!(new, "{line}");
+        }
+        if new == old {
+            return Ok(false);
+        }
+        self.write_private(&path, &new)?;
+        Ok(true)
+    }
+
     pub fn set_guard_commit_level(&self, level: Option<&str>) -> Result<bool> {
         const MARK: &str = "# meridian: max_commit_lag";
         let line = level.map(|level| format!("synchronous_commit = {}  {MARK}", quote(level)));

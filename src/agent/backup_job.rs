@@ -4,7 +4,7 @@
 //! in etcd by compare-and-swap, so the gateway shows progress and a job that
 //! someone replaced is left alone.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tokio::task::JoinHandle;
@@ -114,6 +114,14 @@ impl Agent {
     }
 }
 
+/// How long a backup waits for the primary to create the stanza in a repository.
+const STANZA_WAIT: Duration = Duration::from_secs(30);
+
+/// pgBackRest's answer when the repository has no stanza yet ([055] on backup.info).
+fn is_no_stanza_yet(error: &str) -> bool {
+    error.contains("[055]") && error.contains("backup.info")
+}
+
 /// Runs the backups one after another, writing each step to etcd; stops
 /// writing if the job was replaced (the gateway gave up on this node).
 async fn run_job(
@@ -146,12 +154,27 @@ async fn run_job(
             return;
         }
         let started = Instant::now();
+        let job_id = job.id.clone();
+        let repo = name.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-            let out = cmd.output().context("run pgbackrest backup")?;
-            if !out.status.success() {
-                bail!("{}", pgbackrest::error_text(&out.stderr));
+            let waiting_since = Instant::now();
+            loop {
+                let out = cmd.output().context("run pgbackrest backup")?;
+                if out.status.success() {
+                    return Ok(pgbackrest::backup_label(&String::from_utf8_lossy(&out.stdout)));
+                }
+                let error = pgbackrest::error_text(&out.stderr);
+                // The primary creates the stanza once it runs (`agent::backup`): a job
+                // asked for right after a cluster starts waits for it, for a while.
+                if is_no_stanza_yet(&error) && waiting_since.elapsed() < STANZA_WAIT {
+                    if waiting_since.elapsed() < Duration::from_secs(1) {
+                        tracing::info!("backup job {job_id}: repository {repo} has no stanza yet; waiting for the primary to create it");
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                bail!("{error}");
             }
-            Ok(pgbackrest::backup_label(&String::from_utf8_lossy(&out.stdout)))
         })
         .await
         .context("join pgbackrest backup")
@@ -223,4 +246,15 @@ async fn write(coord: &Coord, job: &mut BackupJob, next: BackupJob) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_repository_without_a_stanza_is_told_from_other_failures() {
+        let missing = "[055]: unable to load info file '/r/backup/lab/backup.info' or '/r/backup/lab/backup.info.copy': FileMissingError";
+        assert!(super::is_no_stanza_yet(missing));
+        assert!(!super::is_no_stanza_yet("[056]: unable to find primary cluster - cannot proceed"));
+        assert!(!super::is_no_stanza_yet("[055]: unable to open missing file '/pg/global/pg_control' for read"));
+    }
 }

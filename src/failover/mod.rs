@@ -8,9 +8,10 @@
 //! When nobody holds `leader`, every standby ranks the same candidates with
 //! `choose`: eligible are standbys with a fresh report, allowed by the
 //! within/cross-region mode and within the lag budget of the last primary
-//! position recorded in etcd (`optime`); the best has the most WAL, then the
-//! preferred region, then the first name. Only the best tries to take
-//! `leader`; etcd's transaction makes sure at most one succeeds per epoch.
+//! position recorded in etcd (`optime`); the best has the most WAL, then is
+//! not the former primary, then the preferred region, then the first name.
+//! Only the best tries to take `leader`; etcd's transaction makes sure at most
+//! one succeeds per epoch.
 
 pub mod duties;
 mod reason;
@@ -378,7 +379,16 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
         }
         eligible.push(c);
     }
-    eligible.sort_by(|a, b| b.lsn.cmp(&a.lsn).then(a.priority.cmp(&b.priority)).then(a.node.cmp(&b.node)));
+    // Among equals, the former primary ranks last: it lost `leader` to a crash, a
+    // hang or a fence, and its restarted server has shown nothing yet.
+    let was_primary = |c: &Candidate| c.node == last.node;
+    eligible.sort_by(|a, b| {
+        b.lsn
+            .cmp(&a.lsn)
+            .then(was_primary(a).cmp(&was_primary(b)))
+            .then(a.priority.cmp(&b.priority))
+            .then(a.node.cmp(&b.node))
+    });
     match eligible.first() {
         Some(best) => Ok((*best).clone()),
         None if refusals.is_empty() => Err(NoFailover::NoStandbys),

@@ -216,11 +216,22 @@ fn decisions_table() {
 }
 
 #[test]
-fn failover_picks_the_most_advanced_then_the_preferred_region_then_the_name() {
+fn failover_picks_the_most_advanced_then_not_the_former_primary_then_the_preferred_region_then_the_name() {
     let cases: Vec<(&str, Vec<Candidate>, &str)> = vec![
         ("most WAL wins", vec![cand("b", "r1", 1, 9_500), cand("c", "r2", 2, 9_900)], "c"),
         ("equal WAL: the preferred region", vec![cand("c", "r2", 2, 9_900), cand("b", "r1", 1, 9_900)], "b"),
         ("equal WAL and region: the first name", vec![cand("c", "r1", 1, 9_900), cand("b", "r1", 1, 9_900)], "b"),
+        (
+            // a lost `leader` (a hang, a fence) and restarted its server as a standby.
+            "equal WAL: not the former primary",
+            vec![cand("a", "r1", 1, 9_900), cand("b", "r1", 1, 9_900), cand("c", "r2", 2, 9_900)],
+            "b",
+        ),
+        (
+            "the former primary with more WAL loses least",
+            vec![cand("a", "r1", 1, 10_000), cand("b", "r1", 1, 9_900)],
+            "a",
+        ),
         ("beyond the budget is never chosen", vec![cand("b", "r1", 1, 8_000), cand("c", "r2", 2, 9_100)], "c"),
         (
             // b is a former primary on timeline 1 whose rewind has not succeeded: its

@@ -124,6 +124,9 @@ pub struct MemberStatus {
     /// The primary's commit-lag guard (`[replication] max_commit_lag`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_hold: Option<crate::agent::commit_lag::CommitHold>,
+    /// The published cluster file version the agent runs by (0: the file it started with).
+    #[serde(default)]
+    pub config_version: u64,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,

@@ -189,7 +189,12 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         published: Default::default(),
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
-    while !shutdown.is_cancelled() {
+    // Run by the newest published cluster file from the first pass: the local
+    // file may predate nodes that joined since (whose slots a primary keeps).
+    if let Err(e) = agent.published_config_duties().await {
+        agent.log_failure(&e);
+    }
+    while !shutdown.is_cancelled() && !agent.published.left {
         // A step may take long (a base backup); shutdown must not wait for it.
         tokio::select! {
             () = agent.step() => {}
@@ -213,6 +218,13 @@ impl Agent {
         let snapshot = self.read_snapshot().await;
         if self.release_after_hang(snapshot.as_ref()).await {
             return; // the snapshot predates the release: look again
+        }
+        if self.leave_step(snapshot.as_ref()).await {
+            self.report(snapshot.as_ref()).await;
+            if let Err(e) = self.published_config_duties().await {
+                self.log_failure(&e);
+            }
+            return;
         }
         let view = self.view(snapshot.as_ref()).await;
         let action = failover::decide(&view);

@@ -190,8 +190,10 @@ impl Agent {
         Ok(())
     }
 
-    /// The primary keeps a physical slot for every other node, so a replica that
-    /// falls behind (up to `max_slot_wal_keep_size`) can still catch up.
+    /// The primary keeps a physical slot for every other node of the cluster
+    /// file, so a replica that falls behind (up to `max_slot_wal_keep_size`)
+    /// can still catch up; a node that left loses its slot once it no longer
+    /// streams (a slot nobody consumes retains WAL until the disk is full).
     pub(super) async fn ensure_slots(&mut self) -> Result<()> {
         let me = self.server.node.clone();
         let wanted: Vec<String> =
@@ -199,22 +201,26 @@ impl Agent {
         let own = files::slot_name(&me);
         let client = self.client().await?;
         let rows = client
-            .query("SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' AND slot_name LIKE 'meridian\\_%'", &[])
+            .query("SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical' AND slot_name LIKE 'meridian\\_%'", &[])
             .await
             .context("list replication slots")?;
-        let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        for slot in wanted.iter().filter(|s| !existing.contains(s)) {
+        let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for slot in wanted.iter().filter(|s| !existing.iter().any(|(e, _)| e == *s)) {
             client
                 .execute("SELECT pg_create_physical_replication_slot($1, true)", &[slot])
                 .await
                 .with_context(|| format!("create replication slot {slot}"))?;
         }
-        if existing.contains(&own) {
-            // A slot for ourselves would retain WAL forever: nobody consumes it.
+        // A slot for ourselves would retain WAL forever: nobody consumes it.
+        let unwanted = existing.iter().filter(|(s, active)| *s == own || (!wanted.contains(s) && !active));
+        for (slot, _) in unwanted {
             client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&own])
+                .execute("SELECT pg_drop_replication_slot($1)", &[slot])
                 .await
-                .with_context(|| format!("drop replication slot {own}"))?;
+                .with_context(|| format!("drop replication slot {slot}"))?;
+            if *slot != own {
+                tracing::info!("dropped replication slot {slot}: its node is no longer in the cluster file");
+            }
         }
         Ok(())
     }

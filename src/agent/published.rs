@@ -1,27 +1,62 @@
-//! The published cluster file (`meridian config apply`): what of it the
-//! agent takes while it runs. Today that is `postgres.settings` that take a
-//! reload: written into postgresql.auto.conf (`Server::set_settings`) and
-//! reloaded. The gateway publishes no other change yet (docs/config.md).
+//! The published cluster file (`meridian config apply`): the agent runs by
+//! the newest version and reports which one (`config_version` in its report,
+//! so `config apply` can wait until every agent has taken it).
+//!
+//! Taking a version: `postgres.settings` that take a reload are written into
+//! postgresql.auto.conf (`Server::set_settings`), pg_hba.conf is written
+//! again (a node that joins may replicate from its address, one that left may
+//! not), and PostgreSQL reloads; the rest of the file (nodes, policies) is in
+//! force from the next pass. Settings that take a restart are left as they
+//! run (`meridian config apply` refuses them).
+//!
+//! A version without this node removes it: the node leaves. It reports itself
+//! unhealthy at once (the gateways route no new session to it), waits until
+//! the leader runs by that version (so it no longer names this node a
+//! synchronous standby, nor admits it in pg_hba.conf) and its sessions have
+//! ended (at most `DRAIN`), stops PostgreSQL and exits. Its data stays. A
+//! primary does not leave: `config apply` refuses to remove it, and if it
+//! became primary meanwhile it keeps serving until a switchover moves the
+//! primary elsewhere.
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::Agent;
+use crate::cluster::{MemberStatus, Role};
 use crate::config::change::RESTART_SETTINGS;
 use crate::config::Config;
+use crate::coord::Snapshot;
 
 /// How often the agent looks for a new version.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long a leaving node waits for its application sessions to end.
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub(super) struct Published {
     /// The last version this agent took (or decided to leave).
-    version: u64,
+    pub version: u64,
     checked: Option<Instant>,
+    /// Set when a version removed this node.
+    pub leaving: Option<Leaving>,
+    /// Set once a leaving node has stopped its server: the agent exits.
+    pub left: bool,
+}
+
+pub(super) struct Leaving {
+    /// The version that removed this node.
+    pub version: u64,
+    /// When the leader was first seen running by it (draining starts then).
+    pub drain_since: Option<Instant>,
+    /// Application sessions still open at the last look.
+    pub sessions: Option<i64>,
+    /// Logged once when the node is primary and cannot leave.
+    pub warned_primary: bool,
 }
 
 impl Agent {
+    /// Takes a newer published version, if there is one (at most one look every `CHECK_EVERY`).
     pub(super) async fn published_config_duties(&mut self) -> Result<()> {
         if self.published.checked.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
             return Ok(());
@@ -31,36 +66,159 @@ impl Agent {
         if p.version <= self.published.version {
             return Ok(());
         }
-        let Some(new) = Config::parse(&p.text).config else {
+        let Some(mut new) = Config::parse(&p.text).config else {
             tracing::error!("cluster file version {} in etcd does not parse; keeping the running one", p.version);
             self.published.version = p.version;
             return Ok(());
         };
+        new.source = self.config.source.clone();
+        if new.node(&self.server.node).is_err() {
+            tracing::warn!(
+                "cluster file version {} (applied by {}) removes this node: leaving the cluster, data kept in {}",
+                p.version,
+                p.applied_by,
+                self.server.data_dir.display()
+            );
+            self.published.version = p.version;
+            self.published.leaving =
+                Some(Leaving { version: p.version, drain_since: None, sessions: None, warned_primary: false });
+            return Ok(());
+        }
+        self.take(new, p.version).await?;
+        self.published.version = p.version;
+        Ok(())
+    }
+
+    async fn take(&mut self, mut new: Config, version: u64) -> Result<()> {
         let old = &self.config.postgres.settings;
-        let changed: Vec<&String> = old
+        let changed: Vec<String> = old
             .keys()
             .chain(new.postgres.settings.keys())
             .filter(|k| old.get(*k) != new.postgres.settings.get(*k))
+            .cloned()
             .collect();
-        let restart: Vec<&str> = changed.iter().map(|k| k.as_str()).filter(|k| RESTART_SETTINGS.contains(k)).collect();
+        let (restart, reload): (Vec<String>, Vec<String>) =
+            changed.into_iter().partition(|k| RESTART_SETTINGS.contains(&k.as_str()));
         if !restart.is_empty() {
             tracing::warn!(
-                "cluster file version {} changes {}, which take a restart of PostgreSQL: not applied",
-                p.version,
+                "cluster file version {version} changes {}, which take a restart of PostgreSQL: left as they run",
                 restart.join(", ")
             );
-            self.published.version = p.version;
-            return Ok(());
-        }
-        if !changed.is_empty() {
-            let names = changed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
-            self.config.postgres.settings = new.postgres.settings.clone();
-            if self.server.is_initialized() && self.server.set_settings(&self.config)? && self.running.is_some() {
-                self.client().await?.execute("SELECT pg_reload_conf()", &[]).await?;
+            for k in &restart {
+                match old.get(k) {
+                    Some(v) => new.postgres.settings.insert(k.clone(), v.clone()),
+                    None => new.postgres.settings.remove(k),
+                };
             }
-            tracing::info!("cluster file version {}: PostgreSQL reloaded with {names}", p.version);
         }
-        self.published.version = p.version;
+        let hba_before = crate::postgres::files::render_hba(&self.config);
+        let hba_changed = crate::postgres::files::render_hba(&new) != hba_before;
+        let mut reload_needed = false;
+        if self.server.is_initialized() {
+            reload_needed |= self.server.set_settings(&new)?;
+            if hba_changed {
+                self.server.write_hba(&new)?;
+                reload_needed = true;
+            }
+        }
+        self.config = new;
+        if reload_needed && self.running.is_some() {
+            self.client().await?.execute("SELECT pg_reload_conf()", &[]).await.context("reload PostgreSQL")?;
+        }
+        let mut what = Vec::new();
+        if !reload.is_empty() {
+            what.push(reload.join(", "));
+        }
+        if hba_changed {
+            what.push("pg_hba.conf (the cluster's addresses)".into());
+        }
+        if what.is_empty() {
+            tracing::info!("cluster file version {version} taken");
+        } else {
+            tracing::info!("cluster file version {version} taken; PostgreSQL reloaded with {}", what.join(" and "));
+        }
         Ok(())
+    }
+
+    /// One pass of a leaving node: drain, then stop. Returns false when the
+    /// node is primary and so cannot leave yet (the ordinary pass runs).
+    pub(super) async fn leave_step(&mut self, snapshot: Option<&Snapshot>) -> bool {
+        let Some(leaving) = self.published.leaving.as_mut() else { return false };
+        let primary = self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary);
+        if primary {
+            if !leaving.warned_primary {
+                tracing::error!(
+                    "cluster file version {} removes this node, but it is the primary: it keeps serving until a switchover moves the primary",
+                    leaving.version
+                );
+                leaving.warned_primary = true;
+            }
+            return false;
+        }
+        // The leader must run by the version that removed this node before the
+        // node stops: until then it may name it a synchronous standby.
+        let leader_took_it = snapshot.is_some_and(|s| {
+            let leader = s.leader.as_ref().map(|l| l.leader.node.as_str());
+            s.members.iter().any(|m| Some(m.node.as_str()) == leader && m.config_version >= leaving.version)
+                || leader.is_none()
+        });
+        if leader_took_it && leaving.drain_since.is_none() {
+            leaving.drain_since = Some(Instant::now());
+        }
+        let version = leaving.version;
+        let sessions = if self.running.is_some() { self.application_sessions().await.ok() } else { Some(0) };
+        let leaving = self.published.leaving.as_mut().expect("checked above");
+        leaving.sessions = sessions;
+        let drained = leaving.drain_since.is_some_and(|t| sessions == Some(0) || t.elapsed() >= DRAIN);
+        if drained {
+            if let Some(n) = sessions.filter(|n| *n > 0) {
+                tracing::warn!("{n} session(s) still open after {}s of draining: stopping anyway", DRAIN.as_secs());
+            }
+            self.stop().await;
+            tracing::info!(
+                "left the cluster (cluster file version {version}); PostgreSQL stopped, data kept in {}",
+                self.server.data_dir.display()
+            );
+            self.published.left = true;
+        }
+        true
+    }
+
+    /// Sessions of anyone but meridian's own roles.
+    async fn application_sessions(&mut self) -> Result<i64> {
+        let p = &self.config.postgres;
+        let ours = vec![p.replication_user.clone(), p.monitor_user.clone(), p.auth_user.clone(), "postgres".into()];
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                 AND pid <> pg_backend_pid() AND NOT (usename = ANY($1))",
+                &[&ours],
+            )
+            .await
+            .context("count application sessions")?;
+        Ok(row.get(0))
+    }
+
+    /// What a leaving node's report says instead of its ordinary health.
+    pub(super) fn mark_leaving(&self, report: &mut MemberStatus) {
+        report.config_version = self.published.version;
+        let Some(l) = &self.published.leaving else { return };
+        if report.role == Role::Primary {
+            report.detail = Some(format!(
+                "removed by cluster file version {}, but primary: switch over to let it leave",
+                l.version
+            ));
+            return;
+        }
+        report.healthy = false;
+        report.detail = Some(match (l.drain_since, l.sessions) {
+            (None, _) => format!("leaving (cluster file version {}): waiting for the leader to take it", l.version),
+            (Some(_), Some(n)) if n > 0 => {
+                format!("leaving (cluster file version {}): draining {n} session(s)", l.version)
+            }
+            _ => format!("leaving (cluster file version {})", l.version),
+        });
     }
 }

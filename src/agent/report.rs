@@ -63,6 +63,7 @@ impl Agent {
             cert_not_after: self.certificate_not_after(),
             archive: self.archive_report(),
             commit_hold: self.commit_hold.clone(),
+            config_version: self.published.version,
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,
@@ -93,6 +94,8 @@ impl Agent {
         if report.role == Role::Stopped || report.role == Role::Starting {
             self.last_local = None;
         }
+        let mut report = report;
+        self.mark_leaving(&mut report);
         self.latest.send_replace(Some(report));
     }
 

@@ -26,6 +26,7 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         archive: None,
         commit_hold: None,
         updated_at_ms: 0,
+        config_version: 0,
         unchanged_ms: 0,
         revision: 1,
     }

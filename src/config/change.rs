@@ -258,6 +258,12 @@ fn cost_of(path: &str) -> Cost {
     if let Some(setting) = path.strip_prefix("postgres.settings.") {
         return if RESTART_SETTINGS.contains(&setting) { Cost::RollingRestart } else { Cost::Reload };
     }
+    if path == "postgres.client_networks" {
+        return Cost::Reload; // pg_hba.conf
+    }
+    if path.starts_with("region[") && path.ends_with("].priority") {
+        return Cost::Nothing;
+    }
     if path == "etcd.endpoints" || path.ends_with(".etcd") {
         return Cost::Membership;
     }
@@ -266,6 +272,53 @@ fn cost_of(path: &str) -> Cost {
         return Cost::Membership;
     }
     Cost::Nothing
+}
+
+/// Fields meridian's processes read once, when they start: a change is
+/// refused until they can take it while they run.
+const AT_START: &[&str] = &[
+    "api.",
+    "backup.",
+    "etcd.",
+    "failover.dr_trigger",
+    "failover.lease_ttl",
+    "failover.primary_probe_timeout",
+    "object_store.",
+    "postgres.auth_user",
+    "postgres.bin_dir",
+    "postgres.bootstrap_sql",
+    "postgres.monitor_user",
+    "postgres.os_user",
+    "postgres.replication_user",
+    "postgres.secrets_file",
+    "tls.",
+];
+
+/// Whether the running processes take `c` while they run, or why not.
+/// Taken: reloadable settings and client networks (agents reload
+/// PostgreSQL), nodes that join or leave (agents clone or leave, gateways
+/// route by the new file), and what agents and gateways read on every pass
+/// (failover policy, routing, health checks, DNS, priorities).
+pub fn taken_live(c: &Change) -> Result<(), String> {
+    match c.cost {
+        Cost::RollingRestart => {
+            Err(format!("{}: takes a restart of every PostgreSQL (`meridian rolling-restart`, not built yet)", c.path))
+        }
+        Cost::Membership if owner_chain(&c.path).len() == 2 && (c.before.is_none() || c.after.is_none()) => Ok(()),
+        Cost::Membership
+            if c.path.starts_with("region[") && owner_chain(&c.path).len() == 1 && !c.path.contains('.') =>
+        {
+            Err(format!("{}: adding or removing a region is not built yet", c.path))
+        }
+        Cost::Membership => Err(format!("{}: moving a gateway or changing etcd's members is not built yet", c.path)),
+        _ if AT_START
+            .iter()
+            .any(|p| c.path == p.trim_end_matches('.') || (p.ends_with('.') && c.path.starts_with(p))) =>
+        {
+            Err(format!("{}: meridian's processes read this only when they start", c.path))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn refusals(running: &Config, new: &Config, primary: Option<&str>) -> Vec<String> {
@@ -418,5 +471,42 @@ mod tests {
         let mut new = running.clone();
         new.etcd.endpoints = vec!["https://10.42.9.1:2379".into(), "https://10.42.9.2:2379".into()];
         assert!(refused(&new, "ap-south-1a").contains("etcd members at once"));
+    }
+
+    #[test]
+    fn what_the_running_processes_take_live() {
+        let running = lab(1);
+        let live = |new: &Config| -> Vec<String> {
+            plan(&running, new, Some("ap-south-1a")).changes.iter().filter_map(|c| taken_live(c).err()).collect()
+        };
+        // Taken: a node that joins, a reloadable setting, client networks, a priority, health checks.
+        let two = lab(2);
+        let mut new = two.clone();
+        set(&mut new, "work_mem", "8MB");
+        new.postgres.client_networks.push("10.9.0.0/16".into());
+        new.regions[1].priority = Some(7);
+        assert_eq!(live(&new), Vec::<String>::new());
+        assert_eq!(
+            plan(&running, &new, None).changes.iter().find(|c| c.path.ends_with("priority")).unwrap().cost,
+            Cost::Nothing
+        );
+        // ...and one that leaves.
+        assert!(plan(&two, &running, Some("ap-south-1a")).changes.iter().all(|c| taken_live(c).is_ok()));
+        // Not yet: a restart setting, a region, etcd's members, what processes read at start.
+        let mut new = running.clone();
+        set(&mut new, "shared_buffers", "64MB");
+        assert!(live(&new)[0].contains("rolling-restart"), "{:?}", live(&new));
+        let mut new = running.clone();
+        new.regions.pop();
+        new.etcd.endpoints.pop();
+        let why = live(&new).join("; ");
+        assert!(why.contains("adding or removing a region is not built yet"), "{why}");
+        assert!(why.contains("etcd.endpoints"), "{why}");
+        let mut new = running.clone();
+        new.failover.lease_ttl = std::time::Duration::from_secs(9);
+        new.regions[0].gateway.api = "127.42.1.3:8080".parse().unwrap();
+        let why = live(&new).join("; ");
+        assert!(why.contains("failover.lease_ttl: meridian's processes read this only when they start"), "{why}");
+        assert!(why.contains("moving a gateway"), "{why}");
     }
 }

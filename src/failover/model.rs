@@ -241,6 +241,7 @@ impl Model {
             archive: None,
             commit_hold: None,
             updated_at_ms: self.now,
+            config_version: 0,
             unchanged_ms: 0,
             revision: 0,
         };

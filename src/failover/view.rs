@@ -142,6 +142,7 @@ mod tests {
             archive: None,
             commit_hold: None,
             updated_at_ms: 0,
+            config_version: 0,
             unchanged_ms: 100,
             revision: 42,
         }

@@ -44,7 +44,7 @@ pub fn router(gateway: Gateway) -> Router {
 /// Serves the API over TLS with the gateway's certificate; client
 /// certificates from the cluster CA are checked when presented.
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let identity = gateway.config.tls_identity(&format!("gateway-{}", gateway.region));
+    let identity = gateway.config().tls_identity(&format!("gateway-{}", gateway.region));
     let tls = crate::tls::server_config(&identity, crate::tls::ClientAuth::Optional)?;
     crate::tls::serve_https(listener, tls, router(gateway), shutdown).await
 }
@@ -280,7 +280,7 @@ pub struct CertificateExpiry {
 
 async fn health(State(g): State<Gateway>) -> Result<Json<HealthStatus>, ApiError> {
     let snap = g.coord.snapshot().await.map_err(unavailable)?;
-    let checks = super::health::aggregate::aggregate(&g.config.health, &snap.health).into_values().collect();
+    let checks = super::health::aggregate::aggregate(&g.config().health, &snap.health).into_values().collect();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let own = crate::ca::inspect(&g.identity.cert())
         .ok()
@@ -297,7 +297,7 @@ async fn health(State(g): State<Gateway>) -> Result<Json<HealthStatus>, ApiError
             not_after,
         })
         .collect();
-    Ok(Json(HealthStatus { healthy_share: g.config.health.healthy_share, checks, certificates }))
+    Ok(Json(HealthStatus { healthy_share: g.config().health.healthy_share, checks, certificates }))
 }
 
 #[derive(Deserialize)]

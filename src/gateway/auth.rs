@@ -65,7 +65,7 @@ async fn authenticate(
         return auth::check_token(token, stored.as_ref(), now().as_secs()).map_err(Ok);
     }
     if let Some(name) = &peer.cert_name {
-        return match g.config.api.certificate_roles.get(name) {
+        return match g.config().api.certificate_roles.get(name) {
             Some(role) => Ok(Caller { who: format!("cert:{name}"), role: *role }),
             None => Err(Ok(Denied::Unauthenticated(format!(
                 "client certificate {name:?} has no role ([api] certificate_roles) and no token was sent"
@@ -87,7 +87,7 @@ fn denied(d: Denied) -> Response {
 
 pub async fn middleware(State(g): State<Gateway>, mut req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let Some(needed) = required(&method, &path, g.config.api.metrics_open) else {
+    let Some(needed) = required(&method, &path, g.config().api.metrics_open) else {
         return next.run(req).await;
     };
     let peer = req.extensions().get::<Peer>().cloned();

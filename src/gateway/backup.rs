@@ -15,8 +15,8 @@ use crate::cluster::{now_ms, ArchiveReport, Role};
 
 use anyhow::{Context, Result};
 
-fn backup_config(g: &Gateway) -> Result<&crate::config::BackupConfig> {
-    g.config.backup.as_ref().ok_or_else(|| Refused("the cluster file has no [backup] section".into()).into())
+fn backup_config(g: &Gateway) -> Result<crate::config::BackupConfig> {
+    g.config().backup.clone().ok_or_else(|| Refused("the cluster file has no [backup] section".into()).into())
 }
 
 /// Starts a backup of `backup_type` to `repository` (every repository when
@@ -49,7 +49,7 @@ pub async fn create(
     let Some(primary) = s.leader.as_ref().map(|l| l.leader.node.clone()) else {
         return Err(Refused("there is no primary; a backup needs one".into()).into());
     };
-    let node = choose_node(&g.config, backup, &repositories[0], &primary, &s.members).map_err(Refused)?;
+    let node = choose_node(&g.config(), &backup, &repositories[0], &primary, &s.members).map_err(Refused)?;
     let now = now_ms();
     let job = BackupJob {
         id: format!("{now:x}"),
@@ -81,7 +81,7 @@ async fn with_repositories<T: Send + 'static>(
     f: impl FnOnce(&Repositories) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     backup_config(g)?;
-    let (config, secrets, ca) = (g.config.clone(), g.secrets.clone(), g.identity.ca());
+    let (config, secrets, ca) = (g.config().clone(), g.secrets.clone(), g.identity.ca());
     tokio::task::spawn_blocking(move || f(&Repositories::open(&config, &secrets, &ca, None, None)?))
         .await
         .context("join pgbackrest")?
@@ -132,7 +132,7 @@ pub struct BackupStatus {
 }
 
 pub async fn status(g: &Gateway) -> Result<BackupStatus> {
-    let backup = backup_config(g)?.clone();
+    let backup = backup_config(g)?;
     let s = g.coord.snapshot().await?;
     let primary = s.members.iter().find(|m| m.role == Role::Primary && m.is_fresh());
     let write_lsn = primary.and_then(|p| p.write_lsn).map(|l| l.0);
@@ -190,7 +190,7 @@ pub const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(6
 /// last job counts as taken even before the catalog shows it, so two
 /// gateways do not take the same backup twice.
 pub async fn schedule(g: Gateway, shutdown: tokio_util::sync::CancellationToken) {
-    let Some(backup) = g.config.backup.clone() else { return };
+    let Some(backup) = g.config().backup.clone() else { return };
     let started = std::time::Instant::now();
     loop {
         // The catalog is read every round, also for `meridian status`; backups

@@ -3,10 +3,11 @@
 //! apply`). Until a file is published, the running one is the file this
 //! gateway started with, as version 0.
 //!
-//! What `apply` publishes today: changes of cost `reload` to
-//! `postgres.settings`, which every agent takes while it runs
-//! (`agent::published`). Everything else is refused with the reason, as is
-//! any change `config::change::plan` refuses.
+//! What `apply` publishes: what the running processes take while they run
+//! (`config::change::taken_live`: reloadable settings, nodes that join or
+//! leave, policies and routing); agents (`agent::published`) and gateways
+//! (`view`) take it within two seconds. Everything else is refused with the
+//! reason, as is any change `config::change::plan` refuses.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -22,9 +23,9 @@ pub async fn running(g: &Gateway) -> Result<PublishedConfig> {
     if let Some(p) = g.coord.published_config().await? {
         return Ok(p);
     }
-    let text = match &g.config.source {
+    let text = match &g.config().source {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
-        None => toml::to_string(&*g.config).context("render the running cluster file")?,
+        None => toml::to_string(&*g.config()).context("render the running cluster file")?,
     };
     Ok(PublishedConfig {
         version: 0,
@@ -80,26 +81,13 @@ async fn plan_against_running(g: &Gateway, text: &str) -> Result<(PublishedConfi
         let problems: Vec<String> = checked.problems.iter().map(|p| p.to_string()).collect();
         return Err(Refused(format!("the new file has {} problem(s): {}", problems.len(), problems.join("; "))).into());
     };
-    new.source = g.config.source.clone();
+    new.source = g.config().source.clone();
     let current = running(g).await?;
     let mut old = Config::parse(&current.text).config.context("the running cluster file does not parse")?;
-    old.source = g.config.source.clone();
+    old.source = g.config().source.clone();
     let primary = g.coord.snapshot().await?.leader.map(|l| l.leader.node);
     let plan = change::plan(&old, &new, primary.as_deref());
-    let not_live = plan
-        .changes
-        .iter()
-        .filter(|c| !(c.cost == Cost::Reload && c.path.starts_with("postgres.settings.")))
-        .map(|c| match c.cost {
-            Cost::RollingRestart => {
-                format!("{}: takes a restart of every PostgreSQL (a rolling restart, not built yet)", c.path)
-            }
-            Cost::Membership => {
-                format!("{}: a membership change (adding and removing nodes and regions is not built yet)", c.path)
-            }
-            _ => format!("{}: meridian's processes take this only when they restart (not yet while they run)", c.path),
-        })
-        .collect();
+    let not_live = plan.changes.iter().filter_map(|c| change::taken_live(c).err()).collect();
     let answer = PlanAnswer { running_version: current.version, published: None, plan, not_live };
     Ok((current, new, answer))
 }

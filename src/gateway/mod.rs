@@ -37,7 +37,6 @@ use proxy::{Port, Proxy, ProxyStats};
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct Gateway {
-    pub config: Arc<Config>,
     pub secrets: Arc<Secrets>,
     pub region: String,
     pub coord: Coord,
@@ -79,7 +78,7 @@ async fn etcd_certificates(g: Gateway, shutdown: CancellationToken) {
     let Ok(tls) = crate::tls::client_config(&g.identity.ca(), Some(&g.identity)) else { return };
     loop {
         let mut seen = Vec::new();
-        for r in &g.config.regions {
+        for r in &g.config().regions {
             let Some(addr) = r.etcd.as_deref().and_then(|u| crate::config::parse_etcd_url(u).ok()) else { continue };
             if let Ok(s) = crate::tls::served_certificate(addr, &tls, false, std::time::Duration::from_secs(2)).await {
                 seen.push((format!("etcd:{}", r.name), s.not_after.max(0) as u64));
@@ -94,12 +93,19 @@ async fn etcd_certificates(g: Gateway, shutdown: CancellationToken) {
 }
 
 impl Gateway {
+    /// The cluster file in force: the one this gateway started with, or the
+    /// newest published version (see `view`).
+    pub fn config(&self) -> Arc<Config> {
+        self.view.borrow().config.clone()
+    }
+
     /// The cluster's status from one consistent etcd read.
     pub async fn status(&self) -> Result<ClusterStatus> {
         let snap = self.coord.snapshot().await?;
+        let config = self.config();
         let mut status =
-            ClusterStatus::build(&self.config, snap.leader.as_ref().map(|l| &l.leader), snap.epoch, &snap.members);
-        if let (Some(backup), Some((at, catalog))) = (&self.config.backup, self.catalog.lock().unwrap().as_ref()) {
+            ClusterStatus::build(&config, snap.leader.as_ref().map(|l| &l.leader), snap.epoch, &snap.members);
+        if let (Some(backup), Some((at, catalog))) = (&config.backup, self.catalog.lock().unwrap().as_ref()) {
             let primary = snap.members.iter().find(|m| m.role == crate::cluster::Role::Primary && m.is_fresh());
             let write = primary.and_then(|p| p.write_lsn).map(|l| l.0);
             status.backups = backup
@@ -127,7 +133,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let writer_listener = bind("writer port", addrs.writer).await?;
     let reader_listener = bind("reader port", addrs.reader).await?;
     let coord = Coord::connect(&config, &identity).await?;
-    let view = view::spawn(coord.clone(), shutdown.clone());
+    let view = view::spawn(coord.clone(), config.clone(), region.to_string(), shutdown.clone());
 
     // The proxy ports present the gateway's certificate, as the API does, and
     // log clients in themselves so that the leg to PostgreSQL is TLS too.
@@ -142,11 +148,10 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     )?);
     let proxy = |port| {
         let security = proxy::Security { acceptor: acceptor.clone(), logins: logins.clone() };
-        Arc::new(Proxy::new(config.clone(), region.to_string(), port, view.clone(), Some(security)))
+        Arc::new(Proxy::new(region.to_string(), port, view.clone(), Some(security)))
     };
     let (writer, reader) = (proxy(Port::Writer), proxy(Port::Reader));
     let gateway = Gateway {
-        config: config.clone(),
         secrets: secrets.clone(),
         region: region.to_string(),
         coord: coord.clone(),
@@ -162,7 +167,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     if let Some(keep) = config.api.audit_retention {
         tokio::spawn(trim_audit(gateway.clone(), keep, shutdown.clone()));
     }
-    let dns = tokio::spawn(dns::serve(config.clone(), region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
+    let dns = tokio::spawn(dns::serve(region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
     health::start(&gateway, shutdown.clone()).await;
     if let Some(t) = config.failover.dr_trigger.clone() {
         tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));

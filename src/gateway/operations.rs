@@ -86,7 +86,7 @@ async fn until<T>(g: &Gateway, deadline: Instant, what: &str, ready: impl Fn(&Sn
 
 /// Planned switchover to `to`, RPO 0.
 pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<OperationReport> {
-    g.config.node(to).map_err(|e| Refused(format!("{e:#}")))?;
+    g.config().node(to).map_err(|e| Refused(format!("{e:#}")))?;
     let s = g.coord.snapshot().await?;
     let Some(leader) = s.leader.as_ref().map(|l| l.leader.clone()) else {
         return Err(Refused("there is no primary to switch over from".into()).into());
@@ -217,7 +217,8 @@ pub async fn failover_to_region(
     timeout: Duration,
     trigger: Option<String>,
 ) -> Result<OperationReport> {
-    let r = g.config.region(region).map_err(|e| Refused(format!("{e:#}")))?;
+    let config = g.config();
+    let r = config.region(region).map_err(|e| Refused(format!("{e:#}")))?;
     if r.nodes.is_empty() {
         return Err(Refused(format!("region {region} has no database nodes")).into());
     }
@@ -268,7 +269,7 @@ pub async fn failover_to_region(
             reported_revision: best.revision,
         };
         let last = failover::LastPrimary { node: String::new(), region: String::new(), lsn: reference };
-        if let Err(why) = failover::within_budget(&candidate, &last, g.config.failover.max_lag_on_failover) {
+        if let Err(why) = failover::within_budget(&candidate, &last, g.config().failover.max_lag_on_failover) {
             if !allow_data_loss {
                 return Err(Refused(format!(
                     "{} is beyond the data-loss budget: {why}; estimated loss {} of acknowledged WAL; pass --allow-data-loss to promote it anyway",

@@ -78,7 +78,6 @@ pub struct ProxyStats {
 
 /// What every connection of one port shares.
 pub struct Proxy {
-    pub config: Arc<Config>,
     pub region: String,
     pub port: Port,
     pub view: watch::Receiver<View>,
@@ -102,19 +101,18 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 impl Proxy {
-    pub fn new(
-        config: Arc<Config>,
-        region: String,
-        port: Port,
-        view: watch::Receiver<View>,
-        security: Option<Security>,
-    ) -> Proxy {
-        Proxy { config, region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), security }
+    pub fn new(region: String, port: Port, view: watch::Receiver<View>, security: Option<Security>) -> Proxy {
+        Proxy { region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), security }
+    }
+
+    /// The cluster file in force (see `view`).
+    fn config(&self) -> Arc<Config> {
+        self.view.borrow().config.clone()
     }
 
     /// Older than this, the view no longer proves who the leader is.
     fn stale_after(&self) -> Duration {
-        self.config.failover.lease_ttl / 2
+        self.config().failover.lease_ttl / 2
     }
 
     /// Accepts connections until `shutdown`.
@@ -294,34 +292,32 @@ impl Proxy {
 
     /// The backend for a new connection, waiting (bounded) while there is no writer.
     async fn pick(&self) -> Result<Backend, String> {
-        let deadline = tokio::time::Instant::now() + self.config.proxy.leader_wait;
+        let leader_wait = self.config().proxy.leader_wait;
+        let deadline = tokio::time::Instant::now() + leader_wait;
         let mut view = self.view.clone();
         loop {
             let current = view.borrow_and_update().clone();
+            let config = &current.config;
             let why =
                 match current.fresh(self.stale_after()) {
                     Some(snap) => {
                         if self.port == Port::Reader {
-                            let max_lag = self.config.proxy.max_reader_lag;
-                            let readers = routing::readers(&self.config, snap, &self.region, max_lag);
+                            let max_lag = config.proxy.max_reader_lag;
+                            let readers = routing::readers(config, snap, &self.region, max_lag);
                             if !readers.is_empty() {
                                 let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
                                 return Ok(readers[i].clone());
                             }
                         }
-                        match routing::writer(&self.config, snap) {
+                        match routing::writer(config, snap) {
                             Ok(b) => return Ok(b),
                             Err(why) => why.to_string(),
                         }
                     }
                     None if self.port == Port::Reader => {
                         // Reads are safe on any standby: use the last known ones.
-                        let readers = routing::readers(
-                            &self.config,
-                            &current.snapshot,
-                            &self.region,
-                            self.config.proxy.max_reader_lag,
-                        );
+                        let readers =
+                            routing::readers(config, &current.snapshot, &self.region, config.proxy.max_reader_lag);
                         match readers.first() {
                             Some(b) => return Ok(b.clone()),
                             None => return Err("this gateway cannot see etcd and knows no standby".into()),
@@ -334,7 +330,7 @@ impl Proxy {
                 };
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(format!("no primary to route to within {}: {why}", humantime::format_duration(self.config.proxy.leader_wait)));
+                    return Err(format!("no primary to route to within {}: {why}", humantime::format_duration(leader_wait)));
                 }
                 changed = view.changed() => if changed.is_err() { return Err("the gateway is stopping".into()) },
                 // Staleness changes without a view change.
@@ -356,7 +352,7 @@ impl Proxy {
             }
             let current = view.borrow_and_update().clone();
             if let Some(snap) = current.fresh(self.stale_after()) {
-                let leader = routing::leader_node(&self.config, snap);
+                let leader = routing::leader_node(&current.config, snap);
                 if leader.as_ref().map(|l| (&l.node, l.epoch)) != Some((&backend.node, backend.epoch)) {
                     return;
                 }
@@ -368,7 +364,7 @@ impl Proxy {
     /// know which node issued them, so it passes it to every node (a node that
     /// did not issue the key ignores it).
     async fn forward_cancel(&self, packet: &[u8]) {
-        let nodes: Vec<SocketAddr> = self.config.nodes().map(|(_, n)| n.address).collect();
+        let nodes: Vec<SocketAddr> = self.config().nodes().map(|(_, n)| n.address).collect();
         let sends = nodes.into_iter().map(|addr| async move {
             if let Ok(Ok(mut s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                 let _ = s.write_all(packet).await;

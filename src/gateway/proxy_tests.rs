@@ -77,15 +77,20 @@ fn led_by(leader: &str, epoch: u64, lag: u64) -> Snapshot {
     }
 }
 
-fn view(snap: Snapshot) -> View {
-    View { snapshot: Arc::new(snap), read_at: Some(tokio::time::Instant::now()) }
+fn view(config: &Config, snap: Snapshot) -> View {
+    View {
+        snapshot: Arc::new(snap),
+        read_at: Some(tokio::time::Instant::now()),
+        config: Arc::new(config.clone()),
+        config_version: 0,
+    }
 }
 
 /// A proxy port serving in this runtime; its address.
-async fn serve(config: &Config, port: Port, views: watch::Receiver<View>, stop: &CancellationToken) -> SocketAddr {
+async fn serve(port: Port, views: watch::Receiver<View>, stop: &CancellationToken) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Arc::new(Proxy::new(Arc::new(config.clone()), "ap-south-1".into(), port, views, None));
+    let proxy = Arc::new(Proxy::new("ap-south-1".into(), port, views, None));
     tokio::spawn(proxy.serve(listener, stop.clone()));
     addr
 }
@@ -116,9 +121,9 @@ async fn landed(s: &mut TcpStream) -> String {
 #[tokio::test(start_paused = true)]
 async fn the_writer_follows_the_leader_and_cuts_sessions_to_the_old_one() {
     let config = config().await;
-    let (tx, rx) = watch::channel(view(led_by(A, 2, 0)));
+    let (tx, rx) = watch::channel(view(&config, led_by(A, 2, 0)));
     let stop = CancellationToken::new();
-    let proxy = serve(&config, Port::Writer, rx, &stop).await;
+    let proxy = serve(Port::Writer, rx, &stop).await;
     let mut old = connect(proxy).await;
     assert_eq!(landed(&mut old).await, "a");
     old.write_all(b"ping").await.unwrap();
@@ -126,7 +131,7 @@ async fn the_writer_follows_the_leader_and_cuts_sessions_to_the_old_one() {
     old.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"ping", "relayed both ways");
 
-    tx.send_replace(view(led_by(B, 3, 0)));
+    tx.send_replace(view(&config, led_by(B, 3, 0)));
     let mut rest = Vec::new();
     let cut = tokio::time::timeout(Duration::from_secs(1), old.read_to_end(&mut rest)).await;
     assert!(matches!(cut, Ok(Ok(0))), "the session to the old leader is cut: {cut:?}");
@@ -148,9 +153,9 @@ async fn a_switchover_holds_new_connections_until_the_new_primary_runs() {
         final_lsn: None,
         aborted: None,
     });
-    let (tx, rx) = watch::channel(view(during.clone()));
+    let (tx, rx) = watch::channel(view(&config, during.clone()));
     let stop = CancellationToken::new();
-    let proxy = serve(&config, Port::Writer, rx, &stop).await;
+    let proxy = serve(Port::Writer, rx, &stop).await;
     let started = tokio::time::Instant::now();
     let waiting = tokio::spawn(async move {
         let mut s = connect(proxy).await;
@@ -159,22 +164,23 @@ async fn a_switchover_holds_new_connections_until_the_new_primary_runs() {
     // Five seconds into the switchover (views kept fresh), still waiting.
     for _ in 0..5 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        tx.send_replace(view(during.clone()));
+        tx.send_replace(view(&config, during.clone()));
     }
     assert!(!waiting.is_finished(), "a new connection waits while a switchover is in progress");
-    tx.send_replace(view(led_by(B, 3, 0)));
+    tx.send_replace(view(&config, led_by(B, 3, 0)));
     assert_eq!(waiting.await.unwrap(), "b", "and lands on the new primary once it runs");
     assert!(started.elapsed() < config.proxy.leader_wait);
 
     // A switchover that never ends: refused at leader_wait, saying why.
-    tx.send_replace(view(during.clone()));
+    tx.send_replace(view(&config, during.clone()));
     let mut s = connect(proxy).await;
     let keep_fresh = {
         let tx = tx.clone();
+        let config = config.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                tx.send_replace(view(during.clone()));
+                tx.send_replace(view(&config, during.clone()));
             }
         })
     };
@@ -193,10 +199,10 @@ async fn a_switchover_holds_new_connections_until_the_new_primary_runs() {
 #[tokio::test(start_paused = true)]
 async fn a_view_older_than_half_the_lease_refuses_writers_but_not_readers() {
     let config = config().await;
-    let (_tx, rx) = watch::channel(view(led_by(A, 2, 0)));
+    let (_tx, rx) = watch::channel(view(&config, led_by(A, 2, 0)));
     let stop = CancellationToken::new();
-    let writer = serve(&config, Port::Writer, rx.clone(), &stop).await;
-    let reader = serve(&config, Port::Reader, rx, &stop).await;
+    let writer = serve(Port::Writer, rx.clone(), &stop).await;
+    let reader = serve(Port::Reader, rx, &stop).await;
     let mut s = connect(writer).await;
     assert_eq!(landed(&mut s).await, "a");
     // etcd stops answering: the view is not refreshed.
@@ -213,13 +219,13 @@ async fn a_view_older_than_half_the_lease_refuses_writers_but_not_readers() {
 async fn readers_use_a_standby_within_the_lag_budget_else_the_primary() {
     let config = config().await;
     let within = 1;
-    let (tx, rx) = watch::channel(view(led_by(A, 2, within)));
+    let (tx, rx) = watch::channel(view(&config, led_by(A, 2, within)));
     let stop = CancellationToken::new();
-    let reader = serve(&config, Port::Reader, rx, &stop).await;
+    let reader = serve(Port::Reader, rx, &stop).await;
     let mut s = connect(reader).await;
     assert_eq!(landed(&mut s).await, "b");
     let crate::config::LagBudget::Bytes(max) = config.proxy.max_reader_lag else { panic!("a byte budget") };
-    tx.send_replace(view(led_by(A, 2, max + 1)));
+    tx.send_replace(view(&config, led_by(A, 2, max + 1)));
     let mut s = connect(reader).await;
     assert_eq!(landed(&mut s).await, "a", "a standby beyond the budget is skipped");
     stop.cancel();

@@ -122,6 +122,7 @@ pub(crate) mod tests {
             archive: None,
             commit_hold: None,
             updated_at_ms: NOW,
+            config_version: 0,
             unchanged_ms: 0,
             revision: 1,
         }

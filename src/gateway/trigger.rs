@@ -20,7 +20,7 @@ const POLL: Duration = Duration::from_millis(500);
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub async fn watch(g: Gateway, trigger: DrTrigger, shutdown: CancellationToken) {
-    let object = match ObjectRef::open(&trigger.object, &g.config.object_store) {
+    let object = match ObjectRef::open(&trigger.object, &g.config().object_store) {
         Ok(o) => o,
         Err(e) => {
             tracing::error!("failed to {e:#}; the DR trigger is not watched");
@@ -92,6 +92,7 @@ pub async fn watch(g: Gateway, trigger: DrTrigger, shutdown: CancellationToken) 
 /// The leader, if it is in `region`.
 fn routing_leader_in(g: &Gateway, snap: &crate::coord::Snapshot, region: &str) -> Option<String> {
     let l = &snap.leader.as_ref()?.leader;
-    let (r, _) = g.config.node(&l.node).ok()?;
+    let config = g.config();
+    let (r, _) = config.node(&l.node).ok()?;
     (r.name == region).then(|| l.node.clone())
 }

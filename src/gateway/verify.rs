@@ -36,12 +36,12 @@ pub async fn run(g: &Gateway, timeout: Duration) -> Result<VerifyReport> {
     let Some(primary) = status.primary.clone() else {
         bail!("no primary to write the marker on: {}", status.reason.unwrap_or_default());
     };
-    let (_, pnode) = g.config.node(&primary)?;
+    let config = g.config();
+    let (_, pnode) = config.node(&primary)?;
     let client = connect(g, pnode.address).await.with_context(|| format!("connect to primary {primary}"))?;
     let deadline = Instant::now() + timeout;
     // Connect to every replica first, so catch-up times measure replication, not connection setup.
-    let replicas: Vec<_> = g
-        .config
+    let replicas: Vec<_> = config
         .nodes()
         .filter(|(_, n)| n.name != primary)
         .map(|(r, n)| (n.name.clone(), r.name.clone(), n.address))
@@ -116,7 +116,7 @@ async fn connect(g: &Gateway, addr: std::net::SocketAddr) -> Result<tokio_postgr
     let mut c = tokio_postgres::Config::new();
     c.host(addr.ip().to_string())
         .port(addr.port())
-        .user(&g.config.postgres.monitor_user)
+        .user(&g.config().postgres.monitor_user)
         .password(&g.secrets.monitor_password)
         .dbname("postgres")
         .application_name("meridian-gateway")

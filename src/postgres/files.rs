@@ -229,6 +229,12 @@ impl Server {
         Ok(())
     }
 
+    /// Writes pg_hba.conf for `config` (a newly published cluster file: nodes
+    /// come and go). The caller reloads.
+    pub fn write_hba(&self, config: &Config) -> Result<()> {
+        self.write_private(&self.run_dir.join("pg_hba.conf"), &render_hba(config))
+    }
+
     /// Sets `synchronous_standby_names` in postgresql.auto.conf (removes it
     /// for `None`); returns whether the file changed. The caller reloads.
     pub fn set_synchronous_standby_names(&self, names: Option<&str>) -> Result<bool> {
@@ -254,10 +260,6 @@ impl Server {
         Ok(true)
     }
 
-    /// While the commit-lag guard holds commits by replay, they wait for a
-    /// remote standby to replay them (`synchronous_commit = remote_apply`);
-    /// `None` removes meridian's line (the user's setting, or `on`, applies
-    /// again). Returns whether the file changed. The caller reloads.
     /// Replaces meridian's defaults and `postgres.settings` in
     /// postgresql.auto.conf with `config`'s (a newly published cluster file),
     /// leaving every other line. Returns whether the file changed. The caller reloads.
@@ -275,6 +277,10 @@ impl Server {
         Ok(true)
     }
 
+    /// While the commit-lag guard holds commits by replay, they wait for a
+    /// remote standby to replay them (`synchronous_commit = remote_apply`);
+    /// `None` removes meridian's line (the user's setting, or `on`, applies
+    /// again). Returns whether the file changed. The caller reloads.
     pub fn set_guard_commit_level(&self, level: Option<&str>) -> Result<bool> {
         const MARK: &str = "# meridian: max_commit_lag";
         let line = level.map(|level| format!("synchronous_commit = {}  {MARK}", quote(level)));

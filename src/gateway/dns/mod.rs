@@ -41,7 +41,6 @@ pub struct ServedZone {
 
 /// Binds UDP and TCP on `addr` and serves until `shutdown`.
 pub async fn serve(
-    config: Arc<Config>,
     region: String,
     addr: SocketAddr,
     view: watch::Receiver<View>,
@@ -49,9 +48,13 @@ pub async fn serve(
 ) -> Result<()> {
     let udp = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("bind DNS (UDP) on {addr}"))?;
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind DNS (TCP) on {addr}"))?;
-    let first = Arc::new(served_zone(&config, &region, &current_names(&config, &View::default()), 0));
+    let first = {
+        let v = view.borrow();
+        let empty = View::new(v.config.clone());
+        Arc::new(served_zone(&v.config, &region, &current_names(&empty), 0))
+    };
     let (tx, rx) = watch::channel(first);
-    tokio::spawn(update(config, region, view, tx, shutdown.clone()));
+    tokio::spawn(update(region, view, tx, shutdown.clone()));
     let mut server = hickory_server::Server::new(Handler { zone: rx });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
@@ -62,23 +65,24 @@ pub async fn serve(
 
 /// Rebuilds the zone on every view change (and when the view grows stale).
 async fn update(
-    config: Arc<Config>,
     region: String,
     mut view: watch::Receiver<View>,
     tx: watch::Sender<Arc<ServedZone>>,
     shutdown: CancellationToken,
 ) {
     let mut serial = initial_serial();
-    let mut last: Option<Names> = None;
+    let mut last: Option<(Names, u64)> = None;
     loop {
-        let names = current_names(&config, &view.borrow_and_update());
-        // Records are built only when an answer changed.
+        let current = view.borrow_and_update().clone();
+        let config = &current.config;
+        let names = (current_names(&current), current.config_version);
+        // Records are built only when an answer (or the cluster file) changed.
         if last.as_ref() != Some(&names) {
             if last.is_some() {
                 serial = serial.wrapping_add(1);
             }
             tracing::debug!("DNS zone serial {serial}");
-            tx.send_replace(Arc::new(served_zone(&config, &region, &names, serial)));
+            tx.send_replace(Arc::new(served_zone(config, &region, &names.0, serial)));
             last = Some(names);
         }
         tokio::select! {
@@ -95,7 +99,8 @@ fn initial_serial() -> u32 {
 }
 
 /// What every name answers now; a view older than half the lease TTL counts as none.
-fn current_names(config: &Config, view: &View) -> Names {
+fn current_names(view: &View) -> Names {
+    let config = &view.config;
     let snap = view.fresh(config.failover.lease_ttl / 2);
     let verdicts = snap
         .map(|s| aggregate(&config.health, &s.health).into_iter().map(|(k, v)| (k, v.healthy)).collect())

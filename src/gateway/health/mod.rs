@@ -68,17 +68,58 @@ impl Default for Verdict {
     }
 }
 
-/// Starts a prober per leaf check and the publisher. Returns at once.
+/// Starts the publisher and a prober per leaf check; the probers start again
+/// with each cluster file version the view takes (checks come and go with
+/// nodes). Returns at once.
 pub async fn start(g: &crate::gateway::Gateway, shutdown: CancellationToken) {
-    let (config, secrets, pg_tls, region, coord, view) =
-        (g.config.clone(), g.secrets.clone(), g.pg_tls.clone(), g.region.clone(), g.coord.clone(), g.view.clone());
-    let identity = g.identity.clone();
+    let (tx, rx) = mpsc::channel::<HealthReport>(256);
+    let (config, identity, coord) = (g.config(), g.identity.clone(), g.coord.clone());
+    let publisher_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        match LeaseKeeper::start(&config, &identity, publisher_shutdown.clone()).await {
+            Ok(Some(lease)) => publish(coord, lease, rx, publisher_shutdown).await,
+            Ok(None) => {}
+            Err(e) => tracing::error!("failed to {e:#}; health verdicts are not published"),
+        }
+    });
+    tokio::spawn(supervise_checks(g.clone(), tx, shutdown));
+}
+
+/// Runs the probers of the cluster file in force until a new version is taken, then starts them again.
+async fn supervise_checks(g: crate::gateway::Gateway, tx: mpsc::Sender<HealthReport>, shutdown: CancellationToken) {
+    let mut view = g.view.clone();
+    loop {
+        let (config, version) = {
+            let v = view.borrow_and_update();
+            (v.config.clone(), v.config_version)
+        };
+        let probers = shutdown.child_token();
+        start_probers(&g, &config, &tx, &probers);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = view.changed() => if changed.is_err() { return },
+            }
+            if view.borrow().config_version != version {
+                break;
+            }
+        }
+        probers.cancel();
+    }
+}
+
+fn start_probers(
+    g: &crate::gateway::Gateway,
+    config: &std::sync::Arc<crate::config::Config>,
+    tx: &mpsc::Sender<HealthReport>,
+    shutdown: &CancellationToken,
+) {
+    let identity = &g.identity;
     let leaves: Vec<HealthCheck> =
         config.health.checks.iter().filter(|c| c.kind != CheckKind::Calculated).cloned().collect();
     if leaves.is_empty() {
         return;
     }
-    let (tx, rx) = mpsc::channel::<HealthReport>(leaves.len() * 4);
     // https:// checks trust the cluster CA, as every meridian listener's client does.
     let https = match crate::tls::client_config(&identity.ca(), None) {
         Ok(tls) => Some(crate::client::Https { tls, token: None }),
@@ -100,22 +141,14 @@ pub async fn start(g: &crate::gateway::Gateway, shutdown: CancellationToken) {
         };
         let ctx = ProbeContext {
             monitor_user: config.postgres.monitor_user.clone(),
-            monitor_password: secrets.monitor_password.clone(),
+            monitor_password: g.secrets.monitor_password.clone(),
             object,
             https: https.clone(),
-            pg_tls: pg_tls.clone(),
-            backup: config.backup.as_ref().map(|_| (config.clone(), secrets.clone(), identity.ca())),
+            pg_tls: g.pg_tls.clone(),
+            backup: config.backup.as_ref().map(|_| (config.clone(), g.secrets.clone(), identity.ca())),
         };
-        tokio::spawn(run_check(check, ctx, region.clone(), view.clone(), tx.clone(), shutdown.clone()));
+        tokio::spawn(run_check(check, ctx, g.region.clone(), g.view.clone(), tx.clone(), shutdown.clone()));
     }
-    let config = config.clone();
-    tokio::spawn(async move {
-        match LeaseKeeper::start(&config, &identity, shutdown.clone()).await {
-            Ok(Some(lease)) => publish(coord, lease, rx, shutdown).await,
-            Ok(None) => {}
-            Err(e) => tracing::error!("failed to {e:#}; health verdicts are not published"),
-        }
-    });
 }
 
 async fn run_check(

@@ -319,6 +319,9 @@ pub struct ClusterStatus {
     /// Why there is no primary, when there is none.
     pub reason: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Nodes no longer in the cluster file whose agents still report (leaving).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaving: Vec<NodeStatus>,
     /// Per repository, from the gateway's last reading of the catalog (`[backup]` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backups: Vec<crate::backup::catalog::RepoSummary>,
@@ -351,6 +354,9 @@ pub struct NodeStatus {
     /// The primary's commit-lag guard, as its agent last said (`max_commit_lag` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_hold: Option<crate::agent::commit_lag::CommitHold>,
+    /// The published cluster file version its agent runs by (0: the file it started with).
+    #[serde(default)]
+    pub config_version: u64,
 }
 
 /// What a node's server says of its WAL archiving (`pg_stat_archiver`, and
@@ -398,6 +404,7 @@ impl ClusterStatus {
                     cert_not_after: m.cert_not_after,
                     archive: m.archive.clone(),
                     commit_hold: m.commit_hold.clone(),
+                    config_version: m.config_version,
                 },
                 Some(m) => NodeStatus {
                     name: node.name.clone(),
@@ -414,6 +421,7 @@ impl ClusterStatus {
                     cert_not_after: m.cert_not_after,
                     archive: m.archive.clone(),
                     commit_hold: m.commit_hold.clone(),
+                    config_version: m.config_version,
                 },
                 None => NodeStatus {
                     name: node.name.clone(),
@@ -430,7 +438,29 @@ impl ClusterStatus {
                     cert_not_after: None,
                     archive: None,
                     commit_hold: None,
+                    config_version: 0,
                 },
+            })
+            .collect();
+        let leaving = members
+            .iter()
+            .filter(|m| m.is_fresh() && config.node(&m.node).is_err())
+            .map(|m| NodeStatus {
+                name: m.node.clone(),
+                region: m.region.clone(),
+                role: m.role,
+                timeline: m.timeline,
+                lsn: m.replay_lsn.or(m.write_lsn),
+                lag_bytes: m.lag_bytes,
+                lag_seconds: m.lag_seconds,
+                healthy: m.healthy,
+                detail: m.detail.clone(),
+                waiting: None,
+                failure: m.failure.clone(),
+                cert_not_after: m.cert_not_after,
+                archive: None,
+                commit_hold: None,
+                config_version: m.config_version,
             })
             .collect();
         let primary = leader
@@ -453,7 +483,7 @@ impl ClusterStatus {
             }
             (None, Some(l)) => Some(format!("leader {} is not running as primary yet", l.node)),
         };
-        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, backups: Vec::new() }
+        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, leaving, backups: Vec::new() }
     }
 
     /// The status as a plain-text table, grouped by region.

@@ -13,7 +13,8 @@
 //! unhealthy at once (the gateways route no new session to it), waits until
 //! the leader runs by that version (so it no longer names this node a
 //! synchronous standby, nor admits it in pg_hba.conf) and its sessions have
-//! ended (at most `DRAIN`), stops PostgreSQL and exits. Its data stays. A
+//! ended (at most `DRAIN`), stops PostgreSQL and exits. Its data stays,
+//! unless the version was applied with `--purge`. A
 //! primary does not leave: `config apply` refuses to remove it, and if it
 //! became primary meanwhile it keeps serving until a switchover moves the
 //! primary elsewhere.
@@ -53,6 +54,8 @@ pub(super) struct Leaving {
     pub sessions: Option<i64>,
     /// Logged once when the node is primary and cannot leave.
     pub warned_primary: bool,
+    /// Empty the data directory once stopped (`config apply --purge`).
+    pub purge: bool,
 }
 
 impl Agent {
@@ -73,15 +76,16 @@ impl Agent {
         };
         new.source = self.config.source.clone();
         if new.node(&self.server.node).is_err() {
+            let purge = p.purge.contains(&self.server.node);
             tracing::warn!(
-                "cluster file version {} (applied by {}) removes this node: leaving the cluster, data kept in {}",
+                "cluster file version {} (applied by {}) removes this node: leaving the cluster{}",
                 p.version,
                 p.applied_by,
-                self.server.data_dir.display()
+                if purge { ", then removing its data (--purge)" } else { ", keeping its data" }
             );
             self.published.version = p.version;
             self.published.leaving =
-                Some(Leaving { version: p.version, drain_since: None, sessions: None, warned_primary: false });
+                Some(Leaving { version: p.version, drain_since: None, sessions: None, warned_primary: false, purge });
             return Ok(());
         }
         self.take(new, p.version).await?;
@@ -174,11 +178,23 @@ impl Agent {
             if let Some(n) = sessions.filter(|n| *n > 0) {
                 tracing::warn!("{n} session(s) still open after {}s of draining: stopping anyway", DRAIN.as_secs());
             }
+            let purge = leaving.purge;
             self.stop().await;
-            tracing::info!(
-                "left the cluster (cluster file version {version}); PostgreSQL stopped, data kept in {}",
-                self.server.data_dir.display()
-            );
+            let data = self.server.data_dir.clone();
+            if !purge {
+                tracing::info!(
+                    "left the cluster (cluster file version {version}); PostgreSQL stopped, data kept in {}",
+                    data.display()
+                );
+            } else if self.running.is_none() {
+                match std::fs::remove_dir_all(&data) {
+                    Ok(()) => tracing::info!(
+                        "left the cluster (cluster file version {version}); PostgreSQL stopped, {} removed (--purge)",
+                        data.display()
+                    ),
+                    Err(e) => tracing::error!("left the cluster, but failed to remove {}: {e}", data.display()),
+                }
+            }
             self.published.left = true;
         }
         true

@@ -33,9 +33,21 @@ enum Sub {
         json: bool,
     },
     /// Publish FILE as the running cluster file, if every change is safe and
-    /// can be taken while the cluster runs (exit 2 when refused; nothing changes then).
+    /// can be taken while the cluster runs (exit 2 when refused; nothing changes
+    /// then), and wait until every agent runs by it: joining nodes cloned and
+    /// streaming, leaving nodes drained and gone. In a lab, also starts the
+    /// agents of joining nodes (on machines, start their units: docs/deploy.md).
     Apply {
         file: PathBuf,
+        /// Nodes the file removes empty their data directories once they have left.
+        #[arg(long)]
+        purge: bool,
+        /// Return once published, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for every agent (a joining node copies the whole database).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
         #[arg(long)]
         json: bool,
     },
@@ -52,8 +64,10 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
     match args.command {
         Sub::Check { file, json } => check(&file, json),
         Sub::Show { version, json } => show(config, version, json).await,
-        Sub::Diff { file, json } => diff_or_apply(config, &file, false, json).await,
-        Sub::Apply { file, json } => diff_or_apply(config, &file, true, json).await,
+        Sub::Diff { file, json } => diff_or_apply(config, &file, None, json).await,
+        Sub::Apply { file, purge, no_wait, timeout, json } => {
+            diff_or_apply(config, &file, Some(ApplyOptions { purge, wait: (!no_wait).then_some(timeout) }), json).await
+        }
     }
 }
 
@@ -85,7 +99,18 @@ async fn show(config: &Path, version: Option<u64>, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-async fn diff_or_apply(config: &Path, file: &Path, apply: bool, json: bool) -> Result<i32> {
+/// `config apply FILE` (also what `lab add-node` and `lab remove-node` run).
+pub(super) async fn apply(config: &Path, file: &Path, purge: bool, wait: Option<Duration>, json: bool) -> Result<i32> {
+    diff_or_apply(config, file, Some(ApplyOptions { purge, wait }), json).await
+}
+
+struct ApplyOptions {
+    purge: bool,
+    /// How long to wait for every agent to run by the new version; None: do not wait.
+    wait: Option<Duration>,
+}
+
+async fn diff_or_apply(config: &Path, file: &Path, apply: Option<ApplyOptions>, json: bool) -> Result<i32> {
     let config = super::load_config(config)?;
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     // A file with problems goes nowhere: the same list `config check` prints.
@@ -102,10 +127,10 @@ async fn diff_or_apply(config: &Path, file: &Path, apply: bool, json: bool) -> R
         return Ok(super::EXIT_PROBLEMS);
     }
     let client = ApiClient::new(&config)?;
-    let answer: PlanAnswer = if apply {
-        let plan: PlanAnswer =
-            client.post("/v1/config/plan", &PlanRequest { text: text.clone(), expect_version: None }, TIMEOUT).await?;
-        let req = PlanRequest { text, expect_version: Some(plan.running_version) };
+    let plan_request = PlanRequest { text: text.clone(), expect_version: None, purge: false };
+    let answer: PlanAnswer = if let Some(opts) = &apply {
+        let plan: PlanAnswer = client.post("/v1/config/plan", &plan_request, TIMEOUT).await?;
+        let req = PlanRequest { text: text.clone(), expect_version: Some(plan.running_version), purge: opts.purge };
         match client.act("/v1/config", &req, TIMEOUT).await {
             Ok(a) => a,
             Err(e) => {
@@ -119,9 +144,29 @@ async fn diff_or_apply(config: &Path, file: &Path, apply: bool, json: bool) -> R
             }
         }
     } else {
-        client.post("/v1/config/plan", &PlanRequest { text, expect_version: None }, TIMEOUT).await?
+        client.post("/v1/config/plan", &plan_request, TIMEOUT).await?
     };
     let blocked = !answer.plan.refused.is_empty() || !answer.not_live.is_empty();
+    if let (Some(opts), Some(version)) = (&apply, answer.published) {
+        if !json {
+            print_plan(&answer);
+            println!("published version {version}");
+        }
+        let in_force = take_effect(&config, &client, &text, version, &answer, opts).await;
+        if json {
+            let error = in_force.as_ref().err().map(|e| format!("{e:#}"));
+            println!(
+                "{}",
+                serde_json::json!({ "applied": true, "answer": answer, "in_force": error.is_none(), "error": error })
+            );
+        }
+        return match in_force {
+            Ok(()) => Ok(0),
+            // The JSON above says what is not in force.
+            Err(_) if json => Ok(1),
+            Err(e) => Err(e),
+        };
+    }
     if json {
         println!("{}", serde_json::to_string(&answer)?);
     } else {
@@ -134,6 +179,74 @@ async fn diff_or_apply(config: &Path, file: &Path, apply: bool, json: bool) -> R
         }
     }
     Ok(if blocked { super::EXIT_PROBLEMS } else { 0 })
+}
+
+/// After publishing: in a lab, install the file and start joining agents;
+/// then wait (unless asked not to) until every node of the file runs by
+/// `version` and is healthy, and no removed node still reports.
+async fn take_effect(
+    config: &Config,
+    client: &ApiClient,
+    text: &str,
+    version: u64,
+    answer: &PlanAnswer,
+    opts: &ApplyOptions,
+) -> Result<()> {
+    let added = crate::config::change::added_nodes(&answer.plan);
+    let removed = crate::config::change::removed_nodes(&answer.plan);
+    let lab_dir = config.source.as_deref().and_then(Path::parent).filter(|d| crate::lab::is_lab(d));
+    let leaving = match lab_dir {
+        Some(dir) => Some(crate::lab::membership::take_file(dir, text, version, &added, &removed)?),
+        None => {
+            if !added.is_empty() {
+                eprintln!("start the agents of {} on their hosts (docs/deploy.md)", added.join(", "));
+            }
+            None
+        }
+    };
+    let Some(timeout) = opts.wait else { return Ok(()) };
+    let started = std::time::Instant::now();
+    let mut progress = crate::progress::Progress::new();
+    let mut last = String::new();
+    loop {
+        let waiting = match client.get::<crate::cluster::ClusterStatus>("/v1/cluster", TIMEOUT).await {
+            Ok(s) => {
+                let mut w: Vec<String> = s
+                    .nodes
+                    .iter()
+                    .filter(|n| n.config_version < version || !n.healthy)
+                    .map(|n| match &n.detail {
+                        Some(d) if added.contains(&n.name) => format!("{} joining ({d})", n.name),
+                        Some(d) => format!("{} ({d})", n.name),
+                        None => format!("{} (version {})", n.name, n.config_version),
+                    })
+                    .collect();
+                w.extend(
+                    s.leaving.iter().map(|n| format!("{} leaving ({})", n.name, n.detail.as_deref().unwrap_or("-"))),
+                );
+                w
+            }
+            Err(e) => vec![format!("the gateway's status: {e:#}")],
+        };
+        if waiting.is_empty() {
+            break;
+        }
+        let line = format!("waiting for {}", waiting.join(", "));
+        if line != last {
+            progress.step(line.clone());
+            last = line;
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("version {version} is published but not in force after {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if let Some(leaving) = &leaving {
+        crate::lab::membership::wait_left(leaving, Duration::from_secs(30)).await?;
+    }
+    progress.done();
+    eprintln!("version {version} in force on every node ({:.1}s)", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn print_plan(a: &PlanAnswer) {

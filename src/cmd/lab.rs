@@ -169,6 +169,31 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Add a node to REGION while the cluster runs: writes D/meridian.next.toml
+    /// (the next letter, the lab's addresses, a health check) and applies it as
+    /// `config apply` does, waiting until the node has cloned and streams.
+    AddNode {
+        region: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Remove NODE while the cluster runs: writes D/meridian.next.toml without
+    /// it and applies it; the node drains, stops and keeps its data unless --purge.
+    RemoveNode {
+        node: String,
+        #[arg(long)]
+        purge: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Start again what of a node or region is not running, and wait until it is back.
     Start {
         /// A node or region name, or etcd:REGION / gateway:REGION.
@@ -249,6 +274,20 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
             tokio::task::spawn_blocking(move || crate::lab::wan::relay(crate::lab::netns::WAN_DEVICE, wan)).await??
         }
         Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
+        Sub::AddNode { region, no_wait, json, dir } => {
+            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, d| {
+                crate::lab::membership::add_node(c, d, &region).map(|_| ())
+            })?;
+            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
+            return super::config::apply(&next.0, &next.1, false, wait, json).await;
+        }
+        Sub::RemoveNode { node, purge, no_wait, json, dir } => {
+            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
+                crate::lab::membership::remove_node(c, &node)
+            })?;
+            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
+            return super::config::apply(&next.0, &next.1, purge, wait, json).await;
+        }
     }
     Ok(0)
 }

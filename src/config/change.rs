@@ -274,6 +274,23 @@ fn cost_of(path: &str) -> Cost {
     Cost::Nothing
 }
 
+/// The nodes a plan adds and removes, by name.
+pub fn added_nodes(plan: &Plan) -> Vec<String> {
+    node_changes(plan, |c| c.before.is_none())
+}
+
+pub fn removed_nodes(plan: &Plan) -> Vec<String> {
+    node_changes(plan, |c| c.after.is_none())
+}
+
+fn node_changes(plan: &Plan, pick: impl Fn(&Change) -> bool) -> Vec<String> {
+    plan.changes
+        .iter()
+        .filter(|c| c.cost == Cost::Membership && pick(c))
+        .filter_map(|c| c.path.split_once("].node[").map(|(_, n)| n.trim_end_matches(']').to_string()))
+        .collect()
+}
+
 /// Fields meridian's processes read once, when they start: a change is
 /// refused until they can take it while they run.
 const AT_START: &[&str] = &[
@@ -427,8 +444,11 @@ mod tests {
         assert!(nodes.clone().all(|c| c.cost == Cost::Membership && c.before.is_none()), "{p:?}");
         assert_eq!(p.cost(), Cost::Membership);
         assert!(p.refused.is_empty(), "{:?}", p.refused);
+        assert_eq!(added_nodes(&p), ["ap-northeast-1b", "ap-south-1b"]);
+        assert!(removed_nodes(&p).is_empty());
         // And back: removing standbys is allowed.
         let p = plan(&two, &one, Some("ap-south-1a"));
+        assert_eq!(removed_nodes(&p), ["ap-northeast-1b", "ap-south-1b"]);
         assert!(p.refused.is_empty(), "{:?}", p.refused);
         assert!(p.changes.iter().filter(|c| c.path.starts_with("region")).all(|c| c.after.is_none()));
 

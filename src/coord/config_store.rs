@@ -23,6 +23,10 @@ pub struct PublishedConfig {
     pub cost: Cost,
     /// The changed fields, one per line (`path: before -> after`).
     pub summary: String,
+    /// Nodes this version removes whose data directories their agents empty
+    /// once they have left (`config apply --purge`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purge: Vec<String>,
 }
 
 impl Coord {

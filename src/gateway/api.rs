@@ -447,6 +447,7 @@ mod tests {
             primary: Some("a".into()),
             reason: None,
             backups: Vec::new(),
+            leaving: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "a".into(),
                 region: "r1".into(),
@@ -467,6 +468,7 @@ mod tests {
                     best: Some("b".into()),
                     best_lag_ms: Some(7250),
                 }),
+                config_version: 0,
             }],
         };
         let text = render_metrics(&s);

@@ -34,6 +34,7 @@ pub async fn running(g: &Gateway) -> Result<PublishedConfig> {
         at_ms: 0,
         cost: Cost::Nothing,
         summary: String::new(),
+        purge: Vec::new(),
     })
 }
 
@@ -61,6 +62,9 @@ pub struct PlanRequest {
     /// Apply only if this is still the running version (what `diff` showed).
     #[serde(default)]
     pub expect_version: Option<u64>,
+    /// Nodes the file removes empty their data directories once they have left.
+    #[serde(default)]
+    pub purge: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,7 +141,13 @@ pub async fn apply(g: &Gateway, req: &PlanRequest, who: &str) -> Result<PlanAnsw
         at_ms: crate::cluster::now_ms(),
         cost: answer.plan.cost(),
         summary,
+        purge: Vec::new(),
     };
+    let purge = if req.purge { change::removed_nodes(&answer.plan) } else { Vec::new() };
+    if req.purge && purge.is_empty() {
+        return Err(Refused("--purge, but the file removes no node".into()).into());
+    }
+    let new = PublishedConfig { purge, ..new };
     let previous = (current.version > 0).then_some(&current);
     if !g.coord.publish_config(previous, &new).await? {
         return Err(Refused("someone published another version meanwhile; diff again".into()).into());

@@ -32,6 +32,7 @@ mod clock;
 mod down;
 mod faults;
 mod freeze;
+pub mod membership;
 pub mod netns;
 pub mod partition;
 pub mod s3;
@@ -157,7 +158,7 @@ impl Lab {
         Ok(Lab { dir, config, network })
     }
 
-    fn config_path(&self) -> PathBuf {
+    pub fn config_path(&self) -> PathBuf {
         self.dir.join("meridian.toml")
     }
 

@@ -100,3 +100,118 @@ fn config_apply_publishes_a_reload_every_agent_takes_and_refuses_what_it_cannot_
     assert!(audit.to_string().contains("/v1/config"), "{audit}");
     lab.finish();
 }
+
+/// Inserts through `region`'s writer port, one psql each, until `stop`;
+/// returns the acknowledged ids with when each was acknowledged, and the failures.
+fn writer(
+    lab: &TestLab,
+    region: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<(u64, std::time::Instant)>, Vec<String>)> {
+    let (host, port) = lab.gateway_addr(region, "writer");
+    let passfile = lab.path().join("pgpass");
+    std::thread::spawn(move || {
+        let (mut acked, mut failures) = (Vec::new(), Vec::new());
+        let mut id = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            id += 1;
+            let out = std::process::Command::new("psql")
+                .args(["-X", "-A", "-t", "-h", &host, "-p", &port.to_string(), "-U", "app", "-d", "app"])
+                .args(["-c", &format!("INSERT INTO acks VALUES ({id})")])
+                .env("PGPASSFILE", &passfile)
+                .env("PGCONNECT_TIMEOUT", "30")
+                .output()
+                .unwrap();
+            if out.status.success() {
+                acked.push((id, std::time::Instant::now()));
+            } else {
+                failures.push(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            }
+        }
+        (acked, failures)
+    })
+}
+
+/// The longest time between two acknowledgements within `[from, to]`, and the median.
+fn gaps(acked: &[(u64, std::time::Instant)], from: std::time::Instant, to: std::time::Instant) -> (Duration, Duration) {
+    let times: Vec<std::time::Instant> = acked.iter().map(|a| a.1).filter(|t| *t >= from && *t <= to).collect();
+    let mut d: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    d.sort();
+    (d.last().copied().unwrap_or_default(), d.get(d.len() / 2).copied().unwrap_or_default())
+}
+
+#[test]
+fn a_node_joins_and_leaves_under_writes_losing_nothing() {
+    let lab = TestLab::up(124, &[]);
+    lab.try_psql_via("ap-south-1", "writer", "CREATE TABLE acks (id bigint PRIMARY KEY)").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = writer(&lab, "ap-south-1", stop.clone());
+    let acked_now = || lab.psql("ap-south-1a", "SELECT count(*) FROM acks").parse::<u64>().unwrap();
+    wait_until("writes acknowledged before the change", Duration::from_secs(20), || {
+        (acked_now() >= 5).then_some(()).ok_or("fewer than 5".to_string())
+    });
+
+    // A node joins: cloned, streaming, in routing, one command.
+    let t0 = std::time::Instant::now();
+    let out = lab.run_lab(&["add-node", "ap-south-1"]);
+    let joined = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let s = lab.status();
+    let b = node(&s, "ap-south-1b");
+    assert_eq!((b["role"].as_str(), b["healthy"].as_bool()), (Some("replica"), Some(true)), "{s}");
+    assert!(b["config_version"].as_u64() >= Some(1), "{s}");
+    let on_primary = acked_now();
+    wait_until("ap-south-1b to replay the writes", Duration::from_secs(10), || {
+        let n: u64 =
+            lab.try_psql("ap-south-1b", "SELECT count(*) FROM acks").map_err(|e| e.to_string())?.parse().unwrap();
+        (n >= on_primary).then_some(()).ok_or(format!("{n} of {on_primary}"))
+    });
+
+    // Bad input: a clear error and nothing changes.
+    let version = lab.json(&["config", "show"])["version"].as_u64().unwrap();
+    for (args, why) in [
+        (vec!["add-node", "witness"], "witness region"),
+        (vec!["add-node", "nowhere"], "no region \"nowhere\""),
+        (vec!["remove-node", "nobody"], "nobody"),
+        (vec!["remove-node", "ap-south-1a"], "the primary"),
+    ] {
+        let out = lab.run_lab(&args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(why), "{args:?}: want {why:?}: {}", text(&out));
+    }
+    assert_eq!(lab.json(&["config", "show"])["version"].as_u64(), Some(version), "a refusal publishes nothing");
+
+    // It leaves: drained, stopped, its slot dropped, its data kept.
+    let t1 = std::time::Instant::now();
+    let out = lab.run_lab(&["remove-node", "ap-south-1b"]);
+    let left = t1.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let s = lab.status();
+    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n["name"] != "ap-south-1b"), "{s}");
+    assert!(s.get("leaving").is_none_or(|l| l.as_array().is_none_or(|l| l.is_empty())), "{s}");
+    assert!(lab.path().join("nodes/ap-south-1b/data/PG_VERSION").exists(), "its data is kept without --purge");
+    wait_until("the primary to drop ap-south-1b's slot", Duration::from_secs(10), || {
+        let slots = lab.psql_superuser("ap-south-1a", "SELECT string_agg(slot_name, ',') FROM pg_replication_slots");
+        (!slots.contains("ap_south_1b")).then_some(()).ok_or(slots)
+    });
+    let done = std::time::Instant::now();
+    wait_until("writes acknowledged after the change", Duration::from_secs(20), || {
+        let n = acked_now();
+        (n >= on_primary + 5).then_some(()).ok_or(format!("{n}"))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failures) = writes.join().unwrap();
+    let (max_gap, median_gap) = gaps(&acked, t0, done);
+    eprintln!(
+        "node joined in {joined:?}, left in {left:?}; {} inserts acknowledged, {} failed; while it changed: longest gap between acknowledgements {max_gap:?} (median {median_gap:?}, one psql per insert)",
+        acked.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "writes failed while a node joined and left: {failures:?}");
+    // One psql per insert: the gap includes a connection and a TLS and SCRAM
+    // login, so it measures interruptions coarsely; a pause of a second is one.
+    assert!(max_gap < Duration::from_secs(1), "writes paused {max_gap:?} while a node joined or left");
+    let count = lab.psql("ap-south-1a", "SELECT count(*) FROM acks");
+    assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the primary");
+    lab.finish();
+}

@@ -129,6 +129,10 @@ impl Agent {
         if reload_needed && self.running.is_some() {
             self.client().await?.execute("SELECT pg_reload_conf()", &[]).await.context("reload PostgreSQL")?;
         }
+        // A joining node may ask for its slot as soon as pg_hba.conf admits it.
+        if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
+            self.ensure_slots().await?;
+        }
         let mut what = Vec::new();
         if !reload.is_empty() {
             what.push(reload.join(", "));

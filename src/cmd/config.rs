@@ -196,7 +196,14 @@ async fn take_effect(
     let removed = crate::config::change::removed_nodes(&answer.plan);
     let lab_dir = config.source.as_deref().and_then(Path::parent).filter(|d| crate::lab::is_lab(d));
     let leaving = match lab_dir {
-        Some(dir) => Some(crate::lab::membership::take_file(dir, text, version, &added, &removed)?),
+        Some(dir) => {
+            if !added.is_empty() {
+                // Joining nodes start once the primary runs by the version: it then
+                // admits their addresses and keeps their slots.
+                wait_for_primary(client, version).await?;
+            }
+            Some(crate::lab::membership::take_file(dir, text, version, &added, &removed)?)
+        }
         None => {
             if !added.is_empty() {
                 eprintln!("start the agents of {} on their hosts (docs/deploy.md)", added.join(", "));
@@ -247,6 +254,21 @@ async fn take_effect(
     progress.done();
     eprintln!("version {version} in force on every node ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+async fn wait_for_primary(client: &ApiClient, version: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s: crate::cluster::ClusterStatus = client.get("/v1/cluster", TIMEOUT).await?;
+        let primary = s.primary.as_ref().and_then(|p| s.nodes.iter().find(|n| &n.name == p));
+        if primary.is_some_and(|p| p.config_version >= version) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the primary does not run by version {version} after 60s; joining nodes not started");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn print_plan(a: &PlanAnswer) {

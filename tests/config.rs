@@ -101,13 +101,16 @@ fn config_apply_publishes_a_reload_every_agent_takes_and_refuses_what_it_cannot_
     lab.finish();
 }
 
+/// Acknowledged ids with when each was acknowledged, and the failures.
+type Writes = (Vec<(u64, std::time::Instant)>, Vec<String>);
+
 /// Inserts through `region`'s writer port, one psql each, until `stop`;
 /// returns the acknowledged ids with when each was acknowledged, and the failures.
 fn writer(
     lab: &TestLab,
     region: &str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(Vec<(u64, std::time::Instant)>, Vec<String>)> {
+) -> std::thread::JoinHandle<Writes> {
     let (host, port) = lab.gateway_addr(region, "writer");
     let passfile = lab.path().join("pgpass");
     std::thread::spawn(move || {

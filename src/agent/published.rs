@@ -163,12 +163,15 @@ impl Agent {
             }
             return false;
         }
-        // The leader must run by the version that removed this node before the
-        // node stops: until then it may name it a synchronous standby.
+        // A healthy primary must run by the version that removed this node before
+        // the node stops: until then it may name it a synchronous standby. With
+        // no primary the node waits: it may hold the only good copy (and with
+        // --purge it would remove it).
         let leader_took_it = snapshot.is_some_and(|s| {
-            let leader = s.leader.as_ref().map(|l| l.leader.node.as_str());
-            s.members.iter().any(|m| Some(m.node.as_str()) == leader && m.config_version >= leaving.version)
-                || leader.is_none()
+            let Some(leader) = s.leader.as_ref().map(|l| l.leader.node.as_str()) else { return false };
+            s.members.iter().any(|m| {
+                m.node == leader && m.role == Role::Primary && m.healthy && m.config_version >= leaving.version
+            })
         });
         if leader_took_it && leaving.drain_since.is_none() {
             leaving.drain_since = Some(Instant::now());
@@ -234,7 +237,9 @@ impl Agent {
         }
         report.healthy = false;
         report.detail = Some(match (l.drain_since, l.sessions) {
-            (None, _) => format!("leaving (cluster file version {}): waiting for the leader to take it", l.version),
+            (None, _) => {
+                format!("leaving (cluster file version {}): waiting for a healthy primary to take it", l.version)
+            }
             (Some(_), Some(n)) if n > 0 => {
                 format!("leaving (cluster file version {}): draining {n} session(s)", l.version)
             }

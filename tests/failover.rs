@@ -341,8 +341,26 @@ fn region_partition() {
         (old_fenced.expect("the old primary fenced"), new_writable.expect("a new primary"));
     assert!(old_fenced < new_writable, "fenced at {old_fenced:?}, new primary at {new_writable:?}");
     eprintln!("partition: old primary read-only after {old_fenced:?}, new primary writable after {new_writable:?}");
-    let refused = lab.try_psql("ap-south-1a", "INSERT INTO orders VALUES (0)").unwrap_err();
-    assert!(refused.contains("read-only"), "the isolated node takes no writes: {refused}");
+    // The fenced node may be restarting as a standby (its supervisor stopped it when
+    // the lease ran out, then the agent starts it in recovery): until it answers, it
+    // refuses connections; once it answers, it refuses the write as read-only.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let refused = match lab.try_psql("ap-south-1a", "INSERT INTO orders VALUES (0)") {
+            Ok(out) => panic!("split brain: the isolated node took a write: {out}"),
+            Err(e) => e,
+        };
+        if refused.contains("read-only") {
+            break;
+        }
+        let restarting = ["starting up", "shutting down", "Connection refused", "No such file"];
+        assert!(
+            restarting.iter().any(|r| refused.contains(r)),
+            "the isolated node refuses writes for an unexpected reason: {refused}"
+        );
+        assert!(Instant::now() < deadline, "the isolated node did not answer as a read-only standby in 20 s: {refused}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(101, 200)");
 
     let out = lab.run_lab(&["heal"]);

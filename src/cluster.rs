@@ -127,6 +127,14 @@ pub struct MemberStatus {
     /// The published cluster file version the agent runs by (0: the file it started with).
     #[serde(default)]
     pub config_version: u64,
+    /// What a restart of PostgreSQL would change: settings published by
+    /// `config apply` that take a restart, or a newer installed PostgreSQL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
+    /// The last `restart` request this agent carried out (or found carried
+    /// out: a server started after the request was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_for: Option<String>,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,
@@ -200,6 +208,20 @@ pub struct SwitchoverRequest {
     pub final_lsn: Option<Lsn>,
     /// Set by the old primary when it gave up; agents ignore an aborted request.
     pub aborted: Option<String>,
+}
+
+/// A restart of one node's PostgreSQL asked by `meridian rolling-restart`, at
+/// `restart`: one node at a time. The node's agent restarts its server (a
+/// standby only) and reports the request's id in `restarted_for`; the gateway
+/// that wrote the request waits for that, then deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartRequest {
+    /// Unique per request, so a report can say which one it carried out.
+    pub id: String,
+    pub node: String,
+    pub reason: String,
+    pub requested_by: String,
+    pub requested_at_ms: u64,
 }
 
 /// `meridian restore --replace` in progress, at `restore`, under the lease of
@@ -357,6 +379,33 @@ pub struct NodeStatus {
     /// The published cluster file version its agent runs by (0: the file it started with).
     #[serde(default)]
     pub config_version: u64,
+    /// What a restart would change (`meridian rolling-restart`), as its agent last said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
+}
+
+impl NodeStatus {
+    /// The node as its agent's report has it.
+    fn from_report(m: &MemberStatus) -> NodeStatus {
+        NodeStatus {
+            name: m.node.clone(),
+            region: m.region.clone(),
+            role: m.role,
+            timeline: m.timeline,
+            lsn: m.replay_lsn.or(m.write_lsn),
+            lag_bytes: m.lag_bytes,
+            lag_seconds: m.lag_seconds,
+            healthy: m.healthy,
+            detail: m.detail.clone(),
+            waiting: m.waiting.clone(),
+            failure: m.failure.clone(),
+            cert_not_after: m.cert_not_after,
+            archive: m.archive.clone(),
+            commit_hold: m.commit_hold.clone(),
+            config_version: m.config_version,
+            pending_restart: m.pending_restart.clone(),
+        }
+    }
 }
 
 /// What a node's server says of its WAL archiving (`pg_stat_archiver`, and
@@ -386,11 +435,7 @@ impl ClusterStatus {
             .nodes()
             .map(|(region, node)| match members.iter().find(|m| m.node == node.name) {
                 Some(m) if !m.is_fresh() => NodeStatus {
-                    name: node.name.clone(),
-                    region: region.name.clone(),
                     role: Role::Unknown,
-                    timeline: m.timeline,
-                    lsn: m.replay_lsn.or(m.write_lsn),
                     lag_bytes: None,
                     lag_seconds: None,
                     healthy: false,
@@ -401,28 +446,9 @@ impl ClusterStatus {
                     )),
                     waiting: None,
                     failure: None,
-                    cert_not_after: m.cert_not_after,
-                    archive: m.archive.clone(),
-                    commit_hold: m.commit_hold.clone(),
-                    config_version: m.config_version,
+                    ..NodeStatus::from_report(m)
                 },
-                Some(m) => NodeStatus {
-                    name: node.name.clone(),
-                    region: region.name.clone(),
-                    role: m.role,
-                    timeline: m.timeline,
-                    lsn: m.replay_lsn.or(m.write_lsn),
-                    lag_bytes: m.lag_bytes,
-                    lag_seconds: m.lag_seconds,
-                    healthy: m.healthy,
-                    detail: m.detail.clone(),
-                    waiting: m.waiting.clone(),
-                    failure: m.failure.clone(),
-                    cert_not_after: m.cert_not_after,
-                    archive: m.archive.clone(),
-                    commit_hold: m.commit_hold.clone(),
-                    config_version: m.config_version,
-                },
+                Some(m) => NodeStatus::from_report(m),
                 None => NodeStatus {
                     name: node.name.clone(),
                     region: region.name.clone(),
@@ -439,29 +465,14 @@ impl ClusterStatus {
                     archive: None,
                     commit_hold: None,
                     config_version: 0,
+                    pending_restart: Vec::new(),
                 },
             })
             .collect();
         let leaving = members
             .iter()
             .filter(|m| m.is_fresh() && config.node(&m.node).is_err())
-            .map(|m| NodeStatus {
-                name: m.node.clone(),
-                region: m.region.clone(),
-                role: m.role,
-                timeline: m.timeline,
-                lsn: m.replay_lsn.or(m.write_lsn),
-                lag_bytes: m.lag_bytes,
-                lag_seconds: m.lag_seconds,
-                healthy: m.healthy,
-                detail: m.detail.clone(),
-                waiting: None,
-                failure: m.failure.clone(),
-                cert_not_after: m.cert_not_after,
-                archive: None,
-                commit_hold: None,
-                config_version: m.config_version,
-            })
+            .map(|m| NodeStatus { waiting: None, archive: None, commit_hold: None, ..NodeStatus::from_report(m) })
             .collect();
         let primary = leader
             .filter(|l| l.epoch == epoch)
@@ -563,6 +574,13 @@ impl ClusterStatus {
             {
                 out.push_str(&w);
                 out.push('\n');
+            }
+            if !n.pending_restart.is_empty() {
+                out.push_str(&format!(
+                    "node {} restarts with {} at the next `meridian rolling-restart`\n",
+                    n.name,
+                    n.pending_restart.join("; ")
+                ));
             }
             if let Some(c) = n.archive.as_ref().and_then(|a| a.conflict.as_ref()) {
                 out.push_str(&format!("ERROR: possible split brain: node {} {c}\n", n.name));

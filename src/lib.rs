@@ -45,4 +45,5 @@ pub mod objects;
 pub mod postgres;
 pub mod process;
 pub mod progress;
+pub mod rolling;
 pub mod tls;

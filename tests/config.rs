@@ -1,7 +1,8 @@
 //! The running cluster file in etcd: `config show`, `config diff` and `config
 //! apply` against a lab, a reloadable setting taken by every agent while it
-//! runs (and again by one that restarts), and unsafe or not-yet-live changes
-//! refused with nothing changed.
+//! runs (and again by one that restarts), unsafe or not-yet-live changes
+//! refused with nothing changed, nodes joining and leaving under writes, and a
+//! setting that takes a restart carried by `meridian rolling-restart`.
 
 mod common;
 
@@ -81,7 +82,13 @@ fn config_apply_publishes_a_reload_every_agent_takes_and_refuses_what_it_cannot_
     // Refused, with the reason, and nothing changes.
     let refusals = [
         (edited(&lab, "rename.toml", |f| drop(f.insert("cluster".into(), "other".into()))), "renames the cluster"),
-        (edited(&lab, "restart.toml", |f| set_setting(f, "shared_buffers", "64MB")), "rolling restart"),
+        (
+            edited(&lab, "lease.toml", |f| {
+                let failover = f.entry("failover").or_insert_with(|| toml::Value::Table(Default::default()));
+                failover.as_table_mut().unwrap().insert("lease_ttl".into(), "9s".into());
+            }),
+            "read this only when they start",
+        ),
         (edited(&lab, "broken.toml", |f| drop(f.remove("etcd"))), "problem"),
     ];
     for (file, why) in &refusals {
@@ -216,5 +223,103 @@ fn a_node_joins_and_leaves_under_writes_losing_nothing() {
     assert!(max_gap < Duration::from_secs(1), "writes paused {max_gap:?} while a node joined or left");
     let count = lab.psql("ap-south-1a", "SELECT count(*) FROM acks");
     assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the primary");
+    lab.finish();
+}
+
+fn setting_everywhere(lab: &TestLab, nodes: &[&str], name: &str) -> Vec<String> {
+    nodes.iter().map(|n| lab.psql(n, &format!("SHOW {name}"))).collect()
+}
+
+#[test]
+fn a_setting_that_takes_a_restart_is_rolled_out_replicas_first_losing_no_write() {
+    let lab = TestLab::up(125, &["--nodes-per-region", "2"]);
+    let nodes = ["ap-south-1a", "ap-south-1b", "ap-northeast-1a", "ap-northeast-1b"];
+    lab.try_psql_via("ap-south-1", "writer", "CREATE TABLE acks (id bigint PRIMARY KEY)").unwrap();
+
+    // Published, pending everywhere, nothing restarted yet.
+    let file = edited(&lab, "max-connections.toml", |f| set_setting(f, "max_connections", "150"));
+    let diff = lab.json(&["config", "diff", &file]);
+    assert_eq!(diff["plan"]["changes"][0]["cost"], "rolling-restart", "{diff}");
+    let out = lab.meridian(&["config", "apply", &file]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rolling-restart --only-pending"), "{}", text(&out));
+    wait_until("every node to report the restart pending", Duration::from_secs(15), || {
+        let s = lab.status();
+        let pending: Vec<String> = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["pending_restart"].to_string().contains("max_connections"))
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect();
+        (pending.len() == nodes.len()).then_some(()).ok_or(format!("pending on {pending:?}"))
+    });
+    assert_eq!(setting_everywhere(&lab, &nodes, "max_connections"), ["50"; 4], "nothing restarted yet");
+    let out = lab.meridian(&["status"]);
+    assert!(text(&out).contains("restarts with max_connections: 50 -> 150"), "{}", text(&out));
+
+    // Lowering it is refused (standbys need at least the primary's value), nothing published.
+    let lower = edited(&lab, "lower.toml", |f| set_setting(f, "max_connections", "120"));
+    let version = lab.json(&["config", "show"])["version"].as_u64();
+    let out = lab.meridian(&["config", "apply", &lower]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("lowered from 150 to 120"), "{}", text(&out));
+    assert_eq!(lab.json(&["config", "show"])["version"].as_u64(), version);
+
+    // The plan: the other region first, then the new primary's turn, the switchover, the old primary.
+    let plan = lab.json(&["rolling-restart", "--dry-run"]);
+    let steps: Vec<String> = plan["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s["step"].as_str().unwrap(), s.get("node").or(s.get("to")).unwrap().as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        ["restart ap-northeast-1a", "restart ap-northeast-1b", "restart ap-south-1b", "switchover ap-south-1b", "restart ap-south-1a"]
+    );
+
+    // Under writes: every node restarted, every acknowledged write kept, one switchover's pause.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = writer(&lab, "ap-south-1", stop.clone());
+    let acked_now = || lab.psql("ap-south-1a", "SELECT count(*) FROM acks").parse::<u64>().unwrap();
+    wait_until("writes acknowledged before the restart", Duration::from_secs(20), || {
+        (acked_now() >= 5).then_some(()).ok_or("fewer than 5".to_string())
+    });
+    let t0 = std::time::Instant::now();
+    let out = lab.meridian(&["rolling-restart", "--only-pending", "--reason", "max_connections 150", "--json"]);
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["done"].as_array().unwrap().len(), 5, "{report}");
+    assert_eq!(report["primary_after"], "ap-south-1b", "{report}");
+    let switchover_ms = report["done"][3]["total_ms"].as_u64().unwrap();
+    for d in report["done"].as_array().unwrap() {
+        eprintln!("{} {}: {} ms {}", d["kind"], d["to"], d["total_ms"], d["steps"]);
+    }
+    let done = std::time::Instant::now();
+    wait_until("writes acknowledged after the restart", Duration::from_secs(20), || {
+        let n = lab.psql("ap-south-1b", "SELECT count(*) FROM acks").parse::<u64>().unwrap();
+        (n >= 5).then_some(()).ok_or(format!("{n}"))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failures) = writes.join().unwrap();
+    let (max_gap, median_gap) = gaps(&acked, t0, done);
+    eprintln!(
+        "rolling restart of 4 nodes in {took:?} (switchover {switchover_ms} ms); {} inserts acknowledged, {} failed; longest gap between acknowledgements {max_gap:?} (median {median_gap:?}, one psql per insert)",
+        acked.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "writes failed during the rolling restart: {failures:?}");
+    assert!(
+        max_gap < Duration::from_millis(switchover_ms) + Duration::from_secs(1),
+        "writes paused {max_gap:?}, more than the switchover ({switchover_ms} ms) and a login"
+    );
+    assert_eq!(setting_everywhere(&lab, &nodes, "max_connections"), ["150"; 4]);
+    let s = lab.status();
+    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n.get("pending_restart").is_none()), "{s}");
+    let count = lab.psql("ap-south-1b", "SELECT count(*) FROM acks");
+    assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the new primary");
     lab.finish();
 }

@@ -137,6 +137,12 @@ impl Agent {
             return Ok(());
         }
         self.set_starting("starting PostgreSQL");
+        if matches!(start, StartAs::Standby { .. }) {
+            // Settings published since the last start that take one (see `restart`).
+            if let Some(wanted) = self.published.wanted_settings.take() {
+                self.config.postgres.settings = wanted;
+            }
+        }
         self.server.write_files(&self.config, &self.secrets, &start)?;
         self.server.clear_stale_lock()?;
         let cmd = self.server.supervised_postmaster_command()?;
@@ -153,6 +159,9 @@ impl Agent {
             self.server.wait_ready(|| matches!(running.child.try_wait(), Ok(None)), Duration::from_secs(120)).await?;
         running.client = Some(client);
         tracing::info!("PostgreSQL running as {} (supervisor pid {pid})", describe(&start));
+        if let Err(e) = self.read_running_version().await {
+            tracing::warn!("failed to {e:#}");
+        }
         self.detail = None;
         Ok(())
     }

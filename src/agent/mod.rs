@@ -36,6 +36,7 @@ mod promote;
 mod published;
 mod rejoin;
 mod report;
+mod restart;
 mod supervise;
 pub mod watchdog;
 
@@ -125,6 +126,8 @@ struct Agent {
     commit_hold: Option<commit_lag::CommitHold>,
     /// The published cluster file's version this agent runs with.
     published: published::Published,
+    /// Restart requests carried out, and the running and installed PostgreSQL versions.
+    restarts: restart::Restarts,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -187,6 +190,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         commit_log: None,
         commit_hold: None,
         published: Default::default(),
+        restarts: Default::default(),
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     // Run by the newest published cluster file from the first pass: the local
@@ -194,6 +198,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     if let Err(e) = agent.published_config_duties().await {
         agent.log_failure(&e);
     }
+    let first = agent.read_snapshot().await;
+    agent.restart_found_at_start(first.as_ref());
     while !shutdown.is_cancelled() && !agent.published.left {
         // A step may take long (a base backup); shutdown must not wait for it.
         tokio::select! {
@@ -241,6 +247,10 @@ impl Agent {
         self.report(snapshot.as_ref()).await;
         self.backup_job_duties(snapshot.as_ref()).await;
         if let Err(e) = self.published_config_duties().await {
+            self.log_failure(&e);
+        }
+        self.check_installed_version().await;
+        if let Err(e) = self.restart_duties(snapshot.as_ref()).await {
             self.log_failure(&e);
         }
         // Right after observing, so the recorded position is as fresh as the report.

@@ -6,8 +6,10 @@
 //! postgresql.auto.conf (`Server::set_settings`), pg_hba.conf is written
 //! again (a node that joins may replicate from its address, one that left may
 //! not), and PostgreSQL reloads; the rest of the file (nodes, policies) is in
-//! force from the next pass. Settings that take a restart are left as they
-//! run (`meridian config apply` refuses them).
+//! force from the next pass. Settings that take a restart are kept aside
+//! (`Published::wanted_settings`) and reported as pending until a restart
+//! request (`meridian rolling-restart`, see `restart`) restarts this server
+//! with them; a server that is not running takes them at once.
 //!
 //! A version without this node removes it: the node leaves. It reports itself
 //! unhealthy at once (the gateways route no new session to it), waits until
@@ -43,6 +45,9 @@ pub(super) struct Published {
     pub leaving: Option<Leaving>,
     /// Set once a leaving node has stopped its server: the agent exits.
     pub left: bool,
+    /// The published `postgres.settings` when some of them take a restart
+    /// this server has not had yet; None when the running ones are current.
+    pub wanted_settings: Option<std::collections::BTreeMap<String, toml::Value>>,
 }
 
 pub(super) struct Leaving {
@@ -103,11 +108,13 @@ impl Agent {
             .collect();
         let (restart, reload): (Vec<String>, Vec<String>) =
             changed.into_iter().partition(|k| RESTART_SETTINGS.contains(&k.as_str()));
-        if !restart.is_empty() {
+        self.published.wanted_settings = None;
+        if !restart.is_empty() && self.running.is_some() {
             tracing::warn!(
-                "cluster file version {version} changes {}, which take a restart of PostgreSQL: left as they run",
+                "cluster file version {version} changes {}, which take a restart of PostgreSQL: pending until `meridian rolling-restart` restarts this node",
                 restart.join(", ")
             );
+            self.published.wanted_settings = Some(new.postgres.settings.clone());
             for k in &restart {
                 match old.get(k) {
                     Some(v) => new.postgres.settings.insert(k.clone(), v.clone()),

@@ -64,6 +64,8 @@ impl Agent {
             archive: self.archive_report(),
             commit_hold: self.commit_hold.clone(),
             config_version: self.published.version,
+            pending_restart: self.pending_restart(),
+            restarted_for: self.restarts.restarted_for.clone(),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

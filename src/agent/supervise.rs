@@ -34,6 +34,29 @@ impl Agent {
         }
     }
 
+    /// Asks the archiver to start no more archive commands (SIGTERM), so a
+    /// fast shutdown is not held by its last pass: PostgreSQL 15's archiver
+    /// runs every file not yet archived at shutdown and, as `wal archive`
+    /// refuses on a stopping server, sleeps a second between its three tries
+    /// of each (measured: a switchover's stop took 3.2 s, 3 s of it that).
+    /// The files stay in pg_wal, as they would after those failures (see
+    /// docs/backup.md "Shutdown and processes"). Best effort.
+    async fn quiet_archiver(&mut self) {
+        let Some(client) = self.running.as_ref().and_then(|r| r.client.as_ref()) else { return };
+        let sql = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'archiver'";
+        match tokio::time::timeout(Duration::from_secs(2), client.query_opt(sql, &[])).await {
+            Ok(Ok(Some(row))) => {
+                let pid: i32 = row.get(0);
+                if pid > 0 {
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!("failed to find the archiver: {e}"),
+            Err(_) => tracing::debug!("failed to find the archiver in 2s"),
+        }
+    }
+
     /// Stops the server with a fast shutdown, escalating to immediate, then SIGKILL.
     pub(super) async fn stop(&mut self) {
         self.stop_as(Shutdown::Fast).await
@@ -43,6 +66,9 @@ impl Agent {
     /// goes stale while a fast shutdown waits (on walsenders, say), it still
     /// stops the server at the deadline.
     pub(super) async fn stop_as(&mut self, how: Shutdown) {
+        if matches!(how, Shutdown::Fast) {
+            self.quiet_archiver().await;
+        }
         let Some(mut r) = self.running.take() else { return };
         let pid = r.child.id() as i32;
         let signals: &[(i32, u64)] = match how {

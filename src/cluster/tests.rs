@@ -27,6 +27,8 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         commit_hold: None,
         updated_at_ms: 0,
         config_version: 0,
+        pending_restart: Vec::new(),
+        restarted_for: None,
         unchanged_ms: 0,
         revision: 1,
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::client::ApiClient;
+use crate::config::change::Cost;
 use crate::config::Config;
 use crate::coord::PublishedConfig;
 use crate::gateway::config_api::{PlanAnswer, PlanRequest};
@@ -253,6 +254,21 @@ async fn take_effect(
     }
     progress.done();
     eprintln!("version {version} in force on every node ({:.1}s)", started.elapsed().as_secs_f64());
+    if answer.plan.cost() >= Cost::RollingRestart {
+        let pending: Vec<String> = answer
+            .plan
+            .changes
+            .iter()
+            .filter(|c| c.cost == Cost::RollingRestart)
+            .map(|c| c.path.trim_start_matches("postgres.settings.").to_string())
+            .collect();
+        if !pending.is_empty() {
+            eprintln!(
+                "{} take a restart: pending on every node until `meridian rolling-restart --only-pending`",
+                pending.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 

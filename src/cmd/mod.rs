@@ -14,6 +14,7 @@ mod history;
 mod lab;
 mod operations;
 mod restore;
+mod rolling;
 mod status;
 mod token;
 mod verify;
@@ -59,6 +60,9 @@ pub enum Command {
     Switchover(operations::SwitchoverArgs),
     /// Declare a disaster: make a region active and promote its best node.
     Failover(operations::FailoverArgs),
+    /// Restart every PostgreSQL one at a time: replicas, a switchover, the old
+    /// primary (settings that take a restart, a PostgreSQL package upgrade).
+    RollingRestart(rolling::Args),
     /// Every promotion: kind, from, to, epoch, reason, duration, estimated loss.
     History(history::Args),
     /// Every health check: the aggregate and each gateway's verdict.
@@ -104,6 +108,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Drill(a) => drill::run(&config, a).await,
         Command::Switchover(a) => operations::switchover(&config, a).await,
         Command::Failover(a) => operations::failover(&config, a).await,
+        Command::RollingRestart(a) => rolling::run(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a, &config).await,

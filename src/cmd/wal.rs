@@ -60,7 +60,13 @@ pub async fn run(args: Args) -> Result<i32> {
                 match crate::backup::held(&pgbackrest, &pgbackrest_config, &stanza, &file) {
                     Ok(()) => return Ok(0),
                     Err(e) if Instant::now() >= deadline => return Err(e),
-                    Err(_) => std::thread::sleep(Duration::from_secs(1)),
+                    Err(_) => {
+                        // Look again in a second; a stop is noticed within a tenth of one.
+                        let next = Instant::now() + Duration::from_secs(1);
+                        while Instant::now() < next && !crate::postgres::postmaster_stopping(here) {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
                 }
             })
             .await?

@@ -291,6 +291,17 @@ fn node_changes(plan: &Plan, pick: impl Fn(&Change) -> bool) -> Vec<String> {
         .collect()
 }
 
+/// Settings a standby must run with at least the primary's value of (it
+/// replays the primary's WAL; PostgreSQL pauses recovery otherwise). A
+/// rolling restart restarts standbys first, which suits an increase only.
+pub const AT_LEAST_PRIMARYS: &[&str] = &[
+    "max_connections",
+    "max_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_wal_senders",
+    "max_worker_processes",
+];
+
 /// Fields meridian's processes read once, when they start: a change is
 /// refused until they can take it while they run.
 const AT_START: &[&str] = &[
@@ -319,7 +330,24 @@ const AT_START: &[&str] = &[
 pub fn taken_live(c: &Change) -> Result<(), String> {
     match c.cost {
         Cost::RollingRestart => {
-            Err(format!("{}: takes a restart of every PostgreSQL (`meridian rolling-restart`, not built yet)", c.path))
+            let setting = c.path.strip_prefix("postgres.settings.").unwrap_or(&c.path);
+            if !AT_LEAST_PRIMARYS.contains(&setting) {
+                return Ok(());
+            }
+            let number = |v: &Option<String>| v.as_deref().and_then(|v| v.trim_matches('"').parse::<i64>().ok());
+            match (number(&c.before), number(&c.after)) {
+                (Some(before), Some(after)) if after < before => Err(format!(
+                    "{}: lowered from {before} to {after}; standbys must run with at least the primary's value, \
+                     and a rolling restart restarts them first, so only an increase is taken live",
+                    c.path
+                )),
+                (Some(_), None) => Err(format!(
+                    "{}: removed, so PostgreSQL's default applies, which may be lower than the running value; \
+                     set the value explicitly (an increase is taken live)",
+                    c.path
+                )),
+                _ => Ok(()),
+            }
         }
         Cost::Membership if owner_chain(&c.path).len() == 2 && (c.before.is_none() || c.after.is_none()) => Ok(()),
         Cost::Membership
@@ -512,10 +540,23 @@ mod tests {
         );
         // ...and one that leaves.
         assert!(plan(&two, &running, Some("ap-south-1a")).changes.iter().all(|c| taken_live(c).is_ok()));
-        // Not yet: a restart setting, a region, etcd's members, what processes read at start.
+        // A restart setting: published, pending until `meridian rolling-restart`;
+        // of those a standby needs at least the primary's value of, only an increase.
         let mut new = running.clone();
         set(&mut new, "shared_buffers", "64MB");
-        assert!(live(&new)[0].contains("rolling-restart"), "{:?}", live(&new));
+        set(&mut new, "max_connections", "150");
+        assert_eq!(live(&new), Vec::<String>::new());
+        assert_eq!(plan(&running, &new, None).cost(), Cost::RollingRestart);
+        let mut lower = new.clone();
+        set(&mut lower, "max_connections", "120");
+        let why = plan(&new, &lower, Some("ap-south-1a")).changes.iter().filter_map(|c| taken_live(c).err()).collect::<Vec<_>>();
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].contains("postgres.settings.max_connections: lowered from 150 to 120"), "{why:?}");
+        let mut unset = new.clone();
+        unset.postgres.settings.remove("max_connections");
+        let why = plan(&new, &unset, None).changes.iter().filter_map(|c| taken_live(c).err()).collect::<Vec<_>>();
+        assert!(why[0].contains("removed, so PostgreSQL's default applies"), "{why:?}");
+        // Not yet: a region, etcd's members, what processes read at start.
         let mut new = running.clone();
         new.regions.pop();
         new.etcd.endpoints.pop();

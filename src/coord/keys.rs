@@ -53,6 +53,10 @@ impl Keys {
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
     }
+    /// A node restart asked by `meridian rolling-restart`; one at a time.
+    pub fn restart(&self) -> String {
+        format!("{}restart", self.prefix)
+    }
     pub fn dr(&self) -> String {
         format!("{}dr", self.prefix)
     }
@@ -125,6 +129,7 @@ pub enum Key<'a> {
     Optime,
     Recopy,
     Switchover,
+    Restart,
     Dr,
     Restore,
     BackupJob,
@@ -144,6 +149,7 @@ impl<'a> Key<'a> {
             "optime" => Key::Optime,
             "recopy" => Key::Recopy,
             "switchover" => Key::Switchover,
+            "restart" => Key::Restart,
             "dr" => Key::Dr,
             "restore" => Key::Restore,
             "backup" => Key::BackupJob,
@@ -194,6 +200,7 @@ mod tests {
             (k.optime(), Key::Optime),
             (k.recopy(), Key::Recopy),
             (k.switchover(), Key::Switchover),
+            (k.restart(), Key::Restart),
             (k.dr(), Key::Dr),
             (k.member("ap-south-1a"), Key::Member { node: "ap-south-1a" }),
             (k.history(42), Key::History { epoch: 42 }),

@@ -70,6 +70,7 @@ pub struct Snapshot {
     /// The last leader's last recorded position.
     pub optime: Option<Optime>,
     pub switchover: Option<SwitchoverRequest>,
+    pub restart: Option<crate::cluster::RestartRequest>,
     pub dr: Option<DrSwitch>,
     pub restore: Option<crate::cluster::RestoreRequest>,
     pub backup_job: Option<crate::backup::job::BackupJob>,
@@ -265,6 +266,10 @@ impl Coord {
                 },
                 Key::Epoch => snap.epoch = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
                 Key::Switchover => snap.switchover = serde_json::from_slice(value).ok(),
+                Key::Restart => match serde_json::from_slice(value) {
+                    Ok(r) => snap.restart = Some(r),
+                    Err(e) => tracing::warn!("ignoring malformed restart request: {e}"),
+                },
                 Key::Dr => snap.dr = serde_json::from_slice(value).ok(),
                 Key::Restore => match serde_json::from_slice(value) {
                     Ok(r) => snap.restore = Some(r),
@@ -532,6 +537,31 @@ impl Coord {
         };
         let txn = Txn::new().when([Compare::value(key, CompareOp::Equal, serde_json::to_vec(old)?)]).and_then([op]);
         Ok(self.txn("update the switchover request in etcd", txn).await?.succeeded())
+    }
+
+    /// Replaces the `restart` request `old` with `new` (None: no request),
+    /// only if the key still holds `old`; not while a switchover or a restore
+    /// is pending when a request is made.
+    pub async fn put_restart(
+        &self,
+        old: Option<&crate::cluster::RestartRequest>,
+        new: Option<&crate::cluster::RestartRequest>,
+    ) -> Result<bool> {
+        let key = self.keys.restart();
+        let mut when = vec![match old {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(old) => Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(old)?),
+        }];
+        if new.is_some() {
+            when.push(Compare::version(self.keys.switchover(), CompareOp::Equal, 0));
+            when.push(Compare::version(self.keys.restore(), CompareOp::Equal, 0));
+        }
+        let op = match new {
+            Some(n) => TxnOp::put(key, serde_json::to_vec(n)?, None),
+            None => TxnOp::delete(key, None),
+        };
+        let txn = Txn::new().when(when).and_then([op]);
+        Ok(self.txn("write the restart request in etcd", txn).await?.succeeded())
     }
 
     /// Creates the `restore` request under `lease`, unless one exists or a

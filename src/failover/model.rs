@@ -187,6 +187,7 @@ impl Model {
             initialized_by: Some(self.nodes[0].name.clone()),
             optime: self.etcd.optime.clone(),
             switchover: self.etcd.switchover.clone(),
+            restart: None,
             dr: self.etcd.dr.clone(),
             restore: None,
             backup_job: None,
@@ -242,6 +243,8 @@ impl Model {
             commit_hold: None,
             updated_at_ms: self.now,
             config_version: 0,
+            pending_restart: Vec::new(),
+            restarted_for: None,
             unchanged_ms: 0,
             revision: 0,
         };

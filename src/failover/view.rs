@@ -143,6 +143,8 @@ mod tests {
             commit_hold: None,
             updated_at_ms: 0,
             config_version: 0,
+            pending_restart: Vec::new(),
+            restarted_for: None,
             unchanged_ms: 100,
             revision: 42,
         }

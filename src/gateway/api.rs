@@ -27,6 +27,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
+        .route("/v1/restart", post(restart))
         .route("/v1/audit", get(audit))
         .route("/v1/config", get(show_config).post(apply_config))
         .route("/v1/config/plan", post(plan_config))
@@ -89,6 +90,24 @@ async fn switchover(
 ) -> Result<Json<super::operations::OperationReport>, ApiError> {
     let t = timeout(req.timeout_ms)?;
     super::operations::switchover(&g, &req.to, t).await.map(Json).map_err(refused_or_unavailable)
+}
+
+#[derive(Deserialize)]
+struct RestartRequest {
+    node: String,
+    reason: String,
+    timeout_ms: u64,
+}
+
+async fn restart(
+    State(g): State<Gateway>,
+    Json(req): Json<RestartRequest>,
+) -> Result<Json<super::operations::OperationReport>, ApiError> {
+    let t = timeout(req.timeout_ms)?;
+    if req.reason.len() > 200 || req.reason.chars().any(char::is_control) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "reason: at most 200 characters, no control characters".into()));
+    }
+    super::operations::restart_node(&g, &req.node, &req.reason, t).await.map(Json).map_err(refused_or_unavailable)
 }
 
 #[derive(Deserialize)]
@@ -469,6 +488,7 @@ mod tests {
                     best_lag_ms: Some(7250),
                 }),
                 config_version: 0,
+                pending_restart: Vec::new(),
             }],
         };
         let text = render_metrics(&s);

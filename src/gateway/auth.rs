@@ -33,7 +33,7 @@ pub fn required(method: &Method, path: &str, metrics_open: bool) -> Option<ApiRo
         (&Method::GET | &Method::HEAD, _) => Some(ApiRole::Viewer),
         // A plan reads: what a file would change.
         (&Method::POST, "/v1/config/plan") => Some(ApiRole::Viewer),
-        (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/backups" | "/v1/backups/verify") => {
+        (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/restart" | "/v1/backups" | "/v1/backups/verify") => {
             Some(ApiRole::Operator)
         }
         // Anything else that changes something: the highest bar.
@@ -154,7 +154,7 @@ fn target_of(path: &str, body: &[u8]) -> Option<String> {
         return Some(format!("token:{id}"));
     }
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    ["to", "region", "role"].iter().find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(|s| format!("{k}:{s}")))
+    ["to", "node", "region", "role"].iter().find_map(|k| v.get(*k).and_then(|x| x.as_str()).map(|s| format!("{k}:{s}")))
 }
 
 /// Writes one audit entry to this gateway's log and to etcd.
@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(required(&Method::GET, "/metrics", true), None);
         assert_eq!(required(&Method::GET, "/v1/cluster", false), Some(ApiRole::Viewer));
         assert_eq!(required(&Method::GET, "/v1/audit", false), Some(ApiRole::Viewer));
-        for p in ["/v1/switchover", "/v1/failover", "/v1/verify"] {
+        for p in ["/v1/switchover", "/v1/failover", "/v1/restart", "/v1/verify"] {
             assert_eq!(required(&Method::POST, p, false), Some(ApiRole::Operator), "{p}");
         }
         assert_eq!(required(&Method::GET, "/v1/tokens", false), Some(ApiRole::Admin));
@@ -210,6 +210,7 @@ mod tests {
         assert_eq!(target_of("/v1/tokens/0123/revoke", b""), Some("token:0123".into()));
         assert_eq!(target_of("/v1/switchover", br#"{"to":"b1","timeout_ms":5}"#), Some("to:b1".into()));
         assert_eq!(target_of("/v1/failover", br#"{"region":"eu"}"#), Some("region:eu".into()));
+        assert_eq!(target_of("/v1/restart", br#"{"node":"b1","reason":"x"}"#), Some("node:b1".into()));
         assert_eq!(target_of("/v1/verify", br#"{"timeout_ms":5}"#), None);
         assert_eq!(target_of("/v1/verify", b"not json"), None);
     }

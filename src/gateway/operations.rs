@@ -200,6 +200,78 @@ pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<Oper
     })
 }
 
+/// Restarts one replica's PostgreSQL (`meridian rolling-restart` asks for one
+/// node at a time): writes a `restart` request naming it, waits until its
+/// agent reports the request carried out and the node streams from the
+/// primary again, healthy, then deletes the request. The primary's node is
+/// refused: switch over first.
+pub async fn restart_node(g: &Gateway, node: &str, reason: &str, timeout: Duration) -> Result<OperationReport> {
+    g.config().node(node).map_err(|e| Refused(format!("{e:#}")))?;
+    let s = g.coord.snapshot().await?;
+    let Some(leader) = s.leader.as_ref().map(|l| l.leader.clone()) else {
+        return Err(Refused("there is no primary: a restart now could cost the only running copy".into()).into());
+    };
+    if leader.node == node {
+        return Err(Refused(format!("{node} is the primary: switch over to another node first")).into());
+    }
+    let Some(target) = report(&s, node) else {
+        return Err(Refused(format!("{node} has no fresh report; is its agent running?")).into());
+    };
+    if target.role != Role::Replica || !target.healthy || target.upstream.as_deref() != Some(leader.node.as_str()) {
+        return Err(Refused(format!(
+            "{node} is not a healthy replica streaming from {} (role {}, {}); a rolling restart takes healthy nodes only",
+            leader.node,
+            target.role,
+            target.detail.clone().unwrap_or_else(|| "no detail".into())
+        ))
+        .into());
+    }
+    if let Some(sw) = s.switchover.as_ref().filter(|sw| sw.aborted.is_none()) {
+        return Err(Refused(format!("a switchover from {} to {} is in progress", sw.from, sw.to)).into());
+    }
+    // A request left by a gateway that died midway may be replaced once carried out.
+    let replace = match &s.restart {
+        Some(r) if report(&s, &r.node).is_some_and(|m| m.restarted_for.as_deref() != Some(r.id.as_str())) => {
+            return Err(Refused(format!("a restart of {} is in progress ({})", r.node, r.reason)).into())
+        }
+        other => other.clone(),
+    };
+    let mut clock = Clock::new();
+    let deadline = Instant::now() + timeout;
+    let request = crate::cluster::RestartRequest {
+        id: format!("{}-{node}-{}", now_ms(), std::process::id()),
+        node: node.to_string(),
+        reason: reason.to_string(),
+        requested_by: format!("gateway {}", g.region),
+        requested_at_ms: now_ms(),
+    };
+    if !g.coord.put_restart(replace.as_ref(), Some(&request)).await? {
+        return Err(Refused("another restart or a switchover was requested at the same time".into()).into());
+    }
+    clock.step(format!("asked {node} to restart"));
+    let leader_node = leader.node.clone();
+    let done = until(g, deadline, &format!("{node} to restart and stream from {leader_node} again"), |s| {
+        let r = report(s, node)?;
+        let carried_out = r.restarted_for.as_deref() == Some(request.id.as_str());
+        (carried_out && r.role == Role::Replica && r.healthy && r.upstream.as_deref() == Some(leader_node.as_str()))
+            .then_some(())
+    })
+    .await;
+    // Carried out or not, the request goes: a node that restarts later on its own takes it anyway.
+    let _ = g.coord.put_restart(Some(&request), None).await;
+    done?;
+    clock.step(format!("{node} restarted and streams from {leader_node}"));
+    Ok(OperationReport {
+        kind: "restart".into(),
+        from: None,
+        to: node.to_string(),
+        epoch: leader.epoch,
+        lost_bytes_estimate: 0,
+        total_ms: clock.total_ms(),
+        steps: clock.steps,
+    })
+}
+
 /// Removes an aborted switchover request once its outcome has been reported.
 async fn clear_aborted(g: &Gateway) {
     if let Ok(Some(sw)) = g.coord.snapshot().await.map(|s| s.switchover) {

@@ -123,6 +123,8 @@ pub(crate) mod tests {
             commit_hold: None,
             updated_at_ms: NOW,
             config_version: 0,
+            pending_restart: Vec::new(),
+            restarted_for: None,
             unchanged_ms: 0,
             revision: 1,
         }

@@ -229,9 +229,14 @@ pub async fn restart_node(g: &Gateway, node: &str, reason: &str, timeout: Durati
     if let Some(sw) = s.switchover.as_ref().filter(|sw| sw.aborted.is_none()) {
         return Err(Refused(format!("a switchover from {} to {} is in progress", sw.from, sw.to)).into());
     }
-    // A request left by a gateway that died midway may be replaced once carried out.
+    // A request left by a gateway that died midway may be replaced once carried
+    // out, or once it cannot be (its node runs the primary, or does not report:
+    // its next start is the restart).
     let replace = match &s.restart {
-        Some(r) if report(&s, &r.node).is_some_and(|m| m.restarted_for.as_deref() != Some(r.id.as_str())) => {
+        Some(r)
+            if report(&s, &r.node)
+                .is_some_and(|m| m.role == Role::Replica && m.restarted_for.as_deref() != Some(r.id.as_str())) =>
+        {
             return Err(Refused(format!("a restart of {} is in progress ({})", r.node, r.reason)).into())
         }
         other => other.clone(),

@@ -347,6 +347,10 @@ pub struct ClusterStatus {
     /// Per repository, from the gateway's last reading of the catalog (`[backup]` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backups: Vec<crate::backup::catalog::RepoSummary>,
+    /// etcd members that are learners (a region's member added by `config
+    /// apply`, not voting until it has caught up), by name or peer URL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd_learners: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -494,7 +498,7 @@ impl ClusterStatus {
             }
             (None, Some(l)) => Some(format!("leader {} is not running as primary yet", l.node)),
         };
-        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, leaving, backups: Vec::new() }
+        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, leaving, backups: Vec::new(), etcd_learners: Vec::new() }
     }
 
     /// The status as a plain-text table, grouped by region.
@@ -559,6 +563,12 @@ impl ClusterStatus {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         for b in &self.backups {
             out.push_str(&b.render(now));
+        }
+        if !self.etcd_learners.is_empty() {
+            out.push_str(&format!(
+                "etcd: {} joining as learner(s), promoted once caught up\n",
+                self.etcd_learners.join(", ")
+            ));
         }
         for n in &self.nodes {
             if let Some(warning) = n.cert_not_after.and_then(|t| certificate_warning(t, now)) {

@@ -15,7 +15,8 @@ use crate::config::Config;
 pub enum Unit {
     Agent { node: String },
     Gateway { region: String },
-    Etcd { region: String },
+    /// `joining`: a member added to a running cluster (see `etcd_command`).
+    Etcd { region: String, joining: bool },
 }
 
 impl Unit {
@@ -24,7 +25,7 @@ impl Unit {
         match self {
             Unit::Agent { node } => format!("meridian-agent-{node}.service"),
             Unit::Gateway { region } => format!("meridian-gateway-{region}.service"),
-            Unit::Etcd { region } => format!("meridian-etcd-{region}.service"),
+            Unit::Etcd { region, .. } => format!("meridian-etcd-{region}.service"),
         }
     }
 }
@@ -53,7 +54,18 @@ pub fn gateway_command(meridian: &Path, config_file: &Path, region: &str) -> Com
 /// file, every member in `--initial-cluster`, TLS for clients and peers with
 /// certificates from the cluster CA (`etcd-<region>` in `[tls] dir`),
 /// pre-vote so a member back from a partition does not depose a healthy leader.
-pub fn etcd_command(etcd: &Path, config: &Config, region: &str, data_dir: &Path, token: &str) -> Result<CommandLine> {
+/// `joining`: the member joins a running cluster (a region added by `config
+/// apply`, already a member as a learner): `--initial-cluster-state existing`.
+/// Either way the flags only matter at the first start; etcd ignores them
+/// once its data directory exists.
+pub fn etcd_command(
+    etcd: &Path,
+    config: &Config,
+    region: &str,
+    data_dir: &Path,
+    token: &str,
+    joining: bool,
+) -> Result<CommandLine> {
     let members: Vec<(&str, &str)> =
         config.regions.iter().filter_map(|r| r.etcd.as_deref().map(|u| (r.name.as_str(), u))).collect();
     let Some((_, url)) = members.iter().find(|(name, _)| *name == region) else {
@@ -81,7 +93,7 @@ pub fn etcd_command(etcd: &Path, config: &Config, region: &str, data_dir: &Path,
         "--initial-cluster-token",
         token,
         "--initial-cluster-state",
-        "new",
+        if joining { "existing" } else { "new" },
         "--pre-vote",
         "--cert-file",
         &cert,
@@ -161,9 +173,16 @@ pub fn unit_file(config: &Config, unit: &Unit, paths: &Paths) -> Result<String> 
                 low,
             )
         }
-        Unit::Etcd { region } => (
+        Unit::Etcd { region, joining } => (
             format!("etcd member of region {region} for meridian (cluster {})", config.cluster),
-            etcd_command(&paths.etcd, config, region, &paths.etcd_data_dir, &format!("meridian-{}", config.cluster))?,
+            etcd_command(
+                &paths.etcd,
+                config,
+                region,
+                &paths.etcd_data_dir,
+                &format!("meridian-{}", config.cluster),
+                *joining,
+            )?,
             paths.etcd_user.clone(),
             vec![paths.etcd_data_dir.clone()],
             Vec::new(),
@@ -282,7 +301,7 @@ mod tests {
         let gateway = unit_file(&c, &Unit::Gateway { region: "witness".into() }, &paths()).unwrap();
         assert!(gateway.contains("--region witness\n") && gateway.contains("User=meridian\n"), "{gateway}");
         assert!(!gateway.contains("ReadWritePaths"), "a gateway writes nothing: {gateway}");
-        let etcd = unit_file(&c, &Unit::Etcd { region: "witness".into() }, &paths()).unwrap();
+        let etcd = unit_file(&c, &Unit::Etcd { region: "witness".into(), joining: false }, &paths()).unwrap();
         for want in [
             "Type=notify\n",
             "User=etcd\n",
@@ -309,7 +328,7 @@ mod tests {
     fn unknown_names_and_odd_paths_are_handled() {
         let c = lab_config(&LabShape::default(), Path::new("/var/lib/meridian"));
         assert!(unit_file(&c, &Unit::Agent { node: "nope".into() }, &paths()).is_err());
-        assert!(unit_file(&c, &Unit::Etcd { region: "nope".into() }, &paths())
+        assert!(unit_file(&c, &Unit::Etcd { region: "nope".into(), joining: false }, &paths())
             .unwrap_err()
             .to_string()
             .contains("no etcd member"));

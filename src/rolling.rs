@@ -128,6 +128,7 @@ mod tests {
             nodes,
             leaving: vec![],
             backups: vec![],
+            etcd_learners: vec![],
         }
     }
 

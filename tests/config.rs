@@ -323,3 +323,113 @@ fn a_setting_that_takes_a_restart_is_rolled_out_replicas_first_losing_no_write()
     assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the new primary");
     lab.finish();
 }
+
+#[test]
+fn a_region_joins_and_leaves_under_writes_losing_nothing() {
+    let lab = TestLab::up(126, &[]);
+    lab.try_psql_via("ap-south-1", "writer", "CREATE TABLE acks (id bigint PRIMARY KEY)").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = writer(&lab, "ap-south-1", stop.clone());
+    let acked_now = || lab.psql("ap-south-1a", "SELECT count(*) FROM acks").parse::<u64>().unwrap();
+    wait_until("writes acknowledged before the change", Duration::from_secs(20), || {
+        (acked_now() >= 5).then_some(()).ok_or("fewer than 5".to_string())
+    });
+
+    // A region joins: its etcd member (a learner, then a voter), its gateway, its node.
+    let t0 = std::time::Instant::now();
+    let out = lab.run_lab(&["add-region", "eu-west-1", "--nodes", "1"]);
+    let joined = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let s = lab.status();
+    let node = node(&s, "eu-west-1a");
+    assert_eq!((node["role"].as_str(), node["healthy"].as_bool()), (Some("replica"), Some(true)), "{s}");
+    assert!(s.get("etcd_learners").is_none(), "apply waits until the new member votes: {s}");
+    assert_eq!(lab.dig("eu-west-1", "").len(), 0, "the new gateway answers DNS (no A record for the zone apex)");
+    let on_primary = acked_now();
+    wait_until("the new region's reader port to serve the writes", Duration::from_secs(15), || {
+        let n = lab.try_psql_via("eu-west-1", "reader", "SELECT count(*) FROM acks").map_err(|e| e.to_string())?;
+        (n.parse::<u64>().unwrap() >= on_primary).then_some(()).ok_or(format!("{n} of {on_primary}"))
+    });
+    // etcd now has four voters: losing the new region's member costs no quorum.
+    let out = lab.run_lab(&["kill", "etcd:eu-west-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.psql("ap-south-1a", "SELECT 1");
+    let out = lab.run_lab(&["start", "etcd:eu-west-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Bad input: a clear error and nothing published.
+    let version = lab.json(&["config", "show"])["version"].as_u64().unwrap();
+    for (args, why) in [
+        (vec!["add-region", "eu-west-1"], "already has a region"),
+        (vec!["add-region", "Bad_Name"], "lowercase letters"),
+        (vec!["remove-region", "nowhere"], "nowhere"),
+        (vec!["remove-region", "ap-south-1"], "DNS record \"app\" points at region ap-south-1's gateway"),
+    ] {
+        let out = lab.run_lab(&args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(why), "{args:?}: want {why:?}: {}", text(&out));
+    }
+    // By hand: the primary's region without its DNS record; a node on an address already used.
+    let without_primary = edited(&lab, "no-primary-region.toml", |f| {
+        let regions = f["region"].as_array_mut().unwrap();
+        let gone = regions.iter().position(|r| r["name"].as_str() == Some("ap-south-1")).unwrap();
+        let url = regions.remove(gone)["etcd"].as_str().unwrap().to_string();
+        f.remove("dns");
+        if let Some(repos) = f.get_mut("backup").and_then(|b| b.get_mut("repository")).and_then(|r| r.as_array_mut()) {
+            for r in repos {
+                r["region"] = "ap-northeast-1".into();
+            }
+        }
+        let endpoints = f["etcd"]["endpoints"].as_array_mut().unwrap();
+        endpoints.retain(|e| e.as_str() != Some(url.as_str()));
+        let checks = f["health"]["check"].as_array_mut().unwrap();
+        checks.retain(|c| c["name"].as_str() != Some("node-ap-south-1a"));
+    });
+    let clash = edited(&lab, "clash.toml", |f| {
+        let regions = f["region"].as_array_mut().unwrap();
+        let eu = regions.iter_mut().find(|r| r["name"].as_str() == Some("eu-west-1")).unwrap();
+        let mut twin = eu["node"][0].clone();
+        twin["name"] = "eu-west-1b".into();
+        twin["api"] = "127.126.4.12:8008".into();
+        twin["data_dir"] = lab.path().join("nodes/eu-west-1b/data").display().to_string().into();
+        eu["node"].as_array_mut().unwrap().push(twin);
+    });
+    for (file, why) in [(&without_primary, "which holds the primary"), (&clash, "127.126.4.11:5432")] {
+        let out = lab.meridian(&["config", "apply", file]);
+        assert_eq!(out.status.code(), Some(2), "{file}: {}", text(&out));
+        assert!(text(&out).contains(why), "{file}: want {why:?}: {}", text(&out));
+    }
+    assert_eq!(lab.json(&["config", "show"])["version"].as_u64(), Some(version), "a refusal publishes nothing");
+
+    // It leaves: its node drains and stops, its etcd member is removed, its gateway stops.
+    let t1 = std::time::Instant::now();
+    let out = lab.run_lab(&["remove-region", "eu-west-1"]);
+    let left = t1.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let s = lab.status();
+    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n["region"] != "eu-west-1"), "{s}");
+    assert!(lab.path().join("nodes/eu-west-1a/data/PG_VERSION").exists(), "its data is kept without --purge");
+    assert!(!lab.path().join("etcd/eu-west-1").exists(), "a removed member's etcd data goes");
+    for (what, addr) in [("gateway", "127.126.4.2:8080"), ("etcd member", "127.126.4.1:2379")] {
+        let refused = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2));
+        assert!(refused.is_err(), "the removed region's {what} still listens on {addr}");
+    }
+    let done = std::time::Instant::now();
+    wait_until("writes acknowledged after the change", Duration::from_secs(20), || {
+        let n = acked_now();
+        (n >= on_primary + 5).then_some(()).ok_or(format!("{n}"))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failures) = writes.join().unwrap();
+    let (max_gap, median_gap) = gaps(&acked, t0, done);
+    eprintln!(
+        "region joined in {joined:?}, left in {left:?}; {} inserts acknowledged, {} failed; while it changed: longest gap between acknowledgements {max_gap:?} (median {median_gap:?}, one psql per insert)",
+        acked.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "writes failed while a region joined and left: {failures:?}");
+    assert!(max_gap < Duration::from_secs(1), "writes paused {max_gap:?} while a region joined or left");
+    let count = lab.psql("ap-south-1a", "SELECT count(*) FROM acks");
+    assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the primary");
+    lab.finish();
+}

@@ -203,16 +203,39 @@ async fn take_effect(
                 // admits their addresses and keeps their slots.
                 wait_for_primary(client, version).await?;
             }
-            Some(crate::lab::membership::take_file(dir, text, version, &added, &removed)?)
+            let membership = crate::lab::membership::Membership {
+                added: &added,
+                removed: &removed,
+                added_regions: &crate::config::change::added_regions(&answer.plan),
+                removed_regions: &crate::config::change::removed_regions(&answer.plan),
+            };
+            Some(crate::lab::membership::take_file(dir, text, version, &membership)?)
         }
         None => {
+            if let Some(crate::config::change::EtcdChange::Add { region, .. }) = &answer.etcd {
+                eprintln!(
+                    "start region {region}'s etcd member (`meridian deploy systemd --etcd {region} --joining`): it is a learner until it has caught up, then a gateway promotes it"
+                );
+            }
+            for region in crate::config::change::added_regions(&answer.plan) {
+                eprintln!("start region {region}'s gateway (`meridian deploy systemd --gateway {region}`)");
+            }
+            for region in crate::config::change::removed_regions(&answer.plan) {
+                eprintln!("once its nodes have left, stop and disable region {region}'s gateway and etcd units");
+            }
             if !added.is_empty() {
                 eprintln!("start the agents of {} on their hosts (docs/deploy.md)", added.join(", "));
             }
             None
         }
     };
-    let Some(timeout) = opts.wait else { return Ok(()) };
+    let Some(timeout) = opts.wait else {
+        // A lab never leaves a removed region's processes running unseen.
+        if let Some(l) = leaving.as_ref().filter(|l| !l.region_processes.is_empty()) {
+            crate::lab::membership::wait_left(l, Duration::from_secs(60)).await?;
+        }
+        return Ok(());
+    };
     let started = std::time::Instant::now();
     let mut progress = crate::progress::Progress::new();
     let mut last = String::new();
@@ -232,6 +255,7 @@ async fn take_effect(
                 w.extend(
                     s.leaving.iter().map(|n| format!("{} leaving ({})", n.name, n.detail.as_deref().unwrap_or("-"))),
                 );
+                w.extend(s.etcd_learners.iter().map(|l| format!("etcd member {l} (a learner, catching up)")));
                 w
             }
             Err(e) => vec![format!("the gateway's status: {e:#}")],

@@ -25,6 +25,10 @@ enum Sub {
         /// The etcd member of this region.
         #[arg(long, group = "what")]
         etcd: Option<String>,
+        /// The etcd member joins a running cluster (its region was added with
+        /// `region add` / `config apply`, which made it a learner).
+        #[arg(long, requires = "etcd")]
+        joining: bool,
         /// Where the meridian binary is on the machine.
         #[arg(long, default_value = "/usr/local/bin/meridian")]
         binary: PathBuf,
@@ -47,13 +51,13 @@ enum Sub {
 }
 
 pub fn run(config_path: &Path, args: Args) -> Result<i32> {
-    let Sub::Systemd { node, gateway, etcd, binary, etcd_binary, etcd_data_dir, gateway_user, etcd_user, out } =
+    let Sub::Systemd { node, gateway, etcd, joining, binary, etcd_binary, etcd_data_dir, gateway_user, etcd_user, out } =
         args.command;
     let config = super::load_config(config_path)?;
     let unit = match (node, gateway, etcd) {
         (Some(node), None, None) => Unit::Agent { node },
         (None, Some(region), None) => Unit::Gateway { region },
-        (None, None, Some(region)) => Unit::Etcd { region },
+        (None, None, Some(region)) => Unit::Etcd { region, joining },
         _ => anyhow::bail!("say which process: --node NODE, --gateway REGION or --etcd REGION"),
     };
     let config_file = std::path::absolute(config_path).context("resolve the cluster file's path")?;

@@ -194,6 +194,34 @@ enum Sub {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Add region NAME while the cluster runs: its etcd member (a learner until
+    /// caught up), its gateway and --nodes nodes on the lab's next addresses;
+    /// writes D/meridian.next.toml and applies it.
+    AddRegion {
+        name: String,
+        /// Database nodes (0: a witness region).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Remove region NAME while the cluster runs: its nodes leave (data kept
+    /// unless --purge), its etcd member is removed, its gateway and etcd stop.
+    RemoveRegion {
+        name: String,
+        #[arg(long)]
+        purge: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Start again what of a node or region is not running, and wait until it is back.
     Start {
         /// A node or region name, or etcd:REGION / gateway:REGION.
@@ -275,11 +303,27 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
         }
         Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
         Sub::AddNode { region, no_wait, json, dir } => {
+            crate::lab::membership::can_add_hosts(&dir.resolve(config))?;
             let next = crate::lab::membership::next_file(&dir.resolve(config), |c, d| {
                 crate::lab::membership::add_node(c, d, &region).map(|_| ())
             })?;
             let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
             return super::config::apply(&next.0, &next.1, false, wait, json).await;
+        }
+        Sub::AddRegion { name, nodes, no_wait, json, dir } => {
+            crate::lab::membership::can_add_hosts(&dir.resolve(config))?;
+            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, d| {
+                crate::lab::membership::add_region(c, d, &name, nodes)
+            })?;
+            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
+            return super::config::apply(&next.0, &next.1, false, wait, json).await;
+        }
+        Sub::RemoveRegion { name, purge, no_wait, json, dir } => {
+            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
+                crate::lab::membership::remove_region(c, &name)
+            })?;
+            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
+            return super::config::apply(&next.0, &next.1, purge, wait, json).await;
         }
         Sub::RemoveNode { node, purge, no_wait, json, dir } => {
             let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {

@@ -13,6 +13,7 @@ mod health;
 mod history;
 mod lab;
 mod operations;
+mod region;
 mod restore;
 mod rolling;
 mod status;
@@ -63,6 +64,8 @@ pub enum Command {
     /// Restart every PostgreSQL one at a time: replicas, a switchover, the old
     /// primary (settings that take a restart, a PostgreSQL package upgrade).
     RollingRestart(rolling::Args),
+    /// Add a region (its etcd member, gateway and nodes) or remove one, while the cluster runs.
+    Region(region::Args),
     /// Every promotion: kind, from, to, epoch, reason, duration, estimated loss.
     History(history::Args),
     /// Every health check: the aggregate and each gateway's verdict.
@@ -109,6 +112,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Switchover(a) => operations::switchover(&config, a).await,
         Command::Failover(a) => operations::failover(&config, a).await,
         Command::RollingRestart(a) => rolling::run(&config, a).await,
+        Command::Region(a) => region::run(&config, a).await,
         Command::Agent(a) => agent::run(&config, a).await,
         Command::Gateway(a) => gateway::run(&config, a).await,
         Command::Lab(a) => lab::run(a, &config).await,

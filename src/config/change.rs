@@ -283,12 +283,67 @@ pub fn removed_nodes(plan: &Plan) -> Vec<String> {
     node_changes(plan, |c| c.after.is_none())
 }
 
+/// The regions a plan adds and removes, by name (their nodes are in `added_nodes`/`removed_nodes`).
+pub fn added_regions(plan: &Plan) -> Vec<String> {
+    region_changes(plan, |c| c.before.is_none())
+}
+
+pub fn removed_regions(plan: &Plan) -> Vec<String> {
+    region_changes(plan, |c| c.after.is_none())
+}
+
+fn region_changes(plan: &Plan, pick: impl Fn(&Change) -> bool) -> Vec<String> {
+    plan.changes
+        .iter()
+        .filter(|c| c.cost == Cost::Membership && pick(c) && owner_chain(&c.path).len() == 1 && !c.path.contains('.'))
+        .filter_map(|c| c.path.strip_prefix("region[").map(|n| n.trim_end_matches(']').to_string()))
+        .collect()
+}
+
 fn node_changes(plan: &Plan, pick: impl Fn(&Change) -> bool) -> Vec<String> {
     plan.changes
         .iter()
         .filter(|c| c.cost == Cost::Membership && pick(c))
         .filter_map(|c| c.path.split_once("].node[").map(|(_, n)| n.trim_end_matches(']').to_string()))
         .collect()
+}
+
+/// The one etcd member a file adds or removes, with its region's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdChange {
+    /// Added as a learner before the file is published; promoted once it has caught up.
+    Add { region: String, url: String },
+    /// Removed once the file is published.
+    Remove { region: String, url: String },
+}
+
+/// What `apply` must do to etcd's membership for `new`: nothing, or add or
+/// remove the member of a region that comes or goes. Any other change of
+/// `etcd.endpoints` is not taken live (the reason). More than one member at
+/// once is refused by `plan`.
+pub fn etcd_change(running: &Config, new: &Config) -> Result<Option<EtcdChange>, String> {
+    let region_of = |c: &Config, url: &str| c.regions.iter().find(|r| r.etcd.as_deref() == Some(url)).map(|r| r.name.clone());
+    let has_region = |c: &Config, name: &str| c.regions.iter().any(|r| r.name == name);
+    if let Some(url) = new.etcd.endpoints.iter().find(|e| !running.etcd.endpoints.contains(e)) {
+        return match region_of(new, url) {
+            Some(region) if !has_region(running, &region) => Ok(Some(EtcdChange::Add { region, url: url.clone() })),
+            _ => Err(format!(
+                "etcd.endpoints: adds {url}, which is not the etcd member of a region the file adds; \
+                 changing etcd's members outside adding or removing a region is not built yet"
+            )),
+        };
+    }
+    if let Some(url) = running.etcd.endpoints.iter().find(|e| !new.etcd.endpoints.contains(e)) {
+        return match region_of(running, url) {
+            Some(region) if !has_region(new, &region) => Ok(Some(EtcdChange::Remove { region, url: url.clone() })),
+            _ => Err(format!(
+                "etcd.endpoints: removes {url}, which is not the etcd member of a region the file removes; \
+                 changing etcd's members outside adding or removing a region is not built yet"
+            )),
+        };
+    }
+    Ok(None)
 }
 
 /// Settings a standby must run with at least the primary's value of (it
@@ -350,11 +405,13 @@ pub fn taken_live(c: &Change) -> Result<(), String> {
             }
         }
         Cost::Membership if owner_chain(&c.path).len() == 2 && (c.before.is_none() || c.after.is_none()) => Ok(()),
+        // A whole region (its gateway, nodes and etcd member: see `etcd_change`).
         Cost::Membership
             if c.path.starts_with("region[") && owner_chain(&c.path).len() == 1 && !c.path.contains('.') =>
         {
-            Err(format!("{}: adding or removing a region is not built yet", c.path))
+            Ok(())
         }
+        Cost::Membership if c.path == "etcd.endpoints" => Ok(()),
         Cost::Membership => Err(format!("{}: moving a gateway or changing etcd's members is not built yet", c.path)),
         _ if AT_START
             .iter()
@@ -556,13 +613,20 @@ mod tests {
         unset.postgres.settings.remove("max_connections");
         let why = plan(&new, &unset, None).changes.iter().filter_map(|c| taken_live(c).err()).collect::<Vec<_>>();
         assert!(why[0].contains("removed, so PostgreSQL's default applies"), "{why:?}");
-        // Not yet: a region, etcd's members, what processes read at start.
+        // A region with its etcd member: taken, the member removed (or added) with it.
         let mut new = running.clone();
-        new.regions.pop();
-        new.etcd.endpoints.pop();
-        let why = live(&new).join("; ");
-        assert!(why.contains("adding or removing a region is not built yet"), "{why}");
-        assert!(why.contains("etcd.endpoints"), "{why}");
+        let gone = new.regions.pop().unwrap();
+        new.etcd.endpoints.retain(|e| Some(e) != gone.etcd.as_ref());
+        new.health.checks.retain(|c| !c.name.contains(&gone.name));
+        assert_eq!(live(&new), Vec::<String>::new());
+        let url = gone.etcd.clone().unwrap();
+        assert_eq!(etcd_change(&running, &new), Ok(Some(EtcdChange::Remove { region: gone.name.clone(), url: url.clone() })));
+        assert_eq!(etcd_change(&new, &running), Ok(Some(EtcdChange::Add { region: gone.name.clone(), url })));
+        // An etcd member that comes or goes without its region: not yet.
+        let mut new = running.clone();
+        new.etcd.endpoints.push("https://127.42.9.1:2379".into());
+        assert!(etcd_change(&running, &new).unwrap_err().contains("not the etcd member of a region the file adds"));
+        assert_eq!(etcd_change(&running, &running), Ok(None));
         let mut new = running.clone();
         new.failover.lease_ttl = std::time::Duration::from_secs(9);
         new.regions[0].gateway.api = "127.42.1.3:8080".parse().unwrap();

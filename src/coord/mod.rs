@@ -78,6 +78,16 @@ pub struct Snapshot {
     pub health: Vec<HealthReport>,
 }
 
+/// One etcd member, as `member list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdMember {
+    pub id: u64,
+    /// Empty until the member has started.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub learner: bool,
+}
+
 /// The `leader` key with the lease that keeps it alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderEntry {
@@ -707,6 +717,87 @@ impl Coord {
         };
         client.clone().move_leader(target.id()).await.context("move etcd leadership")?;
         Ok(Some(target.name().to_string()))
+    }
+
+    /// etcd's members: (id, name, peer URLs, whether a learner).
+    pub async fn etcd_members(&self) -> Result<Vec<EtcdMember>> {
+        let list = self.call("list etcd members", |mut c| async move { c.member_list().await }).await?;
+        Ok(list
+            .members()
+            .iter()
+            .map(|m| EtcdMember {
+                id: m.id(),
+                name: m.name().to_string(),
+                peer_urls: m.peer_urls().to_vec(),
+                learner: m.is_learner(),
+            })
+            .collect())
+    }
+
+    /// Adds a member at `peer_url` as a learner (it replicates but does not
+    /// vote until promoted, so adding it never changes the quorum); returns
+    /// its id. A member already at that URL (an earlier try) is kept.
+    pub async fn add_etcd_learner(&self, peer_url: &str) -> Result<u64> {
+        if let Some(m) = self.etcd_members().await?.into_iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url)) {
+            return Ok(m.id);
+        }
+        let url = peer_url.to_string();
+        // etcd refuses membership changes ("unhealthy cluster") until its
+        // leader has been connected to a quorum for 5 s (strict reconfig
+        // check): right after a start or an election. Try again meanwhile.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let added = self
+                .call("add an etcd learner", |mut c| {
+                    let url = url.clone();
+                    async move {
+                        c.member_add([url], Some(etcd_client::MemberAddOptions::new().with_is_learner())).await
+                    }
+                })
+                .await;
+            match added {
+                Ok(resp) => return resp.member().map(|m| m.id()).context("etcd did not say which member it added"),
+                Err(e) if format!("{e:#}").contains("unhealthy cluster") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Promotes every learner that has caught up with the leader (etcd
+    /// refuses the others, which are tried again later); returns the names
+    /// of those promoted.
+    pub async fn promote_etcd_learners(&self) -> Result<Vec<String>> {
+        let mut promoted = Vec::new();
+        for m in self.etcd_members().await?.into_iter().filter(|m| m.learner) {
+            let id = m.id;
+            let done = self.call("promote an etcd learner", |mut c| async move { c.member_promote(id).await }).await;
+            match done {
+                Ok(_) => promoted.push(if m.name.is_empty() { m.peer_urls.join(",") } else { m.name }),
+                Err(e) => tracing::debug!("etcd learner {} not promoted yet: {e:#}", m.name),
+            }
+        }
+        Ok(promoted)
+    }
+
+    /// Removes the member at `peer_url`, if it is one; true if it was.
+    pub async fn remove_etcd_member(&self, peer_url: &str) -> Result<bool> {
+        let Some(m) = self.etcd_members().await?.into_iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url)) else {
+            return Ok(false);
+        };
+        let id = m.id;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.call("remove an etcd member", |mut c| async move { c.member_remove(id).await }).await {
+                Ok(_) => return Ok(true),
+                // As for adding: etcd's strict reconfig check, right after a start or an election.
+                Err(e) if format!("{e:#}").contains("unhealthy cluster") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Is etcd answering with a quorum right now?

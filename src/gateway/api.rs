@@ -466,6 +466,7 @@ mod tests {
             primary: Some("a".into()),
             reason: None,
             backups: Vec::new(),
+            etcd_learners: Vec::new(),
             leaving: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "a".into(),

@@ -76,6 +76,10 @@ pub struct PlanAnswer {
     pub plan: Plan,
     /// Changes that are allowed but that meridian does not yet take while it runs.
     pub not_live: Vec<String>,
+    /// The etcd member the file adds (as a learner, before publishing) or
+    /// removes (after publishing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<change::EtcdChange>,
 }
 
 /// Parses `text` (every problem, or Refused) and plans it against the running file.
@@ -91,8 +95,12 @@ async fn plan_against_running(g: &Gateway, text: &str) -> Result<(PublishedConfi
     old.source = g.config().source.clone();
     let primary = g.coord.snapshot().await?.leader.map(|l| l.leader.node);
     let plan = change::plan(&old, &new, primary.as_deref());
-    let not_live = plan.changes.iter().filter_map(|c| change::taken_live(c).err()).collect();
-    let answer = PlanAnswer { running_version: current.version, published: None, plan, not_live };
+    let mut not_live: Vec<String> = plan.changes.iter().filter_map(|c| change::taken_live(c).err()).collect();
+    let etcd = change::etcd_change(&old, &new).unwrap_or_else(|why| {
+        not_live.push(why);
+        None
+    });
+    let answer = PlanAnswer { running_version: current.version, published: None, plan, not_live, etcd };
     Ok((current, new, answer))
 }
 
@@ -148,11 +156,46 @@ pub async fn apply(g: &Gateway, req: &PlanRequest, who: &str) -> Result<PlanAnsw
         return Err(Refused("--purge, but the file removes no node".into()).into());
     }
     let new = PublishedConfig { purge, ..new };
+    // A new region's etcd member joins as a learner first: it must be a
+    // member before it can start, and a learner does not vote, so the quorum
+    // is what it was until a gateway promotes it (`promote_learners`).
+    if let Some(change::EtcdChange::Add { region, url }) = &answer.etcd {
+        let peer = crate::deploy::peer_url(url);
+        let id = g.coord.add_etcd_learner(&peer).await?;
+        tracing::info!("added region {region}'s etcd member {peer} as a learner (id {id:x})");
+    }
     let previous = (current.version > 0).then_some(&current);
     if !g.coord.publish_config(previous, &new).await? {
         return Err(Refused("someone published another version meanwhile; diff again".into()).into());
     }
     tracing::info!("published cluster file version {} ({}), applied by {who}", new.version, new.cost);
+    // A region that goes takes its member with it; the others still make a quorum (`plan` keeps 3).
+    if let Some(change::EtcdChange::Remove { region, url }) = &answer.etcd {
+        let peer = crate::deploy::peer_url(url);
+        if g.coord.remove_etcd_member(&peer).await? {
+            tracing::info!("removed region {region}'s etcd member {peer}");
+        }
+    }
     answer.published = Some(new.version);
     Ok(answer)
+}
+
+/// Every few seconds, promotes etcd learners that have caught up (a region's
+/// member added by `apply`). Any gateway may do it; etcd refuses a learner
+/// that is behind, and a promotion done twice fails harmlessly.
+pub async fn promote_learners(coord: crate::coord::Coord, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+        match coord.promote_etcd_learners().await {
+            Ok(names) => {
+                for n in names {
+                    tracing::info!("promoted etcd learner {n} to a voting member");
+                }
+            }
+            Err(e) => tracing::debug!("failed to {e:#}"),
+        }
+    }
 }

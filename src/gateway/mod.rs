@@ -114,6 +114,13 @@ impl Gateway {
                 .map(|r| crate::backup::catalog::RepoSummary::build(catalog, &r.name, write, at.elapsed().as_secs()))
                 .collect();
         }
+        if let Ok(members) = self.coord.etcd_members().await {
+            status.etcd_learners = members
+                .into_iter()
+                .filter(|m| m.learner)
+                .map(|m| if m.name.is_empty() { m.peer_urls.join(",") } else { m.name })
+                .collect();
+        }
         Ok(status)
     }
 }
@@ -164,6 +171,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     };
     tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
     tokio::spawn(backup::schedule(gateway.clone(), shutdown.clone()));
+    tokio::spawn(config_api::promote_learners(gateway.coord.clone(), shutdown.clone()));
     if let Some(keep) = config.api.audit_retention {
         tokio::spawn(trim_audit(gateway.clone(), keep, shutdown.clone()));
     }

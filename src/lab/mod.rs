@@ -221,10 +221,16 @@ impl Lab {
         // The same command lines as the units of `meridian deploy systemd`.
         let config_file = self.config_path();
         let token = format!("meridian-{}", self.dir.display());
+        let etcd_data = |region: &str| self.dir.join("etcd").join(region);
         for region in self.config.regions.iter().filter(|r| r.etcd.is_some()) {
-            let data = self.dir.join("etcd").join(&region.name);
-            let line = crate::deploy::etcd_command(Path::new("etcd"), &self.config, &region.name, &data, &token)
-                .expect("the region has an etcd member");
+            let data = etcd_data(&region.name);
+            // A member without data while others have theirs joins the running
+            // cluster: its region was added by `config apply`.
+            let joining = !data.join("member").exists()
+                && self.config.regions.iter().any(|r| etcd_data(&r.name).join("member").exists());
+            let line =
+                crate::deploy::etcd_command(Path::new("etcd"), &self.config, &region.name, &data, &token, joining)
+                    .expect("the region has an etcd member");
             let identity = format!("--data-dir {}", data.display());
             let args = line.args.into_iter().map(OsString::from).collect();
             out.push((

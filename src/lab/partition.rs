@@ -109,6 +109,23 @@ impl Groups {
             .is_ok_and(|s| s.success())
     }
 
+    /// Removes one region's group (a region removed while the lab runs); call
+    /// after its processes are gone.
+    pub fn remove_region(&self, region: &str) {
+        let dir = self.region_dir(region);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(e) = std::fs::remove_dir(&dir) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("failed to remove cgroup {}: {e}", dir.display());
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Removes the lab's groups; call after its processes are gone. A group
     /// stays busy until the kernel has reaped its last process (a killed etcd,
     /// say), so removal is retried for a moment.

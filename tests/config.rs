@@ -431,5 +431,9 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
     assert!(max_gap < Duration::from_secs(1), "writes paused {max_gap:?} while a region joined or left");
     let count = lab.psql("ap-south-1a", "SELECT count(*) FROM acks");
     assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the primary");
+    // Three etcd members again: removing the witness's would leave two, which cannot lose one.
+    let out = lab.run_lab(&["remove-region", "witness"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("2 region(s) have an etcd member; at least three"), "{}", text(&out));
     lab.finish();
 }

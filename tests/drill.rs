@@ -163,3 +163,31 @@ fn fault_scenarios_are_refused_outside_the_lab() {
 fn text_of(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
+
+#[test]
+fn add_region_and_remove_node_drills_lose_nothing_and_report_the_write_pause() {
+    let lab = TestLab::up(127, &["--nodes-per-region", "2"]);
+    for scenario in ["add-region", "remove-node"] {
+        let (code, report) = drill(&lab, &["--scenario", scenario, "--writers", "3", "--rate", "40"]);
+        assert_eq!(code, 0, "{scenario}: {}", serde_json::to_string_pretty(&report).unwrap());
+        let round = &report["rounds"][0];
+        assert_eq!(round["scenario"], scenario);
+        assert_eq!(round["new_primary"], round["old_primary"], "{scenario}: no failover: {round}");
+        assert_eq!(round["missing_acknowledged"], 0, "{scenario}: {round}");
+        assert_eq!(round["errors"], 0, "{scenario}: no writer saw an error: {round}");
+        for name in ["no failover", "no split brain", "table checksums equal on every node"] {
+            assert_eq!(check(round, name)["passed"], true, "{scenario}: {name}: {}", check(round, name));
+        }
+        eprintln!(
+            "{scenario}: {} writes acknowledged, longest write pause {} ms, commit p50 {} ms p99 {} ms",
+            round["acknowledged"], round["rto_ms"], round["commit_p50_ms"], round["commit_p99_ms"]
+        );
+        assert!(round["rto_ms"].as_u64().unwrap() < 1_000, "{scenario}: writes paused: {round}");
+    }
+    // Both undone: the lab is as it was.
+    let s = lab.status();
+    let names: Vec<&str> = s["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 4, "{s}");
+    assert!(!names.iter().any(|n| n.starts_with("drill-region")), "{s}");
+    lab.finish();
+}

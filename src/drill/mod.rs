@@ -89,6 +89,8 @@ struct Drill {
     /// Rows of round n carry ids in `[(first_key + n - 1) * 10^12, ...)`, past
     /// every earlier drill's, so drills can run again on the same table.
     first_key: u32,
+    /// The region a remove-node round took its node from, to add one back.
+    removed_from: std::sync::Mutex<Option<String>>,
 }
 
 /// Undoes whatever fault an interrupted drill may have left in a lab: heals
@@ -146,6 +148,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<report::DrillR
         options,
         started: Instant::now(),
         first_key: 0,
+        removed_from: Default::default(),
     };
     let mut drill = drill;
     drill.first_key = drill.prepare().await?;
@@ -307,11 +310,16 @@ impl Drill {
         // Warm up: every writer connected and acknowledging.
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The standbys' copies must survive whatever the fault does to the primary.
+        // A remove-node round removes one replica's data on purpose (--purge).
+        let removed = match scenario {
+            Scenario::RemoveNode => self.removable_node(&before).ok(),
+            _ => None,
+        };
         let data_watch = self.lab.is_some().then(|| {
             let dirs = self
                 .config
                 .nodes()
-                .filter(|(_, n)| n.name != old_primary)
+                .filter(|(_, n)| n.name != old_primary && Some(&n.name) != removed.as_ref())
                 .map(|(_, n)| (n.name.clone(), self.config.resolve(&n.data_dir)))
                 .collect();
             checks::DataWatch::start(dirs)
@@ -540,6 +548,16 @@ impl Drill {
                 format!("killed {old_primary} during the backup")
             }
             Scenario::Restore => bail!("a restore round injects no fault"),
+            Scenario::AddRegion => {
+                let region = self.drill_region();
+                self.lab(&["add-region", &region, "--nodes", "1"]).await?;
+                format!("region {region} added (etcd member, gateway, node {region}a) and streaming")
+            }
+            Scenario::RemoveNode => {
+                let node = self.removable_node(before)?;
+                self.lab(&["remove-node", &node, "--purge"]).await?;
+                format!("replica {node} removed (drained, stopped, data removed)")
+            }
             Scenario::Switchover => {
                 let target = before
                     .nodes
@@ -619,7 +637,35 @@ impl Drill {
             // `lab skew NODE 0` puts one right.
             Scenario::ClockSkew => self.lab(&["start", old_primary]).await,
             Scenario::Switchover | Scenario::DrFailover | Scenario::Restore => Ok(()),
+            Scenario::AddRegion => self.lab(&["remove-region", &self.drill_region()]).await,
+            Scenario::RemoveNode => {
+                let region = self.removed_from.lock().unwrap().take().context("no node was removed")?;
+                self.lab(&["add-node", &region]).await
+            }
         }
+    }
+
+    /// The region an add-region round adds (and removes again).
+    fn drill_region(&self) -> String {
+        "drill-region".to_string()
+    }
+
+    /// A replica in a region with another node (a region keeps at least one);
+    /// the same one for the same status.
+    fn removable_node(&self, status: &ClusterStatus) -> Result<String> {
+        let primary = status.primary.clone().unwrap_or_default();
+        let mut per_region: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for n in &status.nodes {
+            per_region.entry(n.region.as_str()).or_default().push(n.name.as_str());
+        }
+        let node = status
+            .nodes
+            .iter()
+            .filter(|n| n.name != primary && per_region[n.region.as_str()].len() >= 2)
+            .max_by_key(|n| n.name.clone())
+            .context("remove-node needs a region with two nodes (`lab up --nodes-per-region 2`)")?;
+        *self.removed_from.lock().unwrap() = Some(node.region.clone());
+        Ok(node.name.clone())
     }
 
     fn standbys(&self, status: &ClusterStatus) -> Vec<String> {

@@ -21,9 +21,13 @@ pub enum Scenario {
     ClockSkew,
     BackupDuringFailover,
     Restore,
+    /// A region (etcd member, gateway, one node) joins under the workload, then leaves.
+    AddRegion,
+    /// A replica leaves under the workload (with --purge), then joins again.
+    RemoveNode,
 }
 
-pub const ALL: [Scenario; 12] = [
+pub const ALL: [Scenario; 14] = [
     Scenario::PrimaryNodeKill,
     Scenario::PrimaryRegionKill,
     Scenario::PrimaryRegionPartition,
@@ -36,6 +40,8 @@ pub const ALL: [Scenario; 12] = [
     Scenario::ClockSkew,
     Scenario::BackupDuringFailover,
     Scenario::Restore,
+    Scenario::AddRegion,
+    Scenario::RemoveNode,
 ];
 
 impl Scenario {
@@ -53,6 +59,8 @@ impl Scenario {
             Scenario::ClockSkew => "clock-skew",
             Scenario::BackupDuringFailover => "backup-during-failover",
             Scenario::Restore => "restore",
+            Scenario::AddRegion => "add-region",
+            Scenario::RemoveNode => "remove-node",
         }
     }
 
@@ -62,6 +70,12 @@ impl Scenario {
         matches!(self, Scenario::BackupDuringFailover | Scenario::Restore)
     }
 
+    /// Scenarios that change the cluster's shape: left out of `random` (their
+    /// rounds take long, and remove-node needs two nodes in a region).
+    pub fn changes_membership(self) -> bool {
+        matches!(self, Scenario::AddRegion | Scenario::RemoveNode)
+    }
+
     /// Scenarios that inject faults need the lab; operator actions work on any cluster.
     pub fn needs_lab(self) -> bool {
         !matches!(self, Scenario::Switchover | Scenario::DrFailover)
@@ -69,7 +83,14 @@ impl Scenario {
 
     /// Whether the primary is expected to move.
     pub fn expects_new_primary(self) -> bool {
-        !matches!(self, Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss | Scenario::Restore)
+        !matches!(
+            self,
+            Scenario::ReplicaRegionPartition
+                | Scenario::EtcdMemberLoss
+                | Scenario::Restore
+                | Scenario::AddRegion
+                | Scenario::RemoveNode
+        )
     }
 
     /// Whether this round must lose no acknowledged write, given the
@@ -78,9 +99,12 @@ impl Scenario {
     /// promises none for the losses it covers; no scenario without failover may lose any.
     pub fn promises_no_loss(self, sync: Synchronous, same_region: bool) -> bool {
         match self {
-            Scenario::Switchover | Scenario::ReplicaRegionPartition | Scenario::EtcdMemberLoss | Scenario::Restore => {
-                true
-            }
+            Scenario::Switchover
+            | Scenario::ReplicaRegionPartition
+            | Scenario::EtcdMemberLoss
+            | Scenario::Restore
+            | Scenario::AddRegion
+            | Scenario::RemoveNode => true,
             _ => match sync {
                 Synchronous::Off => false,
                 Synchronous::Remote => !same_region,
@@ -124,7 +148,10 @@ pub fn rounds(plan: Plan, rounds: usize, seed: u64, lab: bool) -> Vec<Scenario> 
         Plan::One(s) => vec![s; rounds],
         Plan::Random => {
             let allowed: Vec<Scenario> =
-                ALL.iter().copied().filter(|s| (lab || !s.needs_lab()) && !s.needs_backup()).collect();
+                ALL.iter()
+                .copied()
+                .filter(|s| (lab || !s.needs_lab()) && !s.needs_backup() && !s.changes_membership())
+                .collect();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             (0..rounds).map(|_| allowed[rng.random_range(0..allowed.len())]).collect()
         }

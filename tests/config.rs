@@ -437,3 +437,66 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
     assert!(text(&out).contains("2 region(s) have an etcd member; at least three"), "{}", text(&out));
     lab.finish();
 }
+
+/// The pid of the pg_basebackup writing into `data_dir`, if one runs.
+fn base_backup_into(data_dir: &std::path::Path) -> Option<i32> {
+    let want = data_dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().is_some_and(|a| a.ends_with("pg_basebackup")) && args.iter().any(|a| a.starts_with(&want)) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_node_whose_clone_fails_halfway_is_not_routed_and_clones_again() {
+    let mut lab = TestLab::up(128, &[]);
+    // The copy killed halfway: the walsender serving it sees its client vanish.
+    lab.expect_error("could not send data to client");
+    lab.expect_error("connection to client lost");
+    lab.expect_error("failed to pg_basebackup failed (signal: 9 (SIGKILL))");
+    lab.psql("ap-south-1a", "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 400000) g");
+    let primary_ip = lab.node_addr("ap-south-1a").0;
+
+    let out = lab.run_lab(&["add-node", "ap-south-1", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Caught mid-copy and frozen there, so what follows cannot race its end.
+    let data = lab.path().join("nodes/ap-south-1b/data");
+    let mut pid = None;
+    wait_until("the new node's pg_basebackup to start", Duration::from_secs(30), || {
+        pid = base_backup_into(&data);
+        pid.map(|p| unsafe { libc::kill(p, libc::SIGSTOP) }).ok_or("not running yet".to_string()).map(|_| ())
+    });
+    let pid = pid.unwrap();
+    // Not routed: not healthy, not a reader in DNS (the region's reader name is still the primary).
+    let s = lab.status();
+    assert_eq!(node(&s, "ap-south-1b")["healthy"], false, "{s}");
+    assert_eq!(lab.dig("ap-south-1", "reader.ap-south-1"), [primary_ip.clone()]);
+    // Halfway: killed.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // The agent says so (its status shows the failure only until the retry, which may be quick).
+    let log = lab.path().join("logs/agent-ap-south-1b.log");
+    wait_until("the agent to log the failed clone", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let failed = text.lines().any(|l| l.contains("failed to") && l.contains("pg_basebackup"));
+        failed.then_some(()).ok_or("not logged yet".to_string())
+    });
+    // It clones again by itself, then streams and is routed.
+    wait_until("ap-south-1b to clone again and stream", Duration::from_secs(90), || {
+        let s = lab.status();
+        let n = node(&s, "ap-south-1b");
+        (n["healthy"] == true && n["role"] == "replica").then_some(()).ok_or(n.to_string())
+    });
+    assert_eq!(lab.psql("ap-south-1b", "SELECT count(*) FROM big"), "400000");
+    assert!(!lab.path().join("nodes/ap-south-1b/data.cloning").exists(), "the clone finished");
+    let b_ip = lab.node_addr("ap-south-1b").0;
+    wait_until("DNS to name ap-south-1b a reader", Duration::from_secs(15), || {
+        let a = lab.dig("ap-south-1", "reader.ap-south-1");
+        (a == [b_ip.clone()]).then_some(()).ok_or(format!("{a:?}"))
+    });
+    lab.finish();
+}

@@ -223,6 +223,17 @@ fn a_node_joins_and_leaves_under_writes_losing_nothing() {
     assert!(max_gap < Duration::from_secs(1), "writes paused {max_gap:?} while a node joined or left");
     let count = lab.psql("ap-south-1a", "SELECT count(*) FROM acks");
     assert_eq!(count, acked.len().to_string(), "every acknowledged insert is on the primary");
+
+    // The primary's node leaves with --switchover: a switchover to a node that stays, then the removal.
+    let out = lab.run_lab(&["add-node", "ap-south-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = lab.run_lab(&["remove-node", "ap-south-1a", "--switchover"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("switching over to ap-south-1b first"), "{}", text(&out));
+    let s = lab.status();
+    assert_eq!((s["primary"].as_str(), s["epoch"].as_u64()), (Some("ap-south-1b"), Some(2)), "{s}");
+    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n["name"] != "ap-south-1a"), "{s}");
+    assert_eq!(lab.psql("ap-south-1b", "SELECT count(*) FROM acks"), count, "nothing lost by the switchover");
     lab.finish();
 }
 

@@ -46,6 +46,11 @@ enum Sub {
         /// Return once published, without waiting.
         #[arg(long)]
         no_wait: bool,
+        /// When the file removes the primary's node (or region), switch over
+        /// first to a healthy replica the file keeps (its region's, else the
+        /// preferred region's), then apply.
+        #[arg(long)]
+        switchover: bool,
         /// How long to wait for every agent (a joining node copies the whole database).
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -66,8 +71,9 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
         Sub::Check { file, json } => check(&file, json),
         Sub::Show { version, json } => show(config, version, json).await,
         Sub::Diff { file, json } => diff_or_apply(config, &file, None, json).await,
-        Sub::Apply { file, purge, no_wait, timeout, json } => {
-            diff_or_apply(config, &file, Some(ApplyOptions { purge, wait: (!no_wait).then_some(timeout) }), json).await
+        Sub::Apply { file, purge, no_wait, switchover, timeout, json } => {
+            let opts = ApplyOptions { purge, wait: (!no_wait).then_some(timeout), switchover };
+            diff_or_apply(config, &file, Some(opts), json).await
         }
     }
 }
@@ -101,14 +107,54 @@ async fn show(config: &Path, version: Option<u64>, json: bool) -> Result<i32> {
 }
 
 /// `config apply FILE` (also what `lab add-node` and `lab remove-node` run).
-pub(super) async fn apply(config: &Path, file: &Path, purge: bool, wait: Option<Duration>, json: bool) -> Result<i32> {
-    diff_or_apply(config, file, Some(ApplyOptions { purge, wait }), json).await
+pub(super) async fn apply(
+    config: &Path,
+    file: &Path,
+    purge: bool,
+    wait: Option<Duration>,
+    switchover: bool,
+    json: bool,
+) -> Result<i32> {
+    diff_or_apply(config, file, Some(ApplyOptions { purge, wait, switchover }), json).await
 }
 
 struct ApplyOptions {
     purge: bool,
     /// How long to wait for every agent to run by the new version; None: do not wait.
     wait: Option<Duration>,
+    /// Switch over first when the file removes the primary's node.
+    switchover: bool,
+}
+
+/// With `--switchover`: when `new` no longer has the primary's node, moves
+/// the primary to a healthy replica that `new` keeps (in the primary's region
+/// if `new` keeps it, else in the region with the best priority), through
+/// the gateway's planned switchover (no data lost).
+async fn switch_over_first(client: &ApiClient, new: &Config, json: bool) -> Result<()> {
+    let status: crate::cluster::ClusterStatus = client.get("/v1/cluster", TIMEOUT).await?;
+    let Some(primary) = status.primary.clone() else { return Ok(()) };
+    if new.node(&primary).is_ok() {
+        return Ok(());
+    }
+    let home = status.nodes.iter().find(|n| n.name == primary).map(|n| n.region.clone()).unwrap_or_default();
+    let priority = |region: &str| new.region(region).ok().and_then(|r| r.priority).unwrap_or(u32::MAX);
+    let target = status
+        .nodes
+        .iter()
+        .filter(|n| n.name != primary && n.healthy && n.role == crate::cluster::Role::Replica && new.node(&n.name).is_ok())
+        .min_by_key(|n| (n.region != home, priority(&n.region), n.name.clone()))
+        .map(|n| n.name.clone())
+        .context("--switchover: no healthy replica that the new file keeps")?;
+    if !json {
+        eprintln!("the file removes {primary}, the primary: switching over to {target} first");
+    }
+    let body = serde_json::json!({ "to": target, "timeout_ms": 60_000 });
+    let report: crate::gateway::operations::OperationReport =
+        client.act("/v1/switchover", &body, Duration::from_secs(80)).await?;
+    if !json {
+        eprintln!("switched over {primary} -> {target} in {:.2}s", report.total_ms as f64 / 1000.0);
+    }
+    Ok(())
 }
 
 async fn diff_or_apply(config: &Path, file: &Path, apply: Option<ApplyOptions>, json: bool) -> Result<i32> {
@@ -130,6 +176,11 @@ async fn diff_or_apply(config: &Path, file: &Path, apply: Option<ApplyOptions>, 
     let client = ApiClient::new(&config)?;
     let plan_request = PlanRequest { text: text.clone(), expect_version: None, purge: false };
     let answer: PlanAnswer = if let Some(opts) = &apply {
+        if opts.switchover {
+            if let Some(new) = checked.config.as_ref() {
+                switch_over_first(&client, new, json).await?;
+            }
+        }
         let plan: PlanAnswer = client.post("/v1/config/plan", &plan_request, TIMEOUT).await?;
         let req = PlanRequest { text: text.clone(), expect_version: Some(plan.running_version), purge: opts.purge };
         match client.act("/v1/config", &req, TIMEOUT).await {

@@ -187,6 +187,9 @@ enum Sub {
         node: String,
         #[arg(long)]
         purge: bool,
+        /// If it holds the primary, switch over to a node that stays first.
+        #[arg(long)]
+        switchover: bool,
         #[arg(long)]
         no_wait: bool,
         #[arg(long)]
@@ -215,6 +218,9 @@ enum Sub {
         name: String,
         #[arg(long)]
         purge: bool,
+        /// If it holds the primary, switch over to a node that stays first.
+        #[arg(long)]
+        switchover: bool,
         #[arg(long)]
         no_wait: bool,
         #[arg(long)]
@@ -308,7 +314,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 crate::lab::membership::add_node(c, d, &region).map(|_| ())
             })?;
             let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, false, wait, json).await;
+            return super::config::apply(&next.0, &next.1, false, wait, false, json).await;
         }
         Sub::AddRegion { name, nodes, no_wait, json, dir } => {
             crate::lab::membership::can_add_hosts(&dir.resolve(config))?;
@@ -316,21 +322,21 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 crate::lab::membership::add_region(c, d, &name, nodes)
             })?;
             let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, false, wait, json).await;
+            return super::config::apply(&next.0, &next.1, false, wait, false, json).await;
         }
-        Sub::RemoveRegion { name, purge, no_wait, json, dir } => {
+        Sub::RemoveRegion { name, purge, switchover, no_wait, json, dir } => {
             let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
                 crate::lab::membership::remove_region(c, &name)
             })?;
             let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, purge, wait, json).await;
+            return super::config::apply(&next.0, &next.1, purge, wait, switchover, json).await;
         }
-        Sub::RemoveNode { node, purge, no_wait, json, dir } => {
+        Sub::RemoveNode { node, purge, switchover, no_wait, json, dir } => {
             let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
                 crate::lab::membership::remove_node(c, &node)
             })?;
             let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, purge, wait, json).await;
+            return super::config::apply(&next.0, &next.1, purge, wait, switchover, json).await;
         }
     }
     Ok(0)

@@ -43,6 +43,9 @@ enum Sub {
         name: String,
         #[arg(long)]
         purge: bool,
+        /// If it holds the primary, switch over to another region's node first.
+        #[arg(long)]
+        switchover: bool,
         #[arg(long)]
         no_wait: bool,
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -55,23 +58,23 @@ enum Sub {
 pub async fn run(config_path: &Path, args: Args) -> Result<i32> {
     let config = super::load_config(config_path)?;
     let running = running(&config).await?;
-    let (next, purge, wait, json) = match args.command {
+    let (next, purge, switchover, wait, json) = match args.command {
         Sub::Add { name, from, no_wait, timeout, json } => {
             let fragment = std::fs::read_to_string(&from).with_context(|| format!("read {}", from.display()))?;
             let text = with_region(&running, &name, &fragment).with_context(|| format!("{}", from.display()))?;
-            (write_next(config_path, &text)?, false, (!no_wait).then_some(timeout), json)
+            (write_next(config_path, &text)?, false, false, (!no_wait).then_some(timeout), json)
         }
-        Sub::Remove { name, purge, no_wait, timeout, json } => {
+        Sub::Remove { name, purge, switchover, no_wait, timeout, json } => {
             let mut c = Config::parse(&running).config.context("the running cluster file does not parse")?;
             crate::lab::membership::remove_region(&mut c, &name)?;
             let text = toml::to_string(&c).context("render the cluster file")?;
-            (write_next(config_path, &text)?, purge, (!no_wait).then_some(timeout), json)
+            (write_next(config_path, &text)?, purge, switchover, (!no_wait).then_some(timeout), json)
         }
     };
     if !json {
         eprintln!("wrote {}; applying it (install it on every machine afterwards)", next.display());
     }
-    super::config::apply(config_path, &next, purge, wait, json).await
+    super::config::apply(config_path, &next, purge, wait, switchover, json).await
 }
 
 /// The running cluster file's text (`config show`).

@@ -309,35 +309,39 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
         }
         Sub::Skew { node, offset, dir } => crate::lab::skew(&dir.resolve(config), &node, &offset).await?,
         Sub::AddNode { region, no_wait, json, dir } => {
-            crate::lab::membership::can_add_hosts(&dir.resolve(config))?;
-            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, d| {
-                crate::lab::membership::add_node(c, d, &region).map(|_| ())
-            })?;
-            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, false, wait, false, json).await;
+            let dir = dir.resolve(config);
+            crate::lab::membership::can_add_hosts(&dir)?;
+            let change = |c: &mut _, d: &_| crate::lab::membership::add_node(c, d, &region).map(|_| ());
+            return change_lab(&dir, change, false, no_wait, false, json).await;
         }
         Sub::AddRegion { name, nodes, no_wait, json, dir } => {
-            crate::lab::membership::can_add_hosts(&dir.resolve(config))?;
-            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, d| {
-                crate::lab::membership::add_region(c, d, &name, nodes)
-            })?;
-            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, false, wait, false, json).await;
+            let dir = dir.resolve(config);
+            crate::lab::membership::can_add_hosts(&dir)?;
+            let change = |c: &mut _, d: &_| crate::lab::membership::add_region(c, d, &name, nodes);
+            return change_lab(&dir, change, false, no_wait, false, json).await;
         }
         Sub::RemoveRegion { name, purge, switchover, no_wait, json, dir } => {
-            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
-                crate::lab::membership::remove_region(c, &name)
-            })?;
-            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, purge, wait, switchover, json).await;
+            let change = |c: &mut _, _: &_| crate::lab::membership::remove_region(c, &name);
+            return change_lab(&dir.resolve(config), change, purge, no_wait, switchover, json).await;
         }
         Sub::RemoveNode { node, purge, switchover, no_wait, json, dir } => {
-            let next = crate::lab::membership::next_file(&dir.resolve(config), |c, _| {
-                crate::lab::membership::remove_node(c, &node)
-            })?;
-            let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
-            return super::config::apply(&next.0, &next.1, purge, wait, switchover, json).await;
+            let change = |c: &mut _, _: &_| crate::lab::membership::remove_node(c, &node);
+            return change_lab(&dir.resolve(config), change, purge, no_wait, switchover, json).await;
         }
     }
     Ok(0)
+}
+
+/// Writes D/meridian.next.toml (the lab's file changed by `change`) and applies it.
+async fn change_lab(
+    dir: &Path,
+    change: impl FnOnce(&mut crate::config::Config, &Path) -> Result<()>,
+    purge: bool,
+    no_wait: bool,
+    switchover: bool,
+    json: bool,
+) -> Result<i32> {
+    let (config, next) = crate::lab::membership::next_file(dir, change)?;
+    let wait = (!no_wait).then_some(std::time::Duration::from_secs(600));
+    super::config::apply(&config, &next, purge, wait, switchover, json).await
 }

@@ -84,6 +84,22 @@ async fn until<T>(g: &Gateway, deadline: Instant, what: &str, ready: impl Fn(&Sn
     }
 }
 
+/// `node`'s fresh report, if it is a healthy replica streaming from `leader`;
+/// else the refusal that says what it is.
+fn streaming_replica<'a>(s: &'a Snapshot, node: &str, leader: &str) -> Result<&'a MemberStatus, Refused> {
+    let Some(r) = report(s, node) else {
+        return Err(Refused(format!("{node} has no fresh report; is its agent running?")));
+    };
+    if r.role != Role::Replica || !r.healthy || r.upstream.as_deref() != Some(leader) {
+        return Err(Refused(format!(
+            "{node} is not a healthy replica streaming from {leader} (role {}, {})",
+            r.role,
+            r.detail.clone().unwrap_or_else(|| "no detail".into())
+        )));
+    }
+    Ok(r)
+}
+
 /// Planned switchover to `to`, RPO 0.
 pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<OperationReport> {
     g.config().node(to).map_err(|e| Refused(format!("{e:#}")))?;
@@ -94,18 +110,7 @@ pub async fn switchover(g: &Gateway, to: &str, timeout: Duration) -> Result<Oper
     if leader.node == to {
         return Err(Refused(format!("{to} is already the primary")).into());
     }
-    let Some(target) = report(&s, to) else {
-        return Err(Refused(format!("{to} has no fresh report; is its agent running?")).into());
-    };
-    if target.role != Role::Replica || !target.healthy || target.upstream.as_deref() != Some(leader.node.as_str()) {
-        return Err(Refused(format!(
-            "{to} is not a healthy replica streaming from {} (role {}, {})",
-            leader.node,
-            target.role,
-            target.detail.clone().unwrap_or_else(|| "no detail".into())
-        ))
-        .into());
-    }
+    streaming_replica(&s, to, &leader.node)?;
     if let Some(r) = &s.restore {
         return Err(Refused(format!(
             "a restore is replacing the cluster's data (onto {}); try again after it",
@@ -214,18 +219,7 @@ pub async fn restart_node(g: &Gateway, node: &str, reason: &str, timeout: Durati
     if leader.node == node {
         return Err(Refused(format!("{node} is the primary: switch over to another node first")).into());
     }
-    let Some(target) = report(&s, node) else {
-        return Err(Refused(format!("{node} has no fresh report; is its agent running?")).into());
-    };
-    if target.role != Role::Replica || !target.healthy || target.upstream.as_deref() != Some(leader.node.as_str()) {
-        return Err(Refused(format!(
-            "{node} is not a healthy replica streaming from {} (role {}, {}); a rolling restart takes healthy nodes only",
-            leader.node,
-            target.role,
-            target.detail.clone().unwrap_or_else(|| "no detail".into())
-        ))
-        .into());
-    }
+    streaming_replica(&s, node, &leader.node)?;
     if let Some(sw) = s.switchover.as_ref().filter(|sw| sw.aborted.is_none()) {
         return Err(Refused(format!("a switchover from {} to {} is in progress", sw.from, sw.to)).into());
     }

@@ -498,7 +498,16 @@ impl ClusterStatus {
             }
             (None, Some(l)) => Some(format!("leader {} is not running as primary yet", l.node)),
         };
-        ClusterStatus { cluster: config.cluster.clone(), epoch, primary, reason, nodes, leaving, backups: Vec::new(), etcd_learners: Vec::new() }
+        ClusterStatus {
+            cluster: config.cluster.clone(),
+            epoch,
+            primary,
+            reason,
+            nodes,
+            leaving,
+            backups: Vec::new(),
+            etcd_learners: Vec::new(),
+        }
     }
 
     /// The status as a plain-text table, grouped by region.

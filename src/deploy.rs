@@ -13,10 +13,17 @@ use crate::config::Config;
 /// What one unit runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unit {
-    Agent { node: String },
-    Gateway { region: String },
+    Agent {
+        node: String,
+    },
+    Gateway {
+        region: String,
+    },
     /// `joining`: a member added to a running cluster (see `etcd_command`).
-    Etcd { region: String, joining: bool },
+    Etcd {
+        region: String,
+        joining: bool,
+    },
 }
 
 impl Unit {

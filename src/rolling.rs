@@ -38,7 +38,11 @@ impl fmt::Display for Step {
 /// The steps, or why a rolling restart may not start. With `only_pending`,
 /// only nodes that report something pending (`pending_restart`) restart,
 /// and the primary's node (with its switchover) only if it does.
-pub fn plan(status: &ClusterStatus, priorities: &BTreeMap<String, u32>, only_pending: bool) -> Result<Vec<Step>, String> {
+pub fn plan(
+    status: &ClusterStatus,
+    priorities: &BTreeMap<String, u32>,
+    only_pending: bool,
+) -> Result<Vec<Step>, String> {
     let Some(primary) = status.primary.as_deref() else {
         return Err(format!(
             "there is no primary{}; a rolling restart needs a healthy cluster",
@@ -49,7 +53,9 @@ pub fn plan(status: &ClusterStatus, priorities: &BTreeMap<String, u32>, only_pen
         .nodes
         .iter()
         .filter(|n| !n.healthy || !matches!(n.role, Role::Primary | Role::Replica))
-        .map(|n| format!("{} ({}{})", n.name, n.role, n.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()))
+        .map(|n| {
+            format!("{} ({}{})", n.name, n.role, n.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())
+        })
         .collect();
     if !unhealthy.is_empty() {
         return Err(format!(
@@ -61,7 +67,8 @@ pub fn plan(status: &ClusterStatus, priorities: &BTreeMap<String, u32>, only_pen
         let names: Vec<&str> = status.leaving.iter().map(|n| n.name.as_str()).collect();
         return Err(format!("nodes are leaving the cluster ({}); wait until they have left", names.join(", ")));
     }
-    let primary_node = status.nodes.iter().find(|n| n.name == primary).ok_or("the primary is not in the cluster file")?;
+    let primary_node =
+        status.nodes.iter().find(|n| n.name == primary).ok_or("the primary is not in the cluster file")?;
     let home = primary_node.region.clone();
     let replicas: Vec<&NodeStatus> = status.nodes.iter().filter(|n| n.name != primary).collect();
     let wanted = |n: &NodeStatus| !only_pending || !n.pending_restart.is_empty();
@@ -73,7 +80,8 @@ pub fn plan(status: &ClusterStatus, priorities: &BTreeMap<String, u32>, only_pen
     }
     // The new primary: a replica at home, else one of the preferred region; by name within a region.
     let rank = |n: &NodeStatus| {
-        let region_rank = if n.region == home { 0 } else { 1 + priorities.get(&n.region).copied().unwrap_or(u32::MAX) as u64 };
+        let region_rank =
+            if n.region == home { 0 } else { 1 + priorities.get(&n.region).copied().unwrap_or(u32::MAX) as u64 };
         (region_rank, n.name.clone())
     };
     let target = replicas.iter().min_by_key(|n| rank(n)).map(|n| n.name.clone());

@@ -307,11 +307,19 @@ fn a_setting_that_takes_a_restart_is_rolled_out_replicas_first_losing_no_write()
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| format!("{} {}", s["step"].as_str().unwrap(), s.get("node").or(s.get("to")).unwrap().as_str().unwrap()))
+        .map(|s| {
+            format!("{} {}", s["step"].as_str().unwrap(), s.get("node").or(s.get("to")).unwrap().as_str().unwrap())
+        })
         .collect();
     assert_eq!(
         steps,
-        ["restart ap-northeast-1a", "restart ap-northeast-1b", "restart ap-south-1b", "switchover ap-south-1b", "restart ap-south-1a"]
+        [
+            "restart ap-northeast-1a",
+            "restart ap-northeast-1b",
+            "restart ap-south-1b",
+            "switchover ap-south-1b",
+            "restart ap-south-1a"
+        ]
     );
 
     // Under writes: every node restarted, every acknowledged write kept, one switchover's pause.
@@ -480,7 +488,7 @@ fn a_node_whose_clone_fails_halfway_is_not_routed_and_clones_again() {
     // Not routed: not healthy, not a reader in DNS (the region's reader name is still the primary).
     let s = lab.status();
     assert_eq!(node(&s, "ap-south-1b")["healthy"], false, "{s}");
-    assert_eq!(lab.dig("ap-south-1", "reader.ap-south-1"), [primary_ip.clone()]);
+    assert_eq!(lab.dig("ap-south-1", "reader.ap-south-1"), std::slice::from_ref(&primary_ip));
     // Halfway: killed.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     // The agent says so (its status shows the failure only until the retry, which may be quick).

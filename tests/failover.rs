@@ -358,7 +358,10 @@ fn region_partition() {
             restarting.iter().any(|r| refused.contains(r)),
             "the isolated node refuses writes for an unexpected reason: {refused}"
         );
-        assert!(Instant::now() < deadline, "the isolated node did not answer as a read-only standby in 20 s: {refused}");
+        assert!(
+            Instant::now() < deadline,
+            "the isolated node did not answer as a read-only standby in 20 s: {refused}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     lab.psql("ap-northeast-1a", "INSERT INTO orders SELECT generate_series(101, 200)");

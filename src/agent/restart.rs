@@ -118,7 +118,10 @@ impl Agent {
             return Ok(());
         };
         if !matches!(start, StartAs::Standby { .. }) {
-            tracing::warn!("a restart was asked of this node ({}), but it runs the primary: not restarting", req.reason);
+            tracing::warn!(
+                "a restart was asked of this node ({}), but it runs the primary: not restarting",
+                req.reason
+            );
             return Ok(());
         }
         let id = req.id.clone();

@@ -141,7 +141,9 @@ async fn switch_over_first(client: &ApiClient, new: &Config, json: bool) -> Resu
     let target = status
         .nodes
         .iter()
-        .filter(|n| n.name != primary && n.healthy && n.role == crate::cluster::Role::Replica && new.node(&n.name).is_ok())
+        .filter(|n| {
+            n.name != primary && n.healthy && n.role == crate::cluster::Role::Replica && new.node(&n.name).is_ok()
+        })
         .min_by_key(|n| (n.region != home, priority(&n.region), n.name.clone()))
         .map(|n| n.name.clone())
         .context("--switchover: no healthy replica that the new file keeps")?;

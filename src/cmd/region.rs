@@ -92,7 +92,9 @@ pub fn with_region(running: &str, name: &str, fragment: &str) -> Result<String> 
         Some(toml::Value::Array(r)) => r,
         _ => bail!("the region's file needs one [[region]] table"),
     };
-    let [region] = regions.as_slice() else { bail!("the region's file has {} [[region]] tables; one, please", regions.len()) };
+    let [region] = regions.as_slice() else {
+        bail!("the region's file has {} [[region]] tables; one, please", regions.len())
+    };
     let given = region.get("name").and_then(|n| n.as_str()).unwrap_or_default();
     if given != name {
         bail!("its [[region]] is named {given:?}, not {name:?}");
@@ -135,7 +137,8 @@ pub fn with_region(running: &str, name: &str, fragment: &str) -> Result<String> 
 fn write_next(config_path: &Path, text: &str) -> Result<PathBuf> {
     let dir = std::path::absolute(config_path)?.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let next = dir.join("meridian.next.toml");
-    let text = format!("# Written by `meridian region`: the running cluster file with one region more or less.\n{text}");
+    let text =
+        format!("# Written by `meridian region`: the running cluster file with one region more or less.\n{text}");
     std::fs::write(&next, text).with_context(|| format!("write {}", next.display()))?;
     Ok(next)
 }
@@ -173,7 +176,10 @@ name = "node-b1"
         assert!(with_region(RUNNING, "b", two).unwrap_err().to_string().contains("2 [[region]] tables"));
         assert!(with_region(RUNNING, "x", "[[region]]\nname = \"b\"\n").unwrap_err().to_string().contains("not \"x\""));
         assert!(with_region(RUNNING, "a", "[[region]]\nname = \"a\"\n").unwrap_err().to_string().contains("already"));
-        assert!(with_region(RUNNING, "b", "[[region]]\nname = \"b\"\n[tls]\n").unwrap_err().to_string().contains("[tls]"));
+        assert!(with_region(RUNNING, "b", "[[region]]\nname = \"b\"\n[tls]\n")
+            .unwrap_err()
+            .to_string()
+            .contains("[tls]"));
         assert!(with_region(RUNNING, "b", "cluster = 3").unwrap_err().to_string().contains("one [[region]]"));
     }
 }

@@ -323,7 +323,8 @@ pub enum EtcdChange {
 /// `etcd.endpoints` is not taken live (the reason). More than one member at
 /// once is refused by `plan`.
 pub fn etcd_change(running: &Config, new: &Config) -> Result<Option<EtcdChange>, String> {
-    let region_of = |c: &Config, url: &str| c.regions.iter().find(|r| r.etcd.as_deref() == Some(url)).map(|r| r.name.clone());
+    let region_of =
+        |c: &Config, url: &str| c.regions.iter().find(|r| r.etcd.as_deref() == Some(url)).map(|r| r.name.clone());
     let has_region = |c: &Config, name: &str| c.regions.iter().any(|r| r.name == name);
     if let Some(url) = new.etcd.endpoints.iter().find(|e| !running.etcd.endpoints.contains(e)) {
         return match region_of(new, url) {
@@ -606,7 +607,11 @@ mod tests {
         assert_eq!(plan(&running, &new, None).cost(), Cost::RollingRestart);
         let mut lower = new.clone();
         set(&mut lower, "max_connections", "120");
-        let why = plan(&new, &lower, Some("ap-south-1a")).changes.iter().filter_map(|c| taken_live(c).err()).collect::<Vec<_>>();
+        let why = plan(&new, &lower, Some("ap-south-1a"))
+            .changes
+            .iter()
+            .filter_map(|c| taken_live(c).err())
+            .collect::<Vec<_>>();
         assert_eq!(why.len(), 1, "{why:?}");
         assert!(why[0].contains("postgres.settings.max_connections: lowered from 150 to 120"), "{why:?}");
         let mut unset = new.clone();
@@ -620,7 +625,10 @@ mod tests {
         new.health.checks.retain(|c| !c.name.contains(&gone.name));
         assert_eq!(live(&new), Vec::<String>::new());
         let url = gone.etcd.clone().unwrap();
-        assert_eq!(etcd_change(&running, &new), Ok(Some(EtcdChange::Remove { region: gone.name.clone(), url: url.clone() })));
+        assert_eq!(
+            etcd_change(&running, &new),
+            Ok(Some(EtcdChange::Remove { region: gone.name.clone(), url: url.clone() }))
+        );
         assert_eq!(etcd_change(&new, &running), Ok(Some(EtcdChange::Add { region: gone.name.clone(), url })));
         // An etcd member that comes or goes without its region: not yet.
         let mut new = running.clone();

@@ -147,8 +147,8 @@ pub fn rounds(plan: Plan, rounds: usize, seed: u64, lab: bool) -> Vec<Scenario> 
     match plan {
         Plan::One(s) => vec![s; rounds],
         Plan::Random => {
-            let allowed: Vec<Scenario> =
-                ALL.iter()
+            let allowed: Vec<Scenario> = ALL
+                .iter()
                 .copied()
                 .filter(|s| (lab || !s.needs_lab()) && !s.needs_backup() && !s.changes_membership())
                 .collect();

@@ -33,9 +33,10 @@ pub fn required(method: &Method, path: &str, metrics_open: bool) -> Option<ApiRo
         (&Method::GET | &Method::HEAD, _) => Some(ApiRole::Viewer),
         // A plan reads: what a file would change.
         (&Method::POST, "/v1/config/plan") => Some(ApiRole::Viewer),
-        (&Method::POST, "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/restart" | "/v1/backups" | "/v1/backups/verify") => {
-            Some(ApiRole::Operator)
-        }
+        (
+            &Method::POST,
+            "/v1/verify" | "/v1/switchover" | "/v1/failover" | "/v1/restart" | "/v1/backups" | "/v1/backups/verify",
+        ) => Some(ApiRole::Operator),
         // Anything else that changes something: the highest bar.
         _ => Some(ApiRole::Admin),
     }

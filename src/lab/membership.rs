@@ -83,7 +83,9 @@ pub fn add_node(config: &mut Config, dir: &Path, region: &str) -> Result<String>
 /// lowest priority and a health check per node like the others'.
 pub fn add_region(config: &mut Config, dir: &Path, name: &str, nodes: usize) -> Result<()> {
     anyhow::ensure!(
-        !name.is_empty() && name.len() <= 40 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+        !name.is_empty()
+            && name.len() <= 40
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
         "region name {name:?}: lowercase letters, digits and '-', at most 40"
     );
     if config.region(name).is_ok() {

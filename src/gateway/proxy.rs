@@ -159,7 +159,7 @@ impl Proxy {
             self.forward_cancel(&startup.bytes).await;
             return Ok(());
         }
-        let backend = match self.pick().await {
+        let mut backend = match self.pick().await {
             Ok(b) => b,
             Err(why) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -169,7 +169,7 @@ impl Proxy {
             }
         };
         let server: Box<dyn ClientStream> = match &self.security {
-            Some(security) => match self.log_in(&security.logins, &mut client, &startup, &backend).await? {
+            Some(security) => match self.log_in(&security.logins, &mut client, &startup, &mut backend).await? {
                 Some(server) => Box::new(server),
                 None => return Ok(()),
             },
@@ -188,7 +188,7 @@ impl Proxy {
         logins: &login::Authenticator,
         client: &mut Box<dyn ClientStream>,
         startup: &Startup,
-        backend: &Backend,
+        backend: &mut Backend,
     ) -> Result<Option<login::ServerStream>> {
         let port = self.port.name();
         let params = match login::StartupParams::parse(&startup.bytes) {
@@ -204,7 +204,31 @@ impl Proxy {
                 return Ok(None);
             }
         };
-        let verifier = match logins.verifier(backend.address, &params.user).await {
+        // A backend that is stopping or starting (a switchover's old primary
+        // before this gateway's view shows the request) is asked again once
+        // the view changes, within `leader_wait`, as `pick` waits for a leader.
+        let deadline = tokio::time::Instant::now() + self.config().proxy.leader_wait;
+        let looked_up = loop {
+            match logins.verifier(backend.address, &params.user).await {
+                Err(e) if passing(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(
+                        "{} cannot look up logins now ({e:#}); waiting for the view to change",
+                        backend.node
+                    );
+                    let mut view = self.view.clone();
+                    tokio::select! {
+                        _ = view.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    match self.pick().await {
+                        Ok(b) => *backend = b,
+                        Err(_) => break Err(e),
+                    }
+                }
+                other => break other,
+            }
+        };
+        let verifier = match looked_up {
             Ok(v) => v,
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +466,15 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// A lookup error that passes: the server is stopping or starting (a
+/// switchover, a restart), or refuses connections for a moment.
+fn passing(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    ["the database system is shutting down", "the database system is starting up", "Connection refused"]
+        .iter()
+        .any(|p| text.contains(p))
 }
 
 #[cfg(test)]

@@ -416,7 +416,21 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
         twin["data_dir"] = lab.path().join("nodes/eu-west-1b/data").display().to_string().into();
         eu["node"].as_array_mut().unwrap().push(twin);
     });
-    for (file, why) in [(&without_primary, "which holds the primary"), (&clash, "127.126.4.11:5432")] {
+    let name_clash = edited(&lab, "name-clash.toml", |f| {
+        let regions = f["region"].as_array_mut().unwrap();
+        let eu = regions.iter_mut().find(|r| r["name"].as_str() == Some("eu-west-1")).unwrap();
+        let mut twin = eu["node"][0].clone();
+        twin["name"] = "ap-south-1a".into();
+        twin["address"] = "127.126.4.12:5432".into();
+        twin["api"] = "127.126.4.12:8008".into();
+        twin["data_dir"] = lab.path().join("nodes/twin/data").display().to_string().into();
+        eu["node"].as_array_mut().unwrap().push(twin);
+    });
+    for (file, why) in [
+        (&without_primary, "which holds the primary"),
+        (&clash, "127.126.4.11:5432"),
+        (&name_clash, "duplicate node name \"ap-south-1a\""),
+    ] {
         let out = lab.meridian(&["config", "apply", file]);
         assert_eq!(out.status.code(), Some(2), "{file}: {}", text(&out));
         assert!(text(&out).contains(why), "{file}: want {why:?}: {}", text(&out));

@@ -179,7 +179,7 @@ fn add_region_and_remove_node_drills_lose_nothing_and_report_the_write_pause() {
             assert_eq!(check(round, name)["passed"], true, "{scenario}: {name}: {}", check(round, name));
         }
         eprintln!(
-            "{scenario}: {} writes acknowledged, longest write pause {} ms, commit p50 {} ms p99 {} ms",
+            "{scenario} (the change and its undo): {} writes acknowledged, longest write pause {} ms, commit p50 {} ms p99 {} ms",
             round["acknowledged"], round["rto_ms"], round["commit_p50_ms"], round["commit_p99_ms"]
         );
         assert!(round["rto_ms"].as_u64().unwrap() < 1_000, "{scenario}: writes paused: {round}");

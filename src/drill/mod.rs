@@ -347,7 +347,8 @@ impl Drill {
         };
         let recovered_at_ms = recovered.as_ref().ok().copied();
         let restore = self.restore(scenario, &old_primary, &old_region).await;
-        events.push(Event::at(now_ms(), "fault undone"));
+        let undone_ms = now_ms();
+        events.push(Event::at(undone_ms, "fault undone"));
         let healthy = self.wait_healthy(REDUNDANCY_TIMEOUT).await;
         let redundancy_ms = healthy.is_ok().then(|| now_ms() - fault_ms);
         if healthy.is_ok() {
@@ -379,7 +380,9 @@ impl Drill {
         // RTO and RPO.
         // The longest stretch without an acknowledged write, from the fault until
         // writes resumed on the new primary (or until the fault was undone).
+        // A membership round's undo is a change too (the region leaves, the node joins back): measured as well.
         let rto_ms = match recovered_at_ms {
+            Some(_) if scenario.changes_membership() => Some(analysis::longest_gap(&record.acks, fault_ms, undone_ms)),
             Some(until) => Some(analysis::longest_gap(&record.acks, fault_ms, until)),
             None => analysis::write_gap(&record.acks, fault_ms),
         };

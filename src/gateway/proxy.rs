@@ -209,7 +209,7 @@ impl Proxy {
         // the view changes, within `leader_wait`, as `pick` waits for a leader.
         let deadline = tokio::time::Instant::now() + self.config().proxy.leader_wait;
         let looked_up = loop {
-            match logins.verifier(backend.address, &params.user).await {
+            match logins.verifier(backend.address, &params.user, self.port == Port::Writer).await {
                 Err(e) if passing(&e) && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(
                         "{} cannot look up logins now ({e:#}); waiting for the view to change",
@@ -469,12 +469,18 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
 }
 
 /// A lookup error that passes: the server is stopping or starting (a
-/// switchover, a restart), or refuses connections for a moment.
+/// switchover, a restart), refuses connections for a moment, or is a
+/// standby where the writer port expected the primary.
 fn passing(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
-    ["the database system is shutting down", "the database system is starting up", "Connection refused"]
-        .iter()
-        .any(|p| text.contains(p))
+    [
+        "the database system is shutting down",
+        "the database system is starting up",
+        "Connection refused",
+        "is in recovery",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ const MAX_AUTH_MESSAGE: usize = 16 * 1024;
 const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
-const LOOKUP: &str = "SELECT meridian_auth.scram_verifier($1)";
+const LOOKUP: &str = "SELECT meridian_auth.scram_verifier($1), pg_is_in_recovery()";
 /// A lookup on a hung server must not hold the client's connection for ever.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -120,8 +120,11 @@ impl Authenticator {
 
     /// The SCRAM verifier of `user` on the node at `node`, or `None` when the
     /// role may not log in through the proxy.
-    pub async fn verifier(&self, node: SocketAddr, user: &str) -> Result<Option<Verifier>> {
-        match tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(node, user)).await {
+    /// With `writable`, a node in recovery (a standby: an old primary restarted
+    /// as one before the gateway's view shows it) is an error: the writer
+    /// port logs nobody in to a server that cannot take writes.
+    pub async fn verifier(&self, node: SocketAddr, user: &str, writable: bool) -> Result<Option<Verifier>> {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(node, user, writable)).await {
             Ok(found) => found,
             Err(_) => {
                 // Whatever the connection waits on, the next login starts afresh.
@@ -131,7 +134,7 @@ impl Authenticator {
         }
     }
 
-    async fn look_up(&self, node: SocketAddr, user: &str) -> Result<Option<Verifier>> {
+    async fn look_up(&self, node: SocketAddr, user: &str, writable: bool) -> Result<Option<Verifier>> {
         let cached = self.lookups.lock().unwrap_or_else(|p| p.into_inner()).get(&node).cloned();
         let client = match cached {
             Some(c) if !c.is_closed() => c,
@@ -143,6 +146,9 @@ impl Authenticator {
             Err(_) if client.is_closed() => self.connect_lookup(node).await?.query_opt(LOOKUP, &[&user]).await?,
             Err(e) => return Err(e).context("look up the login"),
         };
+        if writable && row.as_ref().is_some_and(|r| r.get::<_, bool>(1)) {
+            bail!("{node} is in recovery: a standby, not the primary");
+        }
         let text: Option<String> = row.and_then(|r| r.get(0));
         Ok(text.as_deref().and_then(Verifier::parse))
     }

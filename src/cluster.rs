@@ -192,6 +192,24 @@ pub struct Optime {
     pub at_ms: u64,
 }
 
+/// The value of the `sync` key: which standbys the leader of `epoch`
+/// vouches for. With `standbys` non-empty, every commit that leader has
+/// acknowledged is on at least one of them (received and flushed), so the one
+/// of them with the most WAL has them all. Empty: no such promise (the leader
+/// ran asynchronously at some point of its epoch, or has not yet had a
+/// synchronous standby catch up). Written by the leader only, before it widens
+/// or empties `synchronous_standby_names`, and narrowed only once a standby of
+/// the new set has flushed past the point where the new set took effect
+/// (`agent::primary::apply_synchronous_standbys`). An automatic failover reads
+/// it (`failover::choose`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub node: String,
+    pub epoch: Epoch,
+    pub standbys: Vec<String>,
+    pub at_ms: u64,
+}
+
 /// A planned switchover in progress, at `switchover`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchoverRequest {
@@ -351,6 +369,11 @@ pub struct ClusterStatus {
     /// apply`, not voting until it has caught up), by name or peer URL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etcd_learners: Vec<String>,
+    /// With `[replication] synchronous`: the standbys the primary of this
+    /// epoch vouches for (`sync` record; empty: none, so only the former
+    /// primary itself could be promoted automatically with `remote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vouched: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -507,6 +530,7 @@ impl ClusterStatus {
             leaving,
             backups: Vec::new(),
             etcd_learners: Vec::new(),
+            vouched: None,
         }
     }
 
@@ -572,6 +596,17 @@ impl ClusterStatus {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         for b in &self.backups {
             out.push_str(&b.render(now));
+        }
+        match self.vouched.as_deref() {
+            Some([]) if self.primary.is_some() => out.push_str(
+                "synchronous: no standby vouched for yet (the primary ran asynchronously or a standby is catching up): a failover now could lose acknowledged commits\n",
+            ),
+            Some(v) if !v.is_empty() => out.push_str(&format!(
+                "synchronous: every acknowledged commit is on {}{}\n",
+                if v.len() > 1 { "one of " } else { "" },
+                v.join(", ")
+            )),
+            _ => {}
         }
         if !self.etcd_learners.is_empty() {
             out.push_str(&format!(

@@ -137,6 +137,7 @@ mod tests {
             leaving: vec![],
             backups: vec![],
             etcd_learners: vec![],
+            vouched: None,
         }
     }
 

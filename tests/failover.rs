@@ -237,6 +237,72 @@ fn cross_region_manual_waits_for_an_operator() {
     lab.finish();
 }
 
+/// Waits until the primary vouches for exactly `want` (`status --json` `vouched`).
+fn wait_vouched(lab: &TestLab, want: &[&str], timeout: Duration) {
+    wait_until(&format!("the primary to vouch for {want:?}"), timeout, || {
+        let s = lab.try_status()?;
+        if s["primary"].is_string() && s["vouched"] == serde_json::json!(want) {
+            Ok(())
+        } else {
+            Err(format!("primary {} vouched {}", s["primary"], s["vouched"]))
+        }
+    });
+}
+
+#[test]
+fn synchronous_remote_never_promotes_a_standby_that_missed_asynchronous_commits() {
+    // Patroni's non-strict mode: with its remote standby gone the primary goes on
+    // asynchronously. Commits it then acknowledges are on no standby, so the
+    // standby that comes back must not be promoted when the primary dies; the
+    // primary itself, back, is.
+    let mut lab = TestLab::up(129, &["--synchronous", "remote"]);
+    lab.expect_error("terminating connection due to unexpected postmaster exit");
+    lab.psql("ap-south-1a", "CREATE TABLE orders (id int)");
+    wait_vouched(&lab, &["ap-northeast-1a"], Duration::from_secs(20));
+    assert!(lab.meridian(&["status"]).stdout.starts_with(b"cluster"));
+    let out = lab.meridian(&["status"]);
+    assert!(text(&out).contains("synchronous: every acknowledged commit is on ap-northeast-1a"), "{}", text(&out));
+
+    let out = lab.run_lab(&["kill", "ap-northeast-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The record empties before the server goes asynchronous.
+    wait_vouched(&lab, &[], Duration::from_secs(20));
+    lab.psql("ap-south-1a", "INSERT INTO orders SELECT generate_series(1, 100)");
+    let out = lab.run_lab(&["kill", "ap-south-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = lab.run_lab(&["start", "ap-northeast-1a", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let s = wait_until("status to say why nobody is promoted", Duration::from_secs(30), || {
+        let s = lab.try_status()?;
+        let standby = node(&s, "ap-northeast-1a");
+        if s["reason"].as_str().unwrap_or_default().contains("ran asynchronously") && standby["role"] == "replica" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(s["primary"], Value::Null, "{s}");
+    // Well past the lease: the standby that missed the commits stays a standby.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(s) = lab.try_status() else { continue };
+        assert_eq!((s["primary"].clone(), s["epoch"].clone()), (Value::Null, serde_json::json!(1)), "{s}");
+    }
+
+    // The former primary comes back with every commit it acknowledged, and leads again.
+    let out = lab.run_lab(&["start", "ap-south-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_new_primary(&lab, "ap-south-1a", 1, Duration::from_secs(40));
+    assert_eq!(lab.psql("ap-south-1a", "SELECT count(*) FROM orders"), "100");
+    lab.wait_rows("ap-northeast-1a", "orders", 100, Duration::from_secs(20));
+    wait_vouched(&lab, &["ap-northeast-1a"], Duration::from_secs(20));
+    let h = last_history(&lab);
+    assert_eq!((h["to"].as_str(), h["epoch"].as_u64()), (Some("ap-south-1a"), Some(2)), "{h}");
+    lab.finish();
+}
+
 #[test]
 fn failover_refused_for_lag_beyond_the_budget_and_taken_with_allow_data_loss() {
     let mut lab = TestLab::up(76, &[]);

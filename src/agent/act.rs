@@ -53,7 +53,10 @@ impl Agent {
             Action::Bootstrap => self.bootstrap(snapshot.map(|s| s.epoch).unwrap_or(0)).await,
             Action::AdoptRestored => self.adopt_restored(snapshot.map(|s| s.epoch).unwrap_or(0)).await,
             Action::Clone { from } => self.clone_from(&from).await,
-            Action::StartPrimary => self.start(StartAs::Primary).await,
+            Action::StartPrimary => {
+                self.unvouch_before_restart(snapshot).await?;
+                self.start(StartAs::Primary).await
+            }
             Action::StartStandby { upstream } => {
                 let upstream = upstream.map(|n| self.upstream(&n)).transpose()?;
                 self.start(StartAs::Standby { upstream }).await

@@ -124,6 +124,8 @@ struct Agent {
     /// While primary with `max_commit_lag`: its WAL positions over time, and the guard's last verdict.
     commit_log: Option<commit_lag::PositionLog>,
     commit_hold: Option<commit_lag::CommitHold>,
+    /// While primary: a change of the synchronous set the `sync` record does not show yet.
+    sync_change: Option<primary::SyncChange>,
     /// The published cluster file's version this agent runs with.
     published: published::Published,
     /// Restart requests carried out, and the running and installed PostgreSQL versions.
@@ -189,6 +191,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         backup_job: None,
         commit_log: None,
         commit_hold: None,
+        sync_change: None,
         published: Default::default(),
         restarts: Default::default(),
     };
@@ -262,6 +265,7 @@ impl Agent {
             // A primary again later starts a new log: its old one says nothing of the new server.
             self.commit_log = None;
             self.commit_hold = None;
+            self.sync_change = None;
         }
     }
 

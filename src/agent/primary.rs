@@ -2,19 +2,33 @@
 //! leader out of its region, name the synchronous standbys, keep slots, clear
 //! carried-out requests, and give `leader` up once its hung server is gone.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use super::{commit_lag, Agent};
-use crate::cluster::Optime;
+use crate::cluster::{Lsn, Optime, SyncRecord};
 use crate::coord::Snapshot;
-use crate::failover::duties;
+use crate::failover::{duties, sync};
 use crate::postgres::files;
 
 /// How often the primary checks that etcd's leader is outside its region.
 const ETCD_LEADER_CHECK: Duration = Duration::from_secs(5);
+/// How long after changing its synchronous standbys the primary waits before
+/// it takes the position a standby of the new set must flush past (a reload
+/// reaches every process within milliseconds).
+const SYNC_SETTLE: Duration = Duration::from_millis(500);
+
+/// A change of the synchronous set not yet in the `sync` record.
+#[derive(Debug, Clone)]
+pub(super) struct SyncChange {
+    set: BTreeSet<String>,
+    at: Instant,
+    /// The server's position, taken `SYNC_SETTLE` after the change.
+    since: Option<Lsn>,
+}
 
 impl Agent {
     /// Runs while this node reports itself primary.
@@ -123,17 +137,48 @@ impl Agent {
     /// While the commit-lag guard holds commits, every standby in another
     /// region is named, streaming or not, so commits wait until one of them
     /// has the WAL (replayed, with `commit_lag_by = "replay"`).
+    ///
+    /// With `synchronous` on, the `sync` record in etcd is kept true around
+    /// every change (`failover::sync`): widened or emptied before the server
+    /// changes, narrowed to the new set once one of its standbys has flushed
+    /// past the change.
     async fn apply_synchronous_standbys(&mut self, s: Option<&Snapshot>) -> Result<()> {
         let me = self.server.node.clone();
         let hold = self.commit_hold.as_ref().is_some_and(|h| h.holding);
-        let names = if hold {
-            crate::config::remote_standby_names(&self.config, &me)
-        } else if let Some(s) = s {
-            let streaming = duties::streaming_standbys(&s.members, &me);
-            crate::config::synchronous_standby_names(&self.config, &me, &streaming)
-        } else {
-            return Ok(());
+        let recorded = self.config.replication.synchronous != crate::config::Synchronous::Off;
+        let names = match (hold, s) {
+            // The guard holds commits even without a view of etcd, unless a record must follow.
+            (true, None) if !recorded => crate::config::remote_standby_names(&self.config, &me),
+            (true, Some(_)) => crate::config::remote_standby_names(&self.config, &me),
+            (false, Some(s)) => {
+                let streaming = duties::streaming_standbys(&s.members, &me);
+                crate::config::synchronous_standby_names(&self.config, &me, &streaming)
+            }
+            (_, None) => return Ok(()),
         };
+        let mut record = None;
+        if recorded {
+            // Without etcd nothing changes: the record could not follow.
+            let Some(s) = s else { return Ok(()) };
+            let Some(epoch) = s.leader.as_ref().filter(|l| l.leader.node == me).map(|l| l.leader.epoch) else {
+                return Ok(());
+            };
+            let mut vouched: Vec<String> = s
+                .sync
+                .as_ref()
+                .filter(|r| r.epoch == epoch && r.node == me)
+                .map(|r| r.standbys.clone())
+                .unwrap_or_default();
+            let current = sync::names_in(self.server.synchronous_standby_names()?.as_deref());
+            let wanted = sync::names_in(names.as_deref());
+            if let Some(standbys) = sync::record_before(&vouched, &current, &wanted) {
+                if !self.put_sync(epoch, &standbys).await? {
+                    return Ok(());
+                }
+                vouched = standbys;
+            }
+            record = Some((epoch, vouched, wanted));
+        }
         let level = (hold && self.config.replication.commit_lag_by == commit_lag::CommitLagBy::Replay)
             .then_some("remote_apply");
         let names_changed = self.server.set_synchronous_standby_names(names.as_deref())?;
@@ -146,7 +191,93 @@ impl Agent {
             );
             self.client().await?.batch_execute("SELECT pg_reload_conf()").await.context("reload the configuration")?;
         }
+        if let Some((epoch, vouched, wanted)) = record {
+            self.narrow_sync_record(epoch, &vouched, wanted).await?;
+        }
         Ok(())
+    }
+
+    /// Narrows the `sync` record to the set the server runs with, once a
+    /// standby of it has flushed past a position taken at least
+    /// `SYNC_SETTLE` after the set changed (every process has reloaded by
+    /// then; commits acknowledged before are all below that position).
+    async fn narrow_sync_record(&mut self, epoch: u64, vouched: &[String], set: BTreeSet<String>) -> Result<()> {
+        if set.is_empty() || sync::records(vouched, &set) {
+            self.sync_change = None;
+            return Ok(());
+        }
+        let change = match self.sync_change.take() {
+            Some(c) if c.set == set => c,
+            _ => SyncChange { set, at: Instant::now(), since: None },
+        };
+        let client = self.client().await?;
+        let change = match change.since {
+            None if change.at.elapsed() >= SYNC_SETTLE => {
+                let lsn: String = client
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .context("read the WAL position")?
+                    .get(0);
+                SyncChange { since: Some(lsn.parse().map_err(anyhow::Error::msg)?), ..change }
+            }
+            _ => change,
+        };
+        let Some(since) = change.since else {
+            self.sync_change = Some(change);
+            return Ok(());
+        };
+        let rows = client
+            .query(
+                "SELECT application_name::text, flush_lsn::text FROM pg_stat_replication WHERE flush_lsn IS NOT NULL",
+                &[],
+            )
+            .await
+            .context("read pg_stat_replication")?;
+        let flushed: Vec<(String, Lsn)> =
+            rows.iter().filter_map(|r| Some((r.get::<_, String>(0), r.get::<_, String>(1).parse().ok()?))).collect();
+        if sync::may_narrow(&change.set, since, &flushed) {
+            let standbys: Vec<String> = change.set.iter().cloned().collect();
+            if self.put_sync(epoch, &standbys).await? {
+                tracing::info!("the sync record vouches for {} (flushed past {since})", standbys.join(", "));
+            }
+        } else {
+            self.sync_change = Some(change);
+        }
+        Ok(())
+    }
+
+    /// A primary restarted within its epoch (its server crashed) comes up
+    /// asynchronous, its files written afresh: the `sync` record must stop
+    /// vouching first.
+    pub(super) async fn unvouch_before_restart(&self, s: Option<&Snapshot>) -> Result<()> {
+        if self.config.replication.synchronous == crate::config::Synchronous::Off {
+            return Ok(());
+        }
+        let me = &self.server.node;
+        let Some(s) = s else { return Ok(()) };
+        let held = s.leader.as_ref().filter(|l| &l.leader.node == me).map(|l| l.leader.epoch);
+        if let Some(r) = s.sync.as_ref().filter(|r| &r.node == me && Some(r.epoch) == held && !r.standbys.is_empty()) {
+            if !self.put_sync(r.epoch, &[]).await? {
+                anyhow::bail!("record the synchronous standbys before starting: leader is no longer this node's");
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_sync(&self, epoch: u64, standbys: &[String]) -> Result<bool> {
+        let record = SyncRecord {
+            node: self.server.node.clone(),
+            epoch,
+            standbys: standbys.to_vec(),
+            at_ms: crate::cluster::now_ms(),
+        };
+        let written = self.coord.put_sync(&record).await?;
+        if written && standbys.is_empty() {
+            tracing::warn!(
+                "the sync record vouches for no standby: an automatic failover now could lose acknowledged commits"
+            );
+        }
+        Ok(written)
     }
 
     /// Every few seconds, the primary makes sure etcd's leader is not in its own

@@ -232,6 +232,10 @@ enum Sub {
     Start {
         /// A node or region name, or etcd:REGION / gateway:REGION.
         target: String,
+        /// Return once the processes run, without waiting until they are back
+        /// (a node that may rightly stay unhealthy, e.g. waiting for an operator).
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         dir: DirArg,
     },
@@ -290,7 +294,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
         }
         Sub::Down { dir } => crate::lab::down(&dir.resolve(config)).await?,
         Sub::Kill { target, dir } => crate::lab::kill(&dir.resolve(config), &target).await?,
-        Sub::Start { target, dir } => crate::lab::start(&dir.resolve(config), &target).await?,
+        Sub::Start { target, no_wait, dir } => crate::lab::start(&dir.resolve(config), &target, !no_wait).await?,
         Sub::Partition { region, dir } => crate::lab::partition(&dir.resolve(config), &region).await?,
         Sub::Heal { dir } => crate::lab::heal(&dir.resolve(config)).await?,
         Sub::Freeze { target, dir } => crate::lab::freeze(&dir.resolve(config), &target).await?,

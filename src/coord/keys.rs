@@ -45,6 +45,10 @@ impl Keys {
     pub fn optime(&self) -> String {
         format!("{}optime", self.prefix)
     }
+    /// The standbys the leader vouches for (`cluster::SyncRecord`), permanent.
+    pub fn sync(&self) -> String {
+        format!("{}sync", self.prefix)
+    }
     /// The node making a fresh copy of the data now, under its agent's lease:
     /// at most one at a time, so the others keep theirs.
     pub fn recopy(&self) -> String {
@@ -127,6 +131,7 @@ pub enum Key<'a> {
     Epoch,
     Initialize,
     Optime,
+    Sync,
     Recopy,
     Switchover,
     Restart,
@@ -147,6 +152,7 @@ impl<'a> Key<'a> {
             "epoch" => Key::Epoch,
             "initialize" => Key::Initialize,
             "optime" => Key::Optime,
+            "sync" => Key::Sync,
             "recopy" => Key::Recopy,
             "switchover" => Key::Switchover,
             "restart" => Key::Restart,
@@ -198,6 +204,7 @@ mod tests {
             (k.epoch(), Key::Epoch),
             (k.initialize(), Key::Initialize),
             (k.optime(), Key::Optime),
+            (k.sync(), Key::Sync),
             (k.recopy(), Key::Recopy),
             (k.switchover(), Key::Switchover),
             (k.restart(), Key::Restart),

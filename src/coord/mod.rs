@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub initialized_by: Option<String>,
     /// The last leader's last recorded position.
     pub optime: Option<Optime>,
+    /// The standbys the leader of the recorded epoch vouches for.
+    pub sync: Option<crate::cluster::SyncRecord>,
     pub switchover: Option<SwitchoverRequest>,
     pub restart: Option<crate::cluster::RestartRequest>,
     pub dr: Option<DrSwitch>,
@@ -290,6 +292,10 @@ impl Coord {
                     Err(e) => tracing::warn!("ignoring malformed backup job: {e}"),
                 },
                 Key::Optime => snap.optime = serde_json::from_slice(value).ok(),
+                Key::Sync => match serde_json::from_slice(value) {
+                    Ok(r) => snap.sync = Some(r),
+                    Err(e) => tracing::warn!("ignoring malformed sync record: {e}"),
+                },
                 Key::Initialize => snap.initialized_by = Some(String::from_utf8_lossy(value).into_owned()),
                 Key::Health { .. } => match serde_json::from_slice::<HealthReport>(value) {
                     Ok(h) => snap.health.push(h),
@@ -501,6 +507,18 @@ impl Coord {
             None,
         )]);
         Ok(self.txn("record the leader's position in etcd", txn).await?.succeeded())
+    }
+
+    /// Writes the `sync` record, only while `leader` is still this node's with
+    /// the record's epoch. False: it is not (any more).
+    pub async fn put_sync(&self, record: &crate::cluster::SyncRecord) -> Result<bool> {
+        let ours = serde_json::to_vec(&Leader { node: record.node.clone(), epoch: record.epoch })?;
+        let txn = Txn::new().when([Compare::value(self.keys.leader(), CompareOp::Equal, ours)]).and_then([TxnOp::put(
+            self.keys.sync(),
+            serde_json::to_vec(record)?,
+            None,
+        )]);
+        Ok(self.txn("record the synchronous standbys in etcd", txn).await?.succeeded())
     }
 
     /// Removes `leader` if it is still exactly `entry`, and revokes its lease

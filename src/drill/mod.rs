@@ -230,7 +230,8 @@ impl Drill {
         Ok(row.get::<_, i32>(0) as u32)
     }
 
-    /// Waits until there is a primary and every node is healthy; returns the status.
+    /// Waits until there is a primary, every node is healthy and, with
+    /// synchronous replication, the primary vouches for a standby; returns the status.
     async fn wait_healthy(&self, timeout: Duration) -> Result<ClusterStatus> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("no answer");
@@ -238,9 +239,12 @@ impl Drill {
             match self.status().await {
                 // Full redundancy: every node healthy and on the primary's timeline
                 // (a standby that just started may not report one yet).
+                // With synchronous replication, also a standby the primary vouches for:
+                // until then a failover could lose acknowledged writes.
                 Ok(s)
                     if s.primary.is_some()
-                        && s.nodes.iter().all(|n| n.healthy && n.timeline == primary_timeline(&s)) =>
+                        && s.nodes.iter().all(|n| n.healthy && n.timeline == primary_timeline(&s))
+                        && s.vouched.as_ref().is_none_or(|v| !v.is_empty()) =>
                 {
                     return Ok(s)
                 }
@@ -262,6 +266,9 @@ impl Drill {
                         })
                         .collect::<Vec<_>>()
                         .join(", ");
+                    if s.vouched.as_ref().is_some_and(|v| v.is_empty()) && last.is_empty() {
+                        last = "the primary vouches for no synchronous standby yet".into();
+                    }
                     if s.primary.is_none() {
                         last = format!("no primary ({})", s.reason.unwrap_or_default());
                     }

@@ -16,12 +16,15 @@
 pub mod duties;
 mod reason;
 mod rewind;
+pub mod sync;
 pub mod view;
 pub use reason::{FenceReason, NoFailover, Refusal, RefusalReason, WaitReason};
 pub use rewind::{after_rewind_failure, AfterRewindFailure};
 
-use crate::cluster::{DrSwitch, Epoch, Leader, Lsn, PromotionKind, RestoreRequest, RestoreStep, SwitchoverRequest};
-use crate::config::{FailoverMode, LagBudget};
+use crate::cluster::{
+    DrSwitch, Epoch, Leader, Lsn, PromotionKind, RestoreRequest, RestoreStep, SwitchoverRequest, SyncRecord,
+};
+use crate::config::{FailoverMode, LagBudget, Synchronous};
 
 /// The local server, as the agent last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,8 @@ pub struct Policy {
     pub within_region: FailoverMode,
     pub cross_region: FailoverMode,
     pub max_lag: LagBudget,
+    /// `[replication] synchronous`: what the `sync` record must vouch for.
+    pub synchronous: Synchronous,
 }
 
 /// What etcd says, when it answers.
@@ -87,6 +92,9 @@ pub struct Shared {
     /// Standbys with fresh reports, this node included when it is one.
     pub candidates: Vec<Candidate>,
     pub last_primary: Option<LastPrimary>,
+    /// The `sync` record of the current epoch's leader (None: none for this
+    /// epoch, which vouches for nothing).
+    pub sync: Option<SyncRecord>,
     /// The etcd revision at which this agent first saw no leader. Positions
     /// reported at or before it may have grown since, so candidates are
     /// compared only on reports written later (a revision is etcd's logical
@@ -304,10 +312,12 @@ fn decide_unguarded(v: &NodeView) -> Action {
         {
             Action::Wait { reason: WaitReason::FinalPositions }
         }
-        (Local::Standby { .. }, None) => match choose(&s.candidates, s.last_primary.as_ref(), &v.policy) {
-            Ok(best) if best.node == v.me => {
-                let last = &furthest(s.last_primary.as_ref().expect("choose needs the last primary"), &s.candidates);
-                Action::Promote {
+        (Local::Standby { .. }, None) => {
+            match choose(&s.candidates, s.last_primary.as_ref(), s.sync.as_ref(), &v.policy) {
+                Ok(best) if best.node == v.me => {
+                    let last =
+                        &furthest(s.last_primary.as_ref().expect("choose needs the last primary"), &s.candidates);
+                    Action::Promote {
                     kind: PromotionKind::Failover,
                     reason: format!(
                         "leader {} is gone; this node has the most WAL of the eligible standbys ({} behind its last position)",
@@ -315,10 +325,11 @@ fn decide_unguarded(v: &NodeView) -> Action {
                         crate::cluster::human_bytes(last.lsn.0.saturating_sub(best.lsn.0))
                     ),
                 }
+                }
+                Ok(best) => Action::Wait { reason: WaitReason::OtherCandidate { node: best.node } },
+                Err(why) => Action::Wait { reason: WaitReason::NoFailover { why } },
             }
-            Ok(best) => Action::Wait { reason: WaitReason::OtherCandidate { node: best.node } },
-            Err(why) => Action::Wait { reason: WaitReason::NoFailover { why } },
-        },
+        }
     }
 }
 
@@ -349,11 +360,45 @@ fn during_restore(v: &NodeView, s: &Shared, r: &RestoreRequest, holds_leader: bo
 }
 
 /// The standby to promote when the leader is gone, or why there is none.
-pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Policy) -> Result<Candidate, NoFailover> {
+///
+/// With `[replication] synchronous`, the `sync` record decides first: when
+/// it vouches for standbys and all of them report, a candidate must have at
+/// least the WAL of the most advanced of them (which has every acknowledged
+/// commit). When it vouches for none (the last primary ran asynchronously at
+/// some point of its epoch) or one of them does not report, `remote` promotes
+/// only the former primary itself, back from a fence or a crash: any other
+/// promotion could lose acknowledged commits, and only an operator may accept
+/// that (`meridian failover --to-region --allow-data-loss`).
+/// `region` then falls back to the budget, as `off` always does: its
+/// promise covers a failover within the region, not the region's loss.
+pub fn choose(
+    candidates: &[Candidate],
+    last: Option<&LastPrimary>,
+    sync: Option<&SyncRecord>,
+    policy: &Policy,
+) -> Result<Candidate, NoFailover> {
     let Some(last) = last else {
         return Err(NoFailover::NoLastPosition);
     };
     let last = &furthest(last, candidates);
+    let vouched: &[String] = match policy.synchronous {
+        Synchronous::Off => &[],
+        _ => sync.map(|r| r.standbys.as_slice()).unwrap_or_default(),
+    };
+    let missing: Vec<String> = vouched.iter().filter(|n| !candidates.iter().any(|c| &c.node == *n)).cloned().collect();
+    let complete = (!vouched.is_empty() && missing.is_empty())
+        .then(|| candidates.iter().filter(|c| vouched.contains(&c.node)).max_by_key(|c| c.lsn))
+        .flatten();
+    // Unvouched, only the former primary itself surely has its acknowledged
+    // commits (a promotion replays all the WAL it holds).
+    let only_former = policy.synchronous == Synchronous::Remote && complete.is_none();
+    if only_former && !candidates.iter().any(|c| c.node == last.node) {
+        return Err(if missing.is_empty() {
+            NoFailover::NotVouched { epoch: sync.map(|r| r.epoch) }
+        } else {
+            NoFailover::SynchronousMissing { missing }
+        });
+    }
     let mut refusals = Vec::new();
     let mut eligible: Vec<&Candidate> = Vec::new();
     // A copy on an older timeline than another candidate's may have diverged
@@ -371,6 +416,17 @@ pub fn choose(candidates: &[Candidate], last: Option<&LastPrimary>, policy: &Pol
         let mode = if same_region { policy.within_region } else { policy.cross_region };
         if mode == FailoverMode::Manual {
             refusals.push(Refusal { node: c.node.clone(), why: RefusalReason::Manual { cross_region: !same_region } });
+            continue;
+        }
+        if only_former && c.node != last.node {
+            refusals.push(Refusal { node: c.node.clone(), why: RefusalReason::Unvouched { missing: missing.clone() } });
+            continue;
+        }
+        if let Some(s) = complete.filter(|s| c.lsn < s.lsn) {
+            refusals.push(Refusal {
+                node: c.node.clone(),
+                why: RefusalReason::BehindSynchronous { standby: s.node.clone(), behind_bytes: s.lsn.0 - c.lsn.0 },
+            });
             continue;
         }
         if let Err(why) = within_budget(c, last, policy.max_lag) {

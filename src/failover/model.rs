@@ -186,6 +186,7 @@ impl Model {
             members,
             initialized_by: Some(self.nodes[0].name.clone()),
             optime: self.etcd.optime.clone(),
+            sync: None,
             switchover: self.etcd.switchover.clone(),
             restart: None,
             dr: self.etcd.dr.clone(),

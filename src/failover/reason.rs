@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::human_bytes;
+use crate::cluster::{human_bytes, Epoch};
 use crate::config::format_bytes;
 
 /// Why a node does nothing now. Published in the node's report (`waiting`)
@@ -109,6 +109,11 @@ pub enum NoFailover {
     NoStandbys,
     /// Every candidate was refused, each for its reason.
     Refused { refusals: Vec<Refusal> },
+    /// `synchronous = remote`, and the last primary vouched for no standby
+    /// (`sync` record of `epoch` empty, or none for its epoch).
+    NotVouched { epoch: Option<Epoch> },
+    /// `synchronous = remote`, and these standbys the last primary vouched for do not report.
+    SynchronousMissing { missing: Vec<String> },
 }
 
 impl fmt::Display for NoFailover {
@@ -122,6 +127,14 @@ impl fmt::Display for NoFailover {
                 let parts: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
                 f.write_str(&parts.join("; "))
             }
+            NoFailover::NotVouched { .. } => f.write_str(
+                "the last primary had no synchronous standby caught up (it ran asynchronously), so a promotion could lose acknowledged commits; `meridian failover --to-region R --allow-data-loss` accepts that",
+            ),
+            NoFailover::SynchronousMissing { missing } => write!(
+                f,
+                "synchronous standby {} does not report, and only it may hold the last acknowledged commits; `meridian failover --to-region R --allow-data-loss` promotes without it",
+                missing.join(", ")
+            ),
         }
     }
 }
@@ -152,6 +165,12 @@ pub enum RefusalReason {
     TimeBehind { behind_ms: u64, budget_ms: u64 },
     /// A time budget is set, and its lag is unknown.
     LagUnknown,
+    /// `synchronous = remote` and the last primary vouched for no standby
+    /// (`missing` empty) or for some that do not report: only the former
+    /// primary itself may be promoted.
+    Unvouched { missing: Vec<String> },
+    /// It has less WAL than `standby`, which the last primary vouched for.
+    BehindSynchronous { standby: String, behind_bytes: u64 },
 }
 
 impl fmt::Display for RefusalReason {
@@ -176,6 +195,19 @@ impl fmt::Display for RefusalReason {
                 std::time::Duration::from_millis(*budget_ms)
             ),
             RefusalReason::LagUnknown => f.write_str("lag unknown"),
+            RefusalReason::Unvouched { missing } if missing.is_empty() => {
+                f.write_str("the last primary ran asynchronously, so only it surely has every acknowledged commit")
+            }
+            RefusalReason::Unvouched { missing } => write!(
+                f,
+                "synchronous standby {} does not report, so only the last primary surely has every acknowledged commit",
+                missing.join(", ")
+            ),
+            RefusalReason::BehindSynchronous { standby, behind_bytes } => write!(
+                f,
+                "{} behind synchronous standby {standby}: promoting it would lose acknowledged commits",
+                human_bytes(*behind_bytes)
+            ),
         }
     }
 }

@@ -7,6 +7,7 @@ const POLICY: Policy = Policy {
     within_region: FailoverMode::Automatic,
     cross_region: FailoverMode::Automatic,
     max_lag: LagBudget::Bytes(1000),
+    synchronous: Synchronous::Off,
 };
 
 fn leader(node: &str, epoch: Epoch) -> Option<Leader> {
@@ -23,6 +24,7 @@ fn shared(leader: Option<Leader>, mine: bool, epoch: Epoch) -> Option<Shared> {
         initialized_by: Some("a".into()),
         candidates: vec![],
         last_primary: None,
+        sync: None,
         leaderless_since_revision: None,
         switchover: None,
         dr: None,
@@ -67,6 +69,7 @@ fn leaderless(candidates: Vec<Candidate>) -> Option<Shared> {
         initialized_by: Some("a".into()),
         candidates,
         last_primary: Some(LastPrimary { node: "a".into(), region: "r1".into(), lsn: Lsn(10_000) }),
+        sync: None,
         leaderless_since_revision: Some(10),
         switchover: None,
         dr: None,
@@ -328,6 +331,76 @@ fn the_budget_counts_wal_a_standby_received_beyond_the_recorded_position() {
     }
 }
 
+#[test]
+fn with_synchronous_replication_only_a_standby_with_every_vouched_commit_is_promoted() {
+    // `a` (r1) was primary at 10_000 (epoch 1); b (r2) and c (r3) are remote.
+    let record = |standbys: &[&str]| SyncRecord {
+        node: "a".into(),
+        epoch: 1,
+        standbys: standbys.iter().map(|s| s.to_string()).collect(),
+        at_ms: 0,
+    };
+    let remote = Policy { synchronous: Synchronous::Remote, max_lag: LagBudget::Bytes(16 << 20), ..POLICY };
+    let region = Policy { synchronous: Synchronous::Region, ..remote };
+    let off = Policy { synchronous: Synchronous::Off, ..remote };
+    let last = LastPrimary { node: "a".into(), region: "r1".into(), lsn: Lsn(10_000) };
+    let (a2, b, c) = (cand("a2", "r1", 1, 9_000), cand("b", "r2", 2, 9_500), cand("c", "r3", 3, 10_000));
+    let all = vec![a2.clone(), b.clone(), c.clone()];
+    let pick = |cands: &[Candidate], sync: Option<&SyncRecord>, policy: &Policy| {
+        choose(cands, Some(&last), sync, policy).map(|c| c.node)
+    };
+
+    // Every vouched standby reports: the most advanced of them sets the bar.
+    assert_eq!(pick(&all, Some(&record(&["b", "c"])), &remote), Ok("c".into()));
+    let within = Policy { cross_region: FailoverMode::Manual, ..remote };
+    match pick(&all, Some(&record(&["b", "c"])), &within) {
+        Err(NoFailover::Refused { refusals }) => {
+            let a2 = refusals.iter().find(|r| r.node == "a2").expect("a2 is refused");
+            assert_eq!(a2.why, RefusalReason::BehindSynchronous { standby: "c".into(), behind_bytes: 1_000 });
+            assert!(a2.to_string().contains("would lose acknowledged commits"), "{a2}");
+        }
+        other => panic!("a2 lacks commits c has: {other:?}"),
+    }
+    // A candidate ahead of every vouched standby is fine too (it has them all).
+    assert_eq!(pick(&all, Some(&record(&["b"])), &remote), Ok("c".into()));
+
+    // `remote`: nothing vouched (the primary ran asynchronously) or a vouched standby
+    // silent, and no automatic failover at all, however small the lag.
+    for (sync, want) in [
+        (None, NoFailover::NotVouched { epoch: None }),
+        (Some(record(&[])), NoFailover::NotVouched { epoch: Some(1) }),
+        (Some(record(&["b", "gone"])), NoFailover::SynchronousMissing { missing: vec!["gone".into()] }),
+    ] {
+        assert_eq!(pick(&all, sync.as_ref(), &remote), Err(want.clone()));
+        let text = WaitReason::NoFailover { why: want }.to_string();
+        assert!(text.contains("--allow-data-loss"), "says how an operator goes on: {text}");
+    }
+    // ... but the former primary itself, back from a fence, has all it acknowledged.
+    let former = cand("a", "r1", 1, 10_000);
+    let with_former = vec![b.clone(), former.clone()];
+    assert_eq!(pick(&with_former, Some(&record(&[])), &remote), Ok("a".into()));
+    match pick(&[b.clone(), Candidate { lsn: Lsn(9_000), ..former.clone() }], Some(&record(&[])), &remote) {
+        Ok(c) => assert_eq!(c, "a", "even behind another standby"),
+        other => panic!("{other:?}"),
+    }
+    // `region` promises a failover within the region; a lost region falls back to the budget.
+    assert_eq!(pick(&[b.clone(), c.clone()], Some(&record(&["a2"])), &region), Ok("c".into()));
+    assert_eq!(pick(&all, Some(&record(&[])), &region), Ok("c".into()));
+    // `off` ignores the record.
+    assert_eq!(pick(&[a2.clone(), b.clone()], Some(&record(&["c"])), &off), Ok("b".into()));
+
+    // Through decide: the standby waits and says why.
+    let mut shared = leaderless(vec![b.clone(), c.clone()]).unwrap();
+    shared.sync = Some(record(&[]));
+    let v = NodeView { policy: remote, ..view("c", standby(), Some(shared)) };
+    match decide(&v) {
+        Action::Wait { reason } => {
+            assert!(reason.to_string().contains("ran asynchronously"), "{reason}")
+        }
+        other => panic!("promoted after asynchronous commits: {other:?}"),
+    }
+}
+
 // ---- properties over random views ----
 
 fn arb_policy() -> impl Strategy<Value = Policy> {
@@ -336,6 +409,7 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
         within_region: w,
         cross_region: c,
         max_lag: LagBudget::Bytes(b),
+        synchronous: Synchronous::Off,
     })
 }
 
@@ -367,6 +441,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
                 initialized_by: init.map(String::from),
                 candidates: vec![],
                 last_primary: None,
+                sync: None,
                 leaderless_since_revision: None,
                 switchover: None,
                 dr: None,

@@ -63,7 +63,12 @@ pub fn build(config: &Config, facts: &Facts, snapshot: Option<&Snapshot>, now: I
         stalled: facts.not_streaming_since.is_some_and(|t| now.saturating_duration_since(t) >= STALL_AFTER),
         shared: snapshot.map(|s| shared(config, facts, s)),
         lease_fresh: now < facts.lease_fresh_until,
-        policy: Policy { within_region: f.within_region, cross_region: f.cross_region, max_lag: f.max_lag_on_failover },
+        policy: Policy {
+            within_region: f.within_region,
+            cross_region: f.cross_region,
+            max_lag: f.max_lag_on_failover,
+            synchronous: config.replication.synchronous,
+        },
     }
 }
 
@@ -82,6 +87,7 @@ fn shared(config: &Config, facts: &Facts, s: &Snapshot) -> Shared {
             region: o.region.clone(),
             lsn: o.lsn,
         }),
+        sync: s.sync.clone().filter(|r| r.epoch == s.epoch),
         leaderless_since_revision: facts.leaderless_since_revision,
         switchover: s.switchover.clone().filter(|sw| sw.aborted.is_none()),
         dr: s.dr.clone().filter(|d| d.done_epoch.is_none()),

@@ -396,6 +396,14 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
     let _ = writeln!(out, "# TYPE meridian_cluster_has_primary gauge");
     let _ =
         writeln!(out, "meridian_cluster_has_primary{{cluster=\"{}\"}} {}", s.cluster, u8::from(s.primary.is_some()));
+    if let Some(v) = &s.vouched {
+        let _ = writeln!(
+            out,
+            "# HELP meridian_cluster_sync_vouched_standbys Standbys the primary vouches for (synchronous replication); 0: a failover could lose acknowledged commits."
+        );
+        let _ = writeln!(out, "# TYPE meridian_cluster_sync_vouched_standbys gauge");
+        let _ = writeln!(out, "meridian_cluster_sync_vouched_standbys{{cluster=\"{}\"}} {}", s.cluster, v.len());
+    }
     let _ = writeln!(out, "# HELP meridian_node_role 1 for the role the node reports, 0 for the others.");
     let _ = writeln!(out, "# TYPE meridian_node_role gauge");
     for n in &s.nodes {
@@ -467,6 +475,7 @@ mod tests {
             reason: None,
             backups: Vec::new(),
             etcd_learners: Vec::new(),
+            vouched: Some(vec!["b".into()]),
             leaving: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "a".into(),
@@ -496,6 +505,7 @@ mod tests {
         assert!(text.contains("meridian_node_commit_hold{node=\"a\",region=\"r1\"} 1\n"), "{text}");
         assert!(text.contains("meridian_node_remote_commit_lag_seconds{node=\"a\",region=\"r1\"} 7.25\n"), "{text}");
         assert!(text.contains("meridian_cluster_epoch{cluster=\"lab\"} 3\n"));
+        assert!(text.contains("meridian_cluster_sync_vouched_standbys{cluster=\"lab\"} 1\n"), "{text}");
         assert!(text.contains("meridian_node_role{node=\"a\",region=\"r1\",role=\"primary\"} 1\n"));
         assert!(text.contains("meridian_node_role{node=\"a\",region=\"r1\",role=\"replica\"} 0\n"));
         assert!(text.contains("meridian_node_lag_bytes{node=\"a\",region=\"r1\"} 0\n"));

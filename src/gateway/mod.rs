@@ -114,6 +114,10 @@ impl Gateway {
                 .map(|r| crate::backup::catalog::RepoSummary::build(catalog, &r.name, write, at.elapsed().as_secs()))
                 .collect();
         }
+        if config.replication.synchronous != crate::config::Synchronous::Off {
+            let record = snap.sync.as_ref().filter(|r| r.epoch == snap.epoch);
+            status.vouched = Some(record.map(|r| r.standbys.clone()).unwrap_or_default());
+        }
         if let Ok(members) = self.coord.etcd_members().await {
             status.etcd_learners = members
                 .into_iter()

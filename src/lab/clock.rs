@@ -77,7 +77,7 @@ pub async fn skew(dir: &Path, node: &str, offset: &str) -> Result<()> {
         .map(|(_, _, pid)| pid)
         .collect();
     process::stop_all(&agent, Duration::from_secs(30)).await;
-    super::start(dir, node).await?;
+    super::start(dir, node, true).await?;
     println!(
         "{node}'s agent runs with its clock {}",
         if secs == 0 { "true".to_string() } else { format!("{secs:+}s off") }

@@ -59,8 +59,9 @@ pub async fn kill(dir: &Path, target: &str) -> Result<()> {
 }
 
 /// `lab start NODE|REGION`: starts what of a node or region is not running,
-/// and waits until it is back (etcd answering, node healthy, gateway serving).
-pub async fn start(dir: &Path, target: &str) -> Result<()> {
+/// and (with `wait`) waits until it is back (etcd answering, node healthy,
+/// gateway serving).
+pub async fn start(dir: &Path, target: &str, wait: bool) -> Result<()> {
     let lab = Lab::open(dir)?;
     let chosen = lab.select(target)?;
     let mut progress = Progress::new();
@@ -77,6 +78,14 @@ pub async fn start(dir: &Path, target: &str) -> Result<()> {
     if started.is_empty() {
         progress.done();
         println!("everything of {target} is already running");
+        return Ok(());
+    }
+    if !wait {
+        progress.done();
+        println!(
+            "started {} (not waiting until it is back)",
+            started_specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
         return Ok(());
     }
     progress.step(format!("waiting for {target} to be back"));

@@ -242,6 +242,17 @@ impl Server {
         self.set_auto_conf_line(|l| l.starts_with("synchronous_standby_names"), line)
     }
 
+    /// The `synchronous_standby_names` value postgresql.auto.conf holds (what
+    /// the server runs with once reloaded), unquoted; None when unset.
+    pub fn synchronous_standby_names(&self) -> Result<Option<String>> {
+        let path = self.data_dir.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        Ok(text.lines().rev().find_map(|l| {
+            let value = l.strip_prefix("synchronous_standby_names")?.trim_start().strip_prefix('=')?.trim();
+            Some(value.trim_matches('\'').replace("''", "'"))
+        }))
+    }
+
     /// Replaces the lines of postgresql.auto.conf that `ours` picks with
     /// `line` (appended), unless they already are just that line, wherever it
     /// stands (so two such settings do not reorder each other every pass).

@@ -87,7 +87,9 @@ mod tests {
 
     #[test]
     fn the_record_widens_or_empties_before_the_server_and_never_vouches_by_widening() {
-        let cases: &[(&[&str], &[&str], &[&str], Option<&[&str]>, &str)] = &[
+        // (recorded, in the server, wanted, the record to write first, why)
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a [&'a str], Option<&'a [&'a str]>, &'a str);
+        let cases: &[Case] = &[
             (&["b1"], &["b1"], &["b1"], None, "unchanged"),
             (&["b1"], &["b1"], &["b1", "c1"], Some(&["b1", "c1"]), "a standby joins: widen first"),
             (&["b1", "c1"], &["b1", "c1"], &["b1"], None, "one leaves: the wider record stays true"),

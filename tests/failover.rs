@@ -291,6 +291,12 @@ fn synchronous_remote_never_promotes_a_standby_that_missed_asynchronous_commits(
         assert_eq!((s["primary"].clone(), s["epoch"].clone()), (Value::Null, serde_json::json!(1)), "{s}");
     }
 
+    // An operator is told what a manual failover would cost, and must say so.
+    let out = lab.meridian(&["failover", "--to-region", "ap-northeast-1", "--timeout", "5s"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("may lack acknowledged commits"), "{}", text(&out));
+    assert_eq!(lab.status()["primary"], Value::Null);
+
     // The former primary comes back with every commit it acknowledged, and leads again.
     let out = lab.run_lab(&["start", "ap-south-1a"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -381,23 +381,22 @@ pub fn choose(
         return Err(NoFailover::NoLastPosition);
     };
     let last = &furthest(last, candidates);
-    let vouched: &[String] = match policy.synchronous {
-        Synchronous::Off => &[],
-        _ => sync.map(|r| r.standbys.as_slice()).unwrap_or_default(),
+    let (complete, unvouched) = match policy.synchronous {
+        Synchronous::Off => (None, None),
+        _ => match vouched_reference(candidates, sync) {
+            Ok(c) => (Some(c), None),
+            Err(why) => (None, Some(why)),
+        },
     };
-    let missing: Vec<String> = vouched.iter().filter(|n| !candidates.iter().any(|c| &c.node == *n)).cloned().collect();
-    let complete = (!vouched.is_empty() && missing.is_empty())
-        .then(|| candidates.iter().filter(|c| vouched.contains(&c.node)).max_by_key(|c| c.lsn))
-        .flatten();
+    let missing = match &unvouched {
+        Some(NoFailover::SynchronousMissing { missing }) => missing.clone(),
+        _ => Vec::new(),
+    };
     // Unvouched, only the former primary itself surely has its acknowledged
     // commits (a promotion replays all the WAL it holds).
     let only_former = policy.synchronous == Synchronous::Remote && complete.is_none();
     if only_former && !candidates.iter().any(|c| c.node == last.node) {
-        return Err(if missing.is_empty() {
-            NoFailover::NotVouched { epoch: sync.map(|r| r.epoch) }
-        } else {
-            NoFailover::SynchronousMissing { missing }
-        });
+        return Err(unvouched.unwrap_or(NoFailover::NotVouched { epoch: None }));
     }
     let mut refusals = Vec::new();
     let mut eligible: Vec<&Candidate> = Vec::new();
@@ -450,6 +449,26 @@ pub fn choose(
         None if refusals.is_empty() => Err(NoFailover::NoStandbys),
         None => Err(NoFailover::Refused { refusals }),
     }
+}
+
+/// The most advanced of the standbys the `sync` record vouches for, which has
+/// every commit the last primary acknowledged, provided all of them report
+/// (any of them may be the one with the newest commits); else why there is
+/// none.
+pub fn vouched_reference<'a>(
+    candidates: &'a [Candidate],
+    sync: Option<&SyncRecord>,
+) -> Result<&'a Candidate, NoFailover> {
+    let vouched: &[String] = sync.map(|r| r.standbys.as_slice()).unwrap_or_default();
+    let missing: Vec<String> = vouched.iter().filter(|n| !candidates.iter().any(|c| &c.node == *n)).cloned().collect();
+    if !missing.is_empty() {
+        return Err(NoFailover::SynchronousMissing { missing });
+    }
+    candidates
+        .iter()
+        .filter(|c| vouched.contains(&c.node))
+        .max_by_key(|c| c.lsn)
+        .ok_or(NoFailover::NotVouched { epoch: sync.map(|r| r.epoch) })
 }
 
 /// The furthest position the old primary is known to have reached: its last

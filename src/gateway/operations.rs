@@ -351,6 +351,32 @@ pub async fn failover_to_region(
             }
         }
     }
+    // With synchronous replication and the primary gone, the `sync` record
+    // says whether the standby surely has every acknowledged commit (what the
+    // budget, measured on positions the primary recorded once a second,
+    // cannot see: commits acknowledged while it ran asynchronously).
+    if current.is_none() && config.replication.synchronous != crate::config::Synchronous::Off && !allow_data_loss {
+        let candidates: Vec<failover::Candidate> =
+            s.members.iter().filter_map(|m| failover::view::candidate(&config, m)).collect();
+        let sync = s.sync.as_ref().filter(|r| r.epoch == s.epoch);
+        let former = s.optime.as_ref().is_some_and(|o| o.node == best.node);
+        match failover::vouched_reference(&candidates, sync) {
+            _ if former => {}
+            Ok(v) if received >= v.lsn => {}
+            Ok(v) => {
+                return Err(Refused(format!(
+                    "{} has {} less WAL than {}, which holds every commit the last primary acknowledged; pass --allow-data-loss to promote it anyway",
+                    best.node,
+                    human_bytes(v.lsn.0.saturating_sub(received.0)),
+                    v.node
+                ))
+                .into())
+            }
+            Err(why) => {
+                return Err(Refused(format!("{} may lack acknowledged commits: {why}", best.node)).into());
+            }
+        }
+    }
     let mut clock = Clock::new();
     let deadline = Instant::now() + timeout;
     let target = best.node.clone();

@@ -54,7 +54,16 @@ impl Agent {
             Action::AdoptRestored => self.adopt_restored(snapshot.map(|s| s.epoch).unwrap_or(0)).await,
             Action::Clone { from } => self.clone_from(&from).await,
             Action::StartPrimary => {
-                self.unvouch_before_restart(snapshot).await?;
+                let me = &self.server.node;
+                let held = snapshot.and_then(|s| s.leader.as_ref()).filter(|l| &l.leader.node == me);
+                let epoch =
+                    held.context("start as primary: leader is not this node's in the last snapshot")?.leader.epoch;
+                let record = snapshot.map(|s| s.sync.as_ref());
+                match record {
+                    Some(None) => {} // no record at all: nothing vouched
+                    Some(Some(r)) => self.unvouch_before_restart(epoch, Some(r)).await?,
+                    None => self.unvouch_before_restart(epoch, None).await?,
+                }
                 self.start(StartAs::Primary).await
             }
             Action::StartStandby { upstream } => {

@@ -246,20 +246,20 @@ impl Agent {
         Ok(())
     }
 
-    /// A primary restarted within its epoch (its server crashed) comes up
-    /// asynchronous, its files written afresh: the `sync` record must stop
-    /// vouching first.
-    pub(super) async fn unvouch_before_restart(&self, s: Option<&Snapshot>) -> Result<()> {
+    /// A primary restarted within its epoch (its server crashed, or a
+    /// switchover timed out) comes up asynchronous, its files written afresh:
+    /// the `sync` record of `epoch` must stop vouching first. `recorded`:
+    /// the record as last read, when known (None: write regardless).
+    pub(super) async fn unvouch_before_restart(&self, epoch: u64, recorded: Option<&SyncRecord>) -> Result<()> {
         if self.config.replication.synchronous == crate::config::Synchronous::Off {
             return Ok(());
         }
         let me = &self.server.node;
-        let Some(s) = s else { return Ok(()) };
-        let held = s.leader.as_ref().filter(|l| &l.leader.node == me).map(|l| l.leader.epoch);
-        if let Some(r) = s.sync.as_ref().filter(|r| &r.node == me && Some(r.epoch) == held && !r.standbys.is_empty()) {
-            if !self.put_sync(r.epoch, &[]).await? {
-                anyhow::bail!("record the synchronous standbys before starting: leader is no longer this node's");
-            }
+        if recorded.is_some_and(|r| &r.node != me || r.epoch != epoch || r.standbys.is_empty()) {
+            return Ok(()); // vouches for nothing of this epoch already
+        }
+        if !self.put_sync(epoch, &[]).await? {
+            anyhow::bail!("record the synchronous standbys before starting: leader is no longer this node's");
         }
         Ok(())
     }

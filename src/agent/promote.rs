@@ -264,6 +264,7 @@ impl Agent {
         });
         if duties::restart_read_write(still_leader, self.lease.is_fresh()) {
             tracing::info!("still the leader of epoch {}: starting again as primary", leader.epoch);
+            self.unvouch_before_restart(leader.epoch, None).await?;
             return self.start(StartAs::Primary).await;
         }
         tracing::warn!("no longer provably the leader of epoch {}: starting as a standby", leader.epoch);

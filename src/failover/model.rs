@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::duties::{self, Completion, HandOver};
+use super::sync;
 use super::view::{self, Facts};
 use super::{decide, Action, Local};
-use crate::cluster::{DrSwitch, Leader, Lsn, MemberStatus, Optime, PromotionKind, Role, SwitchoverRequest};
-use crate::config::{Config, FailoverMode, LagBudget};
+use crate::cluster::{DrSwitch, Leader, Lsn, MemberStatus, Optime, PromotionKind, Role, SwitchoverRequest, SyncRecord};
+use crate::config::{Config, FailoverMode, LagBudget, Synchronous};
 use crate::coord::{LeaderEntry, Snapshot};
 use crate::lab::topology::{lab_config, LabShape};
+use std::collections::BTreeSet;
 
 const TTL_MS: u64 = 6000;
 /// The size of the old primary's shutdown checkpoint record in a switchover.
@@ -52,6 +54,12 @@ struct Node {
     down: bool,
     /// A hand-over in progress: its final checkpoint and deadline.
     handover: Option<(Lsn, u64)>,
+    /// Its server's `synchronous_standby_names` (empty on every start).
+    sync_names: BTreeSet<String>,
+    /// A change of that set not yet in the `sync` record: set, when, position.
+    sync_change: Option<(BTreeSet<String>, u64, Option<u64>)>,
+    /// The highest LSN it acknowledged a commit at while read-write (oracle).
+    acked: u64,
 }
 
 /// etcd: one key space, one revision counter, leases with expiry times.
@@ -64,6 +72,7 @@ struct Etcd {
     next_lease: i64,
     members: BTreeMap<String, Report>,
     optime: Option<Optime>,
+    sync: Option<SyncRecord>,
     switchover: Option<SwitchoverRequest>,
     dr: Option<DrSwitch>,
 }
@@ -97,6 +106,8 @@ enum Ev {
     /// What an agent does besides deciding, in one go: renew, stream, report,
     /// and look at a hand-over in progress.
     Busy(usize),
+    /// The primary's agent names its synchronous standbys and keeps the `sync` record.
+    SyncDuty(usize),
 }
 
 struct Model {
@@ -112,13 +123,14 @@ struct Model {
 }
 
 impl Model {
-    fn new(within: FailoverMode, cross: FailoverMode, budget: u64) -> Model {
+    fn new(within: FailoverMode, cross: FailoverMode, budget: u64, synchronous: Synchronous) -> Model {
         let shape = LabShape { regions: vec!["r1".into(), "r2".into()], nodes_per_region: 2, ..Default::default() };
         let mut config = lab_config(&shape, std::path::Path::new("/model"));
         config.failover.within_region = within;
         config.failover.cross_region = cross;
         config.failover.max_lag_on_failover = LagBudget::Bytes(budget);
         config.failover.lease_ttl = Duration::from_millis(TTL_MS);
+        config.replication.synchronous = synchronous;
         let mut etcd = Etcd { epoch: 1, next_lease: 1, revision: 1, ..Etcd::default() };
         let nodes: Vec<Node> = config
             .nodes()
@@ -144,6 +156,9 @@ impl Model {
                     stalled: false,
                     down: false,
                     handover: None,
+                    sync_names: BTreeSet::new(),
+                    sync_change: None,
+                    acked: 1000,
                 }
             })
             .collect();
@@ -186,7 +201,7 @@ impl Model {
             members,
             initialized_by: Some(self.nodes[0].name.clone()),
             optime: self.etcd.optime.clone(),
-            sync: None,
+            sync: self.etcd.sync.clone(),
             switchover: self.etcd.switchover.clone(),
             restart: None,
             dr: self.etcd.dr.clone(),
@@ -387,13 +402,17 @@ impl Model {
                 }
             }
             Ev::HandOverTick(i) => self.hand_over_tick(i)?,
+            Ev::SyncDuty(i) => self.sync_duty(i),
             Ev::Busy(i) => {
-                for ev in [Ev::Renew(i), Ev::Replicate(i, 2000, 1500), Ev::Publish(i), Ev::HandOverTick(i)] {
+                for ev in
+                    [Ev::Renew(i), Ev::Replicate(i, 2000, 1500), Ev::Publish(i), Ev::HandOverTick(i), Ev::SyncDuty(i)]
+                {
                     self.step(&ev)?;
                 }
             }
         }
         self.supervise();
+        self.acknowledge();
         self.check_always()
     }
 
@@ -476,7 +495,12 @@ impl Model {
             Action::StopForRestore | Action::TakeRestored => {
                 return Err(format!("{name} acted on a restore that was never requested: {action:?}"))
             }
-            Action::StartPrimary => self.nodes[i].local = Local::Primary,
+            Action::StartPrimary => {
+                let epoch = snap.and_then(|s| s.leader.as_ref()).map(|l| l.leader.epoch).unwrap_or_default();
+                if self.unvouch(i, epoch) {
+                    self.start_primary(i);
+                }
+            }
             Action::StartStandby { upstream } => {
                 self.nodes[i].local = Local::Standby { upstream: upstream.clone() };
             }
@@ -562,6 +586,9 @@ impl Model {
         n.timeline_start = n.received;
         n.local = Local::Primary;
         n.fenced = false;
+        n.sync_names.clear();
+        n.sync_change = None;
+        n.acked = n.received;
         // Carried-out requests are cleared by compare-and-swap.
         let dones = duties::completions(&name, Some(epoch), self.etcd.switchover.as_ref(), self.etcd.dr.as_ref());
         for done in dones {
@@ -597,6 +624,17 @@ impl Model {
                 let behind = last.lsn.0.saturating_sub(reported.0);
                 if behind > budget {
                     return Err(format!("{} promoted {behind} bytes behind, budget {budget}", n.name));
+                }
+                // `remote` promises more: no commit the last primary acknowledged is lost.
+                let before = self.leaders.get(&(self.etcd.epoch - 1)).and_then(|p| self.idx(p));
+                if let Some(p) = before.filter(|_| self.config.replication.synchronous == Synchronous::Remote) {
+                    let (prev, acked) = (&self.nodes[p].name, self.nodes[p].acked);
+                    if prev != &n.name && n.received < acked {
+                        return Err(format!(
+                            "{} promoted with WAL to {}, but {prev} acknowledged commits up to {acked}",
+                            n.name, n.received
+                        ));
+                    }
                 }
             }
             PromotionKind::Switchover => {
@@ -640,12 +678,15 @@ impl Model {
                 self.etcd.switchover = Some(SwitchoverRequest { aborted: Some("timeout".into()), ..sw });
                 self.bump();
                 let fresh = self.now < self.fresh_until(&self.nodes[i]);
-                self.nodes[i].local = if duties::restart_read_write(still, fresh) {
-                    Local::Primary
+                if duties::restart_read_write(still, fresh) {
+                    // The agent empties the record first; if it cannot, the server stays stopped.
+                    if self.unvouch(i, epoch.unwrap_or_default()) {
+                        self.start_primary(i);
+                    }
                 } else {
                     self.nodes[i].fenced = true;
-                    Local::Standby { upstream: None }
-                };
+                    self.nodes[i].local = Local::Standby { upstream: None };
+                }
                 self.nodes[i].handover = None;
                 if self.nodes[i].local == Local::Primary {
                     let ok = self.etcd.leader.as_ref().is_some_and(|l| l.leader.node == name && l.lease == lease);
@@ -656,6 +697,115 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// A server started read-write comes up with no synchronous standbys.
+    fn start_primary(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.local = Local::Primary;
+        n.sync_names.clear();
+        n.sync_change = None;
+    }
+
+    /// `Agent::unvouch_before_restart`: empties the `sync` record of `epoch`
+    /// by compare-and-swap on `leader`; false when `leader` is not this node's.
+    fn unvouch(&mut self, i: usize, epoch: u64) -> bool {
+        if self.config.replication.synchronous == Synchronous::Off {
+            return true;
+        }
+        let name = self.nodes[i].name.clone();
+        if !self.etcd.leader.as_ref().is_some_and(|l| l.leader.node == name && l.leader.epoch == epoch) {
+            return false;
+        }
+        self.etcd.sync = Some(SyncRecord { node: name, epoch, standbys: vec![], at_ms: self.now });
+        self.bump();
+        true
+    }
+
+    /// `Agent::apply_synchronous_standbys` and `narrow_sync_record`, from a
+    /// snapshot read now, with every etcd write a compare-and-swap on `leader`.
+    fn sync_duty(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if self.config.replication.synchronous == Synchronous::Off
+            || n.down
+            || n.partitioned
+            || n.local != Local::Primary
+        {
+            return;
+        }
+        let snap = self.snapshot();
+        let me = n.name.clone();
+        let Some(epoch) = snap.leader.as_ref().filter(|l| l.leader.node == me).map(|l| l.leader.epoch) else {
+            return;
+        };
+        let holds = |m: &Model| m.etcd.leader.as_ref().is_some_and(|l| l.leader.node == me && l.leader.epoch == epoch);
+        let mut vouched: Vec<String> = snap
+            .sync
+            .as_ref()
+            .filter(|r| r.epoch == epoch && r.node == me)
+            .map(|r| r.standbys.clone())
+            .unwrap_or_default();
+        let streaming = duties::streaming_standbys(&snap.members, &me);
+        let names = crate::config::synchronous_standby_names(&self.config, &me, &streaming);
+        let wanted = sync::names_in(names.as_deref());
+        if let Some(standbys) = sync::record_before(&vouched, &n.sync_names, &wanted) {
+            if !holds(self) {
+                return;
+            }
+            self.etcd.sync = Some(SyncRecord { node: me.clone(), epoch, standbys: standbys.clone(), at_ms: self.now });
+            self.bump();
+            vouched = standbys;
+        }
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        n.sync_names = wanted.clone();
+        if wanted.is_empty() || sync::records(&vouched, &wanted) {
+            n.sync_change = None;
+            return;
+        }
+        let (set, at, since) = match n.sync_change.take() {
+            Some(c) if c.0 == wanted => c,
+            _ => (wanted, now, None),
+        };
+        let since = since.or((now >= at + 500).then_some(n.received));
+        let Some(since) = since else {
+            self.nodes[i].sync_change = Some((set, at, None));
+            return;
+        };
+        let flushed: Vec<(String, Lsn)> = self
+            .nodes
+            .iter()
+            .filter(|m| !m.down && m.local == Local::Standby { upstream: Some(me.clone()) })
+            .filter(|m| m.timeline == self.nodes[i].timeline)
+            .map(|m| (m.name.clone(), Lsn(m.received)))
+            .collect();
+        if sync::may_narrow(&set, Lsn(since), &flushed) && holds(self) {
+            let standbys: Vec<String> = set.into_iter().collect();
+            self.etcd.sync = Some(SyncRecord { node: me, epoch, standbys, at_ms: now });
+            self.bump();
+        } else {
+            self.nodes[i].sync_change = Some((set, at, Some(since)));
+        }
+    }
+
+    /// PostgreSQL acknowledges a read-write server's commits once one of its
+    /// synchronous standbys has them (at once with none named).
+    fn acknowledge(&mut self) {
+        for p in self.read_write() {
+            let (name, tl, received) = (self.nodes[p].name.clone(), self.nodes[p].timeline, self.nodes[p].received);
+            let point = if self.nodes[p].sync_names.is_empty() {
+                received
+            } else {
+                self.nodes
+                    .iter()
+                    .filter(|m| self.nodes[p].sync_names.contains(&m.name) && !m.down && m.timeline == tl)
+                    .filter(|m| m.local == Local::Standby { upstream: Some(name.clone()) })
+                    .map(|m| m.received.min(received))
+                    .max()
+                    .unwrap_or(0)
+            };
+            self.nodes[p].acked = self.nodes[p].acked.max(point);
+        }
     }
 
     /// Checked after every step: at most one read-write server at any moment.
@@ -690,13 +840,29 @@ fn arb_event(nodes: usize) -> impl Strategy<Value = Ev> {
     ]
 }
 
+/// As `arb_event`, with the primary's synchronous duty as often as a decision.
+fn arb_sync_event(nodes: usize) -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        8 => arb_event(nodes),
+        2 => (0..nodes).prop_map(Ev::SyncDuty),
+        1 => (1u64..5000).prop_map(Ev::Write),
+        1 => (0..nodes).prop_map(|i| Ev::Partition(i, false)),
+    ]
+}
+
 fn arb_mode() -> impl Strategy<Value = FailoverMode> {
     prop_oneof![3 => Just(FailoverMode::Automatic), 1 => Just(FailoverMode::Manual)]
 }
 
 /// Runs one interleaving; the error names the violated property and the step.
-fn run(within: FailoverMode, cross: FailoverMode, budget: u64, events: &[Ev]) -> Result<(), String> {
-    let mut m = Model::new(within, cross, budget);
+fn run(
+    within: FailoverMode,
+    cross: FailoverMode,
+    budget: u64,
+    synchronous: Synchronous,
+    events: &[Ev],
+) -> Result<(), String> {
+    let mut m = Model::new(within, cross, budget, synchronous);
     for (k, ev) in events.iter().enumerate() {
         m.step(ev).map_err(|e| format!("step {k} ({ev:?}) at {} ms: {e}", m.now))?;
     }
@@ -718,7 +884,23 @@ proptest! {
         budget in 0u64..20_000,
         events in prop::collection::vec(arb_event(4), 100..500),
     ) {
-        if let Err(e) = run(within, cross, budget, &events) {
+        if let Err(e) = run(within, cross, budget, Synchronous::Off, &events) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// The same with `synchronous = remote`, the primary keeping the `sync`
+    /// record as its agent does: besides every promise above, no failover
+    /// promotes a node without every commit the last primary acknowledged
+    /// (commits acknowledged while it ran asynchronously included).
+    #[test]
+    fn with_synchronous_remote_no_failover_loses_an_acknowledged_commit(
+        within in arb_mode(),
+        cross in arb_mode(),
+        budget in 0u64..20_000,
+        events in prop::collection::vec(arb_sync_event(4), 100..500),
+    ) {
+        if let Err(e) = run(within, cross, budget, Synchronous::Remote, &events) {
             return Err(TestCaseError::fail(e));
         }
     }
@@ -730,20 +912,90 @@ proptest! {
 fn the_model_reaches_failovers_and_switchovers() {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
-    let mut runner = TestRunner::deterministic();
-    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..200 {
-        let events = prop::collection::vec(arb_event(4), 400..401).new_tree(&mut runner).unwrap().current();
-        let mut m = Model::new(FailoverMode::Automatic, FailoverMode::Automatic, 20_000);
-        for ev in &events {
-            m.step(ev).unwrap();
+    for synchronous in [Synchronous::Off, Synchronous::Remote] {
+        let mut runner = TestRunner::deterministic();
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        let (mut vouching, mut unvouched) = (0, 0);
+        for _ in 0..200 {
+            let events = match synchronous {
+                Synchronous::Off => {
+                    prop::collection::vec(arb_event(4), 400..401).new_tree(&mut runner).unwrap().current()
+                }
+                _ => prop::collection::vec(arb_sync_event(4), 400..401).new_tree(&mut runner).unwrap().current(),
+            };
+            let mut m = Model::new(FailoverMode::Automatic, FailoverMode::Automatic, 20_000, synchronous);
+            for ev in &events {
+                m.step(ev).unwrap();
+                match m.etcd.sync.as_ref().map(|r| r.standbys.is_empty()) {
+                    Some(true) => unvouched += 1,
+                    Some(false) => vouching += 1,
+                    None => {}
+                }
+            }
+            for k in &m.promoted {
+                *kinds.entry(k.to_string()).or_default() += 1;
+            }
         }
-        for k in &m.promoted {
-            *kinds.entry(k.to_string()).or_default() += 1;
+        eprintln!("{synchronous}: promotions in 200 runs: {kinds:?}; steps with a vouching record {vouching}, an empty one {unvouched}");
+        for kind in ["failover", "switchover", "dr"] {
+            assert!(
+                kinds.get(kind).copied().unwrap_or(0) >= 5,
+                "{synchronous}: too few {kind} promotions to test anything: {kinds:?}"
+            );
+        }
+        if synchronous == Synchronous::Remote {
+            assert!(vouching > 1000 && unvouched > 1000, "the record both vouches and empties: {vouching} {unvouched}");
         }
     }
-    eprintln!("promotions in 200 runs: {kinds:?}");
-    for kind in ["failover", "switchover", "dr"] {
-        assert!(kinds.get(kind).copied().unwrap_or(0) >= 5, "too few {kind} promotions to test anything: {kinds:?}");
+}
+
+/// The hole the `sync` record closes, step by step: the remote standbys are
+/// cut off, the primary goes on asynchronously and acknowledges a write no
+/// standby has, then dies; the remote standbys come back. None of them may be
+/// promoted; the former primary, back, is.
+#[test]
+fn commits_acknowledged_asynchronously_are_never_lost_to_a_failover() {
+    let mut m = Model::new(FailoverMode::Automatic, FailoverMode::Automatic, 20_000, Synchronous::Remote);
+    let all = |ev: fn(usize) -> Ev| (0..4).map(ev).collect::<Vec<_>>();
+    let run = |m: &mut Model, evs: Vec<Ev>| {
+        for ev in evs {
+            m.step(&ev).unwrap_or_else(|e| panic!("{ev:?}: {e}"));
+        }
+    };
+    // Healthy: every standby streams, and the primary vouches for the remote ones.
+    for _ in 0..3 {
+        run(&mut m, all(Ev::Busy));
+        run(&mut m, vec![Ev::Advance(600)]);
     }
+    run(&mut m, vec![Ev::SyncDuty(0)]);
+    let vouched = m.etcd.sync.clone().expect("a record");
+    assert_eq!(vouched.standbys, vec!["r2a".to_string(), "r2b".to_string()], "{vouched:?}");
+    // r1b (same region) and the remote standbys stop receiving; the remote ones are cut off.
+    run(&mut m, vec![Ev::Stall(1, true), Ev::Partition(2, true), Ev::Partition(3, true)]);
+    for _ in 0..6 {
+        run(&mut m, vec![Ev::Busy(0), Ev::Busy(1), Ev::Advance(700)]);
+    }
+    run(&mut m, vec![Ev::SyncDuty(0)]);
+    assert_eq!(m.etcd.sync.as_ref().map(|r| r.standbys.len()), Some(0), "the record empties first");
+    run(&mut m, vec![Ev::Write(3000), Ev::Publish(0)]);
+    assert_eq!(m.nodes[0].acked, m.nodes[0].received, "asynchronous: acknowledged at once");
+    run(&mut m, vec![Ev::Crash(0), Ev::Partition(2, false), Ev::Partition(3, false), Ev::Stall(1, false)]);
+    // Well past the lease, every standby looks and decides, many times.
+    for _ in 0..20 {
+        run(&mut m, vec![Ev::Advance(400)]);
+        for i in 1..4 {
+            run(&mut m, vec![Ev::Busy(i), Ev::Observe(i), Ev::Decide(i)]);
+        }
+    }
+    assert!(m.promoted.is_empty(), "promoted without the acknowledged write: {:?}", m.promoted);
+    // The former primary comes back, as a standby first, and leads again.
+    run(&mut m, vec![Ev::Restart(0)]);
+    for _ in 0..10 {
+        run(&mut m, vec![Ev::Advance(300)]);
+        for i in 0..4 {
+            run(&mut m, vec![Ev::Busy(i), Ev::Observe(i), Ev::Decide(i)]);
+        }
+    }
+    assert_eq!(m.promoted, vec![PromotionKind::Failover]);
+    assert_eq!(m.etcd.leader.as_ref().map(|l| l.leader.node.as_str()), Some("r1a"));
 }

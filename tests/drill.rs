@@ -36,7 +36,14 @@ fn switchover_and_node_kill_drills_pass_and_report() {
     assert_eq!(round["scenario"], "switchover");
     assert_ne!(round["new_primary"], round["old_primary"]);
     assert_eq!(round["missing_acknowledged"], 0, "a switchover loses nothing");
-    assert!(round["acknowledged"].as_u64().unwrap() > 100, "the workload wrote: {round}");
+    // The workload wrote on both sides of the switchover (how much depends on
+    // the machine: two loaded cores have let 3 writers at 40/s commit only 60).
+    assert!(round["acknowledged"].as_u64().unwrap() >= 20, "the workload wrote: {round}");
+    let first_on_new = format!("first write acknowledged by {}", round["new_primary"].as_str().unwrap());
+    assert!(
+        round["events"].as_array().unwrap().iter().any(|e| e["what"] == first_on_new.as_str()),
+        "the workload wrote on the new primary: {round}"
+    );
     assert!(round["rto_ms"].as_u64().unwrap() < 10_000, "{round}");
     for name in [
         "no split brain",
@@ -74,8 +81,9 @@ fn frozen_agent_hung_primary_and_clock_skew_drills_keep_every_promise() {
         for name in ["no split brain", "every standby kept its data", "one timeline everywhere"] {
             assert_eq!(check(round, name)["passed"], true, "{scenario}: {name}: {}", check(round, name));
         }
-        // lease TTL (6 s) + 3 s
-        assert!(round["rto_ms"].as_u64().unwrap() <= 9_000, "{scenario}: {round}");
+        // One lease TTL (6 s) plus detection and promotion, never a second TTL
+        // (12 s): measured 5.5-9.6 s on two shared cores under parallel tests.
+        assert!(round["rto_ms"].as_u64().unwrap() <= 10_000, "{scenario}: {round}");
     }
     lab.finish();
 }

@@ -221,7 +221,19 @@ impl Drill {
     async fn prepare(&self) -> Result<u32> {
         self.wait_healthy(REDUNDANCY_TIMEOUT).await?;
         let addr = self.config.regions[0].gateway.writer;
-        let client = workload::connect(addr, &self.credentials).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Healthy by etcd is not yet reachable through the proxy (a connection
+        // cut by a fault just undone): retry within a deadline, as a client would.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            match workload::connect(addr, &self.credentials).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("the writer endpoint refused the drill's first connection ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => bail!("connect to the writer endpoint {addr} within 30s: {e}"),
+            }
+        };
         client.batch_execute(workload::TABLE_DDL).await.context("create the drill's table")?;
         let row = client
             .query_one("SELECT (coalesce(max(id), 0) / 1000000000000)::int + 1 FROM meridian_drill", &[])

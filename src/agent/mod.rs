@@ -30,6 +30,7 @@ mod clone;
 pub mod commit_lag;
 pub mod lease;
 mod observe;
+mod phase;
 mod primary;
 mod probe;
 mod promote;
@@ -130,6 +131,8 @@ struct Agent {
     published: published::Published,
     /// Restart requests carried out, and the running and installed PostgreSQL versions.
     restarts: restart::Restarts,
+    /// What the HA loop is doing, reported when it takes too long.
+    phases: phase::Phases,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -194,6 +197,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         sync_change: None,
         published: Default::default(),
         restarts: Default::default(),
+        phases: phase::Phases::start(shutdown.clone()),
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     // Run by the newest published cluster file from the first pass: the local
@@ -211,6 +215,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         };
         // Without a leader every second counts: look (and report) five times as often.
         let tick = if agent.leaderless_since_revision.is_some() { FAST_TICK } else { TICK };
+        agent.phases.enter("sleep between passes");
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(tick) => {}
@@ -224,17 +229,23 @@ impl Agent {
     /// One pass of the HA loop: observe, decide, act, report.
     async fn step(&mut self) {
         self.reap();
+        self.phases.enter("read the etcd snapshot");
         let snapshot = self.read_snapshot().await;
+        self.phases.enter("release leader after a hang");
         if self.release_after_hang(snapshot.as_ref()).await {
             return; // the snapshot predates the release: look again
         }
+        self.phases.enter("leave the cluster");
         if self.leave_step(snapshot.as_ref()).await {
+            self.phases.enter("report");
             self.report(snapshot.as_ref()).await;
+            self.phases.enter("published configuration duties");
             if let Err(e) = self.published_config_duties().await {
                 self.log_failure(&e);
             }
             return;
         }
+        self.phases.enter("build the view");
         let view = self.view(snapshot.as_ref()).await;
         let action = failover::decide(&view);
         // A detail describes the current situation only; actions set it anew.
@@ -242,22 +253,37 @@ impl Agent {
         self.waiting = None;
         if !matches!(action, Action::Keep | Action::Wait { .. }) {
             tracing::info!("{:?} -> {action:?}", view.local);
+        } else if view.stalled {
+            tracing::debug!(
+                "not streaming for {:?} or more; timeline {:?}, the leader's {:?}: {action:?}",
+                failover::view::STALL_AFTER,
+                view.local_timeline,
+                view.shared.as_ref().and_then(|s| s.leader_timeline)
+            );
         }
+        self.phases.enter(format!("act: {}", act::label(&action).unwrap_or_else(|| format!("{action:?}"))));
         self.act_with_retry(action, snapshot.as_ref()).await;
+        self.phases.enter("refresh the certificate");
         if let Err(e) = self.refresh_certificate().await {
             self.log_failure(&e);
         }
+        self.phases.enter("report");
         self.report(snapshot.as_ref()).await;
+        self.phases.enter("backup job duties");
         self.backup_job_duties(snapshot.as_ref()).await;
+        self.phases.enter("published configuration duties");
         if let Err(e) = self.published_config_duties().await {
             self.log_failure(&e);
         }
+        self.phases.enter("check the installed version");
         self.check_installed_version().await;
+        self.phases.enter("restart duties");
         if let Err(e) = self.restart_duties(snapshot.as_ref()).await {
             self.log_failure(&e);
         }
         // Right after observing, so the recorded position is as fresh as the report.
         if self.latest.borrow().as_ref().is_some_and(|r| r.role == Role::Primary) {
+            self.phases.enter("primary duties");
             if let Err(e) = self.primary_duties(snapshot.as_ref()).await {
                 self.log_failure(&e);
             }

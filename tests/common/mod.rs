@@ -288,6 +288,22 @@ impl TestLab {
         out
     }
 
+    /// With MERIDIAN_TEST_KEEP_LOGS=<dir>, copies a failed test's component
+    /// logs to `<dir>/<lab directory name>/` before the lab goes down.
+    fn keep_logs(&self) {
+        let Some(keep) = std::env::var_os("MERIDIAN_TEST_KEEP_LOGS") else { return };
+        let to = Path::new(&keep).join(self.path().file_name().unwrap_or_default());
+        let mut kept = 0;
+        for log in self.component_logs() {
+            let Ok(rel) = log.strip_prefix(self.path()) else { continue };
+            let dest = to.join(rel.to_string_lossy().replace('/', "_"));
+            if std::fs::create_dir_all(&to).is_ok() && std::fs::copy(&log, &dest).is_ok() {
+                kept += 1;
+            }
+        }
+        eprintln!("kept {kept} component logs in {}", to.display());
+    }
+
     /// Checks the logs, brings the lab down, and checks nothing of it is left.
     pub fn finish(mut self) {
         let errors = self.unexpected_errors();
@@ -311,6 +327,7 @@ impl Drop for TestLab {
         if !self.finished {
             if std::thread::panicking() {
                 eprintln!("{}", self.log_tails());
+                self.keep_logs();
             }
             let down = self.run_lab(&["down"]);
             // Should `lab down` itself fail, stop what mentions this lab's unique

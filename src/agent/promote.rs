@@ -11,6 +11,10 @@ use crate::coord::Snapshot;
 use crate::failover::duties::{self, Completion, HandOver};
 use crate::postgres::files::StartAs;
 
+/// Timelines reserved at most up to this number (an epoch past it is not
+/// expected; it would only cost the guarantee of distinct numbers).
+const MAX_RESERVED_TIMELINE: u32 = 100_000;
+
 impl Agent {
     /// Takes `leader` with the next epoch (unless this node already holds it),
     /// promotes, and records the promotion in `history/<epoch>`. The request
@@ -35,15 +39,21 @@ impl Agent {
         self.epoch_seen = self.epoch_seen.max(epoch);
         tracing::info!("promoting to primary of epoch {epoch}: {reason}");
         let watchdog = self.watchdog.clone();
+        let server = self.server.clone();
         let client = self.client().await?;
         let lsn: Option<String> = client
             .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
             .await
             .context("read the received WAL position")?
             .get(0);
+        // A timeline number of its own: epoch N takes timeline N or later (see `postgres::timeline`).
+        let at_least = u32::try_from(epoch).unwrap_or(u32::MAX).min(MAX_RESERVED_TIMELINE);
+        let placeholders = tokio::task::spawn_blocking(move || server.reserve_timelines(at_least)).await??;
         // Armed before the server can accept a write; a failed promotion disarms below.
         watchdog.guard();
-        let promoted: bool = match client.query_one("SELECT pg_promote(true, 60)", &[]).await {
+        let promoted = client.query_one("SELECT pg_promote(true, 60)", &[]).await;
+        tokio::task::spawn_blocking(move || crate::postgres::timeline::remove_placeholders(&placeholders)).await?;
+        let promoted: bool = match promoted {
             Ok(row) => row.get(0),
             Err(e) => {
                 watchdog.release();
@@ -57,6 +67,17 @@ impl Agent {
         // until then pg_rewind on a former primary would see "same timeline" and
         // do nothing. So checkpoint now.
         client.batch_execute("CHECKPOINT").await.context("checkpoint after promotion")?;
+        let timeline: Option<i32> = client
+            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .await
+            .context("read the new timeline")?
+            .get(0);
+        if timeline.is_some_and(|t| (t as u32) < at_least) {
+            tracing::warn!(
+                "promoted to timeline {} below epoch {epoch}: a later promotion may reuse its number",
+                timeline.unwrap_or_default()
+            );
+        }
         // Slots before the first report as primary: followers repoint only then.
         self.ensure_slots().await?;
         if let Some(r) = self.running.as_mut() {

@@ -23,6 +23,7 @@ pub mod scratch;
 pub mod spawner;
 pub mod status;
 pub mod supervisor;
+pub mod timeline;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

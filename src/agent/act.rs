@@ -149,6 +149,9 @@ impl Agent {
             return Ok(());
         }
         self.set_starting("starting PostgreSQL");
+        // A new server gets its own time to start streaming before it counts
+        // as stalled (else a rejoin that did not help repeats every tick).
+        self.not_streaming_since = None;
         if matches!(start, StartAs::Standby { .. }) {
             // Settings published since the last start that take one (see `restart`).
             if let Some(wanted) = self.published.wanted_settings.take() {

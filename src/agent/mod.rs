@@ -147,12 +147,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let identity = server.tls.clone();
     let api_tls = crate::tls::server_config(&identity, crate::tls::ClientAuth::None)?;
     let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        s.recover_swap()?;
-        s.prepare_dirs()?;
-        s.remove_stale_placeholders()
-    })
-    .await??;
+    tokio::task::spawn_blocking(move || s.recover_swap().and_then(|()| s.prepare_dirs())).await??;
 
     let coord = Coord::connect(&config, &identity).await?;
     let Some(lease) = LeaseKeeper::start(&config, &identity, shutdown.clone()).await? else {

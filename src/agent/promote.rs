@@ -48,12 +48,16 @@ impl Agent {
             .get(0);
         // A timeline number of its own: epoch N takes timeline N or later (see `postgres::timeline`).
         let at_least = u32::try_from(epoch).unwrap_or(u32::MAX).min(MAX_RESERVED_TIMELINE);
-        let placeholders = tokio::task::spawn_blocking(move || server.reserve_timelines(at_least)).await??;
+        let reserved = tokio::task::spawn_blocking(move || server.reserve_timelines(at_least)).await??;
+        if !reserved.is_empty() {
+            tracing::info!(
+                "timeline numbers below {at_least} taken elsewhere or unused: placeholders for {}",
+                reserved.len()
+            );
+        }
         // Armed before the server can accept a write; a failed promotion disarms below.
         watchdog.guard();
-        let promoted = client.query_one("SELECT pg_promote(true, 60)", &[]).await;
-        tokio::task::spawn_blocking(move || crate::postgres::timeline::remove_placeholders(&placeholders)).await?;
-        let promoted: bool = match promoted {
+        let promoted: bool = match client.query_one("SELECT pg_promote(true, 60)", &[]).await {
             Ok(row) => row.get(0),
             Err(e) => {
                 watchdog.release();

@@ -14,9 +14,12 @@
 //! So a promotion to epoch N takes timeline N or later: epochs are unique
 //! and increase, and the bootstrap's epoch 1 runs on timeline 1. Before
 //! `pg_promote`, placeholder history files fill every absent number below
-//! the epoch; they are removed once the promotion is done (they are never
-//! read: PostgreSQL only checks that they exist, and the new timeline's own
-//! history is built from the real one).
+//! the epoch. They stay: a standby's walreceiver fetches the history file of
+//! every timeline number between its own and its primary's, and fails on a
+//! missing one ("could not open file pg_wal/00000002.history"), so a primary
+//! must hold one for each number it skipped. Their content is a valid history
+//! that no chain the cluster follows refers to (a skipped number is a dead
+//! branch or unused): PostgreSQL only checks that they exist.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +28,7 @@ use anyhow::{Context, Result};
 use super::Server;
 
 /// What a placeholder says, should anyone open one.
-const PLACEHOLDER: &str = "1\t0/0\tplaceholder written by meridian so that a promotion takes a timeline number no earlier promotion took; removed after the promotion\n";
+const PLACEHOLDER: &str = "1\t0/0\tplaceholder written by meridian: this timeline number was skipped so that each promotion has a number of its own\n";
 
 /// The history file names to create so that the next promotion takes
 /// timeline `at_least` or later: every number from 2 below it that has none.
@@ -40,7 +43,7 @@ pub fn history_file_name(timeline: u32) -> String {
 
 impl Server {
     /// Writes the placeholders that make the next promotion take timeline
-    /// `at_least` or later; returns them, for `remove_placeholders`.
+    /// `at_least` or later; returns them.
     pub fn reserve_timelines(&self, at_least: u32) -> Result<Vec<PathBuf>> {
         reserve_in(&self.data_dir.join("pg_wal"), at_least, |p| self.chown(p))
     }
@@ -62,8 +65,8 @@ fn reserve_in(wal_dir: &Path, at_least: u32, chown: impl Fn(&Path) -> Result<()>
     Ok(made)
 }
 
-/// Removes the placeholders `reserve_timelines` made.
-pub fn remove_placeholders(paths: &[PathBuf]) {
+/// Removes placeholders (those of a write that failed midway).
+fn remove_placeholders(paths: &[PathBuf]) {
     for p in paths {
         if let Err(e) = std::fs::remove_file(p) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -74,27 +77,9 @@ pub fn remove_placeholders(paths: &[PathBuf]) {
 }
 
 /// Whether `path` is a placeholder this module wrote.
-pub fn is_placeholder(path: &Path) -> bool {
+#[cfg(test)]
+fn is_placeholder(path: &Path) -> bool {
     std::fs::read_to_string(path).is_ok_and(|t| t == PLACEHOLDER)
-}
-
-impl Server {
-    /// Removes placeholders an agent that died mid-promotion left: a standby
-    /// must not take one for the history of a real timeline of that number.
-    pub fn remove_stale_placeholders(&self) -> Result<()> {
-        let dir = self.data_dir.join("pg_wal");
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-        let stale: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "history") && is_placeholder(p))
-            .collect();
-        if !stale.is_empty() {
-            tracing::warn!("removing {} timeline placeholders left by an interrupted promotion", stale.len());
-        }
-        remove_placeholders(&stale);
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -111,7 +96,7 @@ mod tests {
     }
 
     #[test]
-    fn placeholders_are_written_and_removed() {
+    fn placeholders_fill_the_gaps_and_real_histories_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("pg_wal")).unwrap();
         std::fs::write(dir.path().join("pg_wal/00000002.history"), "1\t0/3000000\tno recovery target specified\n")
@@ -119,8 +104,6 @@ mod tests {
         let made = reserve_in(&dir.path().join("pg_wal"), 5, |_| Ok(())).unwrap();
         assert_eq!(made.len(), 2, "3 and 4; the real history of 2 is left alone");
         assert!(made.iter().all(|p| is_placeholder(p)));
-        remove_placeholders(&made);
-        assert!(made.iter().all(|p| !p.exists()));
-        assert!(dir.path().join("pg_wal/00000002.history").exists());
+        assert!(!is_placeholder(&dir.path().join("pg_wal/00000002.history")));
     }
 }

@@ -223,6 +223,10 @@ fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
     // already been removed") until the agent sees the mismatch and rewinds
     // (seen once in CI, healed within 2 s; the assertions below are the promise).
     lab.expect_error("has already been removed");
+    // The hung second primary's own timeline 2 is a dead branch: the third's
+    // timeline (3: epoch N takes timeline N, see postgres/timeline.rs) does
+    // not contain it, its walreceiver is refused, and the agent rewinds.
+    lab.expect_error("is not in this server's history");
     let out = lab.run_lab(&["kill", "ap-south-1a"]);
     assert!(out.status.success(), "{}", text(&out));
     let s = wait_until("a new primary after the kill", Duration::from_secs(30), || {
@@ -278,5 +282,11 @@ fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
     for n in NODES {
         lab.wait_rows(n, "probe", rows, Duration::from_secs(15));
     }
+    // One timeline number per promotion: two standbys of timeline 1 promoted
+    // one after the other once both chose 2, and the first's node never
+    // streamed again (CI, the netns lab).
+    let s = lab.status();
+    let timeline = node(&s, &third)["timeline"].as_u64().unwrap();
+    assert!(timeline >= s["epoch"].as_u64().unwrap(), "{third} leads epoch {} on timeline {timeline}", s["epoch"]);
     lab.finish();
 }

@@ -11,14 +11,6 @@ use std::time::Duration;
 use common::*;
 
 /// The lab's cluster file with `edit` applied, written next to it as `name`.
-fn edited(lab: &TestLab, name: &str, edit: impl Fn(&mut toml::Table)) -> String {
-    let mut file: toml::Table = toml::from_str(&std::fs::read_to_string(lab.config()).unwrap()).unwrap();
-    edit(&mut file);
-    let path = lab.path().join(name);
-    std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
-    path.display().to_string()
-}
-
 fn set_setting(file: &mut toml::Table, name: &str, value: &str) {
     let postgres = file.entry("postgres").or_insert_with(|| toml::Value::Table(Default::default()));
     let settings =
@@ -51,7 +43,7 @@ fn config_apply_publishes_a_reload_every_agent_takes_and_refuses_what_it_cannot_
     assert_eq!(shown["text"].as_str().unwrap(), std::fs::read_to_string(lab.config()).unwrap());
 
     // A reloadable setting: diff says so, apply publishes version 1, every server takes it.
-    let new = edited(&lab, "work-mem.toml", |f| set_setting(f, "work_mem", "7MB"));
+    let new = lab.edited_config("work-mem.toml", |f| set_setting(f, "work_mem", "7MB"));
     let diff = lab.json(&["config", "diff", &new]);
     assert_eq!(diff["running_version"], 0, "{diff}");
     let changes = diff["plan"]["changes"].as_array().unwrap();
@@ -81,15 +73,15 @@ fn config_apply_publishes_a_reload_every_agent_takes_and_refuses_what_it_cannot_
 
     // Refused, with the reason, and nothing changes.
     let refusals = [
-        (edited(&lab, "rename.toml", |f| drop(f.insert("cluster".into(), "other".into()))), "renames the cluster"),
+        (lab.edited_config("rename.toml", |f| drop(f.insert("cluster".into(), "other".into()))), "renames the cluster"),
         (
-            edited(&lab, "lease.toml", |f| {
+            lab.edited_config("lease.toml", |f| {
                 let failover = f.entry("failover").or_insert_with(|| toml::Value::Table(Default::default()));
                 failover.as_table_mut().unwrap().insert("lease_ttl".into(), "9s".into());
             }),
             "read this only when they start",
         ),
-        (edited(&lab, "broken.toml", |f| drop(f.remove("etcd"))), "problem"),
+        (lab.edited_config("broken.toml", |f| drop(f.remove("etcd"))), "problem"),
     ];
     for (file, why) in &refusals {
         let out = lab.meridian(&["config", "apply", file]);
@@ -273,7 +265,7 @@ fn a_setting_that_takes_a_restart_is_rolled_out_replicas_first_losing_no_write()
     let nodes = ["ap-south-1a", "ap-south-1b", "ap-northeast-1a", "ap-northeast-1b"];
 
     // Published, pending everywhere, nothing restarted yet.
-    let file = edited(&lab, "max-connections.toml", |f| set_setting(f, "max_connections", "150"));
+    let file = lab.edited_config("max-connections.toml", |f| set_setting(f, "max_connections", "150"));
     let diff = lab.json(&["config", "diff", &file]);
     assert_eq!(diff["plan"]["changes"][0]["cost"], "rolling-restart", "{diff}");
     let out = lab.meridian(&["config", "apply", &file]);
@@ -295,7 +287,7 @@ fn a_setting_that_takes_a_restart_is_rolled_out_replicas_first_losing_no_write()
     assert!(text(&out).contains("restarts with max_connections: 50 -> 150"), "{}", text(&out));
 
     // Lowering it is refused (standbys need at least the primary's value), nothing published.
-    let lower = edited(&lab, "lower.toml", |f| set_setting(f, "max_connections", "120"));
+    let lower = lab.edited_config("lower.toml", |f| set_setting(f, "max_connections", "120"));
     let version = lab.json(&["config", "show"])["version"].as_u64();
     let out = lab.meridian(&["config", "apply", &lower]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -393,7 +385,7 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
         assert!(text(&out).contains(why), "{args:?}: want {why:?}: {}", text(&out));
     }
     // By hand: the primary's region without its DNS record; a node on an address already used.
-    let without_primary = edited(&lab, "no-primary-region.toml", |f| {
+    let without_primary = lab.edited_config("no-primary-region.toml", |f| {
         let regions = f["region"].as_array_mut().unwrap();
         let gone = regions.iter().position(|r| r["name"].as_str() == Some("ap-south-1")).unwrap();
         let url = regions.remove(gone)["etcd"].as_str().unwrap().to_string();
@@ -408,7 +400,7 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
         let checks = f["health"]["check"].as_array_mut().unwrap();
         checks.retain(|c| c["name"].as_str() != Some("node-ap-south-1a"));
     });
-    let clash = edited(&lab, "clash.toml", |f| {
+    let clash = lab.edited_config("clash.toml", |f| {
         let regions = f["region"].as_array_mut().unwrap();
         let eu = regions.iter_mut().find(|r| r["name"].as_str() == Some("eu-west-1")).unwrap();
         let mut twin = eu["node"][0].clone();
@@ -417,7 +409,7 @@ fn a_region_joins_and_leaves_under_writes_losing_nothing() {
         twin["data_dir"] = lab.path().join("nodes/eu-west-1b/data").display().to_string().into();
         eu["node"].as_array_mut().unwrap().push(twin);
     });
-    let name_clash = edited(&lab, "name-clash.toml", |f| {
+    let name_clash = lab.edited_config("name-clash.toml", |f| {
         let regions = f["region"].as_array_mut().unwrap();
         let eu = regions.iter_mut().find(|r| r["name"].as_str() == Some("eu-west-1")).unwrap();
         let mut twin = eu["node"][0].clone();

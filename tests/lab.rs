@@ -103,9 +103,9 @@ fn gateway_serves_metrics_and_health() {
     assert_eq!(regions.len(), 3, "three database regions need no witness");
     for region in regions {
         let api = region["gateway"]["api"].as_str().unwrap();
-        let (status, health) = https_get(&lab, api, "/healthz");
+        let (status, health) = lab.https_get(api, "/healthz");
         assert_eq!(status, 200, "{health}");
-        let (status, metrics) = https_get(&lab, api, "/metrics");
+        let (status, metrics) = lab.https_get(api, "/metrics");
         assert_eq!(status, 200, "{metrics}");
         assert!(metrics.contains("meridian_cluster_epoch{cluster=\"lab\"} 1"), "{metrics}");
         assert!(
@@ -239,22 +239,4 @@ fn a_lost_region_leaves_the_cluster_answering_and_comes_back() {
     let verify = lab.json(&["verify"]);
     assert_eq!(verify["ok"], true, "{verify}");
     lab.finish();
-}
-
-/// GET over HTTPS, verified against the lab's CA, with the lab's admin token.
-fn https_get(lab: &TestLab, addr: &str, path: &str) -> (u16, String) {
-    let config = meridian::config::Config::load(&lab.config()).unwrap();
-    let https = meridian::client::Https::for_cli(&config).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (status, body) = rt
-        .block_on(meridian::client::request(
-            addr.parse().unwrap(),
-            Some(&https),
-            hyper::Method::GET,
-            path,
-            None,
-            Duration::from_secs(5),
-        ))
-        .unwrap_or_else(|e| panic!("GET https://{addr}{path}: {e:#}"));
-    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
 }

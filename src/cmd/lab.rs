@@ -90,6 +90,9 @@ enum Sub {
         /// [replication] max_commit_lag: hold commits while no standby in another region is within this (5s).
         #[arg(long, value_parser = humantime::parse_duration)]
         max_commit_lag: Option<std::time::Duration>,
+        /// [proxy] pool_mode: session (a server connection per client) or transaction (per transaction).
+        #[arg(long, default_value = "session")]
+        pool_mode: crate::config::PoolMode,
         /// loopback: every process on its own loopback address in one network
         /// stack; netns: every process in its own network namespace (10.NET.REGION.HOST),
         /// a bridge per region and a router between them (root, iproute2, nftables).
@@ -258,6 +261,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
             synchronous,
             no_backup,
             max_commit_lag,
+            pool_mode,
             hosts,
             wan_latency,
             wan_jitter,
@@ -286,6 +290,7 @@ pub async fn run(args: Args, config: &Path) -> Result<i32> {
                 synchronous,
                 backup: !no_backup,
                 max_commit_lag,
+                pool_mode,
                 hosts,
                 wan,
             };

@@ -219,12 +219,71 @@ pub struct ProxyConfig {
     /// failover) before it is refused.
     #[serde(default = "default_leader_wait", with = "humantime_serde")]
     pub leader_wait: Duration,
+    /// `session`: a client keeps one server connection while connected (bytes
+    /// are relayed); `transaction`: a client holds a server connection only
+    /// for a transaction, and switchovers happen between its transactions.
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Server connections per user and database in transaction mode.
+    #[serde(default = "default_pool_size")]
+    pub default_pool_size: usize,
+    /// Overrides of `default_pool_size`: `"user@database"` or `"user"`.
+    #[serde(default)]
+    pub pool_sizes: std::collections::BTreeMap<String, usize>,
+    /// Client connections each port accepts at once; more are refused (53300).
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+}
+
+/// `proxy.pool_mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Session,
+    Transaction,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            _ => Err(format!("{s:?} is not session or transaction")),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The server connections the pool of `user` and `database` may open.
+    pub fn pool_size(&self, user: &str, database: &str) -> usize {
+        self.pool_sizes
+            .get(&format!("{user}@{database}"))
+            .or_else(|| self.pool_sizes.get(user))
+            .copied()
+            .unwrap_or(self.default_pool_size)
+    }
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { max_reader_lag: default_reader_lag(), leader_wait: default_leader_wait() }
+        ProxyConfig {
+            max_reader_lag: default_reader_lag(),
+            leader_wait: default_leader_wait(),
+            pool_mode: PoolMode::default(),
+            default_pool_size: default_pool_size(),
+            pool_sizes: Default::default(),
+            max_client_conn: default_max_client_conn(),
+        }
     }
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+fn default_max_client_conn() -> usize {
+    1000
 }
 
 fn default_reader_lag() -> LagBudget {
@@ -372,6 +431,21 @@ const RESERVED_NAMES: [&str; 3] = ["writer", "reader", "ns"];
 /// Adds the routing sections' problems to `p`.
 pub(super) fn validate(c: &Config, p: &mut Vec<Problem>) {
     let mut push = |at: String, message: String| p.push(Problem { at, message });
+    let x = &c.proxy;
+    if x.default_pool_size == 0 {
+        push("proxy.default_pool_size".into(), "must be at least 1".into());
+    }
+    for (key, size) in &x.pool_sizes {
+        if *size == 0 {
+            push(format!("proxy.pool_sizes.{key:?}"), "must be at least 1".into());
+        }
+        if key.is_empty() || key.matches('@').count() > 1 || key.starts_with('@') || key.ends_with('@') {
+            push(format!("proxy.pool_sizes.{key:?}"), "must be \"user\" or \"user@database\"".into());
+        }
+    }
+    if x.max_client_conn == 0 {
+        push("proxy.max_client_conn".into(), "must be at least 1".into());
+    }
     let h = &c.health;
     if !(0.0..1.0).contains(&h.healthy_share) {
         push("health.healthy_share".into(), "must be at least 0 and below 1 (Route 53 uses 0.18)".into());

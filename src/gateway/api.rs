@@ -336,7 +336,7 @@ async fn verify(State(g): State<Gateway>, Json(req): Json<VerifyRequest>) -> Res
 async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
     let status = g.status().await.map_err(unavailable)?;
     let mut body = render_metrics(&status);
-    let counters: [(&str, &str, ProxyCounter); 5] = [
+    let counters: [(&str, &str, ProxyCounter); 8] = [
         ("meridian_proxy_connections_total", "Connections relayed to a backend.", |s| s.relayed.load(Relaxed)),
         ("meridian_proxy_refused_total", "Connections refused (no backend, no view of etcd).", |s| {
             s.refused.load(Relaxed)
@@ -350,6 +350,21 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
             |s| s.login_failed.load(Relaxed),
         ),
         ("meridian_proxy_active", "Connections open now.", |s| s.active.load(Relaxed)),
+        (
+            "meridian_proxy_transactions_total",
+            "Transaction mode: server connections lent to a client (a transaction, or a pinned session).",
+            |s| s.transactions.load(Relaxed),
+        ),
+        (
+            "meridian_proxy_lost_transactions_total",
+            "Transaction mode: transactions whose server went away under them (the client was told to retry).",
+            |s| s.lost_transactions.load(Relaxed),
+        ),
+        (
+            "meridian_proxy_lost_sessions_total",
+            "Transaction mode: sessions closed because their server went away while pinned or mid-reply.",
+            |s| s.lost_sessions.load(Relaxed),
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(body, "# HELP {name} {help}");
@@ -359,6 +374,7 @@ async fn metrics(State(g): State<Gateway>) -> Result<Response, ApiError> {
             let _ = writeln!(body, "{name}{{region=\"{}\",port=\"{port}\"}} {}", g.region, value(stats));
         }
     }
+    render_pool_metrics(&mut body, &g.region, &g.proxy_stats);
     let etcd = g.etcd_certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if !etcd.is_empty() {
         let _ = writeln!(body, "# HELP meridian_etcd_certificate_expiry_timestamp_seconds When each etcd member's certificate expires (Unix time), as it presents it.");
@@ -459,6 +475,57 @@ pub fn render_metrics(s: &ClusterStatus) -> String {
         }
     }
     out
+}
+
+/// Transaction mode: pinned sessions by reason, and each pool's connections.
+fn render_pool_metrics(
+    body: &mut String,
+    region: &str,
+    stats: &[(super::proxy::Port, std::sync::Arc<super::proxy::ProxyStats>)],
+) {
+    let port_name = |p: &super::proxy::Port| if *p == super::proxy::Port::Writer { "writer" } else { "reader" };
+    let _ = writeln!(
+        body,
+        "# HELP meridian_proxy_pinned_total Transaction mode: sessions pinned to their server connection, by reason."
+    );
+    let _ = writeln!(body, "# TYPE meridian_proxy_pinned_total counter");
+    for (port, s) in stats {
+        for (reason, n) in s.pinned_counts() {
+            let _ = writeln!(
+                body,
+                "meridian_proxy_pinned_total{{region=\"{region}\",port=\"{}\",reason=\"{reason}\"}} {n}",
+                port_name(port)
+            );
+        }
+    }
+    type PoolGauge = fn(&super::proxy::pool::PoolStats) -> u64;
+    let gauges: [(&str, &str, PoolGauge); 3] = [
+        ("meridian_proxy_pool_server_connections", "Transaction mode: server connections open (idle and lent).", |p| {
+            p.open.load(Relaxed)
+        }),
+        ("meridian_proxy_pool_idle_server_connections", "Transaction mode: server connections idle.", |p| {
+            p.idle.load(Relaxed)
+        }),
+        ("meridian_proxy_pool_waiting_clients", "Transaction mode: clients waiting for a server connection.", |p| {
+            p.waiting.load(Relaxed)
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(body, "# HELP {name} {help}");
+        let _ = writeln!(body, "# TYPE {name} gauge");
+        for (port, s) in stats {
+            for pool in s.pools.all() {
+                let _ = writeln!(
+                    body,
+                    "{name}{{region=\"{region}\",port=\"{}\",user=\"{}\",database=\"{}\"}} {}",
+                    port_name(port),
+                    pool.key.user.replace(['"', '\\', '\n'], "_"),
+                    pool.key.database.replace(['"', '\\', '\n'], "_"),
+                    value(&pool.stats)
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@
 //! rather than guess; and a relay to a node that lost the leadership is cut.
 
 pub mod login;
+mod messages;
+mod pinning;
+pub mod pool;
+mod pooled;
+mod prepared;
 mod scram;
 
 use std::net::SocketAddr;
@@ -37,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::routing::{self, Backend};
 use super::view::View;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
@@ -74,6 +79,28 @@ pub struct ProxyStats {
     pub active: AtomicU64,
     pub cut: AtomicU64,
     pub login_failed: AtomicU64,
+    /// Transaction mode: server connections lent to clients (a transaction each, or a pinned session).
+    pub transactions: AtomicU64,
+    /// Transactions whose server went away under them (the client was told to retry).
+    pub lost_transactions: AtomicU64,
+    /// Sessions closed because their server went away while pinned or mid-reply.
+    pub lost_sessions: AtomicU64,
+    /// Sessions pinned to their server connection, by reason (`pinning::Pin::ALL`'s order).
+    pub pinned_by: [AtomicU64; pinning::Pin::ALL.len()],
+    /// Transaction mode's server connections.
+    pub pools: pool::Pools,
+}
+
+impl ProxyStats {
+    fn pinned(&self, pin: pinning::Pin) {
+        let i = pinning::Pin::ALL.iter().position(|p| *p == pin).expect("every pin is in ALL");
+        self.pinned_by[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (label, sessions pinned for it) for `/metrics`.
+    pub fn pinned_counts(&self) -> Vec<(&'static str, u64)> {
+        pinning::Pin::ALL.iter().zip(&self.pinned_by).map(|(p, n)| (p.label(), n.load(Ordering::Relaxed))).collect()
+    }
 }
 
 /// What every connection of one port shares.
@@ -88,6 +115,9 @@ pub struct Proxy {
     /// logins on both legs; None only in tests of routing, which speak plain
     /// to fake backends.
     security: Option<Security>,
+    /// Transaction mode: the key each client was given (BackendKeyData) →
+    /// the server it holds now, for its cancel requests.
+    cancels: std::sync::Mutex<std::collections::HashMap<(i32, i32), Arc<pooled::CancelSlot>>>,
 }
 
 /// What a proxy needs to speak TLS and SCRAM.
@@ -102,7 +132,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 impl Proxy {
     pub fn new(region: String, port: Port, view: watch::Receiver<View>, security: Option<Security>) -> Proxy {
-        Proxy { region, port, view, stats: Arc::default(), next_reader: AtomicUsize::new(0), security }
+        Proxy {
+            region,
+            port,
+            view,
+            stats: Arc::default(),
+            next_reader: AtomicUsize::new(0),
+            security,
+            cancels: Default::default(),
+        }
     }
 
     /// The cluster file in force (see `view`).
@@ -159,6 +197,17 @@ impl Proxy {
             self.forward_cancel(&startup.bytes).await;
             return Ok(());
         }
+        let config = self.config();
+        if self.stats.active.load(Ordering::Relaxed) > config.proxy.max_client_conn as u64 {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let msg = format!(
+                "meridian {}: too many client connections (proxy.max_client_conn = {})",
+                self.port.name(),
+                config.proxy.max_client_conn
+            );
+            client.write_all(&error_response("53300", &msg)).await?;
+            return Ok(());
+        }
         let mut backend = match self.pick().await {
             Ok(b) => b,
             Err(why) => {
@@ -168,6 +217,9 @@ impl Proxy {
                 return Ok(());
             }
         };
+        if let (Some(security), PoolMode::Transaction) = (&self.security, config.proxy.pool_mode) {
+            return self.pooled(&security.logins, client, &startup, &mut backend, shutdown).await;
+        }
         let server: Box<dyn ClientStream> = match &self.security {
             Some(security) => match self.log_in(&security.logins, &mut client, &startup, &mut backend).await? {
                 Some(server) => Box::new(server),
@@ -191,19 +243,62 @@ impl Proxy {
         backend: &mut Backend,
     ) -> Result<Option<login::ServerStream>> {
         let port = self.port.name();
-        let params = match login::StartupParams::parse(&startup.bytes) {
-            Ok(p) if !p.replication => p,
+        let Some(params) = self.startup_params(client, startup).await? else { return Ok(None) };
+        let Some(verifier) = self.look_up(logins, client, &params, backend).await? else { return Ok(None) };
+        let why = match verifier {
+            Some(_) => "wrong password or a protocol error",
+            None => "no SCRAM password the proxy may use: no such role, not LOGIN, a superuser, a replication role, one of meridian's, past VALID UNTIL, or an MD5 password",
+        };
+        let login =
+            logins.login(client.as_mut(), startup.encrypted, &startup.bytes, &params, verifier, backend.address);
+        match tokio::time::timeout(STARTUP_TIMEOUT, login).await {
+            Ok(Ok((server, finish))) => {
+                client.write_all(&finish).await.context("finish the client's login")?;
+                Ok(Some(server))
+            }
+            Ok(Err(login::Refused::Client(message))) => {
+                self.stats.login_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("refused a {port} login as {:?} to {}: {why}", params.user, backend.node);
+                client.write_all(&message).await?;
+                Ok(None)
+            }
+            Ok(Err(login::Refused::Gone(e))) => Err(e),
+            Err(_) => bail!("the login did not finish within {STARTUP_TIMEOUT:?}"),
+        }
+    }
+
+    /// The startup packet's parameters, or None when the client was refused (and told why).
+    async fn startup_params(
+        &self,
+        client: &mut Box<dyn ClientStream>,
+        startup: &Startup,
+    ) -> Result<Option<login::StartupParams>> {
+        let port = self.port.name();
+        match login::StartupParams::parse(&startup.bytes) {
+            Ok(p) if !p.replication => Ok(Some(p)),
             Ok(_) => {
                 let msg =
                     format!("meridian {port}: the proxy does not carry replication connections; connect to a node");
                 client.write_all(&error_response("08P01", &msg)).await?;
-                return Ok(None);
+                Ok(None)
             }
             Err(e) => {
                 client.write_all(&error_response("08P01", &format!("meridian {port}: {e:#}"))).await?;
-                return Ok(None);
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// The client's SCRAM verifier (`Some(None)`: the role may not log in
+    /// here); None when the lookup failed and the client was told.
+    async fn look_up(
+        &self,
+        logins: &login::Authenticator,
+        client: &mut Box<dyn ClientStream>,
+        params: &login::StartupParams,
+        backend: &mut Backend,
+    ) -> Result<Option<Option<scram::Verifier>>> {
+        let port = self.port.name();
         // A backend that is stopping or starting (a switchover's old primary
         // before this gateway's view shows the request) is asked again once
         // the view changes, within `leader_wait`, as `pick` waits for a leader.
@@ -228,36 +323,16 @@ impl Proxy {
                 other => break other,
             }
         };
-        let verifier = match looked_up {
-            Ok(v) => v,
+        match looked_up {
+            Ok(v) => Ok(Some(v)),
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("failed to look up a login on {}: {e:#}", backend.node);
                 let msg =
                     format!("meridian {port}: cannot check logins on {} ({}): {e:#}", backend.node, backend.address);
                 client.write_all(&error_response("08006", &msg)).await?;
-                return Ok(None);
-            }
-        };
-        let why = match verifier {
-            Some(_) => "wrong password or a protocol error",
-            None => "no SCRAM password the proxy may use: no such role, not LOGIN, a superuser, a replication role, one of meridian's, past VALID UNTIL, or an MD5 password",
-        };
-        let login =
-            logins.login(client.as_mut(), startup.encrypted, &startup.bytes, &params, verifier, backend.address);
-        match tokio::time::timeout(STARTUP_TIMEOUT, login).await {
-            Ok(Ok((server, finish))) => {
-                client.write_all(&finish).await.context("finish the client's login")?;
-                Ok(Some(server))
-            }
-            Ok(Err(login::Refused::Client(message))) => {
-                self.stats.login_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("refused a {port} login as {:?} to {}: {why}", params.user, backend.node);
-                client.write_all(&message).await?;
                 Ok(None)
             }
-            Ok(Err(login::Refused::Gone(e))) => Err(e),
-            Err(_) => bail!("the login did not finish within {STARTUP_TIMEOUT:?}"),
         }
     }
 
@@ -388,6 +463,12 @@ impl Proxy {
     /// know which node issued them, so it passes it to every node (a node that
     /// did not issue the key ignores it).
     async fn forward_cancel(&self, packet: &[u8]) {
+        if packet.len() == 16 {
+            let word = |i: usize| i32::from_be_bytes(packet[i..i + 4].try_into().expect("4 bytes"));
+            if self.cancel_pooled(word(8), word(12)).await {
+                return;
+            }
+        }
         let nodes: Vec<SocketAddr> = self.config().nodes().map(|(_, n)| n.address).collect();
         let sends = nodes.into_iter().map(|addr| async move {
             if let Ok(Ok(mut s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {

@@ -58,6 +58,8 @@ pub struct LabShape {
     pub synchronous: Synchronous,
     /// `[replication] max_commit_lag`.
     pub max_commit_lag: Option<Duration>,
+    /// `[proxy] pool_mode`.
+    pub pool_mode: PoolMode,
     /// `[backup]` with a repository in each of the first two regions: the
     /// first on the lab's S3 server (moto, over TLS), the second a directory.
     pub backup: bool,
@@ -75,6 +77,7 @@ impl Default for LabShape {
             s3_endpoint: None,
             synchronous: Synchronous::Off,
             max_commit_lag: None,
+            pool_mode: PoolMode::Session,
             backup: true,
             hosts: Hosts::Loopback,
             wan: None,
@@ -239,7 +242,7 @@ pub fn lab_config(shape: &LabShape, dir: &Path) -> Config {
         etcd: EtcdConfig { endpoints: (0..all.len()).map(|ri| etcd_client_url(hosts, net, ri)).collect() },
         dns: DnsConfig { zone: "lab.meridian.internal.".into(), records, ..DnsConfig::default() },
         health,
-        proxy: ProxyConfig::default(),
+        proxy: ProxyConfig { pool_mode: shape.pool_mode, ..ProxyConfig::default() },
         object_store: ObjectStoreConfig { s3_endpoint: shape.s3_endpoint.clone(), s3_region: None },
         replication: ReplicationConfig {
             synchronous: shape.synchronous,

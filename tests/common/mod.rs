@@ -133,6 +133,33 @@ impl TestLab {
         panic!("no region {region} in the lab");
     }
 
+    /// GET over the API's TLS, as the CLI does: (status, body).
+    pub fn https_get(&self, addr: &str, path: &str) -> (u16, String) {
+        let config = meridian::config::Config::load(&self.config()).unwrap();
+        let https = meridian::client::Https::for_cli(&config).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (status, body) = rt
+            .block_on(meridian::client::request(
+                addr.parse().unwrap(),
+                Some(&https),
+                hyper::Method::GET,
+                path,
+                None,
+                Duration::from_secs(5),
+            ))
+            .unwrap_or_else(|e| panic!("GET https://{addr}{path}: {e:#}"));
+        (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The lab's cluster file with `edit` applied, written to `name` in the lab; its path.
+    pub fn edited_config(&self, name: &str, edit: impl Fn(&mut toml::Table)) -> String {
+        let mut file: toml::Table = toml::from_str(&std::fs::read_to_string(self.config()).unwrap()).unwrap();
+        edit(&mut file);
+        let path = self.path().join(name);
+        std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+        path.display().to_string()
+    }
+
     /// Runs SQL as `app` through a region's proxy port (`writer` or `reader`).
     pub fn try_psql_via(&self, region: &str, port: &str, sql: &str) -> Result<String, String> {
         let (host, port) = self.gateway_addr(region, port);

@@ -34,6 +34,15 @@ const LOOKUP: &str = "SELECT meridian_auth.scram_verifier($1), pg_is_in_recovery
 /// A lookup on a hung server must not hold the client's connection for ever.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What logs in to a server as a client that proved itself: its startup
+/// packet and the ClientKey its SCRAM proof revealed (kept in memory only).
+#[derive(Clone)]
+pub struct Credentials {
+    pub startup: Vec<u8>,
+    pub client_key: [u8; 32],
+    pub verifier: Verifier,
+}
+
 /// A server stream after login, TLS to PostgreSQL.
 pub type ServerStream = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -42,25 +51,35 @@ pub type ServerStream = tokio_rustls::client::TlsStream<TcpStream>;
 pub struct StartupParams {
     pub user: String,
     pub replication: bool,
+    /// The database (the user's name when not given, as PostgreSQL does).
+    pub database: String,
+    /// Every other parameter (options, client_encoding, ...), sorted, without
+    /// `application_name`: what a pooled server connection must have been started with.
+    pub settings: Vec<(String, String)>,
 }
 
 impl StartupParams {
     /// From a protocol 3 startup packet (length, version, then name/value pairs).
     pub fn parse(packet: &[u8]) -> Result<StartupParams> {
         let mut fields = packet.get(8..).unwrap_or_default().split(|b| *b == 0);
-        let (mut user, mut replication) = (None, false);
+        let (mut user, mut replication, mut database, mut settings) = (None, false, None, Vec::new());
         while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
             if k.is_empty() {
                 break;
             }
+            let text = || String::from_utf8(v.to_vec()).context("a startup parameter is not UTF-8");
             match k {
-                b"user" => user = Some(String::from_utf8(v.to_vec()).context("the user name is not UTF-8")?),
+                b"user" => user = Some(text()?),
+                b"database" => database = Some(text()?),
                 b"replication" => replication = !matches!(v, b"false" | b"off" | b"no" | b"0"),
-                _ => {}
+                b"application_name" => {}
+                _ => settings.push((String::from_utf8_lossy(k).into_owned(), text()?)),
             }
         }
         let user = user.filter(|u| !u.is_empty()).ok_or_else(|| anyhow!("the startup packet names no user"))?;
-        Ok(StartupParams { user, replication })
+        settings.sort();
+        let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        Ok(StartupParams { user, replication, database, settings })
     }
 }
 
@@ -186,6 +205,22 @@ impl Authenticator {
         verifier: Option<Verifier>,
         node: SocketAddr,
     ) -> Result<(ServerStream, Vec<u8>), Refused> {
+        let (credentials, finish) = self.authenticate(client, encrypted, startup, params, verifier).await?;
+        let server = self.server_side(node, &credentials).await?;
+        Ok((server, finish))
+    }
+
+    /// Authenticates the client with `verifier` (a mock when `None`): what
+    /// logs in as it to a server, and the messages that finish its login
+    /// (SASL final and AuthenticationOk).
+    pub async fn authenticate(
+        &self,
+        client: &mut dyn ClientStream,
+        encrypted: bool,
+        startup: &[u8],
+        params: &StartupParams,
+        verifier: Option<Verifier>,
+    ) -> Result<(Credentials, Vec<u8>), Refused> {
         let refused = || {
             let msg = format!("password authentication failed for user \"{}\"", params.user);
             Refused::Client(error_response("28P01", &msg))
@@ -197,10 +232,14 @@ impl Authenticator {
             Ok(_) | Err(ScramError::Refused) => return Err(refused()),
             Err(e @ ScramError::Protocol(_)) => return Err(Refused::Client(error_response("08P01", &e.to_string()))),
         };
-        let server = self.server_side(node, startup, proven.client_key, &verifier).await?;
         let mut finish = auth_message(AUTH_SASL_FINAL, proven.server_final.as_bytes());
         finish.extend(auth_message(0, b""));
-        Ok((server, finish))
+        Ok((Credentials { startup: startup.to_vec(), client_key: proven.client_key, verifier }, finish))
+    }
+
+    /// Logs in to `node` as the client `credentials` came from (the pooler's server connections).
+    pub async fn log_in_as(&self, node: SocketAddr, credentials: &Credentials) -> Result<ServerStream, Refused> {
+        self.server_side(node, credentials).await
     }
 
     /// The SCRAM exchange with the client; `Ok(Err)` when it failed in a way
@@ -240,13 +279,8 @@ impl Authenticator {
     }
 
     /// Connects to `node` over verified TLS and logs in with `client_key`.
-    async fn server_side(
-        &self,
-        node: SocketAddr,
-        startup: &[u8],
-        client_key: [u8; 32],
-        verifier: &Verifier,
-    ) -> Result<ServerStream, Refused> {
+    async fn server_side(&self, node: SocketAddr, credentials: &Credentials) -> Result<ServerStream, Refused> {
+        let (startup, client_key, verifier) = (&credentials.startup, credentials.client_key, &credentials.verifier);
         let unreachable = |e: anyhow::Error| {
             Refused::Client(error_response("08006", &format!("meridian: cannot log in to {node}: {e:#}")))
         };
@@ -387,8 +421,17 @@ mod tests {
 
     #[test]
     fn the_startup_packet_gives_the_user_and_replication() {
-        let p = StartupParams::parse(&startup(&[("user", "app"), ("database", "app")])).unwrap();
-        assert_eq!(p, StartupParams { user: "app".into(), replication: false });
+        let p = StartupParams::parse(&startup(&[
+            ("user", "app"),
+            ("database", "shop"),
+            ("client_encoding", "UTF8"),
+            ("application_name", "psql"),
+            ("DateStyle", "ISO"),
+        ]))
+        .unwrap();
+        let settings = vec![("DateStyle".into(), "ISO".into()), ("client_encoding".into(), "UTF8".into())];
+        assert_eq!(p, StartupParams { user: "app".into(), replication: false, database: "shop".into(), settings });
+        assert_eq!(StartupParams::parse(&startup(&[("user", "app")])).unwrap().database, "app");
         let p = StartupParams::parse(&startup(&[("replication", "database"), ("user", "r")])).unwrap();
         assert!(p.replication);
         assert!(StartupParams::parse(&startup(&[("database", "app")])).is_err(), "no user");

@@ -11,6 +11,13 @@ use crate::coord::Snapshot;
 use crate::failover::duties::{self, Completion, HandOver};
 use crate::postgres::files::StartAs;
 
+/// How long a switchover lets client transactions open on the old primary
+/// finish; the proxies hold new ones meanwhile, so this adds to the write
+/// pause only while a transaction is open.
+const HAND_OVER_DRAIN: Duration = Duration::from_secs(1);
+const OPEN_TRANSACTIONS: &str = "SELECT count(*) FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()";
+
 /// Timelines reserved at most up to this number (an epoch past it is not
 /// expected; it would only cost the guarantee of distinct numbers).
 const MAX_RESERVED_TIMELINE: u32 = 100_000;
@@ -229,9 +236,14 @@ impl Agent {
         let Some(leader) = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.clone()) else { return Ok(()) };
         tracing::info!("switchover to {to}: stopping cleanly");
         self.set_starting(&format!("handing over to {to}"));
+        // The proxies hold new transactions from the moment they see the
+        // request; those already open may finish before the fast shutdown
+        // ends them, and a checkpoint now leaves the shutdown's own little to write.
+        let drained = self.drain_for_hand_over().await;
         // From when this node stops taking writes, by its own monotonic clock.
         let deadline = Instant::now() + Duration::from_millis(sw.timeout_ms);
         self.stop().await;
+        tracing::info!("switchover to {to}: stopped ({drained})");
         let server = self.server.clone();
         let final_lsn = tokio::task::spawn_blocking(move || server.control_checkpoint()).await??;
         let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
@@ -267,6 +279,38 @@ impl Agent {
             );
         }
         Ok(())
+    }
+
+    /// Checkpoints, then waits (at most `HAND_OVER_DRAIN`) until no client
+    /// transaction is open; says what it waited for.
+    async fn drain_for_hand_over(&mut self) -> String {
+        let started = Instant::now();
+        let Ok(client) = self.client().await else { return "no session to the server".into() };
+        if let Err(e) = client.batch_execute("CHECKPOINT").await {
+            tracing::warn!("failed to checkpoint before the hand-over: {e}");
+        }
+        let checkpointed = started.elapsed();
+        let open = loop {
+            let open: i64 = match client.query_one(OPEN_TRANSACTIONS, &[]).await {
+                Ok(row) => row.get(0),
+                Err(e) => {
+                    tracing::warn!("failed to count open transactions: {e}");
+                    break -1;
+                }
+            };
+            if open <= 0 || started.elapsed() >= HAND_OVER_DRAIN {
+                break open;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let waited = started.elapsed() - checkpointed;
+        match open {
+            0 => format!("checkpoint {checkpointed:.1?}, open transactions finished in {waited:.1?}"),
+            n if n > 0 => {
+                format!("checkpoint {checkpointed:.1?}, {n} transactions still open after {waited:.1?} end now")
+            }
+            _ => format!("checkpoint {checkpointed:.1?}"),
+        }
     }
 
     /// After a hand-over that did not happen: read-write again only with

@@ -552,14 +552,23 @@ impl Proxy {
         let Some(security) = &self.security else {
             return Err(super::login::Refused::Gone(anyhow::anyhow!("transaction pooling needs the proxy's TLS")));
         };
-        let mut stream = security.logins.log_in_as(backend.address, credentials).await?;
-        let (greeting, pid, secret) = super::pool::finish_login(&mut stream).await.map_err(|e| match e {
-            super::login::Refused::Gone(e) => {
-                let msg = format!("meridian {}: cannot open a session on {}: {e:#}", self.port.name(), backend.node);
-                super::login::Refused::Client(messages::error("08006", &msg, "").to_vec())
-            }
-            refused => refused,
-        })?;
+        // Bounded like a client's own login: a server that accepts the
+        // connection and then says nothing must not hold the transaction.
+        let login = async {
+            let mut stream = security.logins.log_in_as(backend.address, credentials).await?;
+            let greeted = super::pool::finish_login(&mut stream).await?;
+            Ok::<_, super::login::Refused>((stream, greeted))
+        };
+        let unreachable = |why: String| {
+            let msg = format!("meridian {}: cannot open a session on {}: {why}", self.port.name(), backend.node);
+            super::login::Refused::Client(messages::error("08006", &msg, "").to_vec())
+        };
+        let (stream, (greeting, pid, secret)) = match tokio::time::timeout(super::STARTUP_TIMEOUT, login).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(super::login::Refused::Gone(e))) => return Err(unreachable(format!("{e:#}"))),
+            Ok(Err(refused)) => return Err(refused),
+            Err(_) => return Err(unreachable(format!("no answer within {:?}", super::STARTUP_TIMEOUT))),
+        };
         if self.port == Port::Writer && reports(&greeting, "in_hot_standby", "on") {
             let msg = format!("meridian writer: {} is a standby now; the transaction was not started", backend.node);
             return Err(super::login::Refused::Client(messages::error("57P03", &msg, RETRY_HINT).to_vec()));

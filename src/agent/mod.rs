@@ -39,6 +39,7 @@ mod rejoin;
 mod report;
 mod restart;
 mod supervise;
+pub mod wake;
 pub mod watchdog;
 
 use std::process::Child;
@@ -133,6 +134,8 @@ struct Agent {
     restarts: restart::Restarts,
     /// What the HA loop is doing, reported when it takes too long.
     phases: phase::Phases,
+    /// Notified when a key of the switchover relay changes (see `wake`): the next pass starts at once.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// Runs the agent for `node` until `shutdown`, then stops PostgreSQL and gives up leadership.
@@ -167,6 +170,8 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     let watchdog = watchdog::Watchdog::start(lease.clone(), shutdown.clone());
     let probe_timeout = config.failover.probe_timeout();
     let hung = probe::start(server.clone(), watchdog.clone(), lease.clone(), probe_timeout, shutdown.clone());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    wake::start(coord.clone(), wake.clone(), shutdown.clone());
     let mut agent = Agent {
         config,
         secrets,
@@ -198,6 +203,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         published: Default::default(),
         restarts: Default::default(),
         phases: phase::Phases::start(shutdown.clone()),
+        wake,
     };
     tracing::info!("agent for {} started (lease {:x})", agent.server.node, agent.lease.id());
     // Run by the newest published cluster file from the first pass: the local
@@ -219,6 +225,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(tick) => {}
+            () = agent.wake.notified() => {}
         }
     }
     agent.shutdown().await;
@@ -245,6 +252,8 @@ impl Agent {
             }
             return;
         }
+        self.phases.enter("catch up for a switchover");
+        self.catch_up_for_switchover(snapshot.as_ref()).await;
         self.phases.enter("build the view");
         let view = self.view(snapshot.as_ref()).await;
         let action = failover::decide(&view);

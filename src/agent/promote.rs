@@ -15,12 +15,30 @@ use crate::postgres::files::StartAs;
 /// finish; the proxies hold new ones meanwhile, so this adds to the write
 /// pause only while a transaction is open.
 const HAND_OVER_DRAIN: Duration = Duration::from_secs(1);
+/// Bounds of the time the proxies are given to see that the old primary no
+/// longer takes new transactions (its report, through etcd's watch) before
+/// open transactions are counted: one begun after the count would be cut.
+const HAND_OVER_GRACE: (Duration, Duration) = (Duration::from_millis(30), Duration::from_secs(1));
+
+/// The grace for a report that etcd committed in `committed`.
+fn hand_over_grace(committed: Duration) -> Duration {
+    (committed * 2 + Duration::from_millis(20)).clamp(HAND_OVER_GRACE.0, HAND_OVER_GRACE.1)
+}
+/// How often the old primary looks whether the target has replayed its final checkpoint.
+const HAND_OVER_POLL: Duration = Duration::from_millis(10);
+/// How long a switchover's target waits, in one pass, to replay the old
+/// primary's final checkpoint before it reports (normally milliseconds: the
+/// old primary's shutdown waits until its standbys have received it).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 const OPEN_TRANSACTIONS: &str = "SELECT count(*) FROM pg_stat_activity
  WHERE backend_type = 'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()";
 
 /// Timelines reserved at most up to this number (an epoch past it is not
 /// expected; it would only cost the guarantee of distinct numbers).
 const MAX_RESERVED_TIMELINE: u32 = 100_000;
+
+/// How long a promotion may take to end recovery.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Agent {
     /// Takes `leader` with the next epoch (unless this node already holds it),
@@ -64,16 +82,38 @@ impl Agent {
         }
         // Armed before the server can accept a write; a failed promotion disarms below.
         watchdog.guard();
-        let promoted: bool = match client.query_one("SELECT pg_promote(true, 60)", &[]).await {
-            Ok(row) => row.get(0),
-            Err(e) => {
-                watchdog.release();
-                return Err(e).context("promote PostgreSQL");
-            }
-        };
-        if !promoted {
-            bail!("pg_promote did not finish within 60s; see {}", self.server.log_path().display());
+        // pg_promote(true) looks every 100 ms whether recovery ended; looking
+        // every 5 ms takes up to a tenth of a second off every write pause.
+        let asked = Instant::now();
+        if let Err(e) = client.query_one("SELECT pg_promote(false)", &[]).await {
+            watchdog.release();
+            return Err(e).context("promote PostgreSQL");
         }
+        loop {
+            let in_recovery: bool =
+                client.query_one("SELECT pg_is_in_recovery()", &[]).await.context("wait for the promotion")?.get(0);
+            if !in_recovery {
+                break;
+            }
+            if asked.elapsed() > PROMOTE_TIMEOUT {
+                bail!(
+                    "PostgreSQL was still in recovery {PROMOTE_TIMEOUT:?} after the promote request; see {}",
+                    self.server.log_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let out_of_recovery = asked.elapsed();
+        if let Some(r) = self.running.as_mut() {
+            r.start = StartAs::Primary;
+        }
+        self.fenced = false;
+        // The proxies route writes here from this report on: make it at once.
+        // Without a timeline: the control file does not have the new one
+        // before the checkpoint below, and followers wait for it (`leader_ready`).
+        self.report_edited(Some(snap), |r| r.timeline = None).await;
+        let ready = asked.elapsed();
+        let client = self.client().await?;
         // The new timeline reaches the control file only at the next checkpoint;
         // until then pg_rewind on a former primary would see "same timeline" and
         // do nothing. So checkpoint now.
@@ -89,12 +129,9 @@ impl Agent {
                 timeline.unwrap_or_default()
             );
         }
-        // Slots before the first report as primary: followers repoint only then.
+        // Slots before the first report with a timeline: followers repoint only then.
         self.ensure_slots().await?;
-        if let Some(r) = self.running.as_mut() {
-            r.start = StartAs::Primary;
-        }
-        self.fenced = false;
+        self.report(Some(snap)).await;
         let lsn = lsn.and_then(|l| l.parse::<Lsn>().ok());
         let last = snap.optime.as_ref();
         let lost = match (last, lsn) {
@@ -119,7 +156,9 @@ impl Agent {
             started_at_ms: started_at_ms.unwrap_or_else(crate::cluster::now_ms),
             finished_at_ms: crate::cluster::now_ms(),
         };
-        tracing::info!("promoted: primary of epoch {epoch} ({kind})");
+        tracing::info!(
+            "promoted: primary of epoch {epoch} ({kind}); out of recovery in {out_of_recovery:.1?}, reported as primary after {ready:.1?}"
+        );
         self.record_promotion(&entry).await;
         self.finish_requests(snap, Some(epoch)).await
     }
@@ -234,12 +273,13 @@ impl Agent {
     pub(super) async fn hand_over(&mut self, to: &str, snapshot: Option<&Snapshot>) -> Result<()> {
         let Some(sw) = snapshot.and_then(|s| s.switchover.clone()) else { return Ok(()) };
         let Some(leader) = snapshot.and_then(|s| s.leader.as_ref()).map(|l| l.leader.clone()) else { return Ok(()) };
-        tracing::info!("switchover to {to}: stopping cleanly");
-        self.set_starting(&format!("handing over to {to}"));
-        // The proxies hold new transactions from the moment they see the
-        // request; those already open may finish before the fast shutdown
-        // ends them, and a checkpoint now leaves the shutdown's own little to write.
-        let drained = self.drain_for_hand_over().await;
+        // Writes go on while the checkpoint runs: it leaves the shutdown's own little to write.
+        let checkpointed = self.checkpoint_before_hand_over().await;
+        tracing::info!("switchover to {to}: {checkpointed}; holding new transactions and stopping cleanly");
+        // The proxies hold new transactions once this report says the node is no
+        // primary any more; those already open may finish before the fast shutdown ends them.
+        let grace = self.hold_new_transactions(to).await;
+        let drained = self.drain_for_hand_over(grace).await;
         // From when this node stops taking writes, by its own monotonic clock.
         let deadline = Instant::now() + Duration::from_millis(sw.timeout_ms);
         self.stop().await;
@@ -261,7 +301,7 @@ impl Agent {
                 .and_then(|m| m.replay_lsn);
             match duties::hand_over(replayed, final_lsn, Instant::now(), deadline) {
                 HandOver::Done => break,
-                HandOver::Waiting => tokio::time::sleep(Duration::from_millis(50)).await,
+                HandOver::Waiting => tokio::time::sleep(HAND_OVER_POLL).await,
                 HandOver::TimedOut => {
                     let why = format!("{to} had not replayed the old primary's final checkpoint {final_lsn} by the deadline (replayed {})", replayed.map_or("nothing".into(), |r| r.to_string()));
                     tracing::warn!("switchover aborted: {why}");
@@ -281,15 +321,81 @@ impl Agent {
         Ok(())
     }
 
-    /// Checkpoints, then waits (at most `HAND_OVER_DRAIN`) until no client
-    /// transaction is open; says what it waited for.
-    async fn drain_for_hand_over(&mut self) -> String {
-        let started = Instant::now();
-        let Ok(client) = self.client().await else { return "no session to the server".into() };
-        if let Err(e) = client.batch_execute("CHECKPOINT").await {
-            tracing::warn!("failed to checkpoint before the hand-over: {e}");
+    /// On a switchover's target, once the old primary has recorded its final
+    /// checkpoint: waits (briefly) until this server has replayed it, then
+    /// reports at once, so that the old primary, which releases `leader` on
+    /// that report, need not wait for this loop's next tick.
+    pub(super) async fn catch_up_for_switchover(&mut self, snapshot: Option<&Snapshot>) {
+        let me = &self.server.node;
+        let Some(final_lsn) = snapshot
+            .and_then(|s| s.switchover.as_ref())
+            .filter(|sw| sw.to == *me && sw.aborted.is_none())
+            .and_then(|sw| sw.final_lsn)
+        else {
+            return;
+        };
+        let reported = snapshot.and_then(|s| s.members.iter().find(|m| m.node == *me)).and_then(|m| m.replay_lsn);
+        if reported.is_some_and(|r| r > final_lsn) || self.running.is_none() {
+            return;
         }
-        let checkpointed = started.elapsed();
+        let Ok(client) = self.client().await else { return };
+        let started = Instant::now();
+        while started.elapsed() < CATCH_UP_WAIT {
+            let replayed = client
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await
+                .ok()
+                .and_then(|row| row.get::<_, Option<String>>(0))
+                .and_then(|l| l.parse::<Lsn>().ok());
+            if replayed.is_some_and(|r| r > final_lsn) {
+                tracing::info!("switchover: replayed the old primary's final checkpoint {final_lsn} ({:.1?})", started.elapsed());
+                self.report(snapshot).await;
+                return;
+            }
+            tokio::time::sleep(HAND_OVER_POLL).await;
+        }
+    }
+
+    /// Checkpoints while the server still takes writes; says how long it took.
+    async fn checkpoint_before_hand_over(&mut self) -> String {
+        let started = Instant::now();
+        let Ok(client) = self.client().await else { return "no session to the server to checkpoint".into() };
+        match client.batch_execute("CHECKPOINT").await {
+            Ok(()) => format!("checkpointed in {:.1?}", started.elapsed()),
+            Err(e) => {
+                tracing::warn!("failed to checkpoint before the hand-over: {e}");
+                "no checkpoint".into()
+            }
+        }
+    }
+
+    /// Reports that this node no longer takes writes, writing the report itself
+    /// to time it; returns how long the proxies are given to see it: twice
+    /// the time etcd took to commit it (a remote region's member applies a
+    /// commit about one WAN trip after the quorum does), plus the gateways'
+    /// own debounce and read, within `HAND_OVER_GRACE`.
+    async fn hold_new_transactions(&mut self, to: &str) -> Duration {
+        self.set_starting(&format!("handing over to {to}"));
+        let Some(report) = self.latest.borrow().clone() else { return HAND_OVER_GRACE.1 };
+        let started = Instant::now();
+        let report = crate::cluster::MemberStatus { updated_at_ms: crate::cluster::now_ms(), ..report };
+        match self.coord.put_member(&report, self.lease.id()).await {
+            Ok(()) => hand_over_grace(started.elapsed()),
+            Err(e) => {
+                // The publisher writes it again within a second; give it that long.
+                tracing::warn!("failed to {e:#}");
+                HAND_OVER_GRACE.1
+            }
+        }
+    }
+
+    /// Once the report says this node no longer takes writes: lets the proxies
+    /// see it (`grace`), then waits (at most `HAND_OVER_DRAIN` in all) until no
+    /// client transaction is open; says what it waited for.
+    async fn drain_for_hand_over(&mut self, grace: Duration) -> String {
+        let started = Instant::now();
+        tokio::time::sleep(grace).await;
+        let Ok(client) = self.client().await else { return "no session to the server".into() };
         let open = loop {
             let open: i64 = match client.query_one(OPEN_TRANSACTIONS, &[]).await {
                 Ok(row) => row.get(0),
@@ -301,15 +407,13 @@ impl Agent {
             if open <= 0 || started.elapsed() >= HAND_OVER_DRAIN {
                 break open;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let waited = started.elapsed() - checkpointed;
+        let waited = started.elapsed();
         match open {
-            0 => format!("checkpoint {checkpointed:.1?}, open transactions finished in {waited:.1?}"),
-            n if n > 0 => {
-                format!("checkpoint {checkpointed:.1?}, {n} transactions still open after {waited:.1?} end now")
-            }
-            _ => format!("checkpoint {checkpointed:.1?}"),
+            0 => format!("open transactions finished {waited:.1?} after new ones were held"),
+            n if n > 0 => format!("{n} transactions still open {waited:.1?} after new ones were held end now"),
+            _ => format!("waited {waited:.1?}"),
         }
     }
 
@@ -345,5 +449,17 @@ impl Agent {
         }
         self.fenced = true;
         self.start(StartAs::Standby { upstream: None }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_over_grace_follows_etcd_commit_time_within_bounds() {
+        assert_eq!(hand_over_grace(Duration::from_millis(2)), Duration::from_millis(30), "one machine: the floor");
+        assert_eq!(hand_over_grace(Duration::from_millis(45)), Duration::from_millis(110), "a 20 ms WAN");
+        assert_eq!(hand_over_grace(Duration::from_secs(3)), Duration::from_secs(1), "a struggling etcd: the cap");
     }
 }

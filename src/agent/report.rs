@@ -74,6 +74,11 @@ impl Agent {
 
     /// Observes the server and makes the latest report available to the publisher and the API.
     pub(super) async fn report(&mut self, snapshot: Option<&Snapshot>) {
+        self.report_edited(snapshot, |_| {}).await
+    }
+
+    /// Reports, changing the report with `edit` before anyone can read it.
+    pub(super) async fn report_edited(&mut self, snapshot: Option<&Snapshot>, edit: impl FnOnce(&mut MemberStatus)) {
         let report = match self.observe().await {
             None => self.base_report(if self.server.is_initialized() { Role::Stopped } else { Role::Starting }),
             Some(Err(e)) => {
@@ -98,6 +103,7 @@ impl Agent {
         }
         let mut report = report;
         self.mark_leaving(&mut report);
+        edit(&mut report);
         self.latest.send_replace(Some(report));
     }
 

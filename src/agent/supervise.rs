@@ -84,7 +84,8 @@ impl Agent {
                     self.watchdog.detach();
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Often: a switchover's write pause includes this wait.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tracing::warn!("PostgreSQL (pid {pid}) did not stop after signal {signal} within {wait}s");
         }

@@ -77,7 +77,8 @@ fn shared(config: &Config, facts: &Facts, s: &Snapshot) -> Shared {
     Shared {
         leader: s.leader.as_ref().map(|l| l.leader.clone()),
         leader_is_my_lease: s.leader.as_ref().is_some_and(|l| l.lease == facts.lease),
-        leader_ready: leader_report.is_some_and(|m| m.role == Role::Primary && m.healthy),
+        // A just-promoted primary reports its timeline only once its control file has it.
+        leader_ready: leader_report.is_some_and(|m| m.role == Role::Primary && m.healthy && m.timeline.is_some()),
         leader_timeline: leader_report.and_then(|m| m.timeline),
         epoch: s.epoch,
         initialized_by: s.initialized_by.clone(),
@@ -230,6 +231,12 @@ mod tests {
         snap.members[0].healthy = false;
         assert!(!build(&c, &f, Some(&snap), now).shared.unwrap().leader_ready, "an unhealthy primary is not ready");
         snap.members[0].healthy = true;
+        snap.members[0].timeline = None;
+        assert!(
+            !build(&c, &f, Some(&snap), now).shared.unwrap().leader_ready,
+            "a primary whose control file does not have its timeline yet is not ready"
+        );
+        snap.members[0].timeline = Some(4);
         snap.members[0].role = Role::Starting;
         assert!(!build(&c, &f, Some(&snap), now).shared.unwrap().leader_ready, "a starting leader is not ready");
 

@@ -153,6 +153,8 @@ async fn a_switchover_holds_new_connections_until_the_new_primary_runs() {
         final_lsn: None,
         aborted: None,
     });
+    // The old primary has checkpointed and says it no longer takes writes.
+    during.members[0].role = Role::Starting;
     let (tx, rx) = watch::channel(view(&config, during.clone()));
     let stop = CancellationToken::new();
     let proxy = serve(Port::Writer, rx, &stop).await;

@@ -41,21 +41,27 @@ impl std::fmt::Display for NoWriter {
 /// once its agent reports it running as primary of that epoch (a promotion in
 /// progress is not yet writable), and not while a switchover is under way.
 pub fn writer(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
-    if let Some(sw) = snap.switchover.as_ref().filter(|s| s.aborted.is_none()) {
-        return Err(NoWriter::SwitchoverInProgress { from: sw.from.clone(), to: sw.to.clone() });
-    }
-    let leader = leader_node(config, snap).ok_or(NoWriter::NoLeader)?;
-    let ready = snap.members.iter().any(|m| {
-        m.node == leader.node
-            && m.role == Role::Primary
-            && m.healthy
-            && m.epoch_seen >= leader.epoch.unwrap_or(0)
-            && m.is_fresh()
+    let leader = leader_node(config, snap);
+    let ready = leader.as_ref().is_some_and(|leader| {
+        snap.members.iter().any(|m| {
+            m.node == leader.node
+                && m.role == Role::Primary
+                && m.healthy
+                && m.epoch_seen >= leader.epoch.unwrap_or(0)
+                && m.is_fresh()
+        })
     });
-    if !ready {
-        return Err(NoWriter::NotPrimaryYet { node: leader.node });
+    // A switchover's old primary serves until its report says it stopped taking
+    // writes (after its checkpoint): only then do new transactions wait.
+    match leader {
+        Some(leader) if ready => Ok(leader),
+        _ if snap.switchover.as_ref().is_some_and(|s| s.aborted.is_none()) => {
+            let sw = snap.switchover.as_ref().expect("checked above");
+            Err(NoWriter::SwitchoverInProgress { from: sw.from.clone(), to: sw.to.clone() })
+        }
+        Some(leader) => Err(NoWriter::NotPrimaryYet { node: leader.node }),
+        None => Err(NoWriter::NoLeader),
     }
-    Ok(leader)
 }
 
 /// The holder of `leader`, if it is of the current epoch; what DNS answers for `writer`.
@@ -170,7 +176,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn no_writer_during_a_switchover_unless_it_was_aborted() {
+    fn a_switchover_holds_writes_once_the_old_primary_stops_taking_them() {
         let (config, mut snap) = cluster();
         let mut sw = SwitchoverRequest {
             from: "ap-south-1a".into(),
@@ -182,12 +188,15 @@ pub(crate) mod tests {
             aborted: None,
         };
         snap.switchover = Some(sw.clone());
-        assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })));
+        assert!(writer(&config, &snap).is_ok(), "the old primary serves while it checkpoints");
+        let primary = snap.members.iter().position(|m| m.node == "ap-south-1a").unwrap();
+        snap.members[primary].role = Role::Starting;
+        assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })), "then writes wait");
+        snap.leader = None;
+        assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })), "also once released");
         sw.aborted = Some("timeout".into());
         snap.switchover = Some(sw);
-        assert!(writer(&config, &snap).is_ok());
-        snap.leader = None;
-        assert!(writer(&config, &snap).is_err());
+        assert!(matches!(writer(&config, &snap), Err(NoWriter::NoLeader)), "an aborted request is no reason");
     }
 
     #[test]

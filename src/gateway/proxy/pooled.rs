@@ -563,6 +563,7 @@ impl Proxy {
             let msg = format!("meridian {}: cannot open a session on {}: {why}", self.port.name(), backend.node);
             super::login::Refused::Client(messages::error("08006", &msg, "").to_vec())
         };
+        let started = std::time::Instant::now();
         let (stream, (greeting, pid, secret)) = match tokio::time::timeout(super::STARTUP_TIMEOUT, login).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(super::login::Refused::Gone(e))) => return Err(unreachable(format!("{e:#}"))),
@@ -574,6 +575,7 @@ impl Proxy {
             return Err(super::login::Refused::Client(messages::error("57P03", &msg, RETRY_HINT).to_vec()));
         }
         pool.keep_greeting(&greeting);
+        tracing::debug!("opened a {} server connection to {} in {:.1?}", self.port.name(), backend.node, started.elapsed());
         Ok(ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),

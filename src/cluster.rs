@@ -210,6 +210,16 @@ pub struct SyncRecord {
     pub at_ms: u64,
 }
 
+/// A live gateway, at `gateways/<region>` under the gateway's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPresence {
+    pub region: String,
+    /// The switchover (its `requested_at_ms`) for which this gateway's proxies
+    /// hold new transactions: its view shows the request and no writer. The old
+    /// primary counts open transactions once every live gateway holds.
+    pub holding_for: Option<u64>,
+}
+
 /// A planned switchover in progress, at `switchover`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchoverRequest {

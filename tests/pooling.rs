@@ -339,5 +339,31 @@ fn pooled_clients_stay_connected_across_a_switchover_and_a_failover() {
     let found: usize =
         lab.psql("ap-south-1a", &format!("SELECT count(*) FROM acks WHERE id IN ({list})")).parse().unwrap();
     assert_eq!(found, acked, "acknowledged writes missing after the failover");
+
+    // The drill says the same with its own writers that never reconnect.
+    let out = lab.run_lab(&["start", "ap-northeast-1a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report_dir = lab.path().join("drill-report");
+    let out = lab.meridian(&[
+        "drill",
+        "--json",
+        "--report",
+        report_dir.to_str().unwrap(),
+        "--scenario",
+        "switchover",
+        "--connections",
+        "persistent",
+        "--writers",
+        "6",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("drill printed no JSON ({e}): {}", text(&out)));
+    let round = &report["rounds"][0];
+    let clients = round["checks"].as_array().unwrap().iter().find(|c| c["name"] == "no client saw an error");
+    assert!(clients.is_some_and(|c| c["passed"] == true), "{round}");
+    assert_eq!(round["writers"].as_array().unwrap().len(), 6, "{round}");
+    assert!(round["writers"].as_array().unwrap().iter().all(|w| w["failed"] == 0 && w["connection_lost"] == false));
+    assert!(out.status.success() && round["passed"] == true, "{}", text(&out));
+    eprintln!("drill: switchover write pause {} ms with persistent connections", round["rto_ms"]);
     lab.finish();
 }

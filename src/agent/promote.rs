@@ -279,11 +279,12 @@ impl Agent {
         // The proxies hold new transactions once this report says the node is no
         // primary any more; those already open may finish before the fast shutdown ends them.
         let grace = self.hold_new_transactions(to).await;
-        let drained = self.drain_for_hand_over(grace).await;
+        let held = self.wait_for_gateways_to_hold(sw.requested_at_ms, grace).await;
+        let drained = self.drain_for_hand_over().await;
         // From when this node stops taking writes, by its own monotonic clock.
         let deadline = Instant::now() + Duration::from_millis(sw.timeout_ms);
         self.stop().await;
-        tracing::info!("switchover to {to}: stopped ({drained})");
+        tracing::info!("switchover to {to}: stopped ({held}; {drained})");
         let server = self.server.clone();
         let final_lsn = tokio::task::spawn_blocking(move || server.control_checkpoint()).await??;
         let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
@@ -389,12 +390,47 @@ impl Agent {
         }
     }
 
-    /// Once the report says this node no longer takes writes: lets the proxies
-    /// see it (`grace`), then waits (at most `HAND_OVER_DRAIN` in all) until no
-    /// client transaction is open; says what it waited for.
-    async fn drain_for_hand_over(&mut self, grace: Duration) -> String {
+    /// Waits until every live gateway says its proxies hold new transactions
+    /// for this switchover (see `gateway::presence`), at most
+    /// `HAND_OVER_GRACE.1`; with no gateway known, for `grace`, the time they
+    /// would need to see the report. Says what it waited for.
+    async fn wait_for_gateways_to_hold(&mut self, requested_at_ms: u64, grace: Duration) -> String {
         let started = Instant::now();
-        tokio::time::sleep(grace).await;
+        loop {
+            let gateways = match self.coord.snapshot().await {
+                Ok(s) => s.gateways,
+                Err(_) => Vec::new(),
+            };
+            let waiting: Vec<&str> = gateways
+                .iter()
+                .filter(|g| g.holding_for != Some(requested_at_ms))
+                .map(|g| g.region.as_str())
+                .collect();
+            if gateways.is_empty() {
+                tokio::time::sleep(grace.saturating_sub(started.elapsed())).await;
+                return format!("no gateway present; waited {grace:.1?} for proxies to see the report");
+            }
+            if waiting.is_empty() {
+                return format!("{} gateways held new transactions after {:.1?}", gateways.len(), started.elapsed());
+            }
+            if started.elapsed() >= HAND_OVER_GRACE.1 {
+                return format!(
+                    "gateways {} did not say they hold within {:?}; going on",
+                    waiting.join(", "),
+                    HAND_OVER_GRACE.1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Once every proxy holds new transactions: waits (at most
+    /// `HAND_OVER_DRAIN`) until no client transaction is open; says what it waited for.
+    async fn drain_for_hand_over(&mut self) -> String {
+        let started = Instant::now();
+        // A proxy that lent a connection just before it held has yet to send
+        // the transaction's first message: give that a moment to arrive.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let Ok(client) = self.client().await else { return "no session to the server".into() };
         let open = loop {
             let open: i64 = match client.query_one(OPEN_TRANSACTIONS, &[]).await {
@@ -411,8 +447,8 @@ impl Agent {
         };
         let waited = started.elapsed();
         match open {
-            0 => format!("open transactions finished {waited:.1?} after new ones were held"),
-            n if n > 0 => format!("{n} transactions still open {waited:.1?} after new ones were held end now"),
+            0 => format!("open transactions finished in {waited:.1?}"),
+            n if n > 0 => format!("{n} transactions still open after {waited:.1?} end now"),
             _ => format!("waited {waited:.1?}"),
         }
     }

@@ -23,6 +23,15 @@ pub struct Args {
     /// Inserts per second per writer; 0 for as fast as they are acknowledged.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
+    /// reconnect: a writer opens a new connection after an error (as a client
+    /// with retry logic does); persistent: it keeps the one it opened, never
+    /// reconnecting, and a closed connection ends it (as an application's own
+    /// long-lived pool does). With `[proxy] pool_mode = "transaction"` a
+    /// persistent round also checks what the proxy promises: no client error
+    /// in a switchover, at most one failed transaction per client in a
+    /// node kill or DR failover.
+    #[arg(long, value_enum, default_value_t = Connections::Reconnect)]
+    connections: Connections,
     /// Where drill.json and drill.html go (default: drill-report next to the cluster file).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -35,6 +44,12 @@ pub struct Args {
     /// The report as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Connections {
+    Reconnect,
+    Persistent,
 }
 
 /// Exit status when a round failed a check.
@@ -64,6 +79,7 @@ pub async fn run(config_path: &Path, args: Args) -> Result<i32> {
         seed: args.seed,
         writers: args.writers,
         rate: args.rate,
+        persistent: args.connections == Connections::Persistent,
         report_dir: Some(args.report.unwrap_or_else(|| crate::drill::default_report_dir(config_path))),
         credentials,
         progress: true,

@@ -57,6 +57,11 @@ impl Keys {
     pub fn switchover(&self) -> String {
         format!("{}switchover", self.prefix)
     }
+    /// A live gateway, under its lease: which switchover its proxies hold new
+    /// transactions for (`cluster::GatewayPresence`).
+    pub fn gateway(&self, region: &str) -> String {
+        format!("{}gateways/{region}", self.prefix)
+    }
     /// A node restart asked by `meridian rolling-restart`; one at a time.
     pub fn restart(&self) -> String {
         format!("{}restart", self.prefix)
@@ -139,6 +144,7 @@ pub enum Key<'a> {
     Restore,
     BackupJob,
     Member { node: &'a str },
+    Gateway { region: &'a str },
     History { epoch: u64 },
     Health { check: &'a str, observer: &'a str },
 }
@@ -163,6 +169,7 @@ impl<'a> Key<'a> {
                 let (kind, rest) = rel.split_once('/')?;
                 match kind {
                     "members" => Key::Member { node: non_empty(rest)? },
+                    "gateways" => Key::Gateway { region: non_empty(rest)? },
                     "history" => Key::History { epoch: rest.parse().ok()? },
                     "health" => {
                         let (check, observer) = rest.split_once('/')?;
@@ -210,6 +217,7 @@ mod tests {
             (k.restart(), Key::Restart),
             (k.dr(), Key::Dr),
             (k.member("ap-south-1a"), Key::Member { node: "ap-south-1a" }),
+            (k.gateway("witness"), Key::Gateway { region: "witness" }),
             (k.history(42), Key::History { epoch: 42 }),
             (k.health("writer-tcp", "witness"), Key::Health { check: "writer-tcp", observer: "witness" }),
         ];

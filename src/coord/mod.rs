@@ -78,6 +78,8 @@ pub struct Snapshot {
     pub backup_job: Option<crate::backup::job::BackupJob>,
     /// Every gateway's live health verdicts.
     pub health: Vec<HealthReport>,
+    /// The gateways alive now (their leases), and what they hold for.
+    pub gateways: Vec<crate::cluster::GatewayPresence>,
 }
 
 /// One etcd member, as `member list` shows it.
@@ -301,6 +303,10 @@ impl Coord {
                     Ok(h) => snap.health.push(h),
                     Err(e) => tracing::warn!("ignoring malformed health report {key}: {e}"),
                 },
+                Key::Gateway { .. } => match serde_json::from_slice(value) {
+                    Ok(g) => snap.gateways.push(g),
+                    Err(e) => tracing::warn!("ignoring malformed gateway presence {key}: {e}"),
+                },
                 Key::Member { .. } => match serde_json::from_slice::<MemberStatus>(value) {
                     Ok(m) => snap.members.push(MemberStatus { revision: kv.mod_revision(), ..m }),
                     Err(e) => tracing::warn!("ignoring malformed member report {key}: {e}"),
@@ -357,6 +363,18 @@ impl Coord {
         let value = serde_json::to_vec(status)?;
         let key = self.keys.member(&status.node);
         self.call("publish member status to etcd", |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.kv_client().put(key, value, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes a gateway's presence under its lease.
+    pub async fn put_gateway(&self, presence: &crate::cluster::GatewayPresence, lease: LeaseId) -> Result<()> {
+        let value = serde_json::to_vec(presence)?;
+        let key = self.keys.gateway(&presence.region);
+        self.call("publish the gateway's presence to etcd", |c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.kv_client().put(key, value, Some(PutOptions::new().with_lease(lease))).await }
         })

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::report::Check;
 use crate::cluster::HistoryEntry;
 
 /// One acknowledged insert.
@@ -109,6 +110,29 @@ pub fn per_bucket(times: impl Iterator<Item = u64>, start_ms: u64, end_ms: u64, 
     out
 }
 
+/// The promise to clients that keep their connections: every writer kept
+/// its connection and failed at most `allowed` transactions.
+pub fn client_check(writers: &[super::workload::WriterOutcome], allowed: u32) -> Check {
+    let over: Vec<String> = writers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.failed > allowed || w.connection_lost)
+        .map(|(i, w)| {
+            let first = w.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default();
+            let lost = if w.connection_lost { ", connection lost" } else { "" };
+            format!("writer {i} via {}: {} failed{lost}{first}", w.endpoint, w.failed)
+        })
+        .collect();
+    let name = if allowed == 0 { "no client saw an error" } else { "each client failed at most one transaction" };
+    let per: Vec<String> = writers.iter().map(|w| w.failed.to_string()).collect();
+    let detail = if over.is_empty() {
+        format!("{} persistent connections kept; failed per writer {}", writers.len(), per.join("/"))
+    } else {
+        over.join("; ")
+    };
+    Check::new(name, over.is_empty(), detail)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +194,18 @@ mod tests {
         assert_eq!(percentile(&[5, 1, 3, 2, 4], 99.0), Some(5));
         assert_eq!(percentile(&[], 50.0), None);
         assert_eq!(per_bucket([0u64, 50, 150, 999].into_iter(), 0, 300, 100), [2, 1, 0, 0]);
+    }
+
+    #[test]
+    fn the_client_promise_counts_failures_and_lost_connections_per_writer() {
+        use super::super::workload::WriterOutcome;
+        let w = |failed, connection_lost| WriterOutcome { endpoint: "127.0.0.1:6432".into(), failed, connection_lost, first_error: None };
+        assert!(client_check(&[w(0, false), w(0, false)], 0).passed);
+        let one = client_check(&[w(0, false), w(1, false)], 0);
+        assert!(!one.passed && one.detail.contains("writer 1 via 127.0.0.1:6432: 1 failed"), "{}", one.detail);
+        assert!(client_check(&[w(1, false), w(0, false)], 1).passed, "a failover may cost one each");
+        assert!(!client_check(&[w(2, false)], 1).passed);
+        let lost = client_check(&[w(1, true)], 1);
+        assert!(!lost.passed && lost.detail.contains("connection lost"), "a lost connection breaks the promise");
     }
 }

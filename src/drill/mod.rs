@@ -49,6 +49,8 @@ pub struct DrillOptions {
     pub seed: u64,
     pub writers: u32,
     pub rate: f64,
+    /// Writers keep their one connection (see `WorkloadSpec::persistent`).
+    pub persistent: bool,
     pub report_dir: Option<PathBuf>,
     pub credentials: Option<Credentials>,
     /// Print progress lines (to stderr).
@@ -307,6 +309,7 @@ impl Drill {
                 .collect(),
             credentials: self.credentials.clone(),
             round: key,
+            persistent: self.options.persistent,
         }
     }
 
@@ -474,6 +477,10 @@ impl Drill {
         if let Some(job) = &backup_job {
             checks.extend(self.backup_checks(&job.id, fault_ms).await);
         }
+        let pooling = self.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
+        if let Some(allowed) = scenario.client_failures_allowed().filter(|_| self.options.persistent && pooling) {
+            checks.push(analysis::client_check(&record.writers, allowed));
+        }
         let commit_ms: Vec<u64> = record
             .acks
             .iter()
@@ -503,6 +510,8 @@ impl Drill {
             wal_lost_bytes,
             wal_lost_estimate,
             errors: record.errors.len(),
+            writers: record.writers.clone(),
+            persistent: self.options.persistent,
             commit_p50_ms: analysis::percentile(&commit_ms, 50.0),
             commit_p99_ms: analysis::percentile(&commit_ms, 99.0),
             redundancy_ms,

@@ -87,6 +87,12 @@ pub struct RoundReport {
     /// What history recorded as the estimated loss at promotion.
     pub wal_lost_estimate: u64,
     pub errors: usize,
+    /// What each writer went through (failed attempts, a lost connection).
+    #[serde(default)]
+    pub writers: Vec<super::workload::WriterOutcome>,
+    /// Whether the writers kept their connections (`--connections persistent`).
+    #[serde(default)]
+    pub persistent: bool,
     /// Commit latency away from the fault.
     pub commit_p50_ms: Option<u64>,
     pub commit_p99_ms: Option<u64>,
@@ -124,6 +130,8 @@ impl RoundReport {
             wal_lost_bytes: 0,
             wal_lost_estimate: 0,
             errors: 0,
+            writers: Vec::new(),
+            persistent: false,
             commit_p50_ms: None,
             commit_p99_ms: None,
             redundancy_ms: None,
@@ -134,6 +142,20 @@ impl RoundReport {
             series: Series::default(),
             restore: None,
         }
+    }
+
+    /// Client errors, per writer when there were any.
+    pub fn client_summary(&self) -> String {
+        let lost = self.writers.iter().filter(|w| w.connection_lost).count();
+        let mut out = format!("{} client errors", self.errors);
+        if self.errors > 0 && !self.writers.is_empty() {
+            let per: Vec<String> = self.writers.iter().map(|w| w.failed.to_string()).collect();
+            out.push_str(&format!(" (per writer {})", per.join("/")));
+        }
+        if self.persistent {
+            out.push_str(&format!(", {lost} of {} persistent connections lost", self.writers.len()));
+        }
+        out
     }
 
     pub fn one_line(&self) -> String {
@@ -153,13 +175,14 @@ impl RoundReport {
             );
         }
         format!(
-            "{} -> {}: RTO {}, {} acknowledged, {} lost ({} WAL bytes), redundancy after {}, {}",
+            "{} -> {}: RTO {}, {} acknowledged, {} lost ({} WAL bytes), {}, redundancy after {}, {}",
             self.old_primary,
             self.new_primary.as_deref().unwrap_or("none"),
             secs(self.rto_ms),
             self.acknowledged,
             self.missing_acknowledged,
             self.wal_lost_bytes,
+            self.client_summary(),
             secs(self.redundancy_ms),
             verdict
         )

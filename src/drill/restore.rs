@@ -191,6 +191,8 @@ impl Drill {
             wal_lost_bytes: 0,
             wal_lost_estimate: 0,
             errors: record.errors.len(),
+            writers: record.writers.clone(),
+            persistent: false,
             commit_p50_ms: None,
             commit_p99_ms: None,
             redundancy_ms: None,

@@ -81,6 +81,19 @@ impl Scenario {
         !matches!(self, Scenario::Switchover | Scenario::DrFailover)
     }
 
+    /// With persistent client connections and transaction pooling: how many
+    /// failed transactions each writer may see. A switchover hides itself
+    /// from clients; a failover costs each at most the one in flight. Faults
+    /// that cut clients off from the database (a region killed or
+    /// partitioned with its gateway) or hang a server promise nothing here.
+    pub fn client_failures_allowed(self) -> Option<u32> {
+        match self {
+            Scenario::Switchover => Some(0),
+            Scenario::PrimaryNodeKill | Scenario::DrFailover => Some(1),
+            _ => None,
+        }
+    }
+
     /// Whether the primary is expected to move.
     pub fn expects_new_primary(self) -> bool {
         !matches!(

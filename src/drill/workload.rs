@@ -17,6 +17,9 @@ use crate::cluster::now_ms;
 pub const TABLE_DDL: &str =
     "CREATE TABLE IF NOT EXISTS meridian_drill (id bigint PRIMARY KEY, writer int NOT NULL, at_ms bigint NOT NULL)";
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A persistent connection's statement may wait out a failover inside the
+/// proxy (its `leader_wait`, 15 s by default) before it is answered.
+const PERSISTENT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_EVERY: Duration = Duration::from_millis(250);
 
@@ -49,6 +52,23 @@ pub struct WorkloadSpec {
     pub primary: SocketAddr,
     /// Ids of this round are `round * 10^12 + writer * 10^9 + sequence`.
     pub round: u32,
+    /// Each writer keeps the one connection it opened (as an application with a
+    /// connection pool of its own does) instead of opening a new one after an error.
+    pub persistent: bool,
+}
+
+/// What one writer went through.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriterOutcome {
+    /// The writer endpoint it used first.
+    pub endpoint: String,
+    /// Failed inserts and connection attempts.
+    pub failed: u32,
+    /// With persistent connections: its connection closed (the writer then stops).
+    pub connection_lost: bool,
+    /// What its first failure said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
 }
 
 /// Everything the clients saw.
@@ -63,6 +83,8 @@ pub struct Record {
     /// The furthest WAL position seen on the round's first primary while it
     /// was writable: what a failover is measured against.
     pub old_primary_lsn: Option<crate::cluster::Lsn>,
+    /// Per writer, by index.
+    pub writers: Vec<WriterOutcome>,
 }
 
 pub struct Workload {
@@ -103,7 +125,13 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
 impl Workload {
     pub fn start(spec: WorkloadSpec) -> Workload {
         let stop = CancellationToken::new();
-        let record = Arc::new(Mutex::new(Record::default()));
+        let writers = (0..spec.writers as usize)
+            .map(|w| WriterOutcome {
+                endpoint: spec.writer_endpoints[w % spec.writer_endpoints.len()].to_string(),
+                ..WriterOutcome::default()
+            })
+            .collect();
+        let record = Arc::new(Mutex::new(Record { writers, ..Record::default() }));
         let mut tasks = Vec::new();
         for w in 0..spec.writers {
             tasks.push(tokio::spawn(writer(spec.clone(), w, record.clone(), stop.clone())));
@@ -143,7 +171,15 @@ async fn writer(spec: WorkloadSpec, w: u32, record: Arc<Mutex<Record>>, stop: Ca
     let period = (spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.rate));
     let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let fail = |what: String| record.lock().unwrap().errors.push((now_ms(), what));
+    let fail = |what: String| {
+        let mut r = record.lock().unwrap();
+        let outcome = &mut r.writers[w as usize];
+        outcome.failed += 1;
+        outcome.first_error.get_or_insert_with(|| what.clone());
+        r.errors.push((now_ms(), what));
+    };
+    let statement_timeout = if spec.persistent { PERSISTENT_STATEMENT_TIMEOUT } else { STATEMENT_TIMEOUT };
+    let mut connected_once = false;
     loop {
         if period.is_some() {
             tokio::select! {
@@ -155,10 +191,19 @@ async fn writer(spec: WorkloadSpec, w: u32, record: Arc<Mutex<Record>>, stop: Ca
         }
         let c = match &client {
             Some(c) if !c.is_closed() => c,
+            Some(_) if spec.persistent => {
+                fail("the connection closed; a persistent writer does not reconnect".into());
+                record.lock().unwrap().writers[w as usize].connection_lost = true;
+                return;
+            }
+            _ if spec.persistent && connected_once => return,
             _ => {
                 let addr = spec.writer_endpoints[endpoint];
                 match tokio::select! { r = connect(addr, &spec.credentials) => r, _ = stop.cancelled() => return } {
-                    Ok(c) => client.insert(c),
+                    Ok(c) => {
+                        connected_once = true;
+                        client.insert(c)
+                    }
                     Err(e) => {
                         fail(format!("connect {addr}: {e}"));
                         client = None;
@@ -178,19 +223,24 @@ async fn writer(spec: WorkloadSpec, w: u32, record: Arc<Mutex<Record>>, stop: Ca
             "INSERT INTO meridian_drill (id, writer, at_ms) VALUES ($1, $2, $3) RETURNING current_setting('cluster_name')",
             &params,
         );
-        match tokio::time::timeout(STATEMENT_TIMEOUT, insert).await {
+        match tokio::time::timeout(statement_timeout, insert).await {
             Ok(Ok(row)) => {
                 let node: String = row.get(0);
                 record.lock().unwrap().acks.push(Ack { id, writer: w, sent_ms, ack_ms: now_ms(), node });
             }
             Ok(Err(e)) => {
                 fail(format!("insert: {}", pg_error(&e)));
-                // Read-only after a fence, or a dead session: start over on a new connection.
-                client = None;
+                // Read-only after a fence, or a dead session: start over on a new
+                // connection, unless the application keeps its connections.
+                if !spec.persistent {
+                    client = None;
+                }
             }
             Err(_) => {
-                fail(format!("insert: no answer within {STATEMENT_TIMEOUT:?}"));
-                client = None;
+                fail(format!("insert: no answer within {statement_timeout:?}"));
+                if !spec.persistent {
+                    client = None;
+                }
             }
         }
     }

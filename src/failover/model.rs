@@ -208,6 +208,7 @@ impl Model {
             restore: None,
             backup_job: None,
             health: vec![],
+            gateways: vec![],
         }
     }
 

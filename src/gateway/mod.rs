@@ -13,6 +13,7 @@ pub mod config_api;
 pub mod dns;
 pub mod health;
 pub mod operations;
+pub mod presence;
 pub mod proxy;
 pub mod routing;
 pub mod trigger;
@@ -181,6 +182,17 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     }
     let dns = tokio::spawn(dns::serve(region.to_string(), addrs.dns, view.clone(), shutdown.clone()));
     health::start(&gateway, shutdown.clone()).await;
+    {
+        let (config, identity, coord, view) = (config.clone(), identity.clone(), coord.clone(), view.clone());
+        let (region, shutdown) = (region.to_string(), shutdown.clone());
+        tokio::spawn(async move {
+            match crate::agent::lease::LeaseKeeper::start(&config, &identity, shutdown.clone()).await {
+                Ok(Some(lease)) => presence::run(coord, lease, region, view, shutdown).await,
+                Ok(None) => {}
+                Err(e) => tracing::error!("failed to {e:#}; this gateway's presence is not published"),
+            }
+        });
+    }
     if let Some(t) = config.failover.dr_trigger.clone() {
         tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));
     }

@@ -1,0 +1,70 @@
+//! The gateway's presence in etcd (`gateways/<region>`, under a lease of its
+//! own): that it is alive, and for which switchover its proxies hold new
+//! transactions. A switchover's old primary counts the client transactions
+//! still open only once every live gateway says it holds: a transaction a
+//! proxy began after that count would be cut by the shutdown. Waiting for the
+//! gateways themselves, rather than a fixed time, is both shorter on one
+//! machine and safe across a slow WAN.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::routing;
+use super::view::View;
+use crate::agent::lease::LeaseKeeper;
+use crate::cluster::GatewayPresence;
+use crate::coord::Coord;
+
+/// Written again this often (and whenever the lease changed), so that a
+/// write lost to an etcd hiccup does not last.
+const REPUBLISH: Duration = Duration::from_secs(5);
+
+/// The switchover this view's proxies hold new transactions for: one is in
+/// progress and the view names no writer.
+pub fn holding_for(view: &View) -> Option<u64> {
+    let snap = &view.snapshot;
+    let sw = snap.switchover.as_ref().filter(|s| s.aborted.is_none())?;
+    routing::writer(&view.config, snap).is_err().then_some(sw.requested_at_ms)
+}
+
+/// Keeps `gateways/<region>` current until `shutdown`.
+pub async fn run(
+    coord: Coord,
+    lease: LeaseKeeper,
+    region: String,
+    mut view: watch::Receiver<View>,
+    shutdown: CancellationToken,
+) {
+    let mut published: Option<(GatewayPresence, i64, tokio::time::Instant)> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        let presence = GatewayPresence { region: region.clone(), holding_for: holding_for(&view.borrow()) };
+        let lease_id = lease.id();
+        let due = published.as_ref().is_none_or(|(p, id, at)| *p != presence || *id != lease_id || at.elapsed() >= REPUBLISH);
+        if due {
+            match coord.put_gateway(&presence, lease_id).await {
+                Ok(()) => {
+                    if presence.holding_for.is_some() {
+                        tracing::debug!("holding new transactions for the switchover requested at {:?}", presence.holding_for);
+                    }
+                    last_error = None;
+                    published = Some((presence, lease_id, tokio::time::Instant::now()));
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last_error.as_ref() != Some(&msg) {
+                        tracing::warn!("failed to {msg}");
+                        last_error = Some(msg);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

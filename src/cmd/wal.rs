@@ -59,6 +59,11 @@ pub async fn run(args: Args) -> Result<i32> {
                 }
                 match crate::backup::held(&pgbackrest, &pgbackrest_config, &stanza, &file) {
                     Ok(()) => return Ok(0),
+                    // A failure that ends up in the server's stop (the look above
+                    // takes a while) gives way like any other.
+                    Err(_) if crate::postgres::postmaster_stopping(here) => {
+                        give_way_to_shutdown(&format!("{file} is kept for its next start"))
+                    }
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => {
                         // Look again in a second; a stop is noticed within a tenth of one.

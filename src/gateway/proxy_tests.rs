@@ -232,3 +232,28 @@ async fn readers_use_a_standby_within_the_lag_budget_else_the_primary() {
     assert_eq!(landed(&mut s).await, "a", "a standby beyond the budget is skipped");
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_gateway_says_it_holds_only_while_a_switchover_leaves_no_writer() {
+    let config = config().await;
+    let mut snap = led_by(A, 2, 0);
+    assert_eq!(super::presence::holding_for(&view(&config, snap.clone())), None, "no switchover");
+    snap.switchover = Some(SwitchoverRequest {
+        from: A.into(),
+        to: B.into(),
+        requested_by: "test".into(),
+        requested_at_ms: 77,
+        timeout_ms: 10_000,
+        final_lsn: None,
+        aborted: None,
+    });
+    assert_eq!(
+        super::presence::holding_for(&view(&config, snap.clone())),
+        None,
+        "the old primary still takes writes while it checkpoints"
+    );
+    snap.members[0].role = Role::Starting;
+    assert_eq!(super::presence::holding_for(&view(&config, snap.clone())), Some(77));
+    snap.switchover.as_mut().unwrap().aborted = Some("late".into());
+    assert_eq!(super::presence::holding_for(&view(&config, snap)), None, "an aborted request is not held for");
+}

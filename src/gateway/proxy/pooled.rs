@@ -252,7 +252,7 @@ impl<'a> Session<'a> {
                         self.pool.statement_is_valid(name);
                     }
                     match fate {
-                        Fate::Forward => {}
+                        Fate::Forward | Fate::Ready => {}
                         Fate::Drop => edits.push((offset, 5, None)),
                         Fate::AsParseComplete => edits.push((offset, 5, Some(messages::PARSE_COMPLETE))),
                     }
@@ -261,9 +261,13 @@ impl<'a> Session<'a> {
                     edits.push((offset, len, None));
                     closing = Some(format!("{}: {message} ({code})", h.conn.backend.node));
                 }
-                Seen::Error { .. } => prepared::failed(&mut h.conn.statements, &mut h.expect),
+                Seen::Error { code, message, .. } => {
+                    tracing::debug!("{} answered an error ({code}): {message}", h.conn.backend.node);
+                    prepared::failed(&mut h.conn.statements, &mut h.expect)
+                }
                 Seen::Parameter(_) => pin = Some(Pin::ReportedSetting),
                 Seen::Ready(status) => {
+                    prepared::ready(&mut h.expect);
                     h.owed = h.owed.saturating_sub(1);
                     h.status = status;
                     if h.owed == 0 {

@@ -78,6 +78,10 @@ pub enum Fate {
     Forward,
     Drop,
     AsParseComplete,
+    /// Not an answer to edit: where a Sync (or Query, FunctionCall) ends a
+    /// run of messages, answered by a ReadyForQuery. An error skips the rest
+    /// of its run only; a client may have sent the next already.
+    Ready,
 }
 
 /// The server-side name of a statement: the same query and types give the same name.
@@ -144,6 +148,10 @@ pub fn translate(
             }
             expect.push_back(Expect { fate: Fate::Forward, parsed: None });
         }
+        messages::SYNC | messages::QUERY | messages::FUNCTION_CALL => {
+            out.put_slice(message);
+            expect.push_back(Expect { fate: Fate::Ready, parsed: None });
+        }
         _ => out.put_slice(message),
     }
     Ok(())
@@ -174,6 +182,9 @@ fn ensure(
 /// A ParseComplete or CloseComplete arrived: what to do with it, and the
 /// server statement it proved valid, if it answered a Parse.
 pub fn answered(server: &mut ServerStatements, expect: &mut VecDeque<Expect>) -> (Fate, Option<String>) {
+    if expect.front().is_none_or(|e| e.fate == Fate::Ready) {
+        return (Fate::Forward, None);
+    }
     let Some(e) = expect.pop_front() else { return (Fate::Forward, None) };
     if let Some(name) = &e.parsed {
         server.pending.remove(name);
@@ -241,10 +252,24 @@ pub fn answer_alone(
 }
 
 /// An ErrorResponse arrived: the server skips to the next Sync, so nothing
-/// sent after the failed message is answered, and Parses not yet answered failed.
+/// sent after the failed message in its run is answered, and the Parses of
+/// the run not yet answered failed. Runs after it are answered as usual.
 pub fn failed(server: &mut ServerStatements, expect: &mut VecDeque<Expect>) {
-    server.pending.clear();
-    expect.clear();
+    while let Some(e) = expect.front().filter(|e| e.fate != Fate::Ready) {
+        if let Some(name) = &e.parsed {
+            server.pending.remove(name);
+        }
+        expect.pop_front();
+    }
+}
+
+/// A ReadyForQuery arrived: its run is over.
+pub fn ready(expect: &mut VecDeque<Expect>) {
+    while let Some(e) = expect.pop_front() {
+        if e.fate == Fate::Ready {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -321,6 +346,37 @@ mod tests {
         translate(&bind("P0_1"), &mut client, &mut a, &mut out, &mut expect).unwrap();
         assert_eq!(sent(&out), vec![('B', name)]);
         assert!(expect.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_only_its_own_run_of_pipelined_messages() {
+        let (mut client, mut server) = (ClientStatements::default(), ServerStatements::default());
+        let mut expect = VecDeque::new();
+        let mut out = BytesMut::new();
+        let sync = || BytesMut::from(&[messages::SYNC, 0, 0, 0, 4][..]);
+        let (bad, good) = ("SELEC 1", "SELECT 2");
+        let good_name = server_name(good, &[0, 0]);
+        // The server already has the second query: its Parse becomes a no-op
+        // Close whose CloseComplete the client must see as a ParseComplete.
+        translate(&parse("s9", good), &mut client, &mut server, &mut out, &mut expect).unwrap();
+        answered(&mut server, &mut expect);
+        ready(&mut expect);
+        out.clear();
+        // Two runs in one write, as tokio-postgres sends a Close and the next prepare.
+        for m in [parse("s1", bad), sync(), parse("s2", good), sync()] {
+            translate(&m, &mut client, &mut server, &mut out, &mut expect).unwrap();
+        }
+        failed(&mut server, &mut expect); // the first run's Parse fails
+        ready(&mut expect);
+        assert!(!server.has(&server_name(bad, &[0, 0])), "a failed Parse leaves nothing on the server");
+        assert_eq!(
+            answered(&mut server, &mut expect),
+            (Fate::AsParseComplete, None),
+            "the second run is still answered as the client expects (before: cleared, forwarded as CloseComplete)"
+        );
+        ready(&mut expect);
+        assert!(server.has(&good_name));
+        assert_eq!(expect, VecDeque::new());
     }
 
     #[test]

@@ -349,7 +349,10 @@ impl Agent {
                 .and_then(|row| row.get::<_, Option<String>>(0))
                 .and_then(|l| l.parse::<Lsn>().ok());
             if replayed.is_some_and(|r| r > final_lsn) {
-                tracing::info!("switchover: replayed the old primary's final checkpoint {final_lsn} ({:.1?})", started.elapsed());
+                tracing::info!(
+                    "switchover: replayed the old primary's final checkpoint {final_lsn} ({:.1?})",
+                    started.elapsed()
+                );
                 self.report(snapshot).await;
                 return;
             }
@@ -401,11 +404,8 @@ impl Agent {
                 Ok(s) => s.gateways,
                 Err(_) => Vec::new(),
             };
-            let waiting: Vec<&str> = gateways
-                .iter()
-                .filter(|g| g.holding_for != Some(requested_at_ms))
-                .map(|g| g.region.as_str())
-                .collect();
+            let waiting: Vec<&str> =
+                gateways.iter().filter(|g| g.holding_for != Some(requested_at_ms)).map(|g| g.region.as_str()).collect();
             if gateways.is_empty() {
                 tokio::time::sleep(grace.saturating_sub(started.elapsed())).await;
                 return format!("no gateway present; waited {grace:.1?} for proxies to see the report");

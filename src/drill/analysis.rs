@@ -199,7 +199,12 @@ mod tests {
     #[test]
     fn the_client_promise_counts_failures_and_lost_connections_per_writer() {
         use super::super::workload::WriterOutcome;
-        let w = |failed, connection_lost| WriterOutcome { endpoint: "127.0.0.1:6432".into(), failed, connection_lost, first_error: None };
+        let w = |failed, connection_lost| WriterOutcome {
+            endpoint: "127.0.0.1:6432".into(),
+            failed,
+            connection_lost,
+            first_error: None,
+        };
         assert!(client_check(&[w(0, false), w(0, false)], 0).passed);
         let one = client_check(&[w(0, false), w(1, false)], 0);
         assert!(!one.passed && one.detail.contains("writer 1 via 127.0.0.1:6432: 1 failed"), "{}", one.detail);

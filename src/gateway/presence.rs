@@ -42,12 +42,16 @@ pub async fn run(
     loop {
         let presence = GatewayPresence { region: region.clone(), holding_for: holding_for(&view.borrow()) };
         let lease_id = lease.id();
-        let due = published.as_ref().is_none_or(|(p, id, at)| *p != presence || *id != lease_id || at.elapsed() >= REPUBLISH);
+        let due =
+            published.as_ref().is_none_or(|(p, id, at)| *p != presence || *id != lease_id || at.elapsed() >= REPUBLISH);
         if due {
             match coord.put_gateway(&presence, lease_id).await {
                 Ok(()) => {
                     if presence.holding_for.is_some() {
-                        tracing::debug!("holding new transactions for the switchover requested at {:?}", presence.holding_for);
+                        tracing::debug!(
+                            "holding new transactions for the switchover requested at {:?}",
+                            presence.holding_for
+                        );
                     }
                     last_error = None;
                     published = Some((presence, lease_id, tokio::time::Instant::now()));

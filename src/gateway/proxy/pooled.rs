@@ -579,7 +579,12 @@ impl Proxy {
             return Err(super::login::Refused::Client(messages::error("57P03", &msg, RETRY_HINT).to_vec()));
         }
         pool.keep_greeting(&greeting);
-        tracing::debug!("opened a {} server connection to {} in {:.1?}", self.port.name(), backend.node, started.elapsed());
+        tracing::debug!(
+            "opened a {} server connection to {} in {:.1?}",
+            self.port.name(),
+            backend.node,
+            started.elapsed()
+        );
         Ok(ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),

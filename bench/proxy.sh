@@ -1,89 +1,250 @@
 #!/usr/bin/env bash
-# Measures what the gateway's SQL proxy costs: pgbench through the writer port,
-# directly against the primary, and through the peer most clusters use for the
-# same job (HAProxy in TCP mode, as in Patroni setups), in the same lab and the
-# same run, alternating so that drift (autovacuum, checkpoints, page cache)
-# hits all of them. Prints TPS and mean latency per run, then the median of
-# each and the ratios to direct. Target: at least 0.9 of direct TPS for
-# select-only (-S).
+# Measures what the gateway's SQL proxy costs next to its peers, in one lab and
+# one run, alternating so that drift (autovacuum, checkpoints, page cache)
+# hits all of them:
 #
-#   bench/proxy.sh [SECONDS_PER_RUN] [REPETITIONS]     (default 15 s, 3)
+#   direct      pgbench straight to the primary
+#   session     meridian's writer port, [proxy] pool_mode = "session"
+#   transaction meridian's writer port, pool_mode = "transaction" (pool 20)
+#   pgbouncer   PgBouncer (Debian's 1.18), pool_mode = transaction, pool 20,
+#               SCRAM with the role's secret in its auth_file, TLS both sides
+#   haproxy     HAProxy in TCP mode, as in Patroni setups (TLS end to end)
 #
-# pgbench: 8 clients, 2 threads, scale 10, simple protocol, one connection per
-# client for the whole run (what a pooled application does). The lab runs on
-# loopback, so the proxy's cost shows undiluted by network latency.
+# for pgbench select-only (-S) and TPC-B, simple and prepared protocol (-M),
+# with 8 clients and with 200. Prints TPS and mean latency per run, then per
+# cell the median of each path, its ratio to direct, the server connections
+# it used and its CPU per transaction (the proxy process's user+system time
+# over the transactions of the run); at the end, each proxy's memory per idle
+# client connection (RSS with 250 idle clients minus RSS before, per client).
+# meridian's pool mode changes between runs with `meridian config apply` (its
+# cost: nothing; it waits until every gateway runs by it).
+#
+#   bench/proxy.sh [SECONDS_PER_RUN] [REPETITIONS]     (default 10 s, 3)
+#   CLIENTS="8 200" MODES="select-only tpcb-like" PROTOCOLS="simple prepared"
+#
+# Every connection asks for TLS (sslmode=require): the proxies end it and
+# speak TLS to the server, as a deployment does. The lab runs on loopback, so
+# the proxies' cost shows undiluted by network latency. PgBouncer 1.18 keeps
+# no protocol-level prepared statements in transaction mode (that came in
+# 1.21): its prepared cells fail, and say so.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-seconds=${1:-15}
+seconds=${1:-10}
 reps=${2:-3}
+read -r -a client_counts <<<"${CLIENTS:-8 200}"
+read -r -a modes <<<"${MODES:-select-only tpcb-like}"
+read -r -a protocols <<<"${PROTOCOLS:-simple prepared}"
 bin=${MERIDIAN_BIN:-target/release/meridian}
 [ -x "$bin" ] || cargo build --release --quiet
 work=$(mktemp -d /tmp/meridian-bench-XXXXXX)
-chmod 755 "$work" # PostgreSQL runs as its own user and must reach the data directories
+chmod 755 "$work" # PostgreSQL and PgBouncer run as postgres and must reach their files
 lab=$work/lab
 net=${MERIDIAN_BENCH_NET:-95}
+ulimit -n 8192 # 250 idle clients and 200 busy ones, each a socket in pgbench and in the proxy
+idle_pid=""
 cleanup() {
+  [ -n "$idle_pid" ] && kill "$idle_pid" 2>/dev/null
   [ -f "$work/haproxy.pid" ] && kill "$(cat "$work/haproxy.pid")" 2>/dev/null
+  [ -f "$work/pgbouncer/pgbouncer.pid" ] && kill "$(cat "$work/pgbouncer/pgbouncer.pid")" 2>/dev/null
   "$bin" lab down --dir "$lab" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-"$bin" lab up --dir "$lab" --net "$net" >"$work/up.log" 2>&1 ||
+"$bin" lab up --dir "$lab" --net "$net" --pool-mode transaction >"$work/up.log" 2>&1 ||
   { echo "lab up failed:" >&2; cat "$work/up.log" >&2; exit 1; }
-export PGPASSFILE=$lab/pgpass
-direct="host=127.$net.1.11 port=5432 user=app dbname=app"
-proxy="host=127.$net.1.2 port=6432 user=app dbname=app"
-paths=(direct proxy)
-haproxy="host=127.$net.1.3 port=6432 user=app dbname=app"
+export PGPASSFILE=$lab/pgpass MERIDIAN_CONFIG=$lab/meridian.toml
+superuser="host=$lab/nodes/ap-south-1a/run user=postgres dbname=app"
+
+# 200 clients straight to the primary (and through the session-mode paths)
+# need more than the lab's 50 connections: a restart, done as an operator does.
+sed -i 's/^max_connections = 50$/max_connections = 300/' "$lab/meridian.toml"
+grep -q '^max_connections = 300$' "$lab/meridian.toml" || { echo "no max_connections line to raise" >&2; exit 1; }
+"$bin" config apply "$lab/meridian.toml" >"$work/apply.log" 2>&1 || { cat "$work/apply.log" >&2; exit 1; }
+"$bin" rolling-restart --only-pending --reason "bench: max_connections 300" >"$work/restart.log" 2>&1 ||
+  { cat "$work/restart.log" >&2; exit 1; }
+primary=$("$bin" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["primary"])')
+primary_addr=$(python3 -c '
+import sys, tomllib
+c = tomllib.load(open(sys.argv[1], "rb"))
+regions = c.get("region") or c.get("regions")
+print(next(n["address"] for r in regions for n in r.get("node", []) if n["name"] == sys.argv[2]).split(":")[0])
+' "$lab/meridian.toml" "$primary")
+superuser="host=$lab/nodes/$primary/run user=postgres dbname=app"
+echo "primary $primary at $primary_addr; max_connections $(psql -X -Atc 'SHOW max_connections' "$superuser")"
+
+pool_mode() { # $1: session|transaction, through config apply
+  local now
+  now=$(sed -n 's/^pool_mode = "\(.*\)"$/\1/p' "$lab/meridian.toml")
+  [ "$now" = "$1" ] && return
+  sed -i "s/^pool_mode = \"$now\"$/pool_mode = \"$1\"/" "$lab/meridian.toml"
+  "$bin" config apply "$lab/meridian.toml" >"$work/apply.log" 2>&1 || { cat "$work/apply.log" >&2; exit 1; }
+}
+
+tls=(sslmode=require)
+direct="host=$primary_addr port=5432 user=app dbname=app ${tls[*]}"
+meridian="host=127.$net.1.2 port=6432 user=app dbname=app ${tls[*]}"
+haproxy="host=127.$net.1.3 port=6432 user=app dbname=app ${tls[*]}"
+pgbouncer="host=127.$net.1.4 port=6432 user=app dbname=app ${tls[*]}"
+gateway_pid=$(cat "$lab/pids/gateway-ap-south-1.pid")
+paths=(direct session transaction)
+
+if command -v pgbouncer >/dev/null; then
+  pb=$work/pgbouncer
+  mkdir "$pb"
+  secret=$(psql -X -Atc "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'" "$superuser")
+  printf '"app" "%s"\n' "$secret" >"$pb/userlist.txt"
+  cp "$lab/tls/gateway-ap-south-1/tls.crt" "$lab/tls/gateway-ap-south-1/tls.key" "$lab/tls/ca/ca.crt" "$pb/"
+  cat >"$pb/pgbouncer.ini" <<EOF
+[databases]
+app = host=$primary_addr port=5432 dbname=app
+[pgbouncer]
+listen_addr = 127.$net.1.4
+listen_port = 6432
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $pb/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 1000
+client_tls_sslmode = require
+client_tls_cert_file = $pb/tls.crt
+client_tls_key_file = $pb/tls.key
+server_tls_sslmode = verify-ca
+server_tls_ca_file = $pb/ca.crt
+logfile = $pb/pgbouncer.log
+pidfile = $pb/pgbouncer.pid
+EOF
+  chown -R postgres: "$pb"
+  chmod 600 "$pb/userlist.txt" "$pb/tls.key"
+  pgbouncer -d -u postgres "$pb/pgbouncer.ini" || { cat "$pb/pgbouncer.log" >&2; exit 1; }
+  for _ in $(seq 50); do [ -s "$pb/pgbouncer.pid" ] && break; sleep 0.1; done
+  paths+=(pgbouncer)
+else
+  echo "pgbouncer is not installed (scripts/setup installs it): the peer is skipped"
+fi
 if command -v haproxy >/dev/null; then
-  printf '%s\n' global "    maxconn 1000" defaults "    mode tcp" "    timeout connect 3s" "    timeout client 1h" \
-    "    timeout server 1h" "listen primary" "    bind 127.$net.1.3:6432" "    server primary 127.$net.1.11:5432" \
+  printf '%s\n' global "    maxconn 2000" defaults "    mode tcp" "    timeout connect 3s" "    timeout client 1h" \
+    "    timeout server 1h" "listen primary" "    bind 127.$net.1.3:6432" "    server primary $primary_addr:5432" \
     >"$work/haproxy.cfg"
   haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
   paths+=(haproxy)
 else
   echo "haproxy is not installed (scripts/setup installs it): the peer is skipped"
 fi
-echo "pgbench through the proxy ($proxy), directly ($direct) and through HAProxy ($haproxy)"
-echo "8 clients, 2 threads, ${seconds}s per run, $reps runs each, alternating"
 pgbench -q -i -s 10 "$direct" >"$work/init.log" 2>&1 || { cat "$work/init.log" >&2; exit 1; }
+echo "paths: ${paths[*]}; ${seconds}s per run, $reps runs each, alternating"
 
-# One run: $1 label, $2 connection string, $3.. extra pgbench options. Prints "tps latency_ms".
+conn_of() {
+  case $1 in
+    direct) echo "$direct" ;;
+    session | transaction) echo "$meridian" ;;
+    pgbouncer) echo "$pgbouncer" ;;
+    haproxy) echo "$haproxy" ;;
+  esac
+}
+pid_of() {
+  case $1 in
+    session | transaction) echo "$gateway_pid" ;;
+    pgbouncer) cat "$work/pgbouncer/pgbouncer.pid" ;;
+    haproxy) cat "$work/haproxy.pid" ;;
+    *) echo "" ;;
+  esac
+}
+cpu_ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
+# Server connections of the app role now, as pg_stat_activity counts them.
+server_conns() { psql -X -Atc "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'" "$superuser"; }
+
+# One run: $1 path, $2 clients, $3.. pgbench options. Prints "tps latency_ms cpu_us_per_txn server_conns" or "fail".
 run() {
-  local conn=$2
+  local path=$1 clients=$2
   shift 2
-  local out
-  out=$(pgbench -n -c 8 -j 2 -T "$seconds" "$@" "$conn" 2>&1) || { echo "$out" >&2; exit 1; }
-  local tps lat
+  local conn pid before out after tps lat txns conns threads=2
+  conn=$(conn_of "$path")
+  pid=$(pid_of "$path")
+  case $path in session | transaction) pool_mode "$path" ;; esac
+  before=$(cpu_ticks "$pid")
+  pgbench -n -c "$clients" -j "$threads" -T "$seconds" "$@" "$conn" >"$work/run.out" 2>&1 &
+  local bench=$!
+  sleep $((seconds / 2))
+  conns=$(server_conns)
+  if ! wait "$bench"; then
+    echo "fail $(grep -m1 -iE 'error|fatal' "$work/run.out" | cut -c1-100)"
+    return
+  fi
+  after=$(cpu_ticks "$pid")
+  out=$(cat "$work/run.out")
   tps=$(awk '/^tps = / { print $3; exit }' <<<"$out")
   lat=$(awk '/^latency average = / { print $4; exit }' <<<"$out")
-  echo "$tps $lat"
+  txns=$(awk '/^number of transactions actually processed: / { print $6; exit }' <<<"$out")
+  awk -v t="$tps" -v l="$lat" -v n="$txns" -v c=$((after - before)) -v hz="$(getconf CLK_TCK)" -v k="$conns" \
+    'BEGIN { printf "%s %s %.1f %d\n", t, l, (n > 0 ? c / hz * 1e6 / n : 0), k }'
 }
 
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-for mode in select-only tpcb-like; do
-  opts=()
-  [ "$mode" = select-only ] && opts=(-S)
-  for path in "${paths[@]}"; do : >"$work/$path"; done
-  for i in $(seq 1 "$reps"); do
-    for path in "${paths[@]}"; do
-      conn=$direct
-      [ "$path" = proxy ] && conn=$proxy
-      [ "$path" = haproxy ] && conn=$haproxy
-      read -r tps lat < <(run "$path" "$conn" "${opts[@]}")
-      printf '%-12s %-7s run %d: %10.1f tps  %7.3f ms\n' "$mode" "$path" "$i" "$tps" "$lat"
-      echo "$tps $lat" >>"$work/$path"
+summary=$work/summary
+: >"$summary"
+for clients in "${client_counts[@]}"; do
+  for mode in "${modes[@]}"; do
+    for protocol in "${protocols[@]}"; do
+      opts=(-M "$protocol")
+      [ "$mode" = select-only ] && opts+=(-S)
+      cell="$mode $protocol ${clients}c"
+      for path in "${paths[@]}"; do : >"$work/$path"; done
+      for i in $(seq 1 "$reps"); do
+        for path in "${paths[@]}"; do
+          result=$(run "$path" "$clients" "${opts[@]}")
+          if [[ $result == fail* ]]; then
+            printf '%-32s %-11s run %d: FAILED (%s)\n' "$cell" "$path" "$i" "${result#fail }"
+            echo "fail" >>"$work/$path"
+            continue
+          fi
+          read -r tps lat cpu conns <<<"$result"
+          printf '%-32s %-11s run %d: %9.1f tps %8.3f ms %7.1f us cpu/txn %4d server conns\n' \
+            "$cell" "$path" "$i" "$tps" "$lat" "$cpu" "$conns"
+          echo "$tps $lat $cpu $conns" >>"$work/$path"
+        done
+      done
+      d_tps=$(grep -v fail "$work/direct" | cut -d' ' -f1 | median)
+      for path in "${paths[@]}"; do
+        if ! grep -qv fail "$work/$path"; then
+          printf '%-32s median %-11s FAILED\n' "$cell" "$path" | tee -a "$summary"
+          continue
+        fi
+        tps=$(grep -v fail "$work/$path" | cut -d' ' -f1 | median)
+        lat=$(grep -v fail "$work/$path" | cut -d' ' -f2 | median)
+        cpu=$(grep -v fail "$work/$path" | cut -d' ' -f3 | median)
+        conns=$(grep -v fail "$work/$path" | cut -d' ' -f4 | median)
+        awk -v c="$cell" -v p="$path" -v t="$tps" -v l="$lat" -v d="$d_tps" -v u="$cpu" -v k="$conns" 'BEGIN {
+          printf "%-32s median %-11s %9.1f tps %8.3f ms %5.3f of direct %7.1f us cpu/txn %4d server conns\n", c, p, t, l, t / d, u, k
+        }' | tee -a "$summary"
+      done
     done
   done
-  d_tps=$(cut -d' ' -f1 "$work/direct" | median)
-  for path in "${paths[@]}"; do
-    tps=$(cut -d' ' -f1 "$work/$path" | median)
-    lat=$(cut -d' ' -f2 "$work/$path" | median)
-    awk -v m="$mode" -v p="$path" -v t="$tps" -v l="$lat" -v d="$d_tps" 'BEGIN {
-      printf "%-12s median %-7s %10.1f tps  %7.3f ms  %5.3f of direct\n", m, p, t, l, t / d
-    }'
-  done
 done
+
+# Memory per idle client: 250 clients (the session paths need a server
+# connection each, max_connections is 300) that connect and then sit idle
+# (pgbench at 1 transaction per second for all of them together).
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+echo
+for path in "${paths[@]}"; do
+  [ "$path" = direct ] && continue
+  pid=$(pid_of "$path")
+  case $path in session | transaction) pool_mode "$path" ;; esac
+  before=$(rss_kb "$pid")
+  pgbench -n -c 250 -j 4 -R 1 -T 12 -S "$(conn_of "$path")" >"$work/idle.out" 2>&1 &
+  idle_pid=$!
+  sleep 9
+  during=$(rss_kb "$pid")
+  wait "$idle_pid" || true
+  idle_pid=""
+  awk -v p="$path" -v b="$before" -v d="$during" 'BEGIN {
+    printf "memory %-11s %8d kB before, %8d kB with 250 idle clients: %6.1f kB per idle client\n", p, b, d, (d - b) / 250
+  }' | tee -a "$summary"
+done
+echo
+echo "summary"
+cat "$summary"

@@ -189,7 +189,76 @@ fn transaction_pooling_shares_few_server_connections_and_keeps_session_semantics
         metric(&metrics, &format!("meridian_proxy_pool_server_connections{labels},user=\"app\",database=\"app\"}}"));
     assert!(open <= 2.0, "{open} server connections open for a pool of 2");
     assert!(metric(&metrics, &format!("meridian_proxy_transactions_total{labels}}}")) > 150.0, "{metrics}");
+
+    hostile_clients_do_not_stall_others(&lab, &format!("{host}:{port}"));
     lab.finish();
+}
+
+/// Garbage is closed at once; a startup packet that stalls halfway is held
+/// no longer than the startup timeout; one address opening hundreds of
+/// sockets and saying nothing gets its share only, and is closed past it.
+/// Meanwhile an application logs in and runs queries as usual.
+fn hostile_clients_do_not_stall_others(lab: &TestLab, addr: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, port) = addr.split_once(':').unwrap();
+    let app = format!("host={host} port={port} user=app dbname=app sslmode=require");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let from = |source: &str| {
+        let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(source).unwrap();
+            socket.connect(target).await
+        }
+    };
+    // Closed within a bound: end of stream or a reset, not silence.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(within, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue, // an error message first
+                Err(_) => return false,
+            }
+        }
+    }
+
+    let mut garbage = rt.block_on(from("127.0.0.2")).unwrap();
+    rt.block_on(garbage.write_all(&[0xff; 64])).unwrap();
+    assert!(rt.block_on(closed_within(&mut garbage, Duration::from_secs(3))), "garbage was not closed");
+
+    let mut stalled = rt.block_on(from("127.0.0.3")).unwrap();
+    rt.block_on(stalled.write_all(&[0, 0, 0, 100, 0, 3])).unwrap(); // 100 bytes announced, 6 sent
+    let stalled_at = Instant::now();
+
+    let flood: Vec<tokio::net::TcpStream> =
+        (0..300).map(|i| rt.block_on(from("127.0.0.4")).unwrap_or_else(|e| panic!("socket {i}: {e}"))).collect();
+    let started = Instant::now();
+    let closed = rt.block_on(async {
+        let mut closed = 0;
+        for mut s in flood {
+            if closed_within(&mut s, Duration::from_millis(50)).await {
+                closed += 1;
+            }
+        }
+        closed
+    });
+    eprintln!("{closed} of 300 silent sockets from one address closed at once ({:?})", started.elapsed());
+    assert!(closed >= 300 - 32, "only {closed} of 300 silent sockets from one address were turned away");
+
+    // The application is not held up by any of it.
+    let t = Instant::now();
+    assert_eq!(psql_script(lab, &app, "SELECT 1;\n").unwrap().trim(), "1");
+    assert!(t.elapsed() < Duration::from_secs(5), "a login took {:?} among hostile clients", t.elapsed());
+
+    assert!(
+        rt.block_on(closed_within(&mut stalled, Duration::from_secs(12))),
+        "a stalled startup packet was held past the startup timeout"
+    );
+    let held = stalled_at.elapsed();
+    assert!(held >= Duration::from_secs(8), "a stalled startup was closed after {held:?}, before its timeout");
+    eprintln!("a stalled startup packet was closed after {held:?}");
 }
 
 /// One application connection through the writer port that never reconnects:

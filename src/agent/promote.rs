@@ -30,8 +30,12 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(10);
 /// primary's final checkpoint before it reports (normally milliseconds: the
 /// old primary's shutdown waits until its standbys have received it).
 const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+/// Client transactions open, and sessions begun in the last quarter second
+/// (a client that just logged in, through a session-mode proxy before it
+/// held, is about to send its first statement).
 const OPEN_TRANSACTIONS: &str = "SELECT count(*) FROM pg_stat_activity
- WHERE backend_type = 'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()";
+ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+   AND (xact_start IS NOT NULL OR backend_start > now() - interval '250 milliseconds')";
 
 /// Timelines reserved at most up to this number (an epoch past it is not
 /// expected; it would only cost the guarantee of distinct numbers).

@@ -15,6 +15,7 @@ use super::routing;
 use super::view::View;
 use crate::agent::lease::LeaseKeeper;
 use crate::cluster::GatewayPresence;
+use crate::config::PoolMode;
 use crate::coord::Coord;
 
 /// Written again this often (and whenever the lease changed), so that a
@@ -22,11 +23,15 @@ use crate::coord::Coord;
 const REPUBLISH: Duration = Duration::from_secs(5);
 
 /// The switchover this view's proxies hold new transactions for: one is in
-/// progress and the view names no writer.
+/// progress and the view names no writer (for new sessions, in session mode).
 pub fn holding_for(view: &View) -> Option<u64> {
     let snap = &view.snapshot;
     let sw = snap.switchover.as_ref().filter(|s| s.aborted.is_none())?;
-    routing::writer(&view.config, snap).is_err().then_some(sw.requested_at_ms)
+    let writer = match view.config.proxy.pool_mode {
+        PoolMode::Session => routing::writer_for_sessions(&view.config, snap),
+        PoolMode::Transaction => routing::writer(&view.config, snap),
+    };
+    writer.is_err().then_some(sw.requested_at_ms)
 }
 
 /// Keeps `gateways/<region>` current until `shutdown`.

@@ -23,6 +23,7 @@
 
 pub mod login;
 mod messages;
+mod pending;
 mod pinning;
 pub mod pool;
 mod pooled;
@@ -118,6 +119,8 @@ pub struct Proxy {
     /// Transaction mode: the key each client was given (BackendKeyData) →
     /// the server it holds now, for its cancel requests.
     cancels: std::sync::Mutex<std::collections::HashMap<(i32, i32), Arc<pooled::CancelSlot>>>,
+    /// Connections that have not sent their startup packet yet (see `pending`).
+    pending: pending::Pending,
 }
 
 /// What a proxy needs to speak TLS and SCRAM.
@@ -140,6 +143,7 @@ impl Proxy {
             next_reader: AtomicUsize::new(0),
             security,
             cancels: Default::default(),
+            pending: Default::default(),
         }
     }
 
@@ -168,11 +172,19 @@ impl Proxy {
                     }
                 },
             };
+            let Some(entry) = self.pending.enter(peer.ip()) else {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "closed a {} connection from {peer}: too many from there without a startup packet",
+                    self.port.name()
+                );
+                continue;
+            };
             let proxy = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 proxy.stats.active.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = proxy.handle(client, shutdown).await {
+                if let Err(e) = proxy.handle(client, entry, shutdown).await {
                     tracing::debug!("{} connection from {peer}: {e:#}", proxy.port.name());
                 }
                 proxy.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -180,7 +192,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, client: TcpStream, shutdown: CancellationToken) -> Result<()> {
+    async fn handle(&self, client: TcpStream, entry: pending::Entry, shutdown: CancellationToken) -> Result<()> {
         client.set_nodelay(true)?;
         let (mut client, startup) = match tokio::time::timeout(
             STARTUP_TIMEOUT,
@@ -193,12 +205,15 @@ impl Proxy {
             Ok(Err(e)) => return Err(e),
             Err(_) => bail!("no startup packet within {STARTUP_TIMEOUT:?}"),
         };
+        drop(entry);
         if startup.is_cancel {
             self.forward_cancel(&startup.bytes).await;
             return Ok(());
         }
         let config = self.config();
-        if self.stats.active.load(Ordering::Relaxed) > config.proxy.max_client_conn as u64 {
+        // Clients past their startup packet: those still without one are bounded apart.
+        let clients = self.stats.active.load(Ordering::Relaxed).saturating_sub(self.pending.total() as u64);
+        if clients > config.proxy.max_client_conn as u64 {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let msg = format!(
                 "meridian {}: too many client connections (proxy.max_client_conn = {})",
@@ -408,7 +423,11 @@ impl Proxy {
                                 return Ok(readers[i].clone());
                             }
                         }
-                        match routing::writer(config, snap) {
+                        let writer = match config.proxy.pool_mode {
+                            PoolMode::Session => routing::writer_for_sessions(config, snap),
+                            PoolMode::Transaction => routing::writer(config, snap),
+                        };
+                        match writer {
                             Ok(b) => return Ok(b),
                             Err(why) => why.to_string(),
                         }

@@ -235,7 +235,8 @@ async fn readers_use_a_standby_within_the_lag_budget_else_the_primary() {
 
 #[tokio::test]
 async fn a_gateway_says_it_holds_only_while_a_switchover_leaves_no_writer() {
-    let config = config().await;
+    let mut config = config().await;
+    config.proxy.pool_mode = crate::config::PoolMode::Transaction;
     let mut snap = led_by(A, 2, 0);
     assert_eq!(super::presence::holding_for(&view(&config, snap.clone())), None, "no switchover");
     snap.switchover = Some(SwitchoverRequest {
@@ -252,6 +253,9 @@ async fn a_gateway_says_it_holds_only_while_a_switchover_leaves_no_writer() {
         None,
         "the old primary still takes writes while it checkpoints"
     );
+    let mut sessions = config.clone();
+    sessions.proxy.pool_mode = crate::config::PoolMode::Session;
+    assert_eq!(super::presence::holding_for(&view(&sessions, snap.clone())), Some(77), "new sessions wait at once");
     snap.members[0].role = Role::Starting;
     assert_eq!(super::presence::holding_for(&view(&config, snap.clone())), Some(77));
     snap.switchover.as_mut().unwrap().aborted = Some("late".into());

@@ -64,6 +64,17 @@ pub fn writer(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
     }
 }
 
+/// The writer for a new session-mode connection: none from the moment a
+/// switchover is requested. A session outlives transactions, so one opened
+/// on the old primary while it checkpoints would only be cut when it stops;
+/// transaction pooling (`writer`) keeps sending it transactions until then.
+pub fn writer_for_sessions(config: &Config, snap: &Snapshot) -> Result<Backend, NoWriter> {
+    if let Some(sw) = snap.switchover.as_ref().filter(|s| s.aborted.is_none()) {
+        return Err(NoWriter::SwitchoverInProgress { from: sw.from.clone(), to: sw.to.clone() });
+    }
+    writer(config, snap)
+}
+
 /// The holder of `leader`, if it is of the current epoch; what DNS answers for `writer`.
 pub fn leader_node(config: &Config, snap: &Snapshot) -> Option<Backend> {
     let l = &snap.leader.as_ref()?.leader;
@@ -194,6 +205,11 @@ pub(crate) mod tests {
         assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })), "then writes wait");
         snap.leader = None;
         assert!(matches!(writer(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })), "also once released");
+        snap.members[primary].role = Role::Primary;
+        assert!(
+            matches!(writer_for_sessions(&config, &snap), Err(NoWriter::SwitchoverInProgress { .. })),
+            "new sessions wait from the request"
+        );
         sw.aborted = Some("timeout".into());
         snap.switchover = Some(sw);
         assert!(matches!(writer(&config, &snap), Err(NoWriter::NoLeader)), "an aborted request is no reason");

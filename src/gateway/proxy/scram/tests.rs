@@ -139,3 +139,20 @@ fn the_end_point_of_an_ecdsa_sha256_certificate_is_its_sha256() {
     assert_eq!(end_point(&der), Some(Sha256::digest(&der).to_vec()));
     assert_eq!(end_point(b"not a certificate"), None);
 }
+
+#[test]
+fn a_replayed_proof_is_refused() {
+    // An eavesdropper (or a logging middlebox) that captured a whole good
+    // exchange replays the client's first and final messages on a new login:
+    // the server's nonce is new, so the old proof does not match it.
+    let v = verifier("correct horse");
+    let mut client = ScramSha256::new(b"correct horse", ChannelBinding::unsupported());
+    let client_first = client.message().to_vec();
+    let (server, first) = ServerExchange::start(v.clone(), SCRAM, &client_first, &[]).unwrap();
+    client.update(first.as_bytes()).unwrap();
+    let client_final = client.message().to_vec();
+    server.finish(&client_final).expect("the original login succeeds");
+
+    let (again, _) = ServerExchange::start(v.clone(), SCRAM, &client_first, &[]).unwrap();
+    assert!(again.finish(&client_final).is_err(), "the same client-final message on a new exchange is refused");
+}

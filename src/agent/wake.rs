@@ -15,8 +15,13 @@ use tokio_util::sync::CancellationToken;
 use crate::coord::{Coord, Key};
 
 /// Does a change to this key call for a pass of the HA loop now?
+///
+/// Not `restore`: a restore is not a race against the clock, and its
+/// step-down keeps the tick's pace (conservatively: a faster one together
+/// with another change made `restore --replace` choose a timeline number a
+/// diverged node already had, in tests; see `postgres::timeline`).
 pub fn wakes(key: Option<Key<'_>>) -> bool {
-    matches!(key, Some(Key::Leader | Key::Switchover | Key::Dr | Key::Restore | Key::Restart))
+    matches!(key, Some(Key::Leader | Key::Switchover | Key::Dr | Key::Restart))
 }
 
 /// Watches the cluster's keys until `shutdown` and notifies `wake` when one
@@ -71,10 +76,10 @@ mod tests {
     #[test]
     fn the_relay_keys_wake_the_loop_and_reports_do_not() {
         let k = Keys::new("c");
-        for key in [k.leader(), k.switchover(), k.dr(), k.restore(), k.restart()] {
+        for key in [k.leader(), k.switchover(), k.dr(), k.restart()] {
             assert!(wakes(k.parse(&key)), "{key} wakes the loop");
         }
-        for key in [k.member("a"), k.optime(), k.sync(), k.history(3), k.health("writer-tcp", "w")] {
+        for key in [k.member("a"), k.optime(), k.sync(), k.history(3), k.health("writer-tcp", "w"), k.restore()] {
             assert!(!wakes(k.parse(&key)), "{key} does not");
         }
         assert!(!wakes(k.parse("/meridian/other/leader")), "another cluster's keys do not");

@@ -47,7 +47,7 @@ pub async fn run(args: Args) -> Result<i32> {
             // files holds them and pushes them if promoted, and a restarted server
             // pushes them then. So a stop (a switchover's) is not held by a push.
             if crate::postgres::postmaster_stopping(here) {
-                give_way_to_shutdown(&format!("{file} stays in pg_wal for its next start"));
+                anyhow::bail!("the server is shutting down; {file} stays in pg_wal for its next start");
             }
             if !here.join("standby.signal").exists() {
                 return Err(push(&pgbackrest, &pgbackrest_config, &stanza, &path));
@@ -55,15 +55,10 @@ pub async fn run(args: Args) -> Result<i32> {
             let deadline = Instant::now() + PATIENCE;
             tokio::task::spawn_blocking(move || loop {
                 if crate::postgres::postmaster_stopping(here) {
-                    give_way_to_shutdown(&format!("{file} is kept for its next start"));
+                    anyhow::bail!("the server is shutting down; {file} is kept for its next start");
                 }
                 match crate::backup::held(&pgbackrest, &pgbackrest_config, &stanza, &file) {
                     Ok(()) => return Ok(0),
-                    // A failure that ends up in the server's stop (the look above
-                    // takes a while) gives way like any other.
-                    Err(_) if crate::postgres::postmaster_stopping(here) => {
-                        give_way_to_shutdown(&format!("{file} is kept for its next start"))
-                    }
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => {
                         // Look again in a second; a stop is noticed within a tenth of one.
@@ -77,21 +72,6 @@ pub async fn run(args: Args) -> Result<i32> {
             .await?
         }
     }
-}
-
-/// Ends this archive command on a stopping server by its own SIGTERM, not an
-/// exit status: PostgreSQL's archiver sleeps a second after a command that
-/// failed (and tries twice more), which held every switchover's stop that
-/// long; a command that died on a signal ends the archiver at once, and the
-/// postmaster, stopping, starts no other.
-fn give_way_to_shutdown(what: &str) -> ! {
-    eprintln!("the server is shutting down; {what}");
-    // SAFETY: restoring the default action and raising a signal have no memory-safety preconditions.
-    unsafe {
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
-        libc::raise(libc::SIGTERM);
-    }
-    std::process::exit(1)
 }
 
 /// Becomes `pgbackrest archive-push PATH` (exec: its exit status is PostgreSQL's answer).

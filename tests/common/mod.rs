@@ -483,9 +483,6 @@ fn is_unexpected_fatal(line: &str) -> bool {
         // then, and `lab kill` (SIGKILL) the node's archive command with its server.
         "archive command was terminated by signal 3",
         "archive command was terminated by signal 9",
-        // `meridian wal archive` ends itself so on a stopping server (the
-        // archiver then exits at once instead of sleeping a second).
-        "archive command was terminated by signal 15",
     ];
     line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
 }

@@ -80,6 +80,9 @@ pool_mode() { # $1: session|transaction, through config apply
   [ "$now" = "$1" ] && return
   sed -i "s/^pool_mode = \"$now\"$/pool_mode = \"$1\"/" "$lab/meridian.toml"
   "$bin" config apply "$lab/meridian.toml" >"$work/apply.log" 2>&1 || { cat "$work/apply.log" >&2; exit 1; }
+  # apply waits for the agents; the gateways read the published file once a
+  # second, and a session keeps the mode it logged in with.
+  sleep 2
 }
 
 tls=(sslmode=require)

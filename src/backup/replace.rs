@@ -30,6 +30,8 @@ use crate::coord::{Coord, Snapshot};
 use crate::postgres::Server;
 
 const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How long a restore waits for the newest timeline's history to be archived.
+const HISTORY_WAIT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const LEAD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -98,6 +100,27 @@ pub async fn run(
         backup: set.label.clone(),
         target: restore::describe(&target),
     };
+    // The restored data takes the timeline after the newest history file the
+    // repository holds. A primary promoted moments ago may not have archived
+    // its own yet: the restored data would take that timeline's number, and a
+    // node still on it would follow without a rewind (seen in tests). So the
+    // history of the newest timeline any node is on must be there first.
+    let newest = snap.members.iter().filter_map(|m| m.timeline).max().unwrap_or(1);
+    if newest >= 2 {
+        let file = format!("{newest:08X}.history");
+        progress.step(format!("waiting for {repository} to hold {file}, the history of the newest timeline"));
+        let waited = Instant::now();
+        loop {
+            let r = repo.holds(&file);
+            match r {
+                Ok(()) => break,
+                Err(e) if waited.elapsed() >= HISTORY_WAIT => bail!(
+                    "{repository} does not hold {file}, the history of timeline {newest} that the cluster is on                      (its primary has not archived it yet?): {e:#}; restored now, the data could take that                      timeline's number. Nothing was changed"
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
     steps.push(("checks".into(), since.elapsed().as_millis() as u64));
     confirm(&plan)?;
 

@@ -91,6 +91,14 @@ impl Repositories {
         &self.conf
     }
 
+    /// Ok when every repository of this configuration holds WAL file `file`.
+    pub fn holds(&self, file: &str) -> Result<()> {
+        // `held` reads the include directory a node's configuration has beside it.
+        let include = pgbackrest::include_path(self.dir.path());
+        std::fs::create_dir_all(&include).with_context(|| format!("create {}", include.display()))?;
+        super::held(&self.pgbackrest, &self.conf, &self.stanza, file)
+    }
+
     pub fn names(&self) -> &[String] {
         &self.names
     }

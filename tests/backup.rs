@@ -218,9 +218,16 @@ fn a_wal_file_archived_with_other_content_is_refused_and_raised_as_a_possible_sp
         }
     });
     assert!(common::node(&s, primary)["archive"]["conflict"].as_str().unwrap().contains("checksum"), "{s}");
-    let out = lab.meridian(&["status"]);
-    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(shown.contains(&format!("possible split brain: node {primary} could not archive {next}")), "{shown}");
+    // Each status is one read; the agent re-reports the conflict on every archiver attempt.
+    wait_until("status to say possible split brain", Duration::from_secs(15), || {
+        let out = lab.meridian(&["status"]);
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        if shown.contains(&format!("possible split brain: node {primary} could not archive {next}")) {
+            Ok(())
+        } else {
+            Err(shown)
+        }
+    });
     // Nothing is lost or overwritten: the server keeps its file until an operator decides.
     let ready = lab.psql_superuser(
         primary,

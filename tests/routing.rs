@@ -161,7 +161,7 @@ fn switchover_holds_new_writer_connections() {
     let out = lab.meridian(&["switchover", "--to", "ap-south-1b"]);
     assert!(out.status.success(), "{}", text(&out));
     let at_switch = acks.load(Ordering::SeqCst);
-    acked_by(at_switch + 3, "the writer to have inserts acknowledged by the new primary");
+    acked_by(at_switch + 5, "the writer to have inserts acknowledged by the new primary");
     stop.store(true, Ordering::Relaxed);
     let (acked, failures) = writer.join().unwrap();
     eprintln!("{} inserts acknowledged, {} failed: {failures:?}", acked.len(), failures.len());
@@ -171,7 +171,9 @@ fn switchover_holds_new_writer_connections() {
         assert!(!f.contains("meridian writer") && !f.contains("Connection refused"), "a new connection failed: {f}");
     }
     assert!(failures.len() <= 2, "more than the in-flight sessions failed: {failures:?}");
-    assert!(acked.len() >= 10, "the writer made little progress: {} acks", acked.len());
+    // 3 before the switchover and 5 after, awaited above (a count over the
+    // whole run shrank as the switchover got faster: it measured its length).
+    assert!(acked.len() >= 8, "the writer made little progress: {} acks", acked.len());
     // Nothing acknowledged is missing on the new primary.
     let count = lab.psql("ap-south-1b", "SELECT count(*) FROM acks");
     assert_eq!(count, acked.len().to_string(), "acknowledged inserts on the new primary (failures: {failures:?})");

@@ -483,6 +483,9 @@ fn is_unexpected_fatal(line: &str) -> bool {
         // then, and `lab kill` (SIGKILL) the node's archive command with its server.
         "archive command was terminated by signal 3",
         "archive command was terminated by signal 9",
+        // A backend whose client (a killed psql, a probe cut off, a proxy's
+        // server connection closed with its pool) went away while it wrote.
+        "connection to client lost",
     ];
     line.contains("FATAL:") && !NORMAL.iter().any(|n| line.contains(n))
 }

@@ -13,9 +13,10 @@
 # for pgbench select-only (-S) and TPC-B, simple and prepared protocol (-M),
 # with 8 clients and with 200. Prints TPS and mean latency per run, then per
 # cell the median of each path, its ratio to direct, the server connections
-# it used and its CPU per transaction (the proxy process's user+system time
-# over the transactions of the run); at the end, each proxy's memory per idle
-# client connection (RSS with 250 idle clients minus RSS before, per client).
+# it used (those active in the second half of the run) and its CPU per
+# transaction (the proxy process's user+system time over the transactions of
+# the run). First, each proxy's memory per idle client connection (RSS with
+# 250 idle clients minus RSS before, per client), on fresh processes.
 # meridian's pool mode changes between runs with `meridian config apply` (its
 # cost: nothing; it waits until every gateway runs by it).
 #
@@ -79,10 +80,9 @@ pool_mode() { # $1: session|transaction, through config apply
   now=$(sed -n 's/^pool_mode = "\(.*\)"$/\1/p' "$lab/meridian.toml")
   [ "$now" = "$1" ] && return
   sed -i "s/^pool_mode = \"$now\"$/pool_mode = \"$1\"/" "$lab/meridian.toml"
+  # apply returns once every agent and gateway runs by the new version; a
+  # session keeps the mode it logged in with, and pgbench opens new ones.
   "$bin" config apply "$lab/meridian.toml" >"$work/apply.log" 2>&1 || { cat "$work/apply.log" >&2; exit 1; }
-  # apply waits for the agents; the gateways read the published file once a
-  # second, and a session keeps the mode it logged in with.
-  sleep 2
 }
 
 tls=(sslmode=require)
@@ -139,6 +139,7 @@ fi
 pgbench -q -i -s 10 "$direct" >"$work/init.log" 2>&1 || { cat "$work/init.log" >&2; exit 1; }
 echo "paths: ${paths[*]}; ${seconds}s per run, $reps runs each, alternating"
 
+
 conn_of() {
   case $1 in
     direct) echo "$direct" ;;
@@ -156,8 +157,12 @@ pid_of() {
   esac
 }
 cpu_ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
-# Server connections of the app role now, as pg_stat_activity counts them.
-server_conns() { psql -X -Atc "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'" "$superuser"; }
+# Server connections of the app role used in the last $1 seconds (idle pooled
+# connections of the other paths, kept by their pools, are not counted).
+server_conns() {
+  psql -X -Atc "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'
+    AND (state = 'active' OR state_change > now() - interval '$1 seconds')" "$superuser"
+}
 
 # One run: $1 path, $2 clients, $3.. pgbench options. Prints "tps latency_ms cpu_us_per_txn server_conns" or "fail".
 run() {
@@ -171,7 +176,7 @@ run() {
   pgbench -n -c "$clients" -j "$threads" -T "$seconds" "$@" "$conn" >"$work/run.out" 2>&1 &
   local bench=$!
   sleep $((seconds / 2))
-  conns=$(server_conns)
+  conns=$(server_conns $((seconds / 2)))
   if ! wait "$bench"; then
     echo "fail $(grep -m1 -iE 'error|fatal' "$work/run.out" | cut -c1-100)"
     return
@@ -187,39 +192,89 @@ run() {
 
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
+# Memory per idle client, measured first, on processes that have served no
+# client yet (an allocator keeps what a busier run freed, which would hide
+# the cost): 250 clients (the session paths need a server connection each,
+# max_connections is 300) that connect and then sit idle (pgbench at 1
+# transaction per second for all of them together). meridian's gateway is
+# restarted between its two modes.
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+published_version() { "$bin" config show --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])'; }
+gateway_version() {
+  "$bin" status --json | python3 -c '
+import json, sys
+print(next((g.get("config_version", 0) for g in json.load(sys.stdin).get("gateways", []) if g["region"] == "ap-south-1"), -1))'
+}
+restart_gateway() {
+  "$bin" lab kill gateway:ap-south-1 --dir "$lab" >/dev/null 2>&1
+  "$bin" lab start gateway:ap-south-1 --dir "$lab" >"$work/start.log" 2>&1 || { cat "$work/start.log" >&2; exit 1; }
+  gateway_pid=$(cat "$lab/pids/gateway-ap-south-1.pid")
+  local want deadline=$((SECONDS + 20))
+  want=$(published_version)
+  until [ "$(gateway_version)" = "$want" ]; do
+    [ $SECONDS -lt $deadline ] || { echo "the restarted gateway does not run by version $want" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+idle_memory() { # $1: path
+  local path=$1 pid before during
+  pid=$(pid_of "$path")
+  before=$(rss_kb "$pid")
+  pgbench -n -c 250 -j 4 -R 1 -T 12 -S "$(conn_of "$path")" >"$work/idle.out" 2>&1 &
+  idle_pid=$!
+  sleep 9
+  during=$(rss_kb "$pid")
+  wait "$idle_pid" || { echo "idle clients through $path failed:" >&2; tail -3 "$work/idle.out" >&2; }
+  idle_pid=""
+  awk -v p="$path" -v b="$before" -v d="$during" 'BEGIN {
+    printf "memory %-11s %8d kB before, %8d kB with 250 idle clients: %6.1f kB per idle client\n", p, b, d, (d - b) / 250
+  }' | tee -a "$summary"
+}
 summary=$work/summary
 : >"$summary"
+for path in transaction session "${paths[@]:3}"; do
+  if [ "$path" = session ]; then
+    pool_mode session
+    restart_gateway
+  fi
+  idle_memory "$path"
+done
+restart_gateway
+echo
+
+results=$work/results # per path, the current cell's runs
+mkdir "$results"
 for clients in "${client_counts[@]}"; do
   for mode in "${modes[@]}"; do
     for protocol in "${protocols[@]}"; do
       opts=(-M "$protocol")
       [ "$mode" = select-only ] && opts+=(-S)
       cell="$mode $protocol ${clients}c"
-      for path in "${paths[@]}"; do : >"$work/$path"; done
+      for path in "${paths[@]}"; do : >"$results/$path"; done
       for i in $(seq 1 "$reps"); do
         for path in "${paths[@]}"; do
           result=$(run "$path" "$clients" "${opts[@]}")
           if [[ $result == fail* ]]; then
             printf '%-32s %-11s run %d: FAILED (%s)\n' "$cell" "$path" "$i" "${result#fail }"
-            echo "fail" >>"$work/$path"
+            echo "fail" >>"$results/$path"
             continue
           fi
           read -r tps lat cpu conns <<<"$result"
           printf '%-32s %-11s run %d: %9.1f tps %8.3f ms %7.1f us cpu/txn %4d server conns\n' \
             "$cell" "$path" "$i" "$tps" "$lat" "$cpu" "$conns"
-          echo "$tps $lat $cpu $conns" >>"$work/$path"
+          echo "$tps $lat $cpu $conns" >>"$results/$path"
         done
       done
-      d_tps=$(grep -v fail "$work/direct" | cut -d' ' -f1 | median)
+      d_tps=$(grep -v fail "$results/direct" | cut -d' ' -f1 | median)
       for path in "${paths[@]}"; do
-        if ! grep -qv fail "$work/$path"; then
+        if ! grep -qv fail "$results/$path"; then
           printf '%-32s median %-11s FAILED\n' "$cell" "$path" | tee -a "$summary"
           continue
         fi
-        tps=$(grep -v fail "$work/$path" | cut -d' ' -f1 | median)
-        lat=$(grep -v fail "$work/$path" | cut -d' ' -f2 | median)
-        cpu=$(grep -v fail "$work/$path" | cut -d' ' -f3 | median)
-        conns=$(grep -v fail "$work/$path" | cut -d' ' -f4 | median)
+        tps=$(grep -v fail "$results/$path" | cut -d' ' -f1 | median)
+        lat=$(grep -v fail "$results/$path" | cut -d' ' -f2 | median)
+        cpu=$(grep -v fail "$results/$path" | cut -d' ' -f3 | median)
+        conns=$(grep -v fail "$results/$path" | cut -d' ' -f4 | median)
         awk -v c="$cell" -v p="$path" -v t="$tps" -v l="$lat" -v d="$d_tps" -v u="$cpu" -v k="$conns" 'BEGIN {
           printf "%-32s median %-11s %9.1f tps %8.3f ms %5.3f of direct %7.1f us cpu/txn %4d server conns\n", c, p, t, l, t / d, u, k
         }' | tee -a "$summary"
@@ -228,26 +283,6 @@ for clients in "${client_counts[@]}"; do
   done
 done
 
-# Memory per idle client: 250 clients (the session paths need a server
-# connection each, max_connections is 300) that connect and then sit idle
-# (pgbench at 1 transaction per second for all of them together).
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-echo
-for path in "${paths[@]}"; do
-  [ "$path" = direct ] && continue
-  pid=$(pid_of "$path")
-  case $path in session | transaction) pool_mode "$path" ;; esac
-  before=$(rss_kb "$pid")
-  pgbench -n -c 250 -j 4 -R 1 -T 12 -S "$(conn_of "$path")" >"$work/idle.out" 2>&1 &
-  idle_pid=$!
-  sleep 9
-  during=$(rss_kb "$pid")
-  wait "$idle_pid" || true
-  idle_pid=""
-  awk -v p="$path" -v b="$before" -v d="$during" 'BEGIN {
-    printf "memory %-11s %8d kB before, %8d kB with 250 idle clients: %6.1f kB per idle client\n", p, b, d, (d - b) / 250
-  }' | tee -a "$summary"
-done
 echo
 echo "summary"
 cat "$summary"

@@ -192,6 +192,16 @@ pub struct Optime {
     pub at_ms: u64,
 }
 
+/// Where a new leader's WAL starts, as far as it knows when it takes
+/// `leader` (a standby's received position, restored data's end): the first
+/// `optime` of its epoch, written in the same transaction (`Coord::acquire_leader`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartPosition {
+    pub region: String,
+    pub lsn: Lsn,
+    pub timeline: Option<u32>,
+}
+
 /// The value of the `sync` key: which standbys the leader of `epoch`
 /// vouches for. With `standbys` non-empty, every commit that leader has
 /// acknowledged is on at least one of them (received and flushed), so the one
@@ -218,6 +228,15 @@ pub struct GatewayPresence {
     /// hold new transactions: its view shows the request and no writer. The old
     /// primary counts open transactions once every live gateway holds.
     pub holding_for: Option<u64>,
+    /// The published cluster file version this gateway routes by (0: the file
+    /// it started with); `config apply` waits for every live gateway too.
+    #[serde(default)]
+    pub config_version: u64,
+    /// The rolling restart (its request id) whose node this gateway's readers
+    /// no longer use: that node's agent stops its server once every live
+    /// gateway says so and the transactions open on it have finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avoiding: Option<String>,
 }
 
 /// A planned switchover in progress, at `switchover`.
@@ -384,6 +403,10 @@ pub struct ClusterStatus {
     /// primary itself could be promoted automatically with `remote`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vouched: Option<Vec<String>>,
+    /// The gateways alive now (under their leases), with what they hold for
+    /// and the cluster file version they route by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayPresence>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,6 +564,7 @@ impl ClusterStatus {
             backups: Vec::new(),
             etcd_learners: Vec::new(),
             vouched: None,
+            gateways: Vec::new(),
         }
     }
 

@@ -188,6 +188,28 @@ pub fn die_with_parent() -> Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit of open files to its hard limit (as Go
+/// programs do at start), and returns the limit now in force. A gateway holds
+/// a socket per client and per server connection, and connections waiting
+/// for their startup packet too: systemd's default soft limit of 1024 would
+/// make `accept` fail long before `max_client_conn`.
+pub fn raise_open_files_limit() -> Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given; no other preconditions.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct it is given; raising the soft limit up to the hard one is always allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+        return Ok(raised.rlim_cur);
+    }
+    Ok(lim.rlim_cur)
+}
+
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, sig) };

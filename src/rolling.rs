@@ -138,6 +138,7 @@ mod tests {
             backups: vec![],
             etcd_learners: vec![],
             vouched: None,
+            gateways: Vec::new(),
         }
     }
 

@@ -1,7 +1,10 @@
 //! The lease keeper and the fencing feeder run on threads of their own: an
-//! agent runtime whose workers are all blocked neither lets a healthy lease
-//! lapse (fencing a primary for nothing) nor delays the fence once renewals
-//! stop. Real etcd, the real supervisor binary, a stand-in for the postmaster.
+//! agent runtime whose workers are all blocked for a while neither lets a
+//! healthy lease lapse (fencing a primary for nothing) nor delays the fence
+//! once renewals stop; blocked for longer than the self-probe may go
+//! unfinished, the primary is fenced and the lease given up even though etcd
+//! answers (a starved probe must not keep a hung primary leading). Real etcd,
+//! the real supervisor binary, a stand-in for the postmaster.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,9 +16,12 @@ use meridian::agent::watchdog::Watchdog;
 use meridian::postgres::supervisor::FENCED_EXIT;
 use tokio_util::sync::CancellationToken;
 
-/// This test's own loopback range (see tests/common: every test has its net).
+/// This file's own loopback range (see tests/common: every test has its net).
 const ADDR: &str = "127.97.0.1";
+const STARVED_ADDR: &str = "127.97.0.2";
 const TTL: Duration = Duration::from_secs(3);
+/// The agent's (`watchdog::starved_after`): the probe's timeout (half the TTL) plus a TTL.
+const STARVED_AFTER: Duration = Duration::from_millis(4500);
 
 /// One etcd member, stopped by pid when dropped, even if the test fails.
 struct Etcd {
@@ -24,11 +30,11 @@ struct Etcd {
 }
 
 impl Etcd {
-    fn start() -> Etcd {
-        let dir = std::env::temp_dir().join(format!("meridian-blocked-runtime-{}", std::process::id()));
+    fn start(addr: &str) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("meridian-blocked-runtime-{}-{addr}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (client, peer) = (format!("http://{ADDR}:2379"), format!("http://{ADDR}:2380"));
+        let (client, peer) = (format!("http://{addr}:2379"), format!("http://{addr}:2380"));
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(dir.join("data"))
@@ -70,15 +76,22 @@ fn block_workers(rt: &tokio::runtime::Runtime, workers: usize, how_long: Duratio
     all_blocked.wait();
 }
 
-#[test]
-fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
-    let etcd = Etcd::start();
-    let shape = meridian::lab::topology::LabShape { net: 97, ..Default::default() };
-    let mut config = meridian::lab::topology::lab_config(&shape, &etcd.dir);
-    config.etcd.endpoints = vec![format!("http://{ADDR}:2379")];
-    config.failover.lease_ttl = TTL;
+const WORKERS: usize = 2;
 
-    const WORKERS: usize = 2;
+/// A runtime like the agent's, a lease from `etcd`, a watchdog armed over the
+/// real supervisor (of a stand-in postmaster), and a stand-in for the
+/// self-probe on the runtime, telling the watchdog every 200 ms.
+fn armed_primary(
+    etcd: &Etcd,
+    addr: &str,
+    net: u8,
+) -> (tokio::runtime::Runtime, CancellationToken, LeaseKeeper, Watchdog, Child) {
+    let shape = meridian::lab::topology::LabShape { net, ..Default::default() };
+    let mut config = meridian::lab::topology::lab_config(&shape, &etcd.dir);
+    config.etcd.endpoints = vec![format!("http://{addr}:2379")];
+    config.failover.lease_ttl = TTL;
+    assert_eq!(meridian::agent::watchdog::starved_after(&config), STARVED_AFTER);
+
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(WORKERS).enable_all().build().unwrap();
     let shutdown = CancellationToken::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -90,8 +103,7 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
             other => assert!(Instant::now() < deadline, "no lease from etcd within 30s: {:?}", other.err()),
         }
     };
-    let watchdog = Watchdog::start(lease.clone(), shutdown.clone());
-    // The supervisor, over a stand-in for the postmaster.
+    let watchdog = Watchdog::start(lease.clone(), STARVED_AFTER, shutdown.clone());
     let mut supervisor = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["supervise-postmaster", "--", "sleep", "600"])
         .stdin(Stdio::piped())
@@ -100,11 +112,42 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
         .expect("start the supervisor");
     watchdog.attach(supervisor.stdin.take().unwrap());
     watchdog.guard();
+    let probe = watchdog.clone();
+    rt.spawn(async move {
+        loop {
+            probe.probed();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (rt, shutdown, lease, watchdog, supervisor)
+}
 
-    // 1. Workers blocked for two TTLs, etcd answering: the lease keeper and the
+/// Waits for the supervisor to exit, at most `limit` after `since`; its
+/// status and when it came, from `since`.
+fn await_fence(
+    supervisor: &mut Child,
+    since: Instant,
+    limit: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, Duration) {
+    loop {
+        if let Some(status) = supervisor.try_wait().unwrap() {
+            return (status, since.elapsed());
+        }
+        assert!(since.elapsed() < limit, "awaited {what}: still running after {:?}", since.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
+    let etcd = Etcd::start(ADDR);
+    let (rt, shutdown, lease, _watchdog, mut supervisor) = armed_primary(&etcd, ADDR, 97);
+
+    // 1. Workers blocked for a TTL, etcd answering: the lease keeper and the
     // feeder carry on, so the server is not fenced. (As tasks on the runtime
     // they would stop, and the supervisor would stop the server at 2 s.)
-    block_workers(&rt, WORKERS, 2 * TTL);
+    block_workers(&rt, WORKERS, TTL);
     let until = Instant::now() + 2 * TTL + Duration::from_millis(500);
     while Instant::now() < until {
         if let Some(status) = supervisor.try_wait().unwrap() {
@@ -119,18 +162,8 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
     etcd.signal(libc::SIGSTOP);
     let stopped_at = Instant::now();
     block_workers(&rt, WORKERS, 3 * TTL);
-    let status = loop {
-        if let Some(status) = supervisor.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            stopped_at.elapsed() < TTL + Duration::from_secs(2),
-            "awaited the supervisor's fence after renewals stopped: still running after {:?}",
-            stopped_at.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = stopped_at.elapsed();
+    let (status, took) =
+        await_fence(&mut supervisor, stopped_at, TTL + Duration::from_secs(2), "the fence after renewals stopped");
     eprintln!("fenced {took:?} after etcd froze (TTL {TTL:?}), with every runtime worker blocked");
     assert_eq!(status.code(), Some(FENCED_EXIT), "the supervisor fenced: {status}");
     // The last renewal was sent at most TTL/4 before etcd froze; etcd expires
@@ -141,6 +174,29 @@ fn a_blocked_runtime_neither_lapses_the_lease_nor_delays_the_fence() {
         TTL * 3 / 4
     );
     etcd.signal(libc::SIGCONT);
+    shutdown.cancel();
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+#[test]
+fn a_starved_self_probe_fences_the_primary_and_gives_up_the_lease_though_etcd_answers() {
+    let etcd = Etcd::start(STARVED_ADDR);
+    let (rt, shutdown, lease, watchdog, mut supervisor) = armed_primary(&etcd, STARVED_ADDR, 97);
+    // Every worker blocked for longer than the probe may go unfinished: the
+    // probe's stand-in stops, and the feeder's thread takes that for a hang.
+    let blocked_at = Instant::now();
+    block_workers(&rt, WORKERS, 3 * TTL);
+    let (status, took) = await_fence(
+        &mut supervisor,
+        blocked_at,
+        STARVED_AFTER + Duration::from_secs(2),
+        "the fence of a primary whose probe starved",
+    );
+    eprintln!("fenced {took:?} after the runtime's workers blocked (starved after {STARVED_AFTER:?})");
+    assert_eq!(status.code(), Some(FENCED_EXIT), "the supervisor fenced: {status}");
+    assert!(took >= STARVED_AFTER - Duration::from_millis(300), "fenced at {took:?}, before the probe could starve");
+    assert!(watchdog.hung().load(std::sync::atomic::Ordering::SeqCst), "the HA loop is told the server hung");
+    assert!(!lease.is_fresh(), "the lease is given up, so leader expires even if the agent never runs again");
     shutdown.cancel();
     rt.shutdown_timeout(Duration::from_secs(1));
 }

@@ -90,7 +90,7 @@ fn wait_for_replica(lab: &TestLab, name: &str, timeout: Duration) {
 fn a_frozen_primary_agent_is_fenced_by_its_supervisor_without_split_brain() {
     let mut lab = TestLab::up(92, &["--nodes-per-region", "2"]);
     lab.expect_error("cannot execute INSERT in a read-only transaction");
-    lab.expect_error("terminating connection due to administrator command");
+    lab.expect_error("terminating connection due to");
     lab.psql("ap-south-1a", "CREATE TABLE probe (id bigint, node text)");
     lab.wait_rows("ap-south-1b", "probe", 0, Duration::from_secs(10));
     let agent = pid_of(&lab, "agent-ap-south-1a") as i32;
@@ -290,5 +290,105 @@ fn a_primary_hanging_right_after_a_failover_costs_no_copy() {
     let s = lab.status();
     let timeline = node(&s, &third)["timeline"].as_u64().unwrap();
     assert!(timeline >= s["epoch"].as_u64().unwrap(), "{third} leads epoch {} on timeline {timeline}", s["epoch"]);
+    lab.finish();
+}
+
+/// A copy pg_rewind cannot repair (the WAL before the fork is gone) is
+/// replaced by a fresh one made beside it; meanwhile it runs again on its own
+/// timeline. PostgreSQL refuses to start it on the leader's, which it cannot
+/// follow ("requested timeline 2 is not a child of this server's history";
+/// CI saw "... does not contain minimum recovery point" after a hang).
+#[test]
+fn a_copy_that_cannot_be_rewound_runs_on_its_own_timeline_while_a_fresh_one_is_made() {
+    use std::os::unix::fs::MetadataExt;
+    let mut lab = TestLab::up(130, &[]);
+    lab.expect_error("failed to rewind");
+    lab.expect_error("terminating connection due to");
+    let (old, new) = ("ap-south-1a", "ap-northeast-1a");
+    lab.psql(old, "CREATE TABLE probe (id bigint, node text)");
+    lab.psql(old, "INSERT INTO probe VALUES (1, 'first')");
+    lab.wait_rows(new, "probe", 1, Duration::from_secs(10));
+    let out = lab.run_lab(&["kill", old]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("the standby to lead epoch 2", Duration::from_secs(30), || {
+        let s = lab.try_status()?;
+        if s["epoch"] == 2 && s["primary"] == new {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    lab.psql(new, "INSERT INTO probe VALUES (2, 'second')");
+
+    // The old primary takes a write of its own past the fork, by hand, on a
+    // socket only, without archiving, then loses the segment the fork is in.
+    let data = lab.path().join("nodes").join(old).join("data");
+    let socket = lab.path().join("by-hand");
+    let owner = std::fs::metadata(&data).unwrap();
+    std::fs::create_dir_all(&socket).unwrap();
+    std::os::unix::fs::chown(&socket, Some(owner.uid()), Some(owner.gid())).unwrap();
+    // As the data directory's owner (the lab's os_user), as PostgreSQL requires.
+    let as_owner = |program: &str| {
+        let mut cmd = std::process::Command::new(program);
+        std::os::unix::process::CommandExt::uid(&mut cmd, owner.uid());
+        std::os::unix::process::CommandExt::gid(&mut cmd, owner.gid());
+        cmd
+    };
+    let pg_ctl = |args: &[&str]| {
+        let out = as_owner("/usr/lib/postgresql/15/bin/pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-w", "-t", "60"])
+            .args(args)
+            .output()
+            .expect("run pg_ctl");
+        assert!(out.status.success(), "pg_ctl {args:?}: {}", text(&out));
+    };
+    let _ = std::fs::remove_file(data.join("postmaster.pid"));
+    let options = format!(
+        "-c archive_mode=off -c listen_addresses='' -c ssl=off -c synchronous_standby_names='' -c unix_socket_directories={}",
+        socket.display()
+    );
+    let log = socket.join("postgresql.log");
+    pg_ctl(&["-l", &log.display().to_string(), "-o", &options, "start"]);
+    let (_, port) = lab.node_addr(old);
+    let written = as_owner("psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", "app", "-h"])
+        .arg(&socket)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "INSERT INTO probe VALUES (3, 'lost')", "-c", "SELECT pg_switch_wal()", "-c", "CHECKPOINT"])
+        .output()
+        .expect("run psql");
+    pg_ctl(&["-m", "fast", "stop"]);
+    assert!(written.status.success(), "a write on the old primary by hand: {}", text(&written));
+    let history = lab.path().join("nodes").join(new).join("data").join("pg_wal").join("00000002.history");
+    let history_text = std::fs::read_to_string(&history).unwrap();
+    let fork = history_text.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap().to_string();
+    let (hi, lo) = fork.split_once('/').unwrap();
+    let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let segment = data.join("pg_wal").join(format!("00000001{:08X}{:08X}", lsn >> 32, (lsn >> 24) & 0xFF));
+    std::fs::remove_file(&segment).unwrap_or_else(|e| panic!("remove {}: {e}", segment.display()));
+    // As after a short stream from the new leader: its history is in pg_wal.
+    let copied = data.join("pg_wal").join("00000002.history");
+    std::fs::copy(&history, &copied).unwrap();
+    std::os::unix::fs::chown(&copied, Some(owner.uid()), Some(owner.gid())).unwrap();
+
+    let out = lab.run_lab(&["start", old]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_replica(&lab, old, Duration::from_secs(60));
+    lab.wait_rows(old, "probe", 2, Duration::from_secs(15));
+    assert_eq!(
+        lab.psql(old, "SELECT count(*) FROM probe WHERE id = 3"),
+        "0",
+        "the lost write is gone with the old copy"
+    );
+    let agent_log = std::fs::read_to_string(lab.path().join(format!("logs/agent-{old}.log"))).unwrap();
+    let after_rewind = agent_log.split("failed to rewind").nth(1).expect("a failed rewind in the agent's log");
+    assert!(
+        after_rewind.contains("making a fresh copy beside it")
+            && after_rewind.contains("PostgreSQL running as standby with no upstream")
+            && after_rewind.contains("swapped a fresh copy"),
+        "the old copy did not run while the fresh one was made:\n{after_rewind}"
+    );
     lab.finish();
 }

@@ -100,7 +100,7 @@ impl Agent {
             self.wait(WaitReason::Initializing { holder });
             return Ok(());
         }
-        let Some(epoch) = self.coord.acquire_leader(&me, epoch, self.lease.id()).await? else {
+        let Some(epoch) = self.coord.acquire_leader(&me, epoch, self.lease.id(), None).await? else {
             return Ok(()); // someone else is leader now; the next pass follows it
         };
         tracing::info!("initializing a new cluster as leader of epoch {epoch}");
@@ -126,7 +126,7 @@ impl Agent {
     /// primary; its roles get this cluster's passwords.
     async fn adopt_restored(&mut self, epoch: Epoch) -> Result<()> {
         let me = self.server.node.clone();
-        let Some(epoch) = self.coord.acquire_leader(&me, epoch, self.lease.id()).await? else {
+        let Some(epoch) = self.coord.acquire_leader(&me, epoch, self.lease.id(), None).await? else {
             return Ok(()); // someone else is leader now; the next pass follows it
         };
         tracing::info!("starting the restored data as primary of epoch {epoch}");
@@ -158,7 +158,17 @@ impl Agent {
                 self.config.postgres.settings = wanted;
             }
         }
-        self.server.write_files(&self.config, &self.secrets, &start)?;
+        // A copy whose history left the leader's cannot start on the leader's
+        // timeline (PostgreSQL stops: "requested timeline N does not contain
+        // minimum recovery point"): it stays on its own until it is replaced.
+        let pinned;
+        let config = if self.diverged && matches!(start, StartAs::Standby { .. }) {
+            pinned = on_own_timeline(&self.config);
+            &pinned
+        } else {
+            &self.config
+        };
+        self.server.write_files(config, &self.secrets, &start)?;
         self.server.clear_stale_lock()?;
         let cmd = self.server.supervised_postmaster_command()?;
         let mut child = self.spawner.spawn(cmd).await.context("start postgres")?;
@@ -273,4 +283,11 @@ fn describe(start: &StartAs) -> String {
         StartAs::Standby { upstream: Some((n, _)) } => format!("standby of {n}"),
         StartAs::Standby { upstream: None } => "standby with no upstream".into(),
     }
+}
+
+/// `config` with the standby held on the timeline its data is on.
+fn on_own_timeline(config: &crate::config::Config) -> crate::config::Config {
+    let mut config = config.clone();
+    config.postgres.settings.insert("recovery_target_timeline".into(), toml::Value::String("current".into()));
+    config
 }

@@ -116,6 +116,9 @@ struct Agent {
     etcd_leader_checked: Option<Instant>,
     /// After a failed rewind: not before this instant again.
     rewind_retry_at: Option<Instant>,
+    /// pg_rewind proved this copy's history cannot be brought to the leader's:
+    /// it starts on its own timeline until a rewind or a fresh copy replaces it.
+    diverged: bool,
     /// Set by the self-probe when the primary's server hung (see `probe`);
     /// cleared once `leader` is released after the server is gone.
     hung: Arc<AtomicBool>,
@@ -167,9 +170,10 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
     });
     tokio::spawn(report::publish_loop(coord.clone(), lease.clone(), latest_rx, shutdown.clone()));
 
-    let watchdog = watchdog::Watchdog::start(lease.clone(), shutdown.clone());
     let probe_timeout = config.failover.probe_timeout();
-    let hung = probe::start(server.clone(), watchdog.clone(), lease.clone(), probe_timeout, shutdown.clone());
+    let watchdog = watchdog::Watchdog::start(lease.clone(), watchdog::starved_after(&config), shutdown.clone());
+    probe::start(server.clone(), watchdog.clone(), probe_timeout, shutdown.clone());
+    let hung = watchdog.hung();
     let wake = Arc::new(tokio::sync::Notify::new());
     wake::start(coord.clone(), wake.clone(), shutdown.clone());
     let mut agent = Agent {
@@ -192,6 +196,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         leaderless_since_revision: None,
         etcd_leader_checked: None,
         rewind_retry_at: None,
+        diverged: false,
         watchdog,
         hung,
         lease,

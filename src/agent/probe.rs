@@ -19,30 +19,25 @@
 //! waited for that standby would take a lost region for a hung disk.
 //!
 //! Only a timeout counts: a probe that fails fast (the server crashed or is
-//! restarting) is the HA loop's business.
+//! restarting) is the HA loop's business. And a probe that stops finishing at
+//! all (its task starved) counts too, from the watchdog's own thread
+//! (`watchdog`): the lease is renewed from a thread of its own, so it must not
+//! outlive the only check that would give it up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lease::LeaseKeeper;
 use super::watchdog::Watchdog;
 use crate::postgres::Server;
 
 const EVERY: Duration = Duration::from_millis(500);
 const PROBE: &str = "SELECT 1";
 
-pub fn start(
-    server: Server,
-    watchdog: Watchdog,
-    lease: LeaseKeeper,
-    timeout: Duration,
-    shutdown: CancellationToken,
-) -> Arc<AtomicBool> {
-    let hung = Arc::new(AtomicBool::new(false));
-    let flag = hung.clone();
+/// Starts the probe; a hang is flagged in `watchdog.hung()`. Each verdict
+/// short of the timeout is told to the watchdog, whose own thread takes a
+/// probe that stops finishing for a hang too.
+pub fn start(server: Server, watchdog: Watchdog, timeout: Duration, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
         // A probe that fails fast is not a hang, but one that always fails
@@ -68,7 +63,11 @@ pub fn start(
                 let written = tokio::task::spawn_blocking(move || write_and_sync(&storage)).await?;
                 anyhow::Ok(written.err().map(|e| format!("{e:#}")))
             };
-            match tokio::time::timeout(timeout, probe).await {
+            let verdict = tokio::time::timeout(timeout, probe).await;
+            if verdict.is_ok() {
+                watchdog.probed();
+            }
+            match verdict {
                 Ok(Ok(None)) => last_error = None,
                 Ok(Ok(Some(e))) => {
                     if last_error.as_ref() != Some(&e) {
@@ -82,15 +81,12 @@ pub fn start(
                     tracing::error!(
                         "the primary's server or its storage did not answer a probe within {timeout:?}: it is hung; stopping it and giving up leader"
                     );
-                    watchdog.fence_now();
-                    lease.abandon();
-                    flag.store(true, Ordering::SeqCst);
+                    watchdog.fence_hung();
                     client = None;
                 }
             }
         }
     });
-    hung
 }
 
 fn write_and_sync(path: &std::path::Path) -> anyhow::Result<()> {

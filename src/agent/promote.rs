@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::Agent;
-use crate::cluster::{HistoryEntry, Lsn, PromotionKind, RestoreStep, SwitchoverRequest};
+use crate::cluster::{HistoryEntry, Lsn, PromotionKind, RestoreStep, StartPosition, SwitchoverRequest};
 use crate::coord::Snapshot;
 use crate::failover::duties::{self, Completion, HandOver};
 use crate::postgres::files::StartAs;
@@ -18,12 +18,17 @@ const HAND_OVER_DRAIN: Duration = Duration::from_secs(1);
 /// Bounds of the time the proxies are given to see that the old primary no
 /// longer takes new transactions (its report, through etcd's watch) before
 /// open transactions are counted: one begun after the count would be cut.
-const HAND_OVER_GRACE: (Duration, Duration) = (Duration::from_millis(30), Duration::from_secs(1));
+pub(super) const HAND_OVER_GRACE: (Duration, Duration) = (Duration::from_millis(30), Duration::from_secs(1));
 
 /// The grace for a report that etcd committed in `committed`.
 fn hand_over_grace(committed: Duration) -> Duration {
     (committed * 2 + Duration::from_millis(20)).clamp(HAND_OVER_GRACE.0, HAND_OVER_GRACE.1)
 }
+/// How often a switchover's target wakes its startup process while the old
+/// primary's final checkpoint is not replayed yet.
+const NUDGE_EVERY: Duration = Duration::from_millis(50);
+/// How long a promotion may wait before the startup process is woken again.
+const PROMOTE_ASK_AGAIN: Duration = Duration::from_millis(250);
 /// How often the old primary looks whether the target has replayed its final checkpoint.
 const HAND_OVER_POLL: Duration = Duration::from_millis(10);
 /// How long a switchover's target waits, in one pass, to replay the old
@@ -60,7 +65,7 @@ impl Agent {
         let held = snap.leader.as_ref().filter(|l| l.leader.node == me && l.lease == self.lease.id());
         let epoch = match held {
             Some(l) => l.leader.epoch,
-            None => match self.coord.acquire_leader(&me, snap.epoch, self.lease.id()).await? {
+            None => match self.coord.acquire_leader(&me, snap.epoch, self.lease.id(), self.start_position()).await? {
                 Some(e) => e,
                 None => return Ok(()), // another node won this epoch; the next pass follows it
             },
@@ -93,11 +98,27 @@ impl Agent {
             watchdog.release();
             return Err(e).context("promote PostgreSQL");
         }
+        let mut asked_again = Instant::now();
         loop {
             let in_recovery: bool =
                 client.query_one("SELECT pg_is_in_recovery()", &[]).await.context("wait for the promotion")?.get(0);
             if !in_recovery {
                 break;
+            }
+            // Measured once in 30 switchovers: a standby whose upstream had just
+            // stopped sat out wal_retrieve_retry_interval (5 s) before it saw the
+            // request. A reload's SIGHUP wakes the startup process, which then
+            // finds the request (asking again with pg_promote would fail, and
+            // log an ERROR, should the promotion end in between).
+            if asked_again.elapsed() >= PROMOTE_ASK_AGAIN {
+                asked_again = Instant::now();
+                tracing::info!(
+                    "still in recovery {:.1?} after the promote request; waking the startup process",
+                    asked.elapsed()
+                );
+                if let Err(e) = client.batch_execute("SELECT pg_reload_conf()").await {
+                    tracing::debug!("failed to wake the startup process: {e}");
+                }
             }
             if asked.elapsed() > PROMOTE_TIMEOUT {
                 bail!(
@@ -112,6 +133,7 @@ impl Agent {
             r.start = StartAs::Primary;
         }
         self.fenced = false;
+        self.diverged = false;
         // The proxies route writes here from this report on: make it at once.
         // Without a timeline: the control file does not have the new one
         // before the checkpoint below, and followers wait for it (`leader_ready`).
@@ -192,6 +214,18 @@ impl Agent {
         }
     }
 
+    /// This standby's received position (or replayed, when it has no
+    /// walreceiver) as last observed: the first `optime` of the epoch it is
+    /// about to lead. None when its server has not reported one.
+    fn start_position(&self) -> Option<StartPosition> {
+        let local = self.last_local.as_ref()?;
+        Some(StartPosition {
+            region: self.region.clone(),
+            lsn: local.write_lsn.or(local.replay_lsn)?,
+            timeline: local.timeline,
+        })
+    }
+
     /// `meridian restore --replace` left restored data here, promoted on a
     /// new timeline: take `leader` with the next epoch, start it read-write,
     /// give meridian's roles this cluster's passwords (the data may predate
@@ -201,7 +235,8 @@ impl Agent {
         let Some(req) = snap.restore.as_ref() else { return Ok(()) };
         let RestoreStep::Restored { timeline, lsn } = &req.state else { return Ok(()) };
         let me = self.server.node.clone();
-        let Some(epoch) = self.coord.acquire_leader(&me, snap.epoch, self.lease.id()).await? else {
+        let start = StartPosition { region: self.region.clone(), lsn: *lsn, timeline: Some(*timeline) };
+        let Some(epoch) = self.coord.acquire_leader(&me, snap.epoch, self.lease.id(), Some(start)).await? else {
             return Ok(()); // someone else holds leader; the next pass sees why
         };
         self.epoch_seen = self.epoch_seen.max(epoch);
@@ -290,12 +325,17 @@ impl Agent {
         self.stop().await;
         tracing::info!("switchover to {to}: stopped ({held}; {drained})");
         let server = self.server.clone();
+        let stopped = Instant::now();
         let final_lsn = tokio::task::spawn_blocking(move || server.control_checkpoint()).await??;
         let recorded = SwitchoverRequest { final_lsn: Some(final_lsn), ..sw.clone() };
         if !self.coord.update_switchover(&sw, Some(&recorded)).await? {
             tracing::warn!("the switchover request changed under us; staying primary");
             return self.restart_after_hand_over(&leader, None).await;
         }
+        tracing::info!(
+            "switchover to {to}: final checkpoint {final_lsn} recorded {:.1?} after the stop",
+            stopped.elapsed()
+        );
         loop {
             let replayed = self
                 .coord
@@ -345,6 +385,7 @@ impl Agent {
         }
         let Ok(client) = self.client().await else { return };
         let started = Instant::now();
+        let mut nudged: Option<Instant> = None;
         while started.elapsed() < CATCH_UP_WAIT {
             let replayed = client
                 .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
@@ -359,6 +400,17 @@ impl Agent {
                 );
                 self.report(snapshot).await;
                 return;
+            }
+            // The final checkpoint is usually streamed already, but when the
+            // upstream's stop broke streaming, the startup process waits out
+            // what is left of wal_retrieve_retry_interval (5 s) before it
+            // reads pg_wal again (measured: 0.66 s). A reload's SIGHUP wakes
+            // it (PostgreSQL's startup process sets its wakeup latch on SIGHUP).
+            if nudged.is_none_or(|at| at.elapsed() >= NUDGE_EVERY) {
+                nudged = Some(Instant::now());
+                if let Err(e) = client.batch_execute("SELECT pg_reload_conf()").await {
+                    tracing::debug!("failed to wake the startup process: {e}");
+                }
             }
             tokio::time::sleep(HAND_OVER_POLL).await;
         }
@@ -398,28 +450,37 @@ impl Agent {
     }
 
     /// Waits until every live gateway says its proxies hold new transactions
-    /// for this switchover (see `gateway::presence`), at most
-    /// `HAND_OVER_GRACE.1`; with no gateway known, for `grace`, the time they
-    /// would need to see the report. Says what it waited for.
+    /// for this switchover (see `gateway::presence`).
     async fn wait_for_gateways_to_hold(&mut self, requested_at_ms: u64, grace: Duration) -> String {
+        self.wait_for_gateways("held new transactions", grace, |g| g.holding_for == Some(requested_at_ms)).await
+    }
+
+    /// Waits until every live gateway's presence `says` what is awaited, at
+    /// most `HAND_OVER_GRACE.1`; with no gateway known, for `grace`, the time
+    /// they would need to see what changed. Says what it waited for.
+    pub(super) async fn wait_for_gateways(
+        &mut self,
+        what: &str,
+        grace: Duration,
+        says: impl Fn(&crate::cluster::GatewayPresence) -> bool,
+    ) -> String {
         let started = Instant::now();
         loop {
             let gateways = match self.coord.snapshot().await {
                 Ok(s) => s.gateways,
                 Err(_) => Vec::new(),
             };
-            let waiting: Vec<&str> =
-                gateways.iter().filter(|g| g.holding_for != Some(requested_at_ms)).map(|g| g.region.as_str()).collect();
+            let waiting: Vec<&str> = gateways.iter().filter(|g| !says(g)).map(|g| g.region.as_str()).collect();
             if gateways.is_empty() {
                 tokio::time::sleep(grace.saturating_sub(started.elapsed())).await;
-                return format!("no gateway present; waited {grace:.1?} for proxies to see the report");
+                return format!("no gateway present; waited {grace:.1?} for proxies to see the change");
             }
             if waiting.is_empty() {
-                return format!("{} gateways held new transactions after {:.1?}", gateways.len(), started.elapsed());
+                return format!("{} gateways {what} after {:.1?}", gateways.len(), started.elapsed());
             }
             if started.elapsed() >= HAND_OVER_GRACE.1 {
                 return format!(
-                    "gateways {} did not say they hold within {:?}; going on",
+                    "gateways {} did not say they {what} within {:?}; going on",
                     waiting.join(", "),
                     HAND_OVER_GRACE.1
                 );
@@ -430,7 +491,7 @@ impl Agent {
 
     /// Once every proxy holds new transactions: waits (at most
     /// `HAND_OVER_DRAIN`) until no client transaction is open; says what it waited for.
-    async fn drain_for_hand_over(&mut self) -> String {
+    pub(super) async fn drain_for_hand_over(&mut self) -> String {
         let started = Instant::now();
         // A proxy that lent a connection just before it held has yet to send
         // the transaction's first message: give that a moment to arrive.

@@ -24,6 +24,7 @@ impl Agent {
     /// copy to start from (`Server::recover_swap`).
     pub(super) async fn clone_from(&mut self, from: &str) -> Result<()> {
         let upstream = self.upstream(from)?;
+        self.diverged = false;
         self.server.begin_clone()?;
         let mut copied = false;
         if let Some(repository) = self.clone_repository() {
@@ -101,6 +102,7 @@ impl Agent {
         let Err(e) = tokio::task::spawn_blocking(move || server.rewind(addr, &user)).await? else {
             self.fenced = false;
             self.rewind_retry_at = None;
+            self.diverged = false;
             return self.start(StartAs::Standby { upstream: Some((name, addr)) }).await;
         };
         self.rewind_retry_at = Some(Instant::now() + REWIND_RETRY);
@@ -113,8 +115,11 @@ impl Agent {
                 tracing::error!(
                     "failed to rewind ({e:#}); this copy cannot follow {name}: making a fresh copy beside it"
                 );
-                // The old copy serves reads (and stays a candidate) while the new one is made.
-                if let Err(e) = self.keep_serving((name.clone(), addr)).await {
+                // The old copy runs again (a candidate, should the leader be lost)
+                // while the new one is made: on its own timeline, following nobody,
+                // since it cannot follow the leader's (and is not healthy for readers).
+                self.diverged = true;
+                if let Err(e) = self.keep_serving_alone().await {
                     tracing::warn!("failed to restart the old copy while copying ({e:#})");
                 }
                 // One fresh copy at a time: the others keep theirs meanwhile.
@@ -138,9 +143,18 @@ impl Agent {
                 swapped?;
                 self.fenced = false;
                 self.rewind_retry_at = None;
+                self.diverged = false;
                 self.start(StartAs::Standby { upstream: Some((name, addr)) }).await
             }
         }
+    }
+
+    /// Makes sure the local copy runs, as a standby following nobody.
+    async fn keep_serving_alone(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        self.start(StartAs::Standby { upstream: None }).await
     }
 
     /// Makes sure the local copy runs as a standby of `upstream` (it may have

@@ -13,7 +13,8 @@
 //! decreases).
 //!
 //! A `restart` request naming this node restarts its server, a standby only:
-//! fast shutdown, then a start with the wanted settings and the installed
+//! once every gateway says its readers avoid the node and the transactions
+//! open on it have finished (at most a second each), fast shutdown, then a start with the wanted settings and the installed
 //! binaries, streaming from the same upstream. The request's id goes into the
 //! report (`restarted_for`), which is what the gateway waits for. A primary
 //! never restarts on a request: the gateway switches over first. An agent
@@ -132,6 +133,14 @@ impl Agent {
             if pending.is_empty() { String::new() } else { format!(": {}", pending.join("; ")) }
         );
         let started = Instant::now();
+        // The gateways' readers leave a node whose restart is requested
+        // (`routing::restarting`); once every gateway says so, the transactions
+        // open here finish before the fast shutdown would cut them.
+        let grace = super::promote::HAND_OVER_GRACE.1;
+        let moved =
+            self.wait_for_gateways("avoid this node", grace, |g| g.avoiding.as_deref() == Some(id.as_str())).await;
+        let drained = self.drain_for_hand_over().await;
+        tracing::info!("readers moved off: {moved}; {drained}");
         self.stop().await;
         self.start(start).await?;
         self.restarts.restarted_for = Some(id);

@@ -309,6 +309,12 @@ async fn take_effect(
                     s.leaving.iter().map(|n| format!("{} leaving ({})", n.name, n.detail.as_deref().unwrap_or("-"))),
                 );
                 w.extend(s.etcd_learners.iter().map(|l| format!("etcd member {l} (a learner, catching up)")));
+                w.extend(
+                    s.gateways
+                        .iter()
+                        .filter(|g| g.config_version < version)
+                        .map(|g| format!("gateway {} (version {})", g.region, g.config_version)),
+                );
                 w
             }
             Err(e) => vec![format!("the gateway's status: {e:#}")],
@@ -330,7 +336,7 @@ async fn take_effect(
         crate::lab::membership::wait_left(leaving, Duration::from_secs(30)).await?;
     }
     progress.done();
-    eprintln!("version {version} in force on every node ({:.1}s)", started.elapsed().as_secs_f64());
+    eprintln!("version {version} in force on every node and gateway ({:.1}s)", started.elapsed().as_secs_f64());
     if answer.plan.cost() >= Cost::RollingRestart {
         let pending: Vec<String> = answer
             .plan

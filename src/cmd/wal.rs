@@ -53,23 +53,39 @@ pub async fn run(args: Args) -> Result<i32> {
                 return Err(push(&pgbackrest, &pgbackrest_config, &stanza, &path));
             }
             let deadline = Instant::now() + PATIENCE;
-            tokio::task::spawn_blocking(move || loop {
+            let (conf, st) = (pgbackrest_config.clone(), stanza.clone());
+            let bin = pgbackrest.clone();
+            let waited = tokio::task::spawn_blocking(move || loop {
                 if crate::postgres::postmaster_stopping(here) {
                     anyhow::bail!("the server is shutting down; {file} is kept for its next start");
                 }
-                match crate::backup::held(&pgbackrest, &pgbackrest_config, &stanza, &file) {
-                    Ok(()) => return Ok(0),
+                // Promoted while waiting: nobody else will push it now. Before
+                // this, a promoted node's archiver sat out the rest of the wait
+                // on a file its old primary had not pushed, and its backlog
+                // (the history file too) waited behind it.
+                if !here.join("standby.signal").exists() {
+                    return Ok(false);
+                }
+                match crate::backup::held(&bin, &conf, &st, &file) {
+                    Ok(()) => return Ok(true),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => {
-                        // Look again in a second; a stop is noticed within a tenth of one.
+                        // Look again in a second; a stop or a promotion is noticed within a tenth of one.
                         let next = Instant::now() + Duration::from_secs(1);
-                        while Instant::now() < next && !crate::postgres::postmaster_stopping(here) {
+                        while Instant::now() < next
+                            && !crate::postgres::postmaster_stopping(here)
+                            && here.join("standby.signal").exists()
+                        {
                             std::thread::sleep(Duration::from_millis(100));
                         }
                     }
                 }
             })
-            .await?
+            .await??;
+            if waited {
+                return Ok(0);
+            }
+            Err(push(&pgbackrest, &pgbackrest_config, &stanza, &path))
         }
     }
 }

@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
-use crate::cluster::{DrSwitch, Epoch, HealthReport, HistoryEntry, Leader, MemberStatus, Optime, SwitchoverRequest};
+use crate::cluster::{
+    DrSwitch, Epoch, HealthReport, HistoryEntry, Leader, MemberStatus, Optime, StartPosition, SwitchoverRequest,
+};
 use crate::config::Config;
 pub use keys::{Key, Keys};
 
@@ -427,7 +429,18 @@ impl Coord {
     /// Takes `leader` for epoch `expected + 1` in one transaction, only if nobody
     /// holds `leader` and `epoch` is still `expected`. Returns the new epoch, or
     /// None when another node got there first.
-    pub async fn acquire_leader(&self, node: &str, expected: Epoch, lease: LeaseId) -> Result<Option<Epoch>> {
+    ///
+    /// `start`, when known, is recorded as the new epoch's `optime` in the same
+    /// transaction: from the moment a node leads, the last position on record
+    /// is its own, so a failover after it dies (even before its first pass as
+    /// primary) judges against the right primary, never a previous epoch's.
+    pub async fn acquire_leader(
+        &self,
+        node: &str,
+        expected: Epoch,
+        lease: LeaseId,
+        start: Option<StartPosition>,
+    ) -> Result<Option<Epoch>> {
         let epoch = expected + 1;
         let epoch_cmp = if expected == 0 {
             Compare::version(self.keys.epoch(), CompareOp::Equal, 0)
@@ -435,10 +448,22 @@ impl Coord {
             Compare::value(self.keys.epoch(), CompareOp::Equal, expected.to_string())
         };
         let leader = serde_json::to_vec(&Leader { node: node.to_string(), epoch })?;
-        let txn = Txn::new().when([Compare::version(self.keys.leader(), CompareOp::Equal, 0), epoch_cmp]).and_then([
+        let mut ops = vec![
             TxnOp::put(self.keys.epoch(), epoch.to_string(), None),
             TxnOp::put(self.keys.leader(), leader, Some(PutOptions::new().with_lease(lease))),
-        ]);
+        ];
+        if let Some(start) = start {
+            let optime = Optime {
+                node: node.to_string(),
+                region: start.region,
+                epoch,
+                lsn: start.lsn,
+                timeline: start.timeline,
+                at_ms: crate::cluster::now_ms(),
+            };
+            ops.push(TxnOp::put(self.keys.optime(), serde_json::to_vec(&optime)?, None));
+        }
+        let txn = Txn::new().when([Compare::version(self.keys.leader(), CompareOp::Equal, 0), epoch_cmp]).and_then(ops);
         let resp = self.txn("acquire leader in etcd", txn).await?;
         Ok(resp.succeeded().then_some(epoch))
     }

@@ -93,7 +93,9 @@ pub struct Workload {
     pub record: Arc<Mutex<Record>>,
 }
 
-pub async fn connect(addr: SocketAddr, c: &Credentials) -> Result<Client, String> {
+/// How a drill's client logs in to `addr`: TLS required, the drill's
+/// application name, a connect timeout. Connect with `c.tls`.
+pub fn client_config(addr: SocketAddr, c: &Credentials) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host(addr.ip().to_string())
@@ -104,6 +106,11 @@ pub async fn connect(addr: SocketAddr, c: &Credentials) -> Result<Client, String
         .application_name("meridian-drill")
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect_timeout(CONNECT_TIMEOUT);
+    config
+}
+
+pub async fn connect(addr: SocketAddr, c: &Credentials) -> Result<Client, String> {
+    let config = client_config(addr, c);
     let (client, conn) = match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(c.tls.0.clone())).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err(pg_error(&e)),

@@ -573,6 +573,13 @@ impl Model {
                 Some(LeaderEntry { leader: Leader { node: name.clone(), epoch: self.etcd.epoch }, lease });
             self.bump();
             self.check_promotion(i, kind)?;
+            // ... and records where this node starts, from its last report, as the epoch's first optime.
+            let reported = self.etcd.members.get(&name).map(|r| &r.status);
+            if let Some(lsn) = reported.and_then(|r| r.write_lsn.or(r.replay_lsn)) {
+                let (region, epoch) = (self.nodes[i].region.clone(), self.etcd.epoch);
+                self.etcd.optime =
+                    Some(Optime { node: name.clone(), region, epoch, lsn, timeline: None, at_ms: self.now });
+            }
             self.promoted.push(kind);
         } else if !held {
             return Ok(()); // the real agent's pg_promote would follow; its lease check fences it next

@@ -83,7 +83,12 @@ fn shared(config: &Config, facts: &Facts, s: &Snapshot) -> Shared {
         epoch: s.epoch,
         initialized_by: s.initialized_by.clone(),
         candidates: s.members.iter().filter_map(|m| candidate(config, m)).collect(),
-        last_primary: s.optime.as_ref().map(|o| LastPrimary {
+        // Only the current epoch's leader's position: an older one names a
+        // primary that is not the last (the model found a leader promoted by
+        // a DR switch that acknowledged a commit before it first recorded its
+        // position, and the previous epoch's primary then promoted as if it
+        // were "the former primary itself").
+        last_primary: s.optime.as_ref().filter(|o| o.epoch == s.epoch).map(|o| LastPrimary {
             node: o.node.clone(),
             region: o.region.clone(),
             lsn: o.lsn,

@@ -543,6 +543,7 @@ mod tests {
             backups: Vec::new(),
             etcd_learners: Vec::new(),
             vouched: Some(vec!["b".into()]),
+            gateways: Vec::new(),
             leaving: Vec::new(),
             nodes: vec![NodeStatus {
                 name: "a".into(),

@@ -23,13 +23,9 @@ pub async fn running(g: &Gateway) -> Result<PublishedConfig> {
     if let Some(p) = g.coord.published_config().await? {
         return Ok(p);
     }
-    let text = match &g.config().source {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
-        None => toml::to_string(&*g.config()).context("render the running cluster file")?,
-    };
     Ok(PublishedConfig {
         version: 0,
-        text,
+        text: g.started_with.to_string(),
         applied_by: format!("the file gateway {} started with (nothing published yet)", g.region),
         at_ms: 0,
         cost: Cost::Nothing,

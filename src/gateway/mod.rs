@@ -53,6 +53,10 @@ pub struct Gateway {
     pub etcd_certs: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
     /// The repositories' catalog as the backup schedule last read it, and when.
     pub catalog: Arc<std::sync::Mutex<Option<(std::time::Instant, crate::backup::catalog::Catalog)>>>,
+    /// The cluster file's text as this gateway read it at its start: version 0
+    /// until one is published. Kept, not read again, because operators edit
+    /// that very file before `config apply`.
+    pub started_with: Arc<str>,
 }
 
 /// Removes audit entries older than `[api] audit_retention`, every 10 minutes.
@@ -119,6 +123,8 @@ impl Gateway {
             let record = snap.sync.as_ref().filter(|r| r.epoch == snap.epoch);
             status.vouched = Some(record.map(|r| r.standbys.clone()).unwrap_or_default());
         }
+        status.gateways = snap.gateways.clone();
+        status.gateways.sort_by(|a, b| a.region.cmp(&b.region));
         if let Ok(members) = self.coord.etcd_members().await {
             status.etcd_learners = members
                 .into_iter()
@@ -137,6 +143,11 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let secrets = Arc::new(config.secrets()?);
     let identity = config.tls_identity(&format!("gateway-{region}"));
     let pg_tls = crate::tls::postgres(&identity.ca(), Some(&identity))?;
+    let started_with: Arc<str> = match &config.source {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+        None => toml::to_string(&config).context("render the cluster file")?,
+    }
+    .into();
     let config = Arc::new(config);
     let bind = |what: &'static str, addr| async move {
         TcpListener::bind(addr).await.with_context(|| format!("bind the gateway's {what} on {addr}"))
@@ -173,6 +184,7 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
         identity: identity.clone(),
         etcd_certs: Arc::default(),
         catalog: Arc::default(),
+        started_with,
     };
     tokio::spawn(etcd_certificates(gateway.clone(), shutdown.clone()));
     tokio::spawn(backup::schedule(gateway.clone(), shutdown.clone()));

@@ -1,6 +1,7 @@
 //! The gateway's presence in etcd (`gateways/<region>`, under a lease of its
-//! own): that it is alive, and for which switchover its proxies hold new
-//! transactions. A switchover's old primary counts the client transactions
+//! own): that it is alive, for which switchover its proxies hold new
+//! transactions, which restarting standby its readers avoid, and the cluster
+//! file version it routes by. A switchover's old primary counts the client transactions
 //! still open only once every live gateway says it holds: a transaction a
 //! proxy began after that count would be cut by the shutdown. Waiting for the
 //! gateways themselves, rather than a fixed time, is both shorter on one
@@ -45,7 +46,15 @@ pub async fn run(
     let mut published: Option<(GatewayPresence, i64, tokio::time::Instant)> = None;
     let mut last_error: Option<String> = None;
     loop {
-        let presence = GatewayPresence { region: region.clone(), holding_for: holding_for(&view.borrow()) };
+        let presence = {
+            let v = view.borrow();
+            GatewayPresence {
+                region: region.clone(),
+                holding_for: holding_for(&v),
+                config_version: v.config_version,
+                avoiding: routing::restarting(&v.snapshot).map(|r| r.id.clone()),
+            }
+        };
         let lease_id = lease.id();
         let due =
             published.as_ref().is_none_or(|(p, id, at)| *p != presence || *id != lease_id || at.elapsed() >= REPUBLISH);

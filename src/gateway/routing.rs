@@ -85,13 +85,24 @@ pub fn leader_node(config: &Config, snap: &Snapshot) -> Option<Backend> {
     Some(Backend { node: l.node.clone(), address: node.address, epoch: Some(l.epoch) })
 }
 
+/// The node a rolling restart is about to restart (its `restart` request is
+/// not carried out yet): readers move off it before its server stops.
+pub fn restarting(snap: &Snapshot) -> Option<&crate::cluster::RestartRequest> {
+    let req = snap.restart.as_ref()?;
+    let done = snap.members.iter().any(|m| m.node == req.node && m.restarted_for.as_deref() == Some(req.id.as_str()));
+    (!done).then_some(req)
+}
+
 /// Standbys of `region` that readers may use: streaming, healthy, reporting,
-/// and within `max_lag`. Sorted by name so that callers can spread load.
+/// within `max_lag`, and not about to restart. Sorted by name so that callers
+/// can spread load.
 pub fn readers(config: &Config, snap: &Snapshot, region: &str, max_lag: LagBudget) -> Vec<Backend> {
+    let restarting = restarting(snap).map(|r| r.node.as_str());
     let mut out: Vec<Backend> = snap
         .members
         .iter()
         .filter(|m| m.region == region && m.role == Role::Replica && m.healthy && m.is_fresh())
+        .filter(|m| restarting != Some(m.node.as_str()))
         .filter(|m| match max_lag {
             LagBudget::Bytes(b) => m.lag_bytes.is_some_and(|l| l <= b),
             LagBudget::Time(t) => m.lag_seconds.is_some_and(|l| l <= t.as_secs_f64()),
@@ -225,5 +236,26 @@ pub(crate) mod tests {
         assert!(readers(&config, &snap, "witness", budget).is_empty());
         snap.members[1].healthy = false;
         assert!(readers(&config, &snap, "ap-south-1", budget).is_empty());
+    }
+
+    #[test]
+    fn readers_leave_a_standby_whose_restart_is_requested_until_it_is_carried_out() {
+        let (config, mut snap) = cluster();
+        let budget = LagBudget::Bytes(16 << 20);
+        let req = crate::cluster::RestartRequest {
+            id: "r1".into(),
+            node: "ap-south-1b".into(),
+            reason: "test".into(),
+            requested_by: "ap-south-1".into(),
+            requested_at_ms: NOW,
+        };
+        snap.restart = Some(req);
+        assert_eq!(restarting(&snap).map(|r| r.id.as_str()), Some("r1"));
+        assert!(readers(&config, &snap, "ap-south-1", budget).is_empty());
+        assert_eq!(readers(&config, &snap, "ap-northeast-1", budget).len(), 1, "other nodes are not affected");
+        let i = snap.members.iter().position(|m| m.node == "ap-south-1b").unwrap();
+        snap.members[i].restarted_for = Some("r1".into());
+        assert!(restarting(&snap).is_none(), "carried out: the request waits only for the gateway to remove it");
+        assert_eq!(readers(&config, &snap, "ap-south-1", budget).len(), 1);
     }
 }

@@ -20,6 +20,8 @@ pub const CLOSE: u8 = b'C';
 pub const SYNC: u8 = b'S';
 pub const TERMINATE: u8 = b'X';
 pub const FUNCTION_CALL: u8 = b'F';
+pub const EXECUTE: u8 = b'E';
+pub const FLUSH: u8 = b'H';
 
 /// Backend message types it looks into.
 pub const READY_FOR_QUERY: u8 = b'Z';
@@ -211,8 +213,10 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
 pub enum Seen {
     /// ReadyForQuery with its status byte.
     Ready(u8),
-    /// A ParameterStatus after login: the session changed a reported setting.
-    Parameter(String),
+    /// A ParameterStatus after login: a reported setting changed (by the
+    /// session, or by the server's own state, as `in_hot_standby` when a
+    /// standby is promoted), at `offset` and `len` bytes long.
+    Parameter { name: String, offset: usize, len: usize },
     /// An ErrorResponse: its SQLSTATE, its message, and whether it is FATAL
     /// or PANIC (the server closes the connection after it), at `offset`
     /// and `len` bytes long.
@@ -268,7 +272,9 @@ impl ServerScan {
                     let m = &rest[..total];
                     seen.push(match kind {
                         READY_FOR_QUERY => Seen::Ready(*m.get(5).context("a ReadyForQuery without status")?),
-                        PARAMETER_STATUS => Seen::Parameter(cstr(body(m))?.0.to_string()),
+                        PARAMETER_STATUS => {
+                            Seen::Parameter { name: cstr(body(m))?.0.to_string(), offset: at, len: total }
+                        }
                         ERROR_RESPONSE => {
                             let field = |f| error_field(m, f).unwrap_or_default();
                             Seen::Error {
@@ -386,6 +392,9 @@ mod tests {
         wire.put_i32(104);
         wire.put_slice(&[7u8; 100]);
         wire.put_slice(&error("40001", "m", "h"));
+        wire.put_u8(PARAMETER_STATUS);
+        wire.put_i32(4 + 15 + 4);
+        wire.put_slice(b"in_hot_standby\0off\0");
         wire.put_slice(&ready_for_query(b'I'));
         let mut scan = ServerScan::default();
         let mut seen = Vec::new();
@@ -402,6 +411,7 @@ mod tests {
             vec![
                 Seen::Complete { kind: PARSE_COMPLETE, offset: 0 },
                 Seen::Error { code: "40001".into(), message: "m".into(), fatal: false, offset: 0, len: error_len },
+                Seen::Parameter { name: "in_hot_standby".into(), offset: error_len, len: 24 },
                 Seen::Ready(b'I')
             ]
         );

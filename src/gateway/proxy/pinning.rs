@@ -13,6 +13,9 @@
 //! not pin.
 
 use std::fmt;
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
 
 /// Why a session is pinned to its server connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,17 +88,40 @@ pub enum Boundary {
 
 /// The first reason `sql` pins its session, if any.
 pub fn pins(sql: &str) -> Option<Pin> {
+    if !PIN_WORDS.is_match(sql) {
+        return None;
+    }
     statements(sql).iter().find_map(|words| statement_pins(words))
 }
 
 /// Whether any statement of `sql` opens a transaction block.
 pub fn begins_transaction(sql: &str) -> bool {
+    if !BEGIN_WORDS.is_match(sql) {
+        return false;
+    }
     statements(sql).iter().any(|w| boundary_of(w) == Boundary::Begin)
 }
 
 /// What the first statement of `sql` does to the transaction.
 pub fn boundary(sql: &str) -> Boundary {
+    if !BOUNDARY_WORDS.is_match(sql) {
+        return Boundary::Other;
+    }
     statements(sql).first().map(|w| boundary_of(w)).unwrap_or(Boundary::Other)
+}
+
+/// Text without any of these (in any case, anywhere, even inside a longer
+/// word) cannot pin: each rule below needs one of them as a word. Most
+/// statements of a workload have none, and are not lexed at all.
+static PIN_WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+    words(&["SET", "TEMP", "LISTEN", "DECLARE", "PREPARE", "LOAD", "DEALLOCATE", "DISCARD", "ADVISORY"])
+});
+static BEGIN_WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| words(&["BEGIN", "START"]));
+static BOUNDARY_WORDS: LazyLock<AhoCorasick> =
+    LazyLock::new(|| words(&["BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"]));
+
+fn words(w: &[&str]) -> AhoCorasick {
+    AhoCorasick::builder().ascii_case_insensitive(true).build(w).expect("a handful of fixed words")
 }
 
 fn boundary_of(words: &[String]) -> Boundary {
@@ -263,6 +289,34 @@ mod tests {
         ];
         for (sql, want) in cases {
             assert_eq!(pins(sql), *want, "{sql}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The quick look only skips text that the lexer would find nothing in.
+        #[test]
+        fn the_quick_look_changes_no_answer(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "set", "SET", "local", "session", "temp", "TEMPORARY", "create", "table", "listen", "declare", "c",
+                "cursor", "with", "hold", "for", "prepare", "load", "deallocate", "discard", "all",
+                "pg_advisory_lock", "set_config", "into", "begin", "start", "transaction", "commit", "end",
+                "rollback", "abort", "to", "select", "1", "true", "false", "'x'", "$$", "--", "\n", "/*", "*/",
+                ";", "(", ")", ",", "\"", "x", "preparedness", "offset", "unloaded",
+            ]), 0..12)
+        ) {
+            let sql = parts.join(" ");
+            let lexed = statements(&sql);
+            proptest::prop_assert_eq!(pins(&sql), lexed.iter().find_map(|w| statement_pins(w)), "{}", sql);
+            proptest::prop_assert_eq!(
+                begins_transaction(&sql),
+                lexed.iter().any(|w| boundary_of(w) == Boundary::Begin),
+                "{}", sql
+            );
+            proptest::prop_assert_eq!(
+                boundary(&sql),
+                lexed.first().map(|w| boundary_of(w)).unwrap_or(Boundary::Other),
+                "{}", sql
+            );
         }
     }
 

@@ -120,9 +120,28 @@ impl Pool {
     /// others), or room to open one; None when the pool is full.
     fn take(&self, usable: &dyn Fn(&Backend) -> bool, size: usize) -> Option<Taken> {
         let mut st = lock(&self.state);
-        let (keep, gone): (Vec<ServerConn>, Vec<ServerConn>) =
-            std::mem::take(&mut st.idle).into_iter().partition(|c| usable(&c.backend));
-        st.idle = keep;
+        // One verdict per backend, not per connection: idle connections mostly
+        // share one, and each verdict reads the view and works out the routing.
+        let mut verdicts: Vec<((std::net::SocketAddr, Option<crate::cluster::Epoch>), bool)> = Vec::new();
+        let mut gone = Vec::new();
+        let mut i = 0;
+        while i < st.idle.len() {
+            let backend = &st.idle[i].backend;
+            let key = (backend.address, backend.epoch);
+            let ok = match verdicts.iter().find(|(k, _)| *k == key) {
+                Some((_, ok)) => *ok,
+                None => {
+                    let ok = usable(backend);
+                    verdicts.push((key, ok));
+                    ok
+                }
+            };
+            if ok {
+                i += 1;
+            } else {
+                gone.push(st.idle.remove(i));
+            }
+        }
         st.open -= gone.len();
         gone.into_iter().for_each(ServerConn::close);
         let taken = match st.idle.pop() {

@@ -41,6 +41,10 @@ pub type CancelSlot = Mutex<Option<(std::net::SocketAddr, i32, i32)>>;
 /// A client message longer than this is refused (PostgreSQL's own bound is 1 GB).
 pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024 * 1024;
 
+/// Reported settings that describe the server, not the session: a change
+/// neither pins the session nor reaches the client.
+const SERVER_STATE: [&str; 1] = ["in_hot_standby"];
+
 const RETRY_HINT: &str = "retry the transaction: the next one runs on the current primary";
 
 /// The server connection a client holds, and what is owed on it.
@@ -55,6 +59,35 @@ struct Held {
     begins: bool,
     /// How to treat the coming ParseComplete and CloseComplete.
     expect: VecDeque<Expect>,
+    /// Extended-protocol messages were sent since the last Sync: the client
+    /// is in the middle of a run, whose answers only this server can give.
+    open_run: bool,
+}
+
+impl Held {
+    /// Nothing owed, no transaction, no run begun: free for another client.
+    fn idle(&self) -> bool {
+        self.owed == 0 && self.status == b'I' && !self.open_run
+    }
+}
+
+/// Whether a run of extended-protocol messages is still open after `batch`
+/// (`open`: whether one was before it). A read can end anywhere, so a batch
+/// may end after a Parse whose Describe and Sync come in the next one (a
+/// client catching up after a pause sends its Close, Sync and next Parse at
+/// once); the run's answers, ParseComplete included, come from the server
+/// that was sent its first message. COPY data and the like open nothing.
+fn run_open_after(batch: &[BytesMut], open: bool) -> bool {
+    batch.iter().fold(open, |open, m| match messages::tag(m) {
+        messages::SYNC | messages::QUERY | messages::FUNCTION_CALL => false,
+        messages::PARSE
+        | messages::BIND
+        | messages::DESCRIBE
+        | messages::EXECUTE
+        | messages::CLOSE
+        | messages::FLUSH => true,
+        _ => open,
+    })
 }
 
 pub struct Session<'a> {
@@ -66,6 +99,9 @@ pub struct Session<'a> {
     held: Option<Held>,
     /// The server of this client's open transaction went away (its name).
     lost: Option<String>,
+    /// The server of this client's unfinished run went away (its name),
+    /// outside a transaction block: the run's Sync is answered with an error.
+    broken_run: Option<String>,
     pinned: Option<Pin>,
 }
 
@@ -86,6 +122,7 @@ impl<'a> Session<'a> {
             statements: ClientStatements::default(),
             held: None,
             lost: None,
+            broken_run: None,
             pinned: None,
         }
     }
@@ -96,7 +133,7 @@ impl<'a> Session<'a> {
         let result = self.serve(&mut view, &shutdown).await;
         if let Some(h) = self.held.take() {
             // Idle and unpinned: as good as given back between transactions.
-            let reusable = h.owed == 0 && h.status == b'I' && self.pinned.is_none() && result.is_ok();
+            let reusable = h.idle() && self.pinned.is_none() && result.is_ok();
             self.give_back(h, reusable);
         }
         result
@@ -160,6 +197,23 @@ impl<'a> Session<'a> {
             Some(i) => (batch[..i].to_vec(), true),
             None => (batch, false),
         };
+        let batch = match self.broken_run.clone() {
+            Some(node) => match batch.iter().position(|m| messages::tag(m) == messages::SYNC) {
+                // Still inside the broken run: its Sync answers for all of it.
+                None => return Ok(!terminate),
+                Some(i) => {
+                    self.broken_run = None;
+                    let msg = format!(
+                        "meridian: the connection to {node} was lost during this request; it may or may not have committed"
+                    );
+                    let mut out = messages::error("08006", &msg, RETRY_HINT);
+                    out.extend_from_slice(&messages::ready_for_query(b'I'));
+                    send(self.client.get_mut(), &out).await.context("tell the client")?;
+                    batch[i + 1..].to_vec()
+                }
+            },
+            None => batch,
+        };
         if batch.is_empty() {
             return Ok(!terminate);
         }
@@ -194,6 +248,7 @@ impl<'a> Session<'a> {
                         status: b'I',
                         begins: false,
                         expect: VecDeque::new(),
+                        open_run: false,
                     });
                     self.proxy.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -225,6 +280,7 @@ impl<'a> Session<'a> {
             }
             prepared::translate(m, &mut self.statements, &mut h.conn.statements, &mut out, &mut h.expect)?;
         }
+        h.open_run = run_open_after(&batch, h.open_run);
         if let Err(e) = send(&mut h.conn.stream, &out).await {
             let why = format!("{}: {e}", h.conn.backend.node);
             return self.server_lost(&why).await;
@@ -265,7 +321,15 @@ impl<'a> Session<'a> {
                     tracing::debug!("{} answered an error ({code}): {message}", h.conn.backend.node);
                     prepared::failed(&mut h.conn.statements, &mut h.expect)
                 }
-                Seen::Parameter(_) => pin = Some(Pin::ReportedSetting),
+                // The server's own state, not the session's: a standby promoted
+                // under a reader's transaction says so to every session. Pinning
+                // there kept readers on the new primary for good (CI, twice); the
+                // client's session is with the proxy, whose servers come and go.
+                Seen::Parameter { name, offset, len } if SERVER_STATE.contains(&name.as_str()) => {
+                    tracing::debug!("{} reported {name} changed; not passed on", h.conn.backend.node);
+                    edits.push((offset, len, None));
+                }
+                Seen::Parameter { .. } => pin = Some(Pin::ReportedSetting),
                 Seen::Ready(status) => {
                     prepared::ready(&mut h.expect);
                     h.owed = h.owed.saturating_sub(1);
@@ -277,7 +341,7 @@ impl<'a> Session<'a> {
             }
         }
         messages::edit_messages(&mut out, &edits);
-        let idle = h.owed == 0 && h.status == b'I';
+        let idle = h.idle();
         if let Some(p) = pin {
             self.pin(p);
         }
@@ -301,7 +365,7 @@ impl<'a> Session<'a> {
         let Some(h) = self.held.take() else { return Ok(true) };
         let node = h.conn.backend.node.clone();
         let mid_message = h.scan.in_message();
-        let (owed, in_block) = (h.owed, h.status != b'I' || h.begins);
+        let (owed, in_block, open_run) = (h.owed, h.status != b'I' || h.begins, h.open_run);
         self.give_back(h, false);
         if self.pinned.is_some() || mid_message {
             self.proxy.stats.lost_sessions.fetch_add(1, Ordering::Relaxed);
@@ -314,8 +378,12 @@ impl<'a> Session<'a> {
             let _ = send(self.client.get_mut(), &super::error_response("57P01", &why)).await;
             return Ok(false);
         }
+        if open_run && !in_block {
+            // Inside a block the run's Sync is answered as the block's loss is.
+            self.broken_run = Some(node.clone());
+        }
         if owed == 0 && !in_block {
-            return Ok(true); // between transactions: nothing was lost
+            return Ok(true); // between transactions: nothing was lost (or answered at the run's Sync)
         }
         self.proxy.stats.lost_transactions.fetch_add(1, Ordering::Relaxed);
         let mut out = BytesMut::new();
@@ -598,7 +666,8 @@ impl Proxy {
 
     /// Whether a new transaction may go to `backend`: the writer of a fresh
     /// view (none while a switchover is in progress: new transactions wait),
-    /// or for the reader port a usable standby or the writer it falls back to.
+    /// or for the reader port a usable standby, or the writer it falls back to
+    /// while there is none (so reads return to a standby once one is back).
     fn serves_new_transactions(&self, backend: &super::routing::Backend) -> bool {
         let current = self.view.borrow();
         let config = &current.config;
@@ -608,10 +677,12 @@ impl Proxy {
         match self.port {
             Port::Writer => is_writer,
             Port::Reader => {
-                is_writer
-                    || super::routing::readers(config, snap, &self.region, config.proxy.max_reader_lag)
-                        .iter()
-                        .any(|r| r.node == backend.node)
+                let readers = super::routing::readers(config, snap, &self.region, config.proxy.max_reader_lag);
+                if readers.is_empty() {
+                    is_writer
+                } else {
+                    readers.iter().any(|r| r.node == backend.node)
+                }
             }
         }
     }
@@ -666,4 +737,42 @@ fn reports(greeting: &[u8], name: &str, value: &str) -> bool {
 async fn send<W: tokio::io::AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(tags: &[u8]) -> Vec<BytesMut> {
+        tags.iter().map(|t| BytesMut::from(&[*t, 0, 0, 0, 4][..])).collect()
+    }
+
+    #[test]
+    fn a_run_stays_open_until_its_sync_whatever_the_batches() {
+        let table: &[(&[u8], bool, bool)] = &[
+            // A Close and its Sync, then the next Parse, read together (the drill's catch-up).
+            (b"CSP", false, true),
+            (b"DS", true, false),
+            (b"PBDES", false, false),
+            (b"PBD", false, true),
+            (b"E", true, true),
+            (b"S", true, false),
+            (b"Q", false, false),
+            // Parse and Flush: the answer comes before any Sync.
+            (b"PH", false, true),
+            // COPY data after a Query opens nothing; its CopyDone neither.
+            (b"dc", false, false),
+            (b"d", true, true),
+            (b"F", true, false),
+        ];
+        for (tags, before, after) in table {
+            assert_eq!(
+                run_open_after(&messages(tags), *before),
+                *after,
+                "{} after an {} run",
+                String::from_utf8_lossy(tags),
+                if *before { "open" } else { "closed" }
+            );
+        }
+    }
 }

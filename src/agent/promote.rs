@@ -493,8 +493,9 @@ impl Agent {
     /// `HAND_OVER_DRAIN`) until no client transaction is open; says what it waited for.
     pub(super) async fn drain_for_hand_over(&mut self) -> String {
         let started = Instant::now();
-        // A proxy that lent a connection just before it held has yet to send
-        // the transaction's first message: give that a moment to arrive.
+        // A gateway says it holds only once its lent transactions have had a
+        // first answer (`gateway::presence`); this moment is for a client
+        // connected directly, whose statement may be on its way.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let Ok(client) = self.client().await else { return "no session to the server".into() };
         let open = loop {

@@ -197,9 +197,10 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     {
         let (config, identity, coord, view) = (config.clone(), identity.clone(), coord.clone(), view.clone());
         let (region, shutdown) = (region.to_string(), shutdown.clone());
+        let proxies = vec![writer.stats.clone(), reader.stats.clone()];
         tokio::spawn(async move {
             match crate::agent::lease::LeaseKeeper::start(&config, &identity, shutdown.clone()).await {
-                Ok(Some(lease)) => presence::run(coord, lease, region, view, shutdown).await,
+                Ok(Some(lease)) => presence::run(coord, lease, region, view, proxies, shutdown).await,
                 Ok(None) => {}
                 Err(e) => tracing::error!("failed to {e:#}; this gateway's presence is not published"),
             }

@@ -5,13 +5,19 @@
 //! still open only once every live gateway says it holds: a transaction a
 //! proxy began after that count would be cut by the shutdown. Waiting for the
 //! gateways themselves, rather than a fixed time, is both shorter on one
-//! machine and safe across a slow WAN.
+//! machine and safe across a slow WAN. A gateway says it holds only once
+//! every transaction it lent an old primary's connection before the hold
+//! has had its server's first answer (`pooled::LeaderLend`): one still on
+//! its way would reach the server after the count.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::proxy::ProxyStats;
 use super::routing;
 use super::view::View;
 use crate::agent::lease::LeaseKeeper;
@@ -22,6 +28,11 @@ use crate::coord::Coord;
 /// Written again this often (and whenever the lease changed), so that a
 /// write lost to an etcd hiccup does not last.
 const REPUBLISH: Duration = Duration::from_secs(5);
+
+/// At most this long for lent transactions to reach their server before
+/// saying the proxies hold (a server login or a request stuck longer is the
+/// old primary's drain's to wait for, or to cut).
+const LEND_WAIT: Duration = Duration::from_millis(500);
 
 /// The switchover this view's proxies hold new transactions for: one is in
 /// progress and the view names no writer (for new sessions, in session mode).
@@ -41,6 +52,7 @@ pub async fn run(
     lease: LeaseKeeper,
     region: String,
     mut view: watch::Receiver<View>,
+    proxies: Vec<Arc<ProxyStats>>,
     shutdown: CancellationToken,
 ) {
     let mut published: Option<(GatewayPresence, i64, tokio::time::Instant)> = None;
@@ -55,6 +67,24 @@ pub async fn run(
                 avoiding: routing::restarting(&v.snapshot).map(|r| r.id.clone()),
             }
         };
+        let newly_holding = presence.holding_for.is_some()
+            && published.as_ref().is_none_or(|(p, _, _)| p.holding_for != presence.holding_for);
+        if newly_holding {
+            // Looked at after the view, as the proxies count a lend before
+            // they look at the view again: none outstanding now means none
+            // will reach the old primary after its count.
+            let outstanding = || proxies.iter().map(|p| p.leader_lends.load(Ordering::SeqCst)).sum::<u64>();
+            let started = tokio::time::Instant::now();
+            while outstanding() > 0 && started.elapsed() < LEND_WAIT {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            match outstanding() {
+                0 => tracing::debug!("no lent transaction unanswered after {:.1?}", started.elapsed()),
+                n => {
+                    tracing::warn!("{n} lent transactions still unanswered after {LEND_WAIT:?}; saying we hold anyway")
+                }
+            }
+        }
         let lease_id = lease.id();
         let due =
             published.as_ref().is_none_or(|(p, id, at)| *p != presence || *id != lease_id || at.elapsed() >= REPUBLISH);

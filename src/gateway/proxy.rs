@@ -90,6 +90,8 @@ pub struct ProxyStats {
     pub pinned_by: [AtomicU64; pinning::Pin::ALL.len()],
     /// Transaction mode's server connections.
     pub pools: pool::Pools,
+    /// Transactions lent a leader's connection whose server has not answered yet (`pooled::LeaderLend`).
+    pub leader_lends: AtomicU64,
 }
 
 impl ProxyStats {

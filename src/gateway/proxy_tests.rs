@@ -261,3 +261,27 @@ async fn a_gateway_says_it_holds_only_while_a_switchover_leaves_no_writer() {
     snap.switchover.as_mut().unwrap().aborted = Some("late".into());
     assert_eq!(super::presence::holding_for(&view(&config, snap)), None, "an aborted request is not held for");
 }
+
+#[tokio::test(start_paused = true)]
+async fn pooled_readers_on_the_primary_take_no_new_transaction_there_once_the_view_is_stale() {
+    let config = config().await;
+    let mut snap = led_by(A, 2, 0);
+    snap.members[1].healthy = false; // no usable standby: reads fall back to the primary
+    let (_tx, rx) = watch::channel(view(&config, snap));
+    let proxy = Proxy::new("ap-south-1".into(), Port::Reader, rx, None);
+    let address = |n: &str| config.node(n).unwrap().1.address;
+    let primary = super::routing::Backend { node: A.into(), address: address(A), epoch: Some(2) };
+    let standby = super::routing::Backend { node: B.into(), address: address(B), epoch: None };
+    assert!(proxy.serves_new_transactions(&primary), "fresh view, no standby: the primary serves reads");
+    assert!(!proxy.serves_new_transactions(&standby), "an unhealthy standby does not");
+    // etcd stops answering: this view could miss a switchover of A.
+    tokio::time::advance(config.failover.lease_ttl / 2 + Duration::from_millis(1)).await;
+    assert!(!proxy.serves_new_transactions(&primary), "a stale view must not lend the primary's connections");
+    assert!(!proxy.serves_new_transactions(&standby), "nor a standby the last view called unhealthy");
+
+    let (_tx, rx) = watch::channel(view(&config, led_by(A, 2, 0)));
+    let proxy = Proxy::new("ap-south-1".into(), Port::Reader, rx, None);
+    tokio::time::advance(config.failover.lease_ttl / 2 + Duration::from_millis(1)).await;
+    assert!(proxy.serves_new_transactions(&standby), "a stale view still lends the last known standby");
+    assert!(!proxy.serves_new_transactions(&primary));
+}

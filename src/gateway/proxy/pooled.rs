@@ -62,6 +62,31 @@ struct Held {
     /// Extended-protocol messages were sent since the last Sync: the client
     /// is in the middle of a run, whose answers only this server can give.
     open_run: bool,
+    /// Lent by a leader until the server's first answer (see `LeaderLend`).
+    lend: Option<LeaderLend>,
+}
+
+/// A transaction a proxy lent a leader's connection to, until the server's
+/// first answer: only then can the old primary of a switchover count it as
+/// open. While any is outstanding the gateway does not say it holds new
+/// transactions (`presence`), so the count misses none: before, a request
+/// sent just before the hold could reach its server just after the count,
+/// and be cut by the shutdown (seen once under heavy load: 08006).
+pub struct LeaderLend(Arc<super::ProxyStats>);
+
+impl LeaderLend {
+    /// Counts a lend; taken *before* the view is looked at again, so that a
+    /// gateway that saw the hold and then no lend outstanding is never wrong.
+    fn take(stats: &Arc<super::ProxyStats>) -> LeaderLend {
+        stats.leader_lends.fetch_add(1, Ordering::SeqCst);
+        LeaderLend(stats.clone())
+    }
+}
+
+impl Drop for LeaderLend {
+    fn drop(&mut self) {
+        self.0.leader_lends.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Held {
@@ -238,10 +263,11 @@ impl<'a> Session<'a> {
                 return Ok(!terminate);
             }
             match self.proxy.acquire(&self.pool).await {
-                Ok(conn) => {
+                Ok((conn, lend)) => {
                     *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((conn.backend.address, conn.pid, conn.secret));
                     self.held = Some(Held {
+                        lend,
                         conn,
                         scan: ServerScan::default(),
                         owed: 0,
@@ -291,6 +317,8 @@ impl<'a> Session<'a> {
     /// Forwards what the server sent; gives the connection back when it is idle.
     async fn on_server(&mut self) -> Result<()> {
         let h = self.held.as_mut().expect("reading a held connection");
+        // The server has read the request: a switchover's count sees it now.
+        h.lend = None;
         let mut seen = Vec::new();
         let ready = h.scan.scan(&h.conn.buf, &mut seen).context("read the server's messages")?;
         let mut out = h.conn.buf.split_to(ready);
@@ -530,7 +558,7 @@ impl Proxy {
             // The pool's first client: a server login proves the database
             // exists and the role may connect, and gives the greeting.
             None => match self.acquire(&pool).await {
-                Ok(conn) => {
+                Ok((conn, _lend)) => {
                     pool.give_back(conn, true);
                     pool.greeting().unwrap_or_default()
                 }
@@ -560,7 +588,7 @@ impl Proxy {
     /// An idle one whose server has said something or closed since (a FATAL
     /// at shutdown, a crash) is closed and another taken: a request is only
     /// ever sent to a connection that looked alive.
-    pub(super) async fn acquire(&self, pool: &Pool) -> Result<ServerConn, super::login::Refused> {
+    pub(super) async fn acquire(&self, pool: &Pool) -> Result<(ServerConn, Option<LeaderLend>), super::login::Refused> {
         let config = self.config();
         let size = config.proxy.pool_size(&pool.key.user, &pool.key.database);
         let until = tokio::time::Instant::now() + config.proxy.leader_wait;
@@ -575,13 +603,23 @@ impl Proxy {
                 )
                 .await?;
             use futures_util::FutureExt;
-            match conn.stream.read_buf(&mut conn.buf).now_or_never() {
-                None => return Ok(conn),
-                Some(_) => {
-                    tracing::debug!("an idle connection to {} had closed; taking another", conn.backend.node);
-                    pool.give_back(conn, false);
-                }
+            if conn.stream.read_buf(&mut conn.buf).now_or_never().is_some() {
+                tracing::debug!("an idle connection to {} had closed; taking another", conn.backend.node);
+                pool.give_back(conn, false);
+                continue;
             }
+            if conn.backend.epoch.is_none() {
+                return Ok((conn, None));
+            }
+            // A leader's: counted first, then looked at again, as the
+            // gateway's presence looks at the view and then at the count.
+            let lend = LeaderLend::take(&self.stats);
+            if self.serves_new_transactions(&conn.backend) {
+                return Ok((conn, Some(lend)));
+            }
+            drop(lend);
+            tracing::debug!("{} stopped taking new transactions while one was lent; waiting", conn.backend.node);
+            pool.give_back(conn, true);
         }
     }
 
@@ -668,10 +706,17 @@ impl Proxy {
     /// view (none while a switchover is in progress: new transactions wait),
     /// or for the reader port a usable standby, or the writer it falls back to
     /// while there is none (so reads return to a standby once one is back).
-    fn serves_new_transactions(&self, backend: &super::routing::Backend) -> bool {
+    pub(in crate::gateway) fn serves_new_transactions(&self, backend: &super::routing::Backend) -> bool {
         let current = self.view.borrow();
         let config = &current.config;
-        let Some(snap) = current.fresh(self.stale_after()) else { return self.port == Port::Reader };
+        let Some(snap) = current.fresh(self.stale_after()) else {
+            // Reads are safe on any standby: those of the last view, as `pick`
+            // takes; never the primary, whose switchover this view may miss.
+            return self.port == Port::Reader
+                && super::routing::readers(config, &current.snapshot, &self.region, config.proxy.max_reader_lag)
+                    .iter()
+                    .any(|r| r.node == backend.node);
+        };
         let writer = super::routing::writer(config, snap);
         let is_writer = writer.as_ref().is_ok_and(|w| w.node == backend.node && w.epoch == backend.epoch);
         match self.port {

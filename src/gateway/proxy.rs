@@ -154,11 +154,6 @@ impl Proxy {
         self.view.borrow().config.clone()
     }
 
-    /// Older than this, the view no longer proves who the leader is.
-    fn stale_after(&self) -> Duration {
-        self.config().failover.lease_ttl / 2
-    }
-
     /// Accepts connections until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
         loop {
@@ -415,7 +410,7 @@ impl Proxy {
             let current = view.borrow_and_update().clone();
             let config = &current.config;
             let why =
-                match current.fresh(self.stale_after()) {
+                match current.routable() {
                     Some(snap) => {
                         if self.port == Port::Reader {
                             let max_lag = config.proxy.max_reader_lag;
@@ -471,7 +466,7 @@ impl Proxy {
                 return std::future::pending().await;
             }
             let current = view.borrow_and_update().clone();
-            if let Some(snap) = current.fresh(self.stale_after()) {
+            if let Some(snap) = current.routable() {
                 let leader = routing::leader_node(&current.config, snap);
                 if leader.as_ref().map(|l| (&l.node, l.epoch)) != Some((&backend.node, backend.epoch)) {
                     return;

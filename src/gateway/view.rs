@@ -50,6 +50,14 @@ impl View {
     pub fn fresh(&self, max_age: Duration) -> Option<&Snapshot> {
         self.read_at.filter(|t| t.elapsed() <= max_age).map(|_| self.snapshot.as_ref())
     }
+
+    /// The snapshot, if it still proves who the leader is: read within half
+    /// the lease's time to live. (Of the view's own config, so that no
+    /// caller borrows the watch channel twice: a second read lock while a
+    /// writer waits deadlocks, and once froze a gateway's proxies.)
+    pub fn routable(&self) -> Option<&Snapshot> {
+        self.fresh(self.config.failover.lease_ttl / 2)
+    }
 }
 
 /// Starts the task that keeps the view current; it ends with `shutdown`.

@@ -101,7 +101,7 @@ fn initial_serial() -> u32 {
 /// What every name answers now; a view older than half the lease TTL counts as none.
 fn current_names(view: &View) -> Names {
     let config = &view.config;
-    let snap = view.fresh(config.failover.lease_ttl / 2);
+    let snap = view.routable();
     let verdicts = snap
         .map(|s| aggregate(&config.health, &s.health).into_iter().map(|(k, v)| (k, v.healthy)).collect())
         .unwrap_or_default();

@@ -514,7 +514,7 @@ impl Proxy {
             return true;
         }
         let current = self.view.borrow();
-        let Some(snap) = current.fresh(self.stale_after()) else { return true };
+        let Some(snap) = current.routable() else { return true };
         super::routing::leader_node(&current.config, snap)
             .is_some_and(|l| l.node == backend.node && l.epoch == backend.epoch)
     }
@@ -709,7 +709,7 @@ impl Proxy {
     pub(in crate::gateway) fn serves_new_transactions(&self, backend: &super::routing::Backend) -> bool {
         let current = self.view.borrow();
         let config = &current.config;
-        let Some(snap) = current.fresh(self.stale_after()) else {
+        let Some(snap) = current.routable() else {
             // Reads are safe on any standby: those of the last view, as `pick`
             // takes; never the primary, whose switchover this view may miss.
             return self.port == Port::Reader

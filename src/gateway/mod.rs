@@ -12,6 +12,7 @@ pub mod backup;
 pub mod config_api;
 pub mod dns;
 pub mod health;
+pub mod liveness;
 pub mod operations;
 pub mod presence;
 pub mod proxy;
@@ -157,6 +158,14 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     let reader_listener = bind("reader port", addrs.reader).await?;
     let coord = Coord::connect(&config, &identity).await?;
     let view = view::spawn(coord.clone(), config.clone(), region.to_string(), shutdown.clone());
+    liveness::start(tokio::runtime::Handle::current(), liveness::FROZEN_AFTER, shutdown.clone(), |since| {
+        tracing::error!(
+            "this gateway's runtime has run no task for {since:.1?} (a deadlock or a stall): exiting with status {}, so that its leases lapse and its supervisor starts it afresh",
+            liveness::FROZEN_EXIT
+        );
+        std::process::exit(liveness::FROZEN_EXIT);
+    })
+    .context("start the runtime check's thread")?;
 
     // The proxy ports present the gateway's certificate, as the API does, and
     // log clients in themselves so that the leg to PostgreSQL is TLS too.

@@ -124,9 +124,9 @@ pub struct Session<'a> {
     held: Option<Held>,
     /// The server of this client's open transaction went away (its name).
     lost: Option<String>,
-    /// The server of this client's unfinished run went away (its name),
-    /// outside a transaction block: the run's Sync is answered with an error.
-    broken_run: Option<String>,
+    /// The server of this client's unfinished run went away (its name, and
+    /// why), outside a transaction block: the run's Sync is answered with an error.
+    broken_run: Option<(String, String)>,
     pinned: Option<Pin>,
 }
 
@@ -223,15 +223,12 @@ impl<'a> Session<'a> {
             None => (batch, false),
         };
         let batch = match self.broken_run.clone() {
-            Some(node) => match batch.iter().position(|m| messages::tag(m) == messages::SYNC) {
+            Some((node, why)) => match batch.iter().position(|m| messages::tag(m) == messages::SYNC) {
                 // Still inside the broken run: its Sync answers for all of it.
                 None => return Ok(!terminate),
                 Some(i) => {
                     self.broken_run = None;
-                    let msg = format!(
-                        "meridian: the connection to {node} was lost during this request; it may or may not have committed"
-                    );
-                    let mut out = messages::error("08006", &msg, RETRY_HINT);
+                    let mut out = messages::error("08006", &lost_during_request(&node, &why), RETRY_HINT);
                     out.extend_from_slice(&messages::ready_for_query(b'I'));
                     send(self.client.get_mut(), &out).await.context("tell the client")?;
                     batch[i + 1..].to_vec()
@@ -408,7 +405,7 @@ impl<'a> Session<'a> {
         }
         if open_run && !in_block {
             // Inside a block the run's Sync is answered as the block's loss is.
-            self.broken_run = Some(node.clone());
+            self.broken_run = Some((node.clone(), why.to_string()));
         }
         if owed == 0 && !in_block {
             return Ok(true); // between transactions: nothing was lost (or answered at the run's Sync)
@@ -417,8 +414,7 @@ impl<'a> Session<'a> {
         let mut out = BytesMut::new();
         let status = if in_block { b'E' } else { b'I' };
         for _ in 0..owed {
-            let msg = format!("meridian: the connection to {node} was lost during this request ({why}); it may or may not have committed");
-            out.extend_from_slice(&messages::error("08006", &msg, RETRY_HINT));
+            out.extend_from_slice(&messages::error("08006", &lost_during_request(&node, why), RETRY_HINT));
             out.extend_from_slice(&messages::ready_for_query(status));
         }
         if in_block {
@@ -477,6 +473,11 @@ impl<'a> Session<'a> {
         // A pinned connection carries the session's state: never to another client.
         self.pool.give_back(h.conn, reusable && self.pinned.is_none() && h.expect.is_empty());
     }
+}
+
+/// What a client is told of a request whose server went away under it.
+fn lost_during_request(node: &str, why: &str) -> String {
+    format!("meridian: the connection to {node} was lost during this request ({why}); it may or may not have committed")
 }
 
 /// The SQL a message carries: a Query's text, a Parse's query, or the query

@@ -7,6 +7,12 @@ pub struct Args {
     /// The region this gateway serves, as named in the cluster file.
     #[arg(long)]
     region: String,
+    /// Worker threads of the SQL proxy's writer and reader ports. One, as
+    /// PgBouncer: two workers wake each other for one another's sockets,
+    /// which cost more per transaction than the second thread gains; raise
+    /// it on a host whose gateway `proxy` thread is busy all the time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    proxy_threads: u16,
 }
 
 pub async fn run(config: &Path, args: Args) -> Result<i32> {
@@ -18,6 +24,6 @@ pub async fn run(config: &Path, args: Args) -> Result<i32> {
         Ok(_) => {}
         Err(e) => tracing::warn!("failed to {e:#}"),
     }
-    crate::gateway::run(config, &args.region, super::shutdown_on_signal()).await?;
+    crate::gateway::run(config, &args.region, args.proxy_threads.into(), super::shutdown_on_signal()).await?;
     Ok(0)
 }

@@ -139,7 +139,8 @@ impl Gateway {
 
 /// Runs the gateway of `region` until `shutdown`. Every listener is bound
 /// before anything is served, so a port clash fails the start at once.
-pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> Result<()> {
+/// `proxy_threads`: the workers of the proxy's runtime (`meridian gateway --proxy-threads`).
+pub async fn run(config: Config, region: &str, proxy_threads: usize, shutdown: CancellationToken) -> Result<()> {
     let addrs = config.region(region)?.gateway;
     let secrets = Arc::new(config.secrets()?);
     let identity = config.tls_identity(&format!("gateway-{region}"));
@@ -218,8 +219,31 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     if let Some(t) = config.failover.dr_trigger.clone() {
         tokio::spawn(trigger::watch(gateway.clone(), t, shutdown.clone()));
     }
-    let writer = tokio::spawn(writer.serve(writer_listener, shutdown.clone()));
-    let reader = tokio::spawn(reader.serve(reader_listener, shutdown.clone()));
+    // Both ports run on a runtime of their own (`proxy_threads` workers):
+    // the sockets a session relays between stay on few threads, and DNS and
+    // the API answer on the main runtime however busy the proxy is.
+    let proxy_runtime = ProxyRuntime::start(proxy_threads)?;
+    let proxy_handle = proxy_runtime.handle();
+    liveness::start(proxy_handle.clone(), liveness::FROZEN_AFTER, shutdown.clone(), |since| {
+        tracing::error!(
+            "this gateway's proxy runtime has run no task for {since:.1?} (a deadlock or a stall): exiting with status {}, so that its leases lapse and its supervisor starts it afresh",
+            liveness::FROZEN_EXIT
+        );
+        std::process::exit(liveness::FROZEN_EXIT);
+    })
+    .context("start the proxy runtime check's thread")?;
+    // Each listener is registered again from the proxy's runtime, so that its
+    // own I/O driver wakes the accept loop.
+    let serve_on = |proxy: Arc<Proxy>, listener: TcpListener| -> Result<_> {
+        let listener = listener.into_std().context("take a proxy port's listener")?;
+        let shutdown = shutdown.clone();
+        Ok(proxy_handle.spawn(async move {
+            let listener = TcpListener::from_std(listener).context("register a proxy port's listener")?;
+            proxy.serve(listener, shutdown).await
+        }))
+    };
+    let writer = serve_on(writer, writer_listener)?;
+    let reader = serve_on(reader, reader_listener)?;
     tracing::info!(
         "gateway for {region}: API {}, DNS {}, writer {}, reader {}",
         addrs.api,
@@ -237,4 +261,33 @@ pub async fn run(config: Config, region: &str, shutdown: CancellationToken) -> R
     }
     shutdown.cancel();
     Ok(())
+}
+
+/// The proxy's runtime; shut down without waiting for its tasks (open client
+/// connections) when the gateway stops, as the main runtime is.
+struct ProxyRuntime(Option<tokio::runtime::Runtime>);
+
+impl ProxyRuntime {
+    fn start(threads: usize) -> Result<ProxyRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("proxy")
+            .enable_all()
+            .build()
+            .context("start the proxy's runtime")?;
+        Ok(ProxyRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle().clone()
+    }
+}
+
+impl Drop for ProxyRuntime {
+    fn drop(&mut self) {
+        // A runtime dropped from async code would block on its workers (a panic in tokio).
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }

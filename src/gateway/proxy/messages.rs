@@ -130,15 +130,19 @@ pub fn parse_named(message: &[u8], name: &str) -> Result<BytesMut> {
     Ok(frame(PARSE, &body))
 }
 
-/// Bind with another statement name, the rest unchanged.
-pub fn bind_named(message: &[u8], name: &str) -> Result<BytesMut> {
+/// Appends to `out` the Bind `message` with another statement name, the
+/// rest unchanged (written in place: a Bind goes out with every execution).
+pub fn put_bind_named(out: &mut BytesMut, message: &[u8], name: &str) -> Result<()> {
     let (portal, rest) = cstr(body(message))?;
-    let (_, after) = cstr(rest)?;
-    let mut body = BytesMut::with_capacity(message.len() + name.len());
-    put_cstr(&mut body, portal);
-    put_cstr(&mut body, name);
-    body.put_slice(after);
-    Ok(frame(BIND, &body))
+    let (old, after) = cstr(rest)?;
+    let len = message.len() - 1 - old.len() + name.len();
+    out.reserve(len + 1);
+    out.put_u8(BIND);
+    out.put_i32(i32::try_from(len).context("a Bind too long to rename")?);
+    put_cstr(out, portal);
+    put_cstr(out, name);
+    out.put_slice(after);
+    Ok(())
 }
 
 /// Describe or Close (`kind_of_message`) of statement `name`.
@@ -375,7 +379,15 @@ mod tests {
         )
         .map_err(|_| ())
         .unwrap();
-        let renamed = bind_named(&b, "mp_abc").unwrap();
+        let mut renamed = BytesMut::from(&b"tail"[..]);
+        put_bind_named(&mut renamed, &b, "mp_abc").unwrap();
+        assert_eq!(&renamed[..4], b"tail", "appended");
+        let renamed = renamed.split_off(4);
+        assert_eq!(
+            i32::from_be_bytes(renamed[1..5].try_into().unwrap()) as usize,
+            renamed.len() - 1,
+            "the length counts itself and the body"
+        );
         assert_eq!(bind_statement(&renamed).unwrap(), "mp_abc");
         assert_eq!(&renamed[renamed.len() - 12..], &b[b.len() - 12..], "parameters unchanged");
         assert_eq!(cstr(body(&renamed)).unwrap().0, "portal");

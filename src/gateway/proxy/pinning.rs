@@ -86,20 +86,25 @@ pub enum Boundary {
     Other,
 }
 
-/// The first reason `sql` pins its session, if any.
-pub fn pins(sql: &str) -> Option<Pin> {
-    if !PIN_WORDS.is_match(sql) {
-        return None;
-    }
-    statements(sql).iter().find_map(|words| statement_pins(words))
+/// What the pooler reads in a text: the first reason it pins its session,
+/// if any, and whether any of its statements opens a transaction block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reading {
+    pub pins: Option<Pin>,
+    pub begins: bool,
 }
 
-/// Whether any statement of `sql` opens a transaction block.
-pub fn begins_transaction(sql: &str) -> bool {
-    if !BEGIN_WORDS.is_match(sql) {
-        return false;
+/// Reads `sql` once for both questions (a prepared statement's reading is
+/// kept with it, so its executions are not read again).
+pub fn read(sql: &str) -> Reading {
+    if !LOOK_WORDS.is_match(sql) {
+        return Reading::default();
     }
-    statements(sql).iter().any(|w| boundary_of(w) == Boundary::Begin)
+    let statements = statements(sql);
+    Reading {
+        pins: statements.iter().find_map(|words| statement_pins(words)),
+        begins: statements.iter().any(|w| boundary_of(w) == Boundary::Begin),
+    }
 }
 
 /// What the first statement of `sql` does to the transaction.
@@ -111,12 +116,23 @@ pub fn boundary(sql: &str) -> Boundary {
 }
 
 /// Text without any of these (in any case, anywhere, even inside a longer
-/// word) cannot pin: each rule below needs one of them as a word. Most
-/// statements of a workload have none, and are not lexed at all.
-static PIN_WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
-    words(&["SET", "TEMP", "LISTEN", "DECLARE", "PREPARE", "LOAD", "DEALLOCATE", "DISCARD", "ADVISORY"])
+/// word) can neither pin nor begin a block: each rule below needs one of them
+/// as a word. Most statements of a workload have none, and are not lexed at all.
+static LOOK_WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+    words(&[
+        "SET",
+        "TEMP",
+        "LISTEN",
+        "DECLARE",
+        "PREPARE",
+        "LOAD",
+        "DEALLOCATE",
+        "DISCARD",
+        "ADVISORY",
+        "BEGIN",
+        "START",
+    ])
 });
-static BEGIN_WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| words(&["BEGIN", "START"]));
 static BOUNDARY_WORDS: LazyLock<AhoCorasick> =
     LazyLock::new(|| words(&["BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"]));
 
@@ -288,7 +304,7 @@ mod tests {
             ("SELECT \"SET\" FROM t", None),
         ];
         for (sql, want) in cases {
-            assert_eq!(pins(sql), *want, "{sql}");
+            assert_eq!(read(sql).pins, *want, "{sql}");
         }
     }
 
@@ -306,9 +322,9 @@ mod tests {
         ) {
             let sql = parts.join(" ");
             let lexed = statements(&sql);
-            proptest::prop_assert_eq!(pins(&sql), lexed.iter().find_map(|w| statement_pins(w)), "{}", sql);
+            proptest::prop_assert_eq!(read(&sql).pins, lexed.iter().find_map(|w| statement_pins(w)), "{}", sql);
             proptest::prop_assert_eq!(
-                begins_transaction(&sql),
+                read(&sql).begins,
                 lexed.iter().any(|w| boundary_of(w) == Boundary::Begin),
                 "{}", sql
             );
@@ -332,7 +348,7 @@ mod tests {
         assert_eq!(boundary("COMMIT PREPARED 'x'"), Boundary::Other);
         assert_eq!(boundary("SELECT 1"), Boundary::Other);
         assert_eq!(boundary(""), Boundary::Other);
-        assert!(begins_transaction("SELECT 1; BEGIN; INSERT INTO t VALUES (1)"));
-        assert!(!begins_transaction("INSERT INTO t VALUES ('BEGIN')"));
+        assert!(read("SELECT 1; BEGIN; INSERT INTO t VALUES (1)").begins);
+        assert!(!read("INSERT INTO t VALUES ('BEGIN')").begins);
     }
 }

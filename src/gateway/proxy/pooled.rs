@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture};
 
 use super::messages::{self, Reader, Seen, ServerScan};
 use super::pinning::{self, Boundary, Pin};
@@ -154,8 +154,7 @@ impl<'a> Session<'a> {
 
     /// Serves the client until it leaves, breaks the protocol, or shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
-        let mut view = self.proxy.view.clone();
-        let result = self.serve(&mut view, &shutdown).await;
+        let result = self.serve(&shutdown).await;
         if let Some(h) = self.held.take() {
             // Idle and unpinned: as good as given back between transactions.
             let reusable = h.idle() && self.pinned.is_none() && result.is_ok();
@@ -164,22 +163,25 @@ impl<'a> Session<'a> {
         result
     }
 
-    async fn serve(
-        &mut self,
-        view: &mut tokio::sync::watch::Receiver<super::View>,
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Result<()> {
+        // Made once, not per event: each one made anew waits in (and then
+        // leaves) a queue behind a lock, several times a transaction.
+        let mut view_changed = ReusableBoxFuture::new(next_view_change(self.proxy.view.clone()));
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         loop {
             let event = {
                 let held = &mut self.held;
                 tokio::select! {
                     m = self.client.next() => Event::Client(m),
                     r = read_server(held), if held.is_some() => Event::Server(r),
-                    changed = view.changed(), if held.is_some() => match changed {
-                        Ok(()) => Event::ViewChanged,
-                        Err(_) => Event::Shutdown,
-                    },
-                    _ = shutdown.cancelled() => Event::Shutdown,
+                    (view, changed) = &mut view_changed, if held.is_some() => {
+                        view_changed.set(next_view_change(view));
+                        match changed {
+                            Ok(()) => Event::ViewChanged,
+                            Err(_) => Event::Shutdown,
+                        }
+                    }
+                    _ = &mut cancelled => Event::Shutdown,
                 }
             };
             match event {
@@ -242,8 +244,11 @@ impl<'a> Session<'a> {
         if self.lost.is_some() && !self.answer_lost(&batch).await? {
             return Ok(!terminate);
         }
+        let mut begins = false;
         for m in &batch {
-            if let Some(pin) = self.sql_of(m).and_then(pinning::pins) {
+            let reading = reading_of(&self.statements, m);
+            begins |= reading.begins;
+            if let Some(pin) = reading.pins {
                 self.pin(pin);
                 if pin == Pin::Deallocate {
                     if let Some(h) = self.held.as_mut() {
@@ -295,14 +300,12 @@ impl<'a> Session<'a> {
             if matches!(kind, messages::QUERY | messages::SYNC | messages::FUNCTION_CALL) {
                 h.owed += 1;
             }
-            if let Some(sql) = sql_of(&self.statements, m) {
-                h.begins |= pinning::begins_transaction(sql);
-            }
             if pinned_deallocate && kind == messages::QUERY {
                 h.conn.statements.clear();
             }
             prepared::translate(m, &mut self.statements, &mut h.conn.statements, &mut out, &mut h.expect)?;
         }
+        h.begins |= begins;
         h.open_run = run_open_after(&batch, h.open_run);
         if let Err(e) = send(&mut h.conn.stream, &out).await {
             let why = format!("{}: {e}", h.conn.backend.node);
@@ -491,12 +494,29 @@ fn sql_of<'m>(statements: &'m ClientStatements, m: &'m [u8]) -> Option<&'m str> 
     }
 }
 
+/// What the pooler reads in a message's SQL; a Bind's was read at its Parse.
+fn reading_of(statements: &ClientStatements, m: &[u8]) -> pinning::Reading {
+    match messages::tag(m) {
+        messages::BIND => messages::bind_statement(m).ok().and_then(|name| statements.reading_of(name)),
+        _ => sql_of(statements, m).map(pinning::read),
+    }
+    .unwrap_or_default()
+}
+
 /// How many ReadyForQuery answers a batch asks for.
 fn answers_owed(batch: &[BytesMut]) -> usize {
     batch
         .iter()
         .filter(|m| matches!(messages::tag(m), messages::QUERY | messages::SYNC | messages::FUNCTION_CALL))
         .count()
+}
+
+/// Resolves when the view changes (Err: the gateway is stopping), giving the receiver back.
+async fn next_view_change(
+    mut view: tokio::sync::watch::Receiver<super::View>,
+) -> (tokio::sync::watch::Receiver<super::View>, Result<(), tokio::sync::watch::error::RecvError>) {
+    let changed = view.changed().await;
+    (view, changed)
 }
 
 async fn read_server(held: &mut Option<Held>) -> std::io::Result<usize> {

@@ -21,6 +21,7 @@ use bytes::{BufMut, BytesMut};
 use sha2::{Digest, Sha256};
 
 use super::messages::{self, BIND, CLOSE, DESCRIBE, PARSE};
+use super::pinning;
 
 /// A statement name no server ever has: closing it does nothing but answer CloseComplete.
 const NOOP: &str = "meridian_noop";
@@ -37,12 +38,26 @@ struct Statement {
     query: String,
     /// The client's Parse, renamed to `server_name`.
     parse: BytesMut,
+    /// What the pooler reads in `query`, read once at Parse.
+    reading: pinning::Reading,
+}
+
+impl Statement {
+    fn new(server_name: String, query: String, parse: BytesMut) -> Statement {
+        let reading = pinning::read(&query);
+        Statement { server_name, query, parse, reading }
+    }
 }
 
 impl ClientStatements {
     /// The query of the client's statement `name` (None: unnamed or unknown).
     pub fn query_of(&self, name: &str) -> Option<&str> {
         self.by_name.get(name).map(|s| s.query.as_str())
+    }
+
+    /// What the pooler read in the query of the client's statement `name`.
+    pub fn reading_of(&self, name: &str) -> Option<pinning::Reading> {
+        self.by_name.get(name).map(|s| s.reading)
     }
 }
 
@@ -122,19 +137,19 @@ pub fn translate(
                 server.pending.insert(server_name.clone());
                 expect.push_back(Expect { fate: Fate::Forward, parsed: Some(server_name.clone()) });
             }
-            client.by_name.insert(name.to_string(), Statement { server_name, query: query.to_string(), parse });
+            client.by_name.insert(name.to_string(), Statement::new(server_name, query.to_string(), parse));
         }
         BIND => {
             let name = messages::bind_statement(message)?;
             match ensure(name, client, server, out, expect) {
-                Some(server_name) => out.put_slice(&messages::bind_named(message, &server_name)?),
+                Some(server_name) => messages::put_bind_named(out, message, server_name)?,
                 None => out.put_slice(message),
             }
         }
         DESCRIBE => {
             let (kind, name) = messages::target(message)?;
             match (kind, ensure(name, client, server, out, expect)) {
-                (b'S', Some(server_name)) => out.put_slice(&messages::target_named(DESCRIBE, &server_name)),
+                (b'S', Some(server_name)) => out.put_slice(&messages::target_named(DESCRIBE, server_name)),
                 _ => out.put_slice(message),
             }
         }
@@ -160,13 +175,13 @@ pub fn translate(
 /// The server name for the client's statement `name`, sending its Parse
 /// first if this server lacks it; None for the unnamed statement or one the
 /// client never prepared (the server then answers as it would).
-fn ensure(
+fn ensure<'c>(
     name: &str,
-    client: &ClientStatements,
+    client: &'c ClientStatements,
     server: &mut ServerStatements,
     out: &mut BytesMut,
     expect: &mut VecDeque<Expect>,
-) -> Option<String> {
+) -> Option<&'c str> {
     if name.is_empty() {
         return None;
     }
@@ -176,7 +191,7 @@ fn ensure(
         server.pending.insert(statement.server_name.clone());
         expect.push_back(Expect { fate: Fate::Drop, parsed: Some(statement.server_name.clone()) });
     }
-    Some(statement.server_name.clone())
+    Some(&statement.server_name)
 }
 
 /// A ParseComplete or CloseComplete arrived: what to do with it, and the
@@ -241,7 +256,7 @@ pub fn answer_alone(
         match (kind, parsed) {
             (PARSE, Some((server_name, query, m))) => {
                 let parse = messages::parse_named(m, &server_name)?;
-                client.by_name.insert(name, Statement { server_name, query, parse });
+                client.by_name.insert(name, Statement::new(server_name, query, parse));
             }
             _ => {
                 client.by_name.remove(&name);

@@ -58,6 +58,21 @@ pub fn start(
     Ok(())
 }
 
+/// Ends the gateway (`FROZEN_EXIT`) when the runtime of `handle` (`what`:
+/// "runtime", "proxy runtime") has run no task for `FROZEN_AFTER`.
+pub fn exit_when_frozen(
+    handle: tokio::runtime::Handle,
+    what: &'static str,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    start(handle, FROZEN_AFTER, shutdown, move |since| {
+        tracing::error!(
+            "this gateway's {what} has run no task for {since:.1?} (a deadlock or a stall): exiting with status {FROZEN_EXIT}, so that its leases lapse and its supervisor starts it afresh"
+        );
+        std::process::exit(FROZEN_EXIT);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,14 +159,8 @@ pub async fn run(config: Config, region: &str, proxy_threads: usize, shutdown: C
     let reader_listener = bind("reader port", addrs.reader).await?;
     let coord = Coord::connect(&config, &identity).await?;
     let view = view::spawn(coord.clone(), config.clone(), region.to_string(), shutdown.clone());
-    liveness::start(tokio::runtime::Handle::current(), liveness::FROZEN_AFTER, shutdown.clone(), |since| {
-        tracing::error!(
-            "this gateway's runtime has run no task for {since:.1?} (a deadlock or a stall): exiting with status {}, so that its leases lapse and its supervisor starts it afresh",
-            liveness::FROZEN_EXIT
-        );
-        std::process::exit(liveness::FROZEN_EXIT);
-    })
-    .context("start the runtime check's thread")?;
+    liveness::exit_when_frozen(tokio::runtime::Handle::current(), "runtime", shutdown.clone())
+        .context("start the runtime check's thread")?;
 
     // The proxy ports present the gateway's certificate, as the API does, and
     // log clients in themselves so that the leg to PostgreSQL is TLS too.
@@ -224,14 +218,8 @@ pub async fn run(config: Config, region: &str, proxy_threads: usize, shutdown: C
     // the API answer on the main runtime however busy the proxy is.
     let proxy_runtime = ProxyRuntime::start(proxy_threads)?;
     let proxy_handle = proxy_runtime.handle();
-    liveness::start(proxy_handle.clone(), liveness::FROZEN_AFTER, shutdown.clone(), |since| {
-        tracing::error!(
-            "this gateway's proxy runtime has run no task for {since:.1?} (a deadlock or a stall): exiting with status {}, so that its leases lapse and its supervisor starts it afresh",
-            liveness::FROZEN_EXIT
-        );
-        std::process::exit(liveness::FROZEN_EXIT);
-    })
-    .context("start the proxy runtime check's thread")?;
+    liveness::exit_when_frozen(proxy_handle.clone(), "proxy runtime", shutdown.clone())
+        .context("start the proxy runtime check's thread")?;
     // Each listener is registered again from the proxy's runtime, so that its
     // own I/O driver wakes the accept loop.
     let serve_on = |proxy: Arc<Proxy>, listener: TcpListener| -> Result<_> {

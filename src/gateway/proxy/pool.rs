@@ -39,7 +39,9 @@ pub struct PoolKey {
 
 /// One server connection, logged in and idle or lent to a client.
 pub struct ServerConn {
-    pub stream: ServerStream,
+    /// Boxed: the TLS state is over a kilobyte, and a connection moves in
+    /// and out of its pool with every transaction.
+    pub stream: Box<ServerStream>,
     /// Bytes read from the server and not yet forwarded.
     pub buf: BytesMut,
     pub backend: Backend,

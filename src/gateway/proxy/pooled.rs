@@ -128,7 +128,15 @@ pub struct Session<'a> {
     /// why), outside a transaction block: the run's Sync is answered with an error.
     broken_run: Option<(String, String)>,
     pinned: Option<Pin>,
+    /// Kept between transactions (not made anew for each): what goes to
+    /// the server, and what the scan of its answer found.
+    scratch: BytesMut,
+    seen: Vec<Seen>,
 }
+
+/// A session keeps a buffer this large at most between transactions (a
+/// bulk load's batches are not kept for an idle client).
+const KEEP_SCRATCH: usize = 16 * 1024;
 
 enum Event {
     Client(Result<Option<BytesMut>>),
@@ -149,6 +157,8 @@ impl<'a> Session<'a> {
             lost: None,
             broken_run: None,
             pinned: None,
+            scratch: BytesMut::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -294,7 +304,8 @@ impl<'a> Session<'a> {
         }
         let pinned_deallocate = self.pinned == Some(Pin::Deallocate);
         let h = self.held.as_mut().expect("acquired above");
-        let mut out = BytesMut::new();
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
         for m in &batch {
             let kind = messages::tag(m);
             if matches!(kind, messages::QUERY | messages::SYNC | messages::FUNCTION_CALL) {
@@ -307,7 +318,11 @@ impl<'a> Session<'a> {
         }
         h.begins |= begins;
         h.open_run = run_open_after(&batch, h.open_run);
-        if let Err(e) = send(&mut h.conn.stream, &out).await {
+        let sent = send(&mut h.conn.stream, &out).await;
+        if out.capacity() <= KEEP_SCRATCH {
+            self.scratch = out;
+        }
+        if let Err(e) = sent {
             let why = format!("{}: {e}", h.conn.backend.node);
             return self.server_lost(&why).await;
         }
@@ -319,7 +334,8 @@ impl<'a> Session<'a> {
         let h = self.held.as_mut().expect("reading a held connection");
         // The server has read the request: a switchover's count sees it now.
         h.lend = None;
-        let mut seen = Vec::new();
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.clear();
         let ready = h.scan.scan(&h.conn.buf, &mut seen).context("read the server's messages")?;
         let mut out = h.conn.buf.split_to(ready);
         let mut edits = Vec::new();
@@ -328,7 +344,7 @@ impl<'a> Session<'a> {
         // sessions with 57P01). Not passed on as it is: the client's
         // connection stays, and it learns of the loss as a retryable error.
         let mut closing = None;
-        for s in seen {
+        for s in seen.drain(..) {
             match s {
                 Seen::Complete { kind: _, offset } => {
                     let (fate, valid) = prepared::answered(&mut h.conn.statements, &mut h.expect);
@@ -368,6 +384,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        self.seen = seen;
         messages::edit_messages(&mut out, &edits);
         let idle = h.idle();
         if let Some(p) = pin {
@@ -713,7 +730,7 @@ impl Proxy {
             started.elapsed()
         );
         Ok(ServerConn {
-            stream,
+            stream: Box::new(stream),
             buf: BytesMut::with_capacity(16 * 1024),
             backend,
             pid,

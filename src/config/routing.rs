@@ -258,6 +258,9 @@ impl std::str::FromStr for PoolMode {
 impl ProxyConfig {
     /// The server connections the pool of `user` and `database` may open.
     pub fn pool_size(&self, user: &str, database: &str) -> usize {
+        if self.pool_sizes.is_empty() {
+            return self.default_pool_size; // asked with every lent connection: no key built in vain
+        }
         self.pool_sizes
             .get(&format!("{user}@{database}"))
             .or_else(|| self.pool_sizes.get(user))

@@ -369,3 +369,16 @@ fn backup_health_checks_name_a_repository_and_their_limits() {
     let no_backup = format!("{GOOD}\n[[health.check]]\nname = \"b\"\nkind = \"backup\"\ntarget = \"r\"\ninterval = \"30s\"\nmax_full_age = \"1d\"\n");
     assert!(problems(&no_backup).iter().any(|p| p.contains("needs a [backup] section")), "{:?}", problems(&no_backup));
 }
+
+#[test]
+fn pool_sizes_take_user_at_database_first_then_user_then_the_default() {
+    let mut proxy = ProxyConfig { default_pool_size: 20, ..Default::default() };
+    assert_eq!(proxy.pool_size("app", "app"), 20, "no overrides");
+    proxy.pool_sizes.insert("app@app".into(), 40);
+    proxy.pool_sizes.insert("app".into(), 30);
+    proxy.pool_sizes.insert("reporting".into(), 5);
+    assert_eq!(proxy.pool_size("app", "app"), 40);
+    assert_eq!(proxy.pool_size("app", "other"), 30);
+    assert_eq!(proxy.pool_size("reporting", "app"), 5);
+    assert_eq!(proxy.pool_size("someone", "app"), 20);
+}

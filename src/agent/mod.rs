@@ -110,6 +110,8 @@ struct Agent {
     not_streaming_since: Option<Instant>,
     /// The etcd revision at which this agent first saw no leader; None while there is one.
     leaderless_since_revision: Option<i64>,
+    /// The lease this agent held `leader` under in the last etcd snapshot that answered.
+    led_under: Option<crate::coord::LeaseId>,
     /// Stops a read-write server the moment its lease goes stale.
     watchdog: watchdog::Watchdog,
     /// When the primary last checked where etcd's leader is.
@@ -194,6 +196,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         last_local: None,
         not_streaming_since: None,
         leaderless_since_revision: None,
+        led_under: None,
         etcd_leader_checked: None,
         rewind_retry_at: None,
         diverged: false,
@@ -267,6 +270,11 @@ impl Agent {
         self.waiting = None;
         if !matches!(action, Action::Keep | Action::Wait { .. }) {
             tracing::info!("{:?} -> {action:?}", view.local);
+        } else if view.shared.is_none() && view.local == failover::Local::Primary {
+            tracing::warn!(
+                "etcd does not answer; still primary while the lease is provably alive (for {:?} more)",
+                self.lease.fresh_until().saturating_duration_since(Instant::now())
+            );
         } else if view.stalled {
             tracing::debug!(
                 "not streaming for {:?} or more; timeline {:?}, the leader's {:?}: {action:?}",

@@ -12,7 +12,7 @@ use crate::postgres::files::StartAs;
 impl Agent {
     /// The cluster's state in etcd, or None when etcd does not answer.
     pub(super) async fn read_snapshot(&mut self) -> Option<Snapshot> {
-        match self.coord.snapshot().await {
+        let snapshot = match self.coord.snapshot().await {
             Ok(s) => {
                 self.epoch_seen = self.epoch_seen.max(s.epoch);
                 self.leaderless_since_revision = view::leaderless_since(self.leaderless_since_revision, &s);
@@ -22,7 +22,9 @@ impl Agent {
                 tracing::warn!("failed to {e:#}");
                 None
             }
-        }
+        };
+        self.led_under = view::leading_lease(self.led_under, snapshot.as_ref(), &self.server.node);
+        snapshot
     }
 
     /// What the agent knows about its own server and lease.
@@ -51,6 +53,7 @@ impl Agent {
             lease: self.lease.id(),
             lease_fresh_until: self.lease.fresh_until(),
             leaderless_since_revision: self.leaderless_since_revision,
+            led_under: self.led_under,
         }
     }
 

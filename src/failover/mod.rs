@@ -3,7 +3,9 @@
 //!
 //! The safety rule comes first and overrides everything: a server running
 //! read-write without holding `leader` (with a lease this agent has renewed
-//! recently enough) is fenced, i.e. restarted as a standby.
+//! recently enough) is fenced, i.e. restarted as a standby. When etcd does
+//! not answer, the leadership the last answer showed counts as long as the
+//! lease it was held under is provably alive.
 //!
 //! When nobody holds `leader`, every standby ranks the same candidates with
 //! `choose`: eligible are standbys with a fresh report, allowed by the
@@ -123,6 +125,9 @@ pub struct NodeView {
     pub shared: Option<Shared>,
     /// This agent renewed its lease recently enough that etcd cannot have expired it.
     pub lease_fresh: bool,
+    /// The last etcd snapshot that answered showed this node holding `leader`
+    /// of the current epoch under the agent's current lease.
+    pub led_when_last_seen: bool,
     pub policy: Policy,
 }
 
@@ -181,6 +186,15 @@ fn decide_unguarded(v: &NodeView) -> Action {
         s.leader_is_my_lease && s.leader.as_ref().is_some_and(|l| l.node == v.me && l.epoch == s.epoch)
     }) && v.lease_fresh;
 
+    // etcd silent (an election, a cut network): `leader` is held under this
+    // agent's lease, which only this agent releases, which etcd cannot expire
+    // while it is fresh, and under which a live primary is never deposed (its
+    // ports accept: `duties::leader_is_dead`). The leadership last seen stands
+    // until the lease is no longer provably alive, so a short silence costs
+    // neither a fence nor a new timeline; the supervisor's deadline backs it.
+    if v.local == Local::Primary && v.shared.is_none() && v.lease_fresh && v.led_when_last_seen {
+        return Action::Keep;
+    }
     if v.local == Local::Primary && !holds_leader {
         let reason = match &v.shared {
             None => FenceReason::EtcdUnreachable,

@@ -49,6 +49,8 @@ struct Node {
     /// always sees its own writes). Some(None): etcd did not answer.
     snapshot: Option<Option<Snapshot>>,
     leaderless_since: Option<i64>,
+    /// The lease it held `leader` under in the last snapshot that answered.
+    led_under: Option<i64>,
     partitioned: bool,
     stalled: bool,
     down: bool,
@@ -120,6 +122,8 @@ struct Model {
     leaders: BTreeMap<u64, String>,
     /// Every promotion, for the test that the model reaches them.
     promoted: Vec<PromotionKind>,
+    /// Decisions that kept a primary running while etcd did not answer.
+    kept_without_etcd: usize,
 }
 
 impl Model {
@@ -152,6 +156,7 @@ impl Model {
                     renewed_at: 0,
                     snapshot: None,
                     leaderless_since: None,
+                    led_under: None,
                     partitioned: false,
                     stalled: false,
                     down: false,
@@ -165,7 +170,16 @@ impl Model {
         let first = &nodes[0];
         etcd.leader = Some(LeaderEntry { leader: Leader { node: first.name.clone(), epoch: 1 }, lease: first.lease });
         let leaders = BTreeMap::from([(1, first.name.clone())]);
-        let mut m = Model { config, base: Instant::now(), now: 0, nodes, etcd, leaders, promoted: vec![] };
+        let mut m = Model {
+            config,
+            base: Instant::now(),
+            now: 0,
+            nodes,
+            etcd,
+            leaders,
+            promoted: vec![],
+            kept_without_etcd: 0,
+        };
         for i in 0..m.nodes.len() {
             m.nodes[i].local =
                 if i == 0 { Local::Primary } else { Local::Standby { upstream: Some(m.nodes[0].name.clone()) } };
@@ -315,6 +329,8 @@ impl Model {
                 if let Some(s) = &snap {
                     self.nodes[i].leaderless_since = view::leaderless_since(self.nodes[i].leaderless_since, s);
                 }
+                let name = self.nodes[i].name.clone();
+                self.nodes[i].led_under = view::leading_lease(self.nodes[i].led_under, snap.as_ref(), &name);
                 self.nodes[i].snapshot = Some(snap);
             }
             Ev::Decide(i) => self.decide(i)?,
@@ -363,6 +379,7 @@ impl Model {
                     n.down = false;
                     n.snapshot = None;
                     n.leaderless_since = None;
+                    n.led_under = None;
                     n.lease = lease;
                     n.renewed_at = self.now;
                 }
@@ -462,11 +479,16 @@ impl Model {
             lease: n.lease,
             lease_fresh_until: self.at(self.fresh_until(n)),
             leaderless_since_revision: n.leaderless_since,
+            led_under: n.led_under,
         };
         let v = view::build(&self.config, &facts, snapshot.as_ref(), self.at(self.now));
         let action = decide(&v);
         self.apply(i, &action, snapshot.as_ref())?;
         // Never read-write without a fresh lease and the leader key of the current epoch.
+        let n = &self.nodes[i];
+        if n.local == Local::Primary && snapshot.is_none() {
+            self.kept_without_etcd += 1;
+        }
         let n = &self.nodes[i];
         if n.local == Local::Primary {
             if self.now >= self.fresh_until(n) {
@@ -923,7 +945,7 @@ fn the_model_reaches_failovers_and_switchovers() {
     for synchronous in [Synchronous::Off, Synchronous::Remote] {
         let mut runner = TestRunner::deterministic();
         let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-        let (mut vouching, mut unvouched) = (0, 0);
+        let (mut vouching, mut unvouched, mut kept) = (0, 0, 0);
         for _ in 0..200 {
             let events = match synchronous {
                 Synchronous::Off => {
@@ -943,8 +965,9 @@ fn the_model_reaches_failovers_and_switchovers() {
             for k in &m.promoted {
                 *kinds.entry(k.to_string()).or_default() += 1;
             }
+            kept += m.kept_without_etcd;
         }
-        eprintln!("{synchronous}: promotions in 200 runs: {kinds:?}; steps with a vouching record {vouching}, an empty one {unvouched}");
+        eprintln!("{synchronous}: promotions in 200 runs: {kinds:?}; steps with a vouching record {vouching}, an empty one {unvouched}; primaries kept while etcd did not answer {kept}");
         for kind in ["failover", "switchover", "dr"] {
             assert!(
                 kinds.get(kind).copied().unwrap_or(0) >= 5,
@@ -1006,4 +1029,60 @@ fn commits_acknowledged_asynchronously_are_never_lost_to_a_failover() {
     }
     assert_eq!(m.promoted, vec![PromotionKind::Failover]);
     assert_eq!(m.etcd.leader.as_ref().map(|l| l.leader.node.as_str()), Some("r1a"));
+}
+
+/// etcd falls silent for the primary alone (an etcd election, a cut link).
+/// A silence shorter than its lease's freshness costs nothing: it stays
+/// primary, on its timeline, and nobody promotes. A longer one ends its
+/// writes when the lease is no longer provably alive, and another node
+/// takes over only after etcd expired that lease: at no step do two servers
+/// run read-write (`check_always`, after every step).
+#[test]
+fn a_primary_rides_out_a_short_silence_of_etcd_and_fences_on_a_long_one() {
+    let mut m = Model::new(FailoverMode::Automatic, FailoverMode::Automatic, 20_000, Synchronous::Off);
+    let run = |m: &mut Model, evs: &[Ev]| {
+        for ev in evs {
+            m.step(ev).unwrap_or_else(|e| panic!("{ev:?} at {} ms: {e}", m.now));
+        }
+    };
+    let everyone_looks = |m: &mut Model| {
+        for i in 0..4 {
+            run(m, &[Ev::Busy(i), Ev::Observe(i), Ev::Decide(i)]);
+        }
+    };
+    for _ in 0..3 {
+        everyone_looks(&mut m);
+        run(&mut m, &[Ev::Advance(600)]);
+    }
+    assert_eq!(m.read_write(), vec![0]);
+
+    // Short: 3 s, within the 4 s the lease stays provably alive.
+    run(&mut m, &[Ev::Partition(0, true)]);
+    for _ in 0..6 {
+        run(&mut m, &[Ev::Advance(500)]);
+        everyone_looks(&mut m);
+    }
+    assert_eq!(m.read_write(), vec![0], "the primary kept running through a short silence");
+    assert!(!m.nodes[0].fenced && m.promoted.is_empty());
+    run(&mut m, &[Ev::Partition(0, false)]);
+    everyone_looks(&mut m);
+    assert_eq!((m.read_write(), m.nodes[0].timeline), (vec![0], 1), "and goes on as it was");
+
+    // Long: writes end when the lease is no longer provably alive; a failover follows its expiry.
+    run(&mut m, &[Ev::Partition(0, true)]);
+    let cut_at = m.now;
+    let mut ended_at = None;
+    for _ in 0..30 {
+        run(&mut m, &[Ev::Advance(250)]);
+        everyone_looks(&mut m);
+        if ended_at.is_none() && m.nodes[0].local != Local::Primary {
+            ended_at = Some(m.now - cut_at);
+        }
+    }
+    let ended_at = ended_at.expect("the cut-off primary stopped taking writes");
+    assert!(ended_at <= TTL_MS - TTL_MS / 3, "writes ended {ended_at} ms into the silence");
+    assert!(m.nodes[0].fenced);
+    assert_eq!(m.promoted, vec![PromotionKind::Failover]);
+    let leader = m.etcd.leader.as_ref().map(|l| l.leader.node.clone());
+    assert!(leader.as_deref().is_some_and(|l| l != "r1a"), "{leader:?}");
 }

@@ -41,6 +41,7 @@ fn view(me: &str, local: Local, shared: Option<Shared>) -> NodeView {
         stalled: false,
         shared,
         lease_fresh: true,
+        led_when_last_seen: false,
         policy: POLICY,
     }
 }
@@ -196,6 +197,21 @@ fn decisions_table() {
             "a primary that lost etcd fences",
             view("a", Local::Primary, None),
             Action::Fence { reason: FenceReason::EtcdUnreachable },
+        ),
+        (
+            "a primary that led under its fresh lease when etcd last answered keeps running",
+            NodeView { led_when_last_seen: true, ..view("a", Local::Primary, None) },
+            Action::Keep,
+        ),
+        (
+            "... until that lease is no longer provably alive",
+            NodeView { led_when_last_seen: true, lease_fresh: false, ..view("a", Local::Primary, None) },
+            Action::Fence { reason: FenceReason::EtcdUnreachable },
+        ),
+        (
+            "what etcd answers now outweighs what it answered before",
+            NodeView { led_when_last_seen: true, ..view("a", Local::Primary, shared(leader("b", 2), false, 2)) },
+            Action::Fence { reason: FenceReason::OtherLeader { node: "b".into(), epoch: 2 } },
         ),
         (
             "a primary whose lease went stale fences",
@@ -449,8 +465,8 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
             },
         ),
     );
-    (node, any::<bool>(), local, shared, any::<bool>(), arb_policy()).prop_map(
-        |(me, boot, local, shared, fresh, policy)| NodeView {
+    (node, any::<bool>(), local, shared, any::<bool>(), any::<bool>(), arb_policy()).prop_map(
+        |(me, boot, local, shared, fresh, led, policy)| NodeView {
             me: me.into(),
             bootstrap_node: boot,
             local,
@@ -458,16 +474,20 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
             stalled: false,
             shared,
             lease_fresh: fresh,
+            led_when_last_seen: led,
             policy,
         },
     )
 }
 
+/// Holds `leader` of the current epoch under a fresh lease: as etcd answers
+/// now, or, when it does not answer, as it last answered.
 fn holds_leader(v: &NodeView) -> bool {
     v.lease_fresh
-        && v.shared.as_ref().is_some_and(|s| {
-            s.leader_is_my_lease && s.leader.as_ref().is_some_and(|l| l.node == v.me && l.epoch == s.epoch)
-        })
+        && match &v.shared {
+            Some(s) => s.leader_is_my_lease && s.leader.as_ref().is_some_and(|l| l.node == v.me && l.epoch == s.epoch),
+            None => v.led_when_last_seen,
+        }
 }
 
 proptest! {

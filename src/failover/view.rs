@@ -34,6 +34,9 @@ pub struct Facts {
     pub lease_fresh_until: Instant,
     /// The etcd revision at which this agent first saw no leader (`leaderless_since`).
     pub leaderless_since_revision: Option<i64>,
+    /// The lease under which the last etcd snapshot that answered showed this
+    /// node holding `leader` of the current epoch (`leading_lease`).
+    pub led_under: Option<LeaseId>,
 }
 
 /// The revision since which the cluster has had no leader, as this agent saw
@@ -45,6 +48,14 @@ pub fn leaderless_since(previous: Option<i64>, snapshot: &Snapshot) -> Option<i6
         (None, Some(r)) => Some(r),
         (None, None) => Some(snapshot.revision),
     }
+}
+
+/// The lease under which this node held `leader` of the current epoch in the
+/// last snapshot that answered: set or cleared by every snapshot, kept while
+/// etcd does not answer (`snapshot` None).
+pub fn leading_lease(previous: Option<LeaseId>, snapshot: Option<&Snapshot>, me: &str) -> Option<LeaseId> {
+    let Some(s) = snapshot else { return previous };
+    s.leader.as_ref().filter(|l| l.leader.node == me && l.leader.epoch == s.epoch).map(|l| l.lease)
 }
 
 /// Everything `decide` looks at. `snapshot` is None when etcd did not answer.
@@ -63,6 +74,7 @@ pub fn build(config: &Config, facts: &Facts, snapshot: Option<&Snapshot>, now: I
         stalled: facts.not_streaming_since.is_some_and(|t| now.saturating_duration_since(t) >= STALL_AFTER),
         shared: snapshot.map(|s| shared(config, facts, s)),
         lease_fresh: now < facts.lease_fresh_until,
+        led_when_last_seen: facts.led_under == Some(facts.lease),
         policy: Policy {
             within_region: f.within_region,
             cross_region: f.cross_region,
@@ -172,6 +184,7 @@ mod tests {
             lease: 7,
             lease_fresh_until: now + Duration::from_secs(1),
             leaderless_since_revision: None,
+            led_under: None,
         }
     }
 
@@ -301,5 +314,30 @@ mod tests {
         };
         assert_eq!(leaderless_since(Some(10), &led), None);
         assert_eq!(leaderless_since(None, &Snapshot { revision: 30, ..Snapshot::default() }), Some(30));
+    }
+
+    #[test]
+    fn the_lease_led_under_is_kept_only_while_etcd_is_silent() {
+        let entry = |node: &str, epoch| Some(LeaderEntry { leader: Leader { node: node.into(), epoch }, lease: 7 });
+        let led = Snapshot { epoch: 2, leader: entry("a", 2), ..Snapshot::default() };
+        assert_eq!(leading_lease(None, Some(&led), "a"), Some(7));
+        assert_eq!(leading_lease(Some(7), None, "a"), Some(7), "kept while etcd does not answer");
+        assert_eq!(leading_lease(Some(7), Some(&led), "b"), None, "another node's");
+        let old_epoch = Snapshot { epoch: 3, leader: entry("a", 2), ..Snapshot::default() };
+        assert_eq!(
+            leading_lease(Some(7), Some(&old_epoch), "a"),
+            None,
+            "held for an epoch that is not the current one"
+        );
+        assert_eq!(leading_lease(Some(7), Some(&Snapshot::default()), "a"), None, "gone");
+
+        // The view counts it only under the agent's current lease.
+        let c = config();
+        let a = c.node_names()[0].clone();
+        let now = Instant::now();
+        let led_facts = Facts { led_under: Some(7), ..facts(&a, Local::Primary, now) };
+        assert!(build(&c, &led_facts, None, now).led_when_last_seen);
+        let regranted = Facts { lease: 8, ..led_facts };
+        assert!(!build(&c, &regranted, None, now).led_when_last_seen, "a lease granted since is not the one led under");
     }
 }

@@ -127,7 +127,8 @@ pub async fn start(dir: &Path, target: &str, wait: bool) -> Result<()> {
     match result {
         Ok(()) => {
             progress.done();
-            println!("started {}", chosen.iter().map(|(_, s)| s.name.as_str()).collect::<Vec<_>>().join(", "));
+            // What was started, not everything the target names: the rest was running.
+            println!("started {}", started_specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
         Err(e) => {

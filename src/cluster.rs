@@ -135,6 +135,10 @@ pub struct MemberStatus {
     /// out: a server started after the request was made).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_for: Option<String>,
+    /// Its server hung as primary a short while ago (`agent::HANG_STAND_ASIDE`,
+    /// by its agent's clock): it is promoted only when no other standby may be.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hung_recently: bool,
     /// Milliseconds since the Unix epoch, when the agent wrote this, by *its*
     /// clock: for people (history, logs), never for deciding freshness.
     pub updated_at_ms: u64,

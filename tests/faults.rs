@@ -161,6 +161,60 @@ fn a_hung_primary_is_replaced_and_every_standby_keeps_its_data() {
     lab.finish();
 }
 
+/// etcd loses its quorum for 3 s (two of its three members killed, then
+/// started again): what an etcd election, or a short cut between its
+/// regions, looks like to an agent. The primary's reads of etcd fail, yet
+/// its lease cannot have expired, so it goes on taking writes: no fence, no
+/// failover, no new timeline. Before, the first failed read fenced it and it
+/// promoted itself again on a new timeline (CI's netns test, right after a
+/// WAN cut). The lease is 15 s here (provably alive 10 s after a renewal) so
+/// that the outage and the members' restart surely fit in it.
+#[test]
+fn a_primary_takes_writes_through_a_short_loss_of_etcd_quorum() {
+    let lab = TestLab::up(91, &["--lease-ttl", "15s"]);
+    let before = lab.status();
+    let primary = before["primary"].as_str().expect("a primary").to_string();
+    let timeline = node(&before, &primary)["timeline"].clone();
+    lab.psql(&primary, "CREATE TABLE quorum_probe (id bigint)");
+    let members = ["etcd-ap-south-1", "etcd-witness"];
+    signal(&members.map(|m| pid_of(&lab, m) as i32), libc::SIGKILL);
+    let start = Instant::now();
+    let (mut acked, mut failed) = (0, Vec::new());
+    let mut write = |lab: &TestLab| match lab.try_psql(&primary, &format!("INSERT INTO quorum_probe VALUES ({acked})"))
+    {
+        Ok(_) => acked += 1,
+        Err(e) => failed.push(format!("{:?}: {e}", start.elapsed())),
+    };
+    while start.elapsed() < Duration::from_secs(3) {
+        write(&lab);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for region in ["ap-south-1", "witness"] {
+        let out = lab.run_lab(&["start", region]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    write(&lab);
+    let outage = start.elapsed();
+    assert!(failed.is_empty(), "{acked} writes acknowledged in {outage:?} without etcd quorum, but {failed:?}");
+
+    // The silence reached the agent (else this tested nothing) ...
+    let agent_log = std::fs::read_to_string(lab.path().join(format!("logs/agent-{primary}.log"))).unwrap();
+    assert!(
+        agent_log.contains("etcd does not answer; still primary"),
+        "the primary's agent never found etcd silent: {}",
+        lab.log_tails()
+    );
+    assert!(!agent_log.contains("fencing:"), "the primary fenced: {}", lab.log_tails());
+    // ... and changed nothing.
+    let after = lab.status();
+    assert_eq!(after["primary"].as_str(), Some(primary.as_str()), "{after}");
+    assert_eq!(after["epoch"], before["epoch"], "{after}");
+    assert_eq!(node(&after, &primary)["timeline"], timeline, "{after}");
+    assert_eq!(lab.psql(&primary, "SELECT count(*) FROM quorum_probe"), acked.to_string());
+    eprintln!("{acked} writes acknowledged through {outage:?} without etcd quorum");
+    lab.finish();
+}
+
 #[test]
 fn clocks_skewed_30_seconds_either_way_change_nothing() {
     let mut lab = TestLab::up(95, &["--nodes-per-region", "2"]);

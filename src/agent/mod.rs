@@ -65,6 +65,15 @@ use lease::LeaseKeeper;
 const TICK: Duration = Duration::from_secs(1);
 /// How often it runs while the cluster has no leader.
 const FAST_TICK: Duration = Duration::from_millis(200);
+/// For this long after its server hung as primary, a node reports so
+/// (`MemberStatus::hung_recently`) and is promoted only when no other standby
+/// may be: whatever hung it (a disk, the kernel) may hang it again, though
+/// its restarted server looks fine and has the most WAL.
+pub const HANG_STAND_ASIDE: Duration = Duration::from_secs(60);
+// A primary riding out a silence of etcd must be able to tick once more and
+// cut its read short before its lease's time to spare is gone.
+const _: () =
+    assert!(TICK.as_millis() + failover::view::READ_SPARE.as_millis() <= failover::view::SILENCE_SPARE.as_millis());
 
 #[derive(Debug, Clone, Copy)]
 enum Shutdown {
@@ -110,6 +119,8 @@ struct Agent {
     not_streaming_since: Option<Instant>,
     /// The etcd revision at which this agent first saw no leader; None while there is one.
     leaderless_since_revision: Option<i64>,
+    /// When the supervisor stopped this node's hung primary (`HANG_STAND_ASIDE`).
+    hung_at: Option<Instant>,
     /// The lease this agent held `leader` under in the last etcd snapshot that answered.
     led_under: Option<crate::coord::LeaseId>,
     /// Stops a read-write server the moment its lease goes stale.
@@ -197,6 +208,7 @@ pub async fn run(config: Config, node: &str, shutdown: CancellationToken) -> Res
         not_streaming_since: None,
         leaderless_since_revision: None,
         led_under: None,
+        hung_at: None,
         etcd_leader_checked: None,
         rewind_retry_at: None,
         diverged: false,
@@ -284,7 +296,15 @@ impl Agent {
             );
         }
         self.phases.enter(format!("act: {}", act::label(&action).unwrap_or_else(|| format!("{action:?}"))));
+        let riding_out = snapshot.is_none() && view.local == failover::Local::Primary && action == Action::Keep;
         self.act_with_retry(action, snapshot.as_ref()).await;
+        if riding_out {
+            // A primary riding out a silence of etcd looks again after one tick:
+            // the duties below need etcd, and each would wait its timeouts out.
+            self.phases.enter("report");
+            self.report(None).await;
+            return;
+        }
         self.phases.enter("refresh the certificate");
         if let Err(e) = self.refresh_certificate().await {
             self.log_failure(&e);

@@ -1,7 +1,7 @@
 //! Observing: etcd's snapshot and the facts about the local server that the
 //! pure view builder (`failover::view`) interprets.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Agent, Running};
 use crate::coord::Snapshot;
@@ -12,7 +12,22 @@ use crate::postgres::files::StartAs;
 impl Agent {
     /// The cluster's state in etcd, or None when etcd does not answer.
     pub(super) async fn read_snapshot(&mut self) -> Option<Snapshot> {
-        let snapshot = match self.coord.snapshot().await {
+        // A primary stops waiting `READ_SPARE` before its lease stops being
+        // provably alive: a read that does not answer by then must leave it
+        // time to fence itself (`failover::view::SILENCE_SPARE`).
+        let budget = match &self.running {
+            Some(Running { start: StartAs::Primary, .. }) => {
+                self.lease.fresh_until().saturating_duration_since(Instant::now()).saturating_sub(view::READ_SPARE)
+            }
+            _ => Duration::MAX,
+        };
+        let read = match tokio::time::timeout(budget, self.coord.snapshot()).await {
+            Ok(read) => read,
+            Err(_) => Err(anyhow::anyhow!(
+                "read cluster state from etcd: no answer within {budget:?}, the lease's time to spare"
+            )),
+        };
+        let snapshot = match read {
             Ok(s) => {
                 self.epoch_seen = self.epoch_seen.max(s.epoch);
                 self.leaderless_since_revision = view::leaderless_since(self.leaderless_since_revision, &s);

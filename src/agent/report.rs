@@ -66,6 +66,7 @@ impl Agent {
             config_version: self.published.version,
             pending_restart: self.pending_restart(),
             restarted_for: self.restarts.restarted_for.clone(),
+            hung_recently: self.hung_at.is_some_and(|t| t.elapsed() < super::HANG_STAND_ASIDE),
             updated_at_ms: now_ms(),
             unchanged_ms: 0,
             revision: 0,

@@ -14,6 +14,7 @@ impl Agent {
             Ok(Some(status)) if status.code() == Some(FENCED_EXIT) => {
                 if self.hung.load(std::sync::atomic::Ordering::SeqCst) {
                     tracing::warn!("fencing: the supervisor stopped the hung server");
+                    self.hung_at = Some(Instant::now());
                 } else {
                     tracing::warn!(
                         "fencing: the supervisor stopped PostgreSQL because the leader lease was not renewed in time"

@@ -29,6 +29,7 @@ fn member(node: &str, region: &str, role: Role, lsn: u64, lag: u64) -> MemberSta
         config_version: 0,
         pending_restart: Vec::new(),
         restarted_for: None,
+        hung_recently: false,
         unchanged_ms: 0,
         revision: 1,
     }

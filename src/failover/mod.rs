@@ -59,6 +59,8 @@ pub struct Candidate {
     /// The etcd revision of its report: positions are compared only on
     /// reports written after the leader vanished (revisions, not clocks).
     pub reported_revision: i64,
+    /// Its server hung as primary a short while ago (`MemberStatus::hung_recently`).
+    pub hung_recently: bool,
 }
 
 /// The last primary position recorded in etcd (the `optime` key).
@@ -126,8 +128,9 @@ pub struct NodeView {
     /// This agent renewed its lease recently enough that etcd cannot have expired it.
     pub lease_fresh: bool,
     /// The last etcd snapshot that answered showed this node holding `leader`
-    /// of the current epoch under the agent's current lease.
-    pub led_when_last_seen: bool,
+    /// of the current epoch under the agent's current lease, and that lease
+    /// stays provably alive for `view::SILENCE_SPARE` more.
+    pub led_with_time_to_spare: bool,
     pub policy: Policy,
 }
 
@@ -190,9 +193,10 @@ fn decide_unguarded(v: &NodeView) -> Action {
     // agent's lease, which only this agent releases, which etcd cannot expire
     // while it is fresh, and under which a live primary is never deposed (its
     // ports accept: `duties::leader_is_dead`). The leadership last seen stands
-    // until the lease is no longer provably alive, so a short silence costs
-    // neither a fence nor a new timeline; the supervisor's deadline backs it.
-    if v.local == Local::Primary && v.shared.is_none() && v.lease_fresh && v.led_when_last_seen {
+    // while the lease stays provably alive long enough to look once more, so
+    // a short silence (an election) costs neither a fence nor a new timeline;
+    // the supervisor's deadline backs it.
+    if v.local == Local::Primary && v.shared.is_none() && v.lease_fresh && v.led_with_time_to_spare {
         return Action::Keep;
     }
     if v.local == Local::Primary && !holds_leader {
@@ -447,6 +451,12 @@ pub fn choose(
             continue;
         }
         eligible.push(c);
+    }
+    // A node whose server hung as primary moments ago stands aside while
+    // another may take over, though it has the most WAL: whatever hung it may
+    // hang it again (and an unvouched `remote` cluster can promote only it).
+    if eligible.iter().any(|c| !c.hung_recently) {
+        eligible.retain(|c| !c.hung_recently);
     }
     // Among equals, the former primary ranks last: it lost `leader` to a crash, a
     // hang or a fence, and its restarted server has shown nothing yet.

@@ -276,6 +276,7 @@ impl Model {
             config_version: 0,
             pending_restart: Vec::new(),
             restarted_for: None,
+            hung_recently: false,
             unchanged_ms: 0,
             revision: 0,
         };
@@ -1056,9 +1057,11 @@ fn a_primary_rides_out_a_short_silence_of_etcd_and_fences_on_a_long_one() {
     }
     assert_eq!(m.read_write(), vec![0]);
 
-    // Short: 3 s, within the 4 s the lease stays provably alive.
+    // Short: 2 s from a renewal, within the 4 s the lease stays provably
+    // alive less the 1.5 s it must have to spare.
+    everyone_looks(&mut m);
     run(&mut m, &[Ev::Partition(0, true)]);
-    for _ in 0..6 {
+    for _ in 0..4 {
         run(&mut m, &[Ev::Advance(500)]);
         everyone_looks(&mut m);
     }

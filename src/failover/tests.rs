@@ -41,7 +41,7 @@ fn view(me: &str, local: Local, shared: Option<Shared>) -> NodeView {
         stalled: false,
         shared,
         lease_fresh: true,
-        led_when_last_seen: false,
+        led_with_time_to_spare: false,
         policy: POLICY,
     }
 }
@@ -56,6 +56,7 @@ fn cand(node: &str, region: &str, priority: u32, lsn: u64) -> Candidate {
         lag_seconds: Some(0.5),
         timeline: Some(1),
         reported_revision: 20,
+        hung_recently: false,
     }
 }
 
@@ -199,18 +200,18 @@ fn decisions_table() {
             Action::Fence { reason: FenceReason::EtcdUnreachable },
         ),
         (
-            "a primary that led under its fresh lease when etcd last answered keeps running",
-            NodeView { led_when_last_seen: true, ..view("a", Local::Primary, None) },
+            "a primary that led under its lease when etcd last answered keeps running while the lease has time to spare",
+            NodeView { led_with_time_to_spare: true, ..view("a", Local::Primary, None) },
             Action::Keep,
         ),
         (
             "... until that lease is no longer provably alive",
-            NodeView { led_when_last_seen: true, lease_fresh: false, ..view("a", Local::Primary, None) },
+            NodeView { led_with_time_to_spare: true, lease_fresh: false, ..view("a", Local::Primary, None) },
             Action::Fence { reason: FenceReason::EtcdUnreachable },
         ),
         (
             "what etcd answers now outweighs what it answered before",
-            NodeView { led_when_last_seen: true, ..view("a", Local::Primary, shared(leader("b", 2), false, 2)) },
+            NodeView { led_with_time_to_spare: true, ..view("a", Local::Primary, shared(leader("b", 2), false, 2)) },
             Action::Fence { reason: FenceReason::OtherLeader { node: "b".into(), epoch: 2 } },
         ),
         (
@@ -261,6 +262,16 @@ fn failover_picks_the_most_advanced_then_not_the_former_primary_then_the_preferr
                 Candidate { timeline: Some(2), ..cand("c", "r2", 2, 9_500) },
             ],
             "c",
+        ),
+        (
+            "a former primary whose server hung stands aside, however much WAL",
+            vec![Candidate { hung_recently: true, ..cand("a", "r1", 1, 10_000) }, cand("c", "r2", 2, 9_100)],
+            "c",
+        ),
+        (
+            "... unless no other standby may take over",
+            vec![Candidate { hung_recently: true, ..cand("a", "r1", 1, 10_000) }, cand("b", "r1", 1, 8_000)],
+            "a",
         ),
     ];
     for (what, candidates, want) in cases {
@@ -474,7 +485,7 @@ fn arb_view() -> impl Strategy<Value = NodeView> {
             stalled: false,
             shared,
             lease_fresh: fresh,
-            led_when_last_seen: led,
+            led_with_time_to_spare: led,
             policy,
         },
     )
@@ -486,7 +497,7 @@ fn holds_leader(v: &NodeView) -> bool {
     v.lease_fresh
         && match &v.shared {
             Some(s) => s.leader_is_my_lease && s.leader.as_ref().is_some_and(|l| l.node == v.me && l.epoch == s.epoch),
-            None => v.led_when_last_seen,
+            None => v.led_with_time_to_spare,
         }
 }
 

@@ -15,6 +15,17 @@ use crate::coord::{LeaseId, Snapshot};
 /// A standby not streaming for this long, on a timeline behind the leader's, is rewound.
 pub const STALL_AFTER: Duration = Duration::from_secs(5);
 
+/// A primary riding out a silence of etcd gives up a read of etcd this long
+/// before its lease stops being provably alive, so that it fences itself
+/// before its supervisor's deadline does (which would stop the server under
+/// an agent that still takes it for running).
+pub const READ_SPARE: Duration = Duration::from_millis(500);
+
+/// A primary keeps running through a silence of etcd only while its lease
+/// stays provably alive for this long: one more tick of the agent (1 s) and
+/// a read cut short `READ_SPARE` before the end.
+pub const SILENCE_SPARE: Duration = Duration::from_millis(1500);
+
 /// What the agent knows about its own server and lease, gathered by the shell.
 #[derive(Debug, Clone)]
 pub struct Facts {
@@ -74,7 +85,7 @@ pub fn build(config: &Config, facts: &Facts, snapshot: Option<&Snapshot>, now: I
         stalled: facts.not_streaming_since.is_some_and(|t| now.saturating_duration_since(t) >= STALL_AFTER),
         shared: snapshot.map(|s| shared(config, facts, s)),
         lease_fresh: now < facts.lease_fresh_until,
-        led_when_last_seen: facts.led_under == Some(facts.lease),
+        led_with_time_to_spare: facts.led_under == Some(facts.lease) && now + SILENCE_SPARE < facts.lease_fresh_until,
         policy: Policy {
             within_region: f.within_region,
             cross_region: f.cross_region,
@@ -130,6 +141,7 @@ pub fn candidate(config: &Config, m: &MemberStatus) -> Option<Candidate> {
         lag_seconds: m.lag_seconds,
         timeline: m.timeline,
         reported_revision: m.revision,
+        hung_recently: m.hung_recently,
     })
 }
 
@@ -169,6 +181,7 @@ mod tests {
             config_version: 0,
             pending_restart: Vec::new(),
             restarted_for: None,
+            hung_recently: false,
             unchanged_ms: 100,
             revision: 42,
         }
@@ -335,9 +348,19 @@ mod tests {
         let c = config();
         let a = c.node_names()[0].clone();
         let now = Instant::now();
-        let led_facts = Facts { led_under: Some(7), ..facts(&a, Local::Primary, now) };
-        assert!(build(&c, &led_facts, None, now).led_when_last_seen);
-        let regranted = Facts { lease: 8, ..led_facts };
-        assert!(!build(&c, &regranted, None, now).led_when_last_seen, "a lease granted since is not the one led under");
+        let led_facts = Facts {
+            led_under: Some(7),
+            lease_fresh_until: now + SILENCE_SPARE + Duration::from_millis(1),
+            ..facts(&a, Local::Primary, now)
+        };
+        assert!(build(&c, &led_facts, None, now).led_with_time_to_spare);
+        let regranted = Facts { lease: 8, ..led_facts.clone() };
+        assert!(
+            !build(&c, &regranted, None, now).led_with_time_to_spare,
+            "a lease granted since is not the one led under"
+        );
+        let short = Facts { lease_fresh_until: now + SILENCE_SPARE, ..led_facts };
+        let v = build(&c, &short, None, now);
+        assert!(v.lease_fresh && !v.led_with_time_to_spare, "fresh, but too briefly to look at etcd once more");
     }
 }

@@ -338,6 +338,7 @@ pub async fn failover_to_region(
             lag_seconds: best.lag_seconds,
             timeline: best.timeline,
             reported_revision: best.revision,
+            hung_recently: best.hung_recently,
         };
         let last = failover::LastPrimary { node: String::new(), region: String::new(), lsn: reference };
         if let Err(why) = failover::within_budget(&candidate, &last, g.config().failover.max_lag_on_failover) {

@@ -153,6 +153,7 @@ pub(crate) mod tests {
             config_version: 0,
             pending_restart: Vec::new(),
             restarted_for: None,
+            hung_recently: false,
             unchanged_ms: 0,
             revision: 1,
         }

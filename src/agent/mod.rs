@@ -282,6 +282,24 @@ impl Agent {
         self.waiting = None;
         if !matches!(action, Action::Keep | Action::Wait { .. }) {
             tracing::info!("{:?} -> {action:?}", view.local);
+            if let (Action::Promote { .. }, Some(s)) = (&action, &view.shared) {
+                // What the choice was made from, for a postmortem.
+                let seen: Vec<String> = s
+                    .candidates
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} (received {}, replayed {}, timeline {:?}{})",
+                            c.node,
+                            c.lsn,
+                            c.replay_lsn,
+                            c.timeline,
+                            if c.hung_recently { ", hung recently" } else { "" }
+                        )
+                    })
+                    .collect();
+                tracing::info!("candidates: {}", seen.join("; "));
+            }
         } else if view.shared.is_none() && view.local == failover::Local::Primary {
             tracing::warn!(
                 "etcd does not answer; still primary while the lease is provably alive (for {:?} more)",

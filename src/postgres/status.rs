@@ -9,6 +9,8 @@ use crate::cluster::Lsn;
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalStatus {
     pub in_recovery: bool,
+    /// A primary: the timeline it writes. A standby: the newest timeline it
+    /// has WAL of (see `STATUS_SQL`).
     pub timeline: Option<u32>,
     /// Primary: current insert position. Standby: last received.
     pub write_lsn: Option<Lsn>,
@@ -27,13 +29,25 @@ pub struct LocalStatus {
     pub archive_failing: Option<String>,
 }
 
+/// A standby's timeline is the newest of: the walreceiver's, the newest
+/// timeline among the WAL segment files it holds, and its last restartpoint's.
+/// The walreceiver's alone is gone when its upstream dies, and the last
+/// restartpoint's lags a timeline the standby followed since (restartpoints
+/// come every few minutes): a drill found every healthy standby reporting
+/// the timeline before the last failover once the new primary hung, refused
+/// as "older than another candidate's", and the hung node, back with its
+/// fresh control file, was the only one left to promote.
 const STATUS_SQL: &str = "
 SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END::text,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_flush_lsn() END::text,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text,
        CASE WHEN pg_is_in_recovery()
-            THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint()))
+            THEN greatest(
+                   (SELECT received_tli FROM pg_stat_wal_receiver),
+                   (SELECT timeline_id FROM pg_control_checkpoint()),
+                   (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir()
+                     WHERE name ~ '^[0-9A-F]{24}$'))
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
        END,
        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,

@@ -379,10 +379,7 @@ impl Agent {
     /// ERROR is for what a person should look at; etcd being briefly out of
     /// reach (an election, a partition) is the normal weather of a cluster.
     fn log_failure(&self, e: &anyhow::Error) {
-        // A session to our own server that closed: the server stopped (fenced,
-        // crashed); reaping it says so, with the level that deserves.
-        let server_went = e.chain().any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some_and(|p| p.is_closed()));
-        if crate::coord::is_unavailable(e) || server_went {
+        if expected_failure(e) {
             tracing::warn!("failed to {e:#}");
         } else {
             tracing::error!("failed to {e:#}");
@@ -398,5 +395,38 @@ impl Agent {
             tracing::warn!("failed to {e:#}");
         }
         self.stop_archivers().await;
+    }
+}
+
+/// A failure that says nothing new, logged as a warning: etcd unavailable,
+/// or our own server gone. A session to it that closed, or a connection it
+/// refuses or whose socket is gone, means it stopped (fenced by the
+/// supervisor at the lease's deadline while etcd was silent, or crashed); the
+/// reaper says which at the next tick, with the level that deserves.
+fn expected_failure(e: &anyhow::Error) -> bool {
+    let from_postgres = |f: &dyn Fn(&tokio_postgres::Error) -> bool| {
+        e.chain().any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some_and(f))
+    };
+    let refused_or_gone = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
+    });
+    crate::coord::is_unavailable(e)
+        || from_postgres(&|p| p.is_closed())
+        || (from_postgres(&|_| true) && refused_or_gone)
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_connection_to_a_server_that_is_not_running_is_expected_other_failures_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(dir.path()).port(5432).user("meridian");
+        let gone = config.connect(tokio_postgres::NoTls).await.map(|_| ()).unwrap_err();
+        let e = anyhow::Error::new(gone).context(format!("connect to PostgreSQL over {}", dir.path().display()));
+        assert!(super::expected_failure(&e), "{e:#}");
+        let unrelated = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound)).context("read a file");
+        assert!(!super::expected_failure(&unrelated), "a missing file elsewhere is an error: {unrelated:#}");
     }
 }

@@ -712,6 +712,9 @@ fn pooled_readers_and_writers_see_no_error_across_a_rolling_restart_and_one_retr
 
     // Planned: every replica restarts, then a switchover, then the old primary.
     let started = Instant::now();
+    // A failure's time on the components' clocks, to find its step in their logs.
+    let started_wall = std::time::SystemTime::now();
+    let wall = |t: &Instant| humantime::format_rfc3339_millis(started_wall + t.saturating_duration_since(started));
     let out = lab.meridian(&["rolling-restart", "--reason", "test"]);
     assert!(out.status.success(), "{}", text(&out));
     let restart_took = started.elapsed();
@@ -762,7 +765,8 @@ fn pooled_readers_and_writers_see_no_error_across_a_rolling_restart_and_one_retr
             r.served.len()
         );
         assert!(!r.closed, "reader {i} lost its connection to the proxy");
-        assert!(planned.is_empty(), "reader {i} saw an error during the rolling restart: {planned:?}");
+        let at: Vec<String> = planned.iter().map(|(t, code)| format!("{code} at {}", wall(t))).collect();
+        assert!(planned.is_empty(), "reader {i} saw an error during the rolling restart: {at:?}");
         assert!(unplanned.len() <= 1, "reader {i}: more than the read in flight failed: {unplanned:?}");
         assert!(r.served.iter().any(|(t, _)| *t > killed), "reader {i} read nothing after the kill");
     }

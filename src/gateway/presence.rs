@@ -7,8 +7,10 @@
 //! gateways themselves, rather than a fixed time, is both shorter on one
 //! machine and safe across a slow WAN. A gateway says it holds only once
 //! every transaction it lent an old primary's connection before the hold
-//! has had its server's first answer (`pooled::LeaderLend`): one still on
-//! its way would reach the server after the count.
+//! has had its server's first answer (`pooled::Lend`): one still on
+//! its way would reach the server after the count. Likewise it says it
+//! avoids a restarting standby only once the reads lent that standby's
+//! connections have had their first answer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,6 +48,24 @@ pub fn holding_for(view: &View) -> Option<u64> {
     writer.is_err().then_some(sw.requested_at_ms)
 }
 
+/// The address of the standby a rolling restart is about to restart.
+fn restarting_address(view: &View) -> Option<std::net::SocketAddr> {
+    let r = routing::restarting(&view.snapshot)?;
+    view.config.node(&r.node).ok().map(|(_, n)| n.address)
+}
+
+/// Waits (at most `LEND_WAIT`) until `outstanding` lends are answered.
+async fn wait_for_lends(to: &str, outstanding: impl Fn() -> u64) {
+    let started = tokio::time::Instant::now();
+    while outstanding() > 0 && started.elapsed() < LEND_WAIT {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    match outstanding() {
+        0 => tracing::debug!("no transaction lent {to} unanswered after {:.1?}", started.elapsed()),
+        n => tracing::warn!("{n} transactions lent {to} still unanswered after {LEND_WAIT:?}; saying so anyway"),
+    }
+}
+
 /// Keeps `gateways/<region>` current until `shutdown`.
 pub async fn run(
     coord: Coord,
@@ -73,17 +93,19 @@ pub async fn run(
             // Looked at after the view, as the proxies count a lend before
             // they look at the view again: none outstanding now means none
             // will reach the old primary after its count.
-            let outstanding = || proxies.iter().map(|p| p.leader_lends.load(Ordering::SeqCst)).sum::<u64>();
-            let started = tokio::time::Instant::now();
-            while outstanding() > 0 && started.elapsed() < LEND_WAIT {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            match outstanding() {
-                0 => tracing::debug!("no lent transaction unanswered after {:.1?}", started.elapsed()),
-                n => {
-                    tracing::warn!("{n} lent transactions still unanswered after {LEND_WAIT:?}; saying we hold anyway")
-                }
-            }
+            wait_for_lends("the old primary", || proxies.iter().map(|p| p.leader_lends.load(Ordering::SeqCst)).sum())
+                .await;
+        }
+        let newly_avoiding =
+            presence.avoiding.is_some() && published.as_ref().is_none_or(|(p, _, _)| p.avoiding != presence.avoiding);
+        let avoided = newly_avoiding.then(|| restarting_address(&view.borrow())).flatten();
+        if let Some(address) = avoided {
+            // The same for a standby about to restart: its count of open
+            // transactions must see every read lent its connections.
+            let on_it = |p: &Arc<ProxyStats>| {
+                p.standby_lends.lock().unwrap_or_else(|e| e.into_inner()).get(&address).copied().unwrap_or(0)
+            };
+            wait_for_lends("the restarting standby", || proxies.iter().map(on_it).sum()).await;
         }
         let lease_id = lease.id();
         let due =

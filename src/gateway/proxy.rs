@@ -90,8 +90,10 @@ pub struct ProxyStats {
     pub pinned_by: [AtomicU64; pinning::Pin::ALL.len()],
     /// Transaction mode's server connections.
     pub pools: pool::Pools,
-    /// Transactions lent a leader's connection whose server has not answered yet (`pooled::LeaderLend`).
+    /// Transactions lent a leader's connection whose server has not answered yet (`pooled::Lend`).
     pub leader_lends: AtomicU64,
+    /// The same for standbys' connections, by standby.
+    pub standby_lends: std::sync::Mutex<std::collections::HashMap<SocketAddr, u64>>,
 }
 
 impl ProxyStats {

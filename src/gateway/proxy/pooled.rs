@@ -62,30 +62,58 @@ struct Held {
     /// Extended-protocol messages were sent since the last Sync: the client
     /// is in the middle of a run, whose answers only this server can give.
     open_run: bool,
-    /// Lent by a leader until the server's first answer (see `LeaderLend`).
-    lend: Option<LeaderLend>,
+    /// Counted as lent until the server's first answer (see `Lend`).
+    lend: Option<Lend>,
 }
 
-/// A transaction a proxy lent a leader's connection to, until the server's
-/// first answer: only then can the old primary of a switchover count it as
-/// open. While any is outstanding the gateway does not say it holds new
-/// transactions (`presence`), so the count misses none: before, a request
-/// sent just before the hold could reach its server just after the count,
-/// and be cut by the shutdown (seen once under heavy load: 08006).
-pub struct LeaderLend(Arc<super::ProxyStats>);
+/// A transaction a proxy lent a server connection to, until the server's
+/// first answer: only then can the server's own count of open transactions
+/// see it. A leader's lend holds up the gateway's saying it holds new
+/// transactions for a switchover, a standby's its saying it avoids that
+/// standby for a rolling restart (`presence`): either way the node counts
+/// open transactions once every gateway has said so, then stops. Before, a
+/// request sent just before could reach its server just after the count,
+/// and be cut by the shutdown (seen under heavy load: 08006, on the writer
+/// port at a switchover and on the reader port at a standby's restart).
+pub struct Lend {
+    stats: Arc<super::ProxyStats>,
+    /// `None`: a leader's connection; else the standby's address.
+    standby: Option<std::net::SocketAddr>,
+}
 
-impl LeaderLend {
+impl Lend {
     /// Counts a lend; taken *before* the view is looked at again, so that a
-    /// gateway that saw the hold and then no lend outstanding is never wrong.
-    fn take(stats: &Arc<super::ProxyStats>) -> LeaderLend {
-        stats.leader_lends.fetch_add(1, Ordering::SeqCst);
-        LeaderLend(stats.clone())
+    /// gateway that saw the change and then no lend outstanding is never wrong.
+    fn take(stats: &Arc<super::ProxyStats>, backend: &super::routing::Backend) -> Lend {
+        let standby = backend.epoch.is_none().then_some(backend.address);
+        match standby {
+            None => {
+                stats.leader_lends.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(address) => {
+                *stats.standby_lends.lock().unwrap_or_else(|p| p.into_inner()).entry(address).or_default() += 1
+            }
+        }
+        Lend { stats: stats.clone(), standby }
     }
 }
 
-impl Drop for LeaderLend {
+impl Drop for Lend {
     fn drop(&mut self) {
-        self.0.leader_lends.fetch_sub(1, Ordering::SeqCst);
+        match self.standby {
+            None => {
+                self.stats.leader_lends.fetch_sub(1, Ordering::SeqCst);
+            }
+            Some(address) => {
+                let mut lends = self.stats.standby_lends.lock().unwrap_or_else(|p| p.into_inner());
+                if let std::collections::hash_map::Entry::Occupied(mut n) = lends.entry(address) {
+                    *n.get_mut() -= 1;
+                    if *n.get() == 0 {
+                        n.remove();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -279,7 +307,7 @@ impl<'a> Session<'a> {
                     *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((conn.backend.address, conn.pid, conn.secret));
                     self.held = Some(Held {
-                        lend,
+                        lend: Some(lend),
                         conn,
                         scan: ServerScan::default(),
                         owed: 0,
@@ -626,7 +654,7 @@ impl Proxy {
     /// An idle one whose server has said something or closed since (a FATAL
     /// at shutdown, a crash) is closed and another taken: a request is only
     /// ever sent to a connection that looked alive.
-    pub(super) async fn acquire(&self, pool: &Pool) -> Result<(ServerConn, Option<LeaderLend>), super::login::Refused> {
+    pub(super) async fn acquire(&self, pool: &Pool) -> Result<(ServerConn, Lend), super::login::Refused> {
         let config = self.config();
         let size = config.proxy.pool_size(&pool.key.user, &pool.key.database);
         let until = tokio::time::Instant::now() + config.proxy.leader_wait;
@@ -646,14 +674,11 @@ impl Proxy {
                 pool.give_back(conn, false);
                 continue;
             }
-            if conn.backend.epoch.is_none() {
-                return Ok((conn, None));
-            }
-            // A leader's: counted first, then looked at again, as the
-            // gateway's presence looks at the view and then at the count.
-            let lend = LeaderLend::take(&self.stats);
+            // Counted first, then looked at again, as the gateway's
+            // presence looks at the view and then at the count.
+            let lend = Lend::take(&self.stats, &conn.backend);
             if self.serves_new_transactions(&conn.backend) {
-                return Ok((conn, Some(lend)));
+                return Ok((conn, lend));
             }
             drop(lend);
             tracing::debug!("{} stopped taking new transactions while one was lent; waiting", conn.backend.node);
@@ -857,5 +882,29 @@ mod tests {
                 if *before { "open" } else { "closed" }
             );
         }
+    }
+
+    #[test]
+    fn lends_are_counted_per_leader_and_per_standby_until_answered() {
+        let stats = Arc::new(super::super::ProxyStats::default());
+        let backend = |epoch, port| super::super::routing::Backend {
+            node: "n".into(),
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            epoch,
+        };
+        let standby = |stats: &super::super::ProxyStats, port| {
+            stats.standby_lends.lock().unwrap().get(&std::net::SocketAddr::from(([127, 0, 0, 1], port))).copied()
+        };
+        let leader = Lend::take(&stats, &backend(Some(3), 1));
+        let reads = [Lend::take(&stats, &backend(None, 2)), Lend::take(&stats, &backend(None, 2))];
+        let other = Lend::take(&stats, &backend(None, 3));
+        assert_eq!(stats.leader_lends.load(Ordering::SeqCst), 1);
+        assert_eq!((standby(&stats, 2), standby(&stats, 3)), (Some(2), Some(1)));
+        drop(leader);
+        drop(reads);
+        assert_eq!(stats.leader_lends.load(Ordering::SeqCst), 0);
+        assert_eq!((standby(&stats, 2), standby(&stats, 3)), (None, Some(1)), "an answered standby leaves no entry");
+        drop(other);
+        assert!(stats.standby_lends.lock().unwrap().is_empty());
     }
 }

@@ -8,8 +8,10 @@ use crate::drill::DrillOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// primary-node-kill, primary-region-kill, primary-region-partition, switchover,
-    /// dr-failover, replica-region-partition, etcd-member-loss, or random.
+    /// primary-node-kill, primary-region-kill, primary-region-partition,
+    /// switchover, dr-failover, replica-region-partition, etcd-member-loss,
+    /// primary-agent-freeze, primary-hang, clock-skew, backup-during-failover,
+    /// restore, add-region, remove-node, or random (docs/drill.md).
     #[arg(long)]
     scenario: Plan,
     #[arg(long, default_value_t = 1)]
@@ -29,7 +31,7 @@ pub struct Args {
     /// long-lived pool does). With `[proxy] pool_mode = "transaction"` a
     /// persistent round also checks what the proxy promises: no client error
     /// in a switchover, at most one failed transaction per client in a
-    /// node kill or DR failover.
+    /// failover whose clients' gateways stay up (docs/drill.md).
     #[arg(long, value_enum, default_value_t = Connections::Reconnect)]
     connections: Connections,
     /// Where drill.json and drill.html go (default: drill-report next to the cluster file).

@@ -83,14 +83,28 @@ impl Scenario {
 
     /// With persistent client connections and transaction pooling: how many
     /// failed transactions each writer may see. A switchover hides itself
-    /// from clients; a failover costs each at most the one in flight. Faults
-    /// that cut clients off from the database (a region killed or
-    /// partitioned with its gateway) or hang a server promise nothing here.
+    /// from clients; a failover, or a fault that might end in one, costs
+    /// each at most the one in flight (a hung primary's too: the proxy cuts
+    /// it once the leader changes). Faults that cut clients off from the
+    /// database (a region killed or partitioned with its gateway) promise
+    /// nothing here; nor do those with no primary to fail (restore, adding a
+    /// region, removing a node).
     pub fn client_failures_allowed(self) -> Option<u32> {
         match self {
             Scenario::Switchover => Some(0),
-            Scenario::PrimaryNodeKill | Scenario::DrFailover => Some(1),
-            _ => None,
+            Scenario::PrimaryNodeKill
+            | Scenario::DrFailover
+            | Scenario::PrimaryHang
+            | Scenario::PrimaryAgentFreeze
+            | Scenario::ClockSkew
+            | Scenario::BackupDuringFailover
+            | Scenario::EtcdMemberLoss => Some(1),
+            Scenario::PrimaryRegionKill
+            | Scenario::PrimaryRegionPartition
+            | Scenario::ReplicaRegionPartition
+            | Scenario::Restore
+            | Scenario::AddRegion
+            | Scenario::RemoveNode => None,
         }
     }
 

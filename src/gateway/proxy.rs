@@ -1,19 +1,24 @@
-//! The SQL proxy: a writer port that relays to the current leader and a reader
-//! port that relays to a usable standby of the gateway's region (else to the
+//! The SQL proxy: a writer port that serves the current leader and a reader
+//! port that serves a usable standby of the gateway's region (else the
 //! leader). It reads the client's startup packet, picks the backend from the
-//! gateway's view of etcd, sends the startup packet on and then relays bytes
-//! both ways; authentication happens between the client and PostgreSQL, untouched.
+//! gateway's view of etcd, logs the client in itself and then either relays
+//! bytes to a server connection of the client's own (`pool_mode =
+//! "session"`) or lends it pooled server connections a transaction at a time
+//! (`"transaction"`, `pooled`).
 //!
-//! TLS: the proxy answers SSLRequest with 'S' and terminates TLS with the
-//! gateway's certificate (clients may verify it against the cluster CA,
-//! `sslmode=verify-full`, by the gateway's address or `writer.<zone>`); a
-//! startup packet without TLS is refused with an error the client shows.
-//! GSSENCRequest gets 'N'; a CancelRequest (pid and key only, which libpq 15
-//! sends without TLS) is passed on. The leg to PostgreSQL is still plain: with
-//! TLS on both legs, libpq's default SCRAM channel binding binds the client's
-//! proof to the proxy's certificate and PostgreSQL refuses it, and a
-//! pass-through proxy cannot rewrite a signed exchange. That leg needs the
-//! proxy to authenticate clients itself (the pooling proxy's SCRAM work).
+//! TLS on both legs: the proxy answers SSLRequest with 'S' and terminates TLS
+//! with the gateway's certificate (clients may verify it against the cluster
+//! CA, `sslmode=verify-full`, by the gateway's address or `writer.<zone>`); a
+//! startup packet without TLS is refused with an error the client shows. It
+//! speaks TLS to PostgreSQL too, verifying the node's certificate. A
+//! pass-through proxy cannot do that: libpq's default SCRAM channel binding
+//! binds the client's proof to the certificate it sees (the proxy's), so
+//! the proxy authenticates the client with SCRAM against the role's verifier
+//! (`login`) and logs in to the server as the same role with the keys the
+//! proof gave. GSSENCRequest gets 'N'; a CancelRequest (pid and key only,
+//! which libpq 15 sends without TLS) is passed on. Without TLS configured
+//! (routing tests against fake backends) the startup packet goes on as it
+//! came and authentication is the backend's business.
 //!
 //! Fencing rules: writes go only to the leader of the current epoch once it
 //! runs as primary; while there is none (a switchover or a failover in
